@@ -40,9 +40,18 @@ def cli() -> None:
 
 
 def _register_all(group: click.Group) -> None:
-    from vtpm_cli import appraisal_cmds, ca_cmds, demo_cmds, verifier_cmds, vtpm_cmds
+    from vtpm_cli import (
+        ca_cmds,
+        demo_cmds,
+        eventlog_cmds,
+        policy_cmds,
+        quote_cmds,
+        verifier_cmds,
+        vtpm_cmds,
+    )
 
-    for module in (ca_cmds, appraisal_cmds, vtpm_cmds, verifier_cmds, demo_cmds):
+    modules = (ca_cmds, eventlog_cmds, quote_cmds, policy_cmds, vtpm_cmds, verifier_cmds, demo_cmds)
+    for module in modules:
         module.register(group)
 
 

@@ -1,4 +1,4 @@
-"""Offline appraisal: eventlog, verify-quote, ek verify, policy and result commands."""
+"""Reference-value policies and signed results: `vtpm policy ...`, `vtpm result ...`."""
 
 from __future__ import annotations
 
