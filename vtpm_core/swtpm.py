@@ -50,10 +50,11 @@ class SwtpmEndpoint:
     """Where a running swtpm listens.
 
     For TCP, ``port`` carries TPM commands and ``ctrl_port`` the control
-    channel; for unix sockets the two paths play those roles.
+    channel; for unix sockets the two paths play those roles. For QEMU only
+    the control socket exists: QEMU hands swtpm the data channel over it.
     """
 
-    transport: Literal["tcp", "unix"]
+    transport: Literal["tcp", "unix", "qemu"]
     host: str = "127.0.0.1"
     port: int = 0
     ctrl_port: int = 0
@@ -106,7 +107,7 @@ class SwtpmProcess:
         self,
         state_dir: Path,
         *,
-        transport: Literal["tcp", "unix"] = "tcp",
+        transport: Literal["tcp", "unix", "qemu"] = "tcp",
         socket_dir: Path | None = None,
         extra_args: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
@@ -114,11 +115,12 @@ class SwtpmProcess:
         log_file: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
-        self._transport: Literal["tcp", "unix"] = transport
+        self._transport: Literal["tcp", "unix", "qemu"] = transport
         self._socket_dir = Path(socket_dir) if socket_dir is not None else self.state_dir
         self._extra_args = tuple(extra_args)
         self._pass_fds = tuple(pass_fds)
-        self._flags = flags
+        # under QEMU the firmware sends TPM2_Startup itself
+        self._flags = "" if transport == "qemu" and flags == _DEFAULT_FLAGS else flags
         self._log_file = log_file or (self.state_dir / "swtpm.log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._endpoint: SwtpmEndpoint | None = None
@@ -201,6 +203,8 @@ class SwtpmProcess:
         from tpm2_pytss import ESAPI, TCTILdr
 
         ep = self.endpoint
+        if ep.transport == "qemu":
+            raise TpmError("a swtpm started for QEMU has no data channel for ESAPI")
         if ep.transport == "tcp":
             tcti = TCTILdr("swtpm", f"host={ep.host},port={ep.port}")
         else:
@@ -232,28 +236,40 @@ class SwtpmProcess:
         for p in (sock, ctrl):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        if self._transport == "qemu":
+            return SwtpmEndpoint("qemu", ctrl_path=ctrl)
         return SwtpmEndpoint("unix", socket_path=sock, ctrl_path=ctrl)
 
     def _command(self, ep: SwtpmEndpoint) -> list[str]:
         if ep.transport == "tcp":
             server = f"type=tcp,port={ep.port},bindaddr=127.0.0.1,disconnect"
             ctrl = f"type=tcp,port={ep.ctrl_port},bindaddr=127.0.0.1"
-        else:
+        elif ep.transport == "unix":
             server = f"type=unixio,path={ep.socket_path}"
             ctrl = f"type=unixio,path={ep.ctrl_path}"
+        else:
+            server = ""
+            ctrl = f"type=unixio,path={ep.ctrl_path}"
+        cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}"]
+        if server:
+            cmd += ["--server", server]
+        cmd += ["--ctrl", ctrl]
+        if self._flags:
+            cmd += ["--flags", self._flags]
+        return [*cmd, *self._extra_args]
+
+    def qemu_args(self) -> list[str]:
+        """The QEMU arguments that attach this swtpm as a CRB TPM 2.0 device."""
+        ep = self.endpoint
+        if ep.transport != "qemu":
+            raise TpmError("start swtpm with transport='qemu' to attach it to QEMU")
         return [
-            "swtpm",
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={self.state_dir}",
-            "--server",
-            server,
-            "--ctrl",
-            ctrl,
-            "--flags",
-            self._flags,
-            *self._extra_args,
+            "-chardev",
+            f"socket,id=chrtpm,path={ep.ctrl_path}",
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-crb,tpmdev=tpm0",
         ]
 
     def _wait_ready(self, ep: SwtpmEndpoint) -> None:
@@ -263,7 +279,10 @@ class SwtpmProcess:
             if self._proc.poll() is not None:
                 raise TpmError(f"swtpm exited with status {self._proc.returncode}")
             try:
-                if _get_random_probe(ep):
+                if ep.transport == "qemu":
+                    if _ctrl_socket_accepts(ep):
+                        return
+                elif _get_random_probe(ep):
                     return
             except OSError:
                 pass
@@ -299,6 +318,12 @@ def _connect(ep: SwtpmEndpoint) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def _ctrl_socket_accepts(ep: SwtpmEndpoint) -> bool:
+    # QEMU connects once to the control socket; probing it would take that
+    # connection, so only check that swtpm has created the socket.
+    return ep.ctrl_path is not None and ep.ctrl_path.exists()
 
 
 def _get_random_probe(ep: SwtpmEndpoint) -> bool:
