@@ -1,0 +1,44 @@
+"""A real VM with the project's vTPM: QEMU + OVMF + systemd-boot + a tpm2-tools guest.
+
+Build once (cached): :func:`fetch_debian_kernel` → :func:`build_initramfs` →
+:func:`build_esp`; then per boot: start a :class:`~vtpm_core.swtpm.SwtpmProcess`
+with ``transport="qemu"``, run a :class:`QemuVm`, and drive the guest's TPM
+through :class:`GuestChannel` (hello, activate_credential, quote, close).
+"""
+
+from vtpm_core.vm.channel import (
+    PROTOCOL_VERSION,
+    GuestChannel,
+    GuestIdentity,
+    GuestQuote,
+    GuestTimeoutError,
+    validate_selection,
+)
+from vtpm_core.vm.esp import DEFAULT_CMDLINE, EspImage, build_esp, loader_entry, sign_efi
+from vtpm_core.vm.initramfs import Initramfs, build_initramfs, newc_archive
+from vtpm_core.vm.kernel import DebianKernel, default_cache_dir, fetch_debian_kernel
+from vtpm_core.vm.qemu import OvmfFirmware, QemuVm, VmArtifacts, ovmf_firmware
+
+__all__ = [
+    "DEFAULT_CMDLINE",
+    "PROTOCOL_VERSION",
+    "DebianKernel",
+    "EspImage",
+    "GuestChannel",
+    "GuestIdentity",
+    "GuestQuote",
+    "GuestTimeoutError",
+    "Initramfs",
+    "OvmfFirmware",
+    "QemuVm",
+    "VmArtifacts",
+    "build_esp",
+    "build_initramfs",
+    "default_cache_dir",
+    "fetch_debian_kernel",
+    "loader_entry",
+    "newc_archive",
+    "ovmf_firmware",
+    "sign_efi",
+    "validate_selection",
+]

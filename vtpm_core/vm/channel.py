@@ -1,0 +1,309 @@
+"""Host side of the guest attestation channel (protocol version 1).
+
+The guest (``guest_init.sh``) does all TPM work with tpm2-tools against its
+own vTPM: EK and AK creation, TPM2_ActivateCredential, TPM2_Quote with the
+verifier's nonce. The host only relays: :class:`GuestChannel` speaks a line
+protocol over the VM's second serial port (a QEMU unix-socket chardev).
+
+Wire format: one message per ``\\n``-terminated ASCII line, fields separated
+by single spaces, binary fields base64 (RFC 4648 section 4, no line breaks),
+``-`` for an absent field. The guest announces ``VTPM-GUEST 1 READY`` (the
+protocol version) until the host sends its first command; each command gets
+exactly one answer, ``OK <COMMAND> <fields...>`` or ``ERR <COMMAND>
+<message>``. The full grammar is in the header of ``guest_init.sh``.
+
+Guarantees: every read has a deadline (:class:`GuestTimeoutError` when it
+passes); a guest ``ERR`` line becomes a :class:`TpmError` carrying the
+guest's message; a malformed answer becomes a :class:`ParseError`; lines are
+bounded (``MAX_LINE``). Not checked here: anything about the TPM structures
+beyond their TPM2B framing -- that is the verifier's job (the guest is not
+trusted; the host here only relays).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from vtpm_core.errors import ParseError, TpmError
+
+__all__ = [
+    "MAX_LINE",
+    "PROTOCOL_VERSION",
+    "GuestChannel",
+    "GuestIdentity",
+    "GuestQuote",
+    "GuestTimeoutError",
+]
+
+PROTOCOL_VERSION = 1
+READY_LINE = f"VTPM-GUEST {PROTOCOL_VERSION} READY"
+MAX_LINE = 4 << 20  # an event log of a few MiB still fits
+MAX_NONCE = 64  # TPM2B_DATA holds at most sizeof(TPMU_HA)
+_BANK_RE = re.compile(r"^(sha1|sha256|sha384|sha512):(\d{1,2}(?:,\d{1,2})*)$")
+_STRUCT = "GuestChannel"
+
+
+class GuestTimeoutError(TpmError):
+    """The guest did not answer (or the VM did not boot) within the deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestIdentity:
+    """What the guest's TPM says about itself (untrusted until a verifier checks it)."""
+
+    ek_cert_der: bytes | None  # NV 0x01C00002 (RSA EK cert), raw, padding included
+    ek_ecc_cert_der: bytes | None  # NV 0x01C0000A (ECC EK cert)
+    ek_public_tpm2b: bytes  # TPM2B_PUBLIC of the RSA EK (TCG default template)
+    ak_public_tpm2b: bytes  # TPM2B_PUBLIC of the AK
+    ak_name: bytes  # TPM2B-less name: nameAlg || H(TPMT_PUBLIC)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestQuote:
+    """A quote as tpm2-tools writes it (``tpm2_quote -m/-s/-o``) plus the firmware event log."""
+
+    message: bytes  # TPMS_ATTEST, marshalled
+    signature: bytes  # TPMT_SIGNATURE
+    pcrs_tpm2_tools: bytes  # tpm2-tools' PCR file (TPML_PCR_SELECTION + values)
+    eventlog: bytes  # binary_bios_measurements, empty if the guest has none
+    nonce: bytes
+    selection: str
+
+
+def validate_selection(selection: str) -> str:
+    """Check a tpm2-tools PCR selection (``sha256:0,1,2+sha1:0``); return it unchanged."""
+    banks = selection.split("+")
+    seen: set[str] = set()
+    for bank in banks:
+        m = _BANK_RE.match(bank)
+        if not m:
+            raise ParseError(_STRUCT, "selection", 0, f"bad PCR selection {selection!r}")
+        if m.group(1) in seen:
+            raise ParseError(_STRUCT, "selection", 0, f"bank {m.group(1)} selected twice")
+        seen.add(m.group(1))
+        for pcr in m.group(2).split(","):
+            if int(pcr) > 23:
+                raise ParseError(_STRUCT, "selection", 0, f"PCR {pcr} out of range 0-23")
+    return selection
+
+
+def _b64(field: str, value: str, offset: int, *, optional: bool = False) -> bytes | None:
+    if value == "-":
+        if optional:
+            return None
+        raise ParseError(_STRUCT, field, offset, "required field is absent ('-')")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ParseError(_STRUCT, field, offset, f"not base64: {exc}") from exc
+
+
+def _tpm2b(field: str, data: bytes, offset: int) -> bytes:
+    if len(data) < 2 or struct.unpack_from(">H", data)[0] != len(data) - 2:
+        raise ParseError(_STRUCT, field, offset, f"not a TPM2B ({len(data)} bytes)")
+    return data
+
+
+class GuestChannel:
+    """A connected channel to one guest. Use :meth:`open`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        command_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sock = sock
+        self._timeout = command_timeout
+        self._clock = clock
+        self._buf = bytearray()
+        self._closed = False
+        self.ready_after_s: float | None = None
+
+    # -- connecting -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        boot_timeout: float = 180.0,
+        command_timeout: float = 60.0,
+        is_alive: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> GuestChannel:
+        """Connect to the chardev socket at ``path`` and wait for the guest's READY line.
+
+        ``is_alive`` (e.g. "QEMU still runs") is polled so a VM that died is
+        reported at once instead of at the deadline.
+        """
+        start = clock()
+        deadline = start + boot_timeout
+        sock: socket.socket | None = None
+        while sock is None:
+            if is_alive is not None and not is_alive():
+                raise TpmError("the VM exited before its channel socket accepted a connection")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+                sock = s
+            except OSError:
+                s.close()
+                if clock() > deadline:
+                    raise GuestTimeoutError(
+                        f"channel socket {path} not connectable within {boot_timeout:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        chan = cls(sock, command_timeout=command_timeout, clock=clock)
+        try:
+            while True:
+                line = chan._read_line(deadline, "READY", is_alive=is_alive)
+                if line == READY_LINE:
+                    break
+                if line.startswith("VTPM-GUEST "):
+                    raise ParseError(
+                        _STRUCT, "version", 0, f"guest speaks {line!r}, host speaks {READY_LINE!r}"
+                    )
+                # anything else before READY is noise from an earlier boot stage
+        except BaseException:
+            chan._sock.close()
+            chan._closed = True
+            raise
+        chan.ready_after_s = clock() - start
+        return chan
+
+    # -- commands -------------------------------------------------------------------
+
+    def hello(self) -> GuestIdentity:
+        """EK certificates (if provisioned), EK and AK publics and the AK name."""
+        f = self._command("HELLO", [], 5)
+        ek_cert = _b64("ek_cert", f[0], 1, optional=True)
+        ek_ecc_cert = _b64("ek_ecc_cert", f[1], 2, optional=True)
+        ek_pub = _tpm2b("ek_public", _b64("ek_public", f[2], 3) or b"", 3)
+        ak_pub = _tpm2b("ak_public", _b64("ak_public", f[3], 4) or b"", 4)
+        ak_name = _b64("ak_name", f[4], 5) or b""
+        if len(ak_name) < 2 + 20:
+            raise ParseError(_STRUCT, "ak_name", 5, f"{len(ak_name)} bytes is too short for a name")
+        return GuestIdentity(ek_cert, ek_ecc_cert, ek_pub, ak_pub, ak_name)
+
+    def activate_credential(self, credential_blob_tpm2_tools_format: bytes) -> bytes:
+        """Have the guest's TPM activate a credential; return the secret it recovered.
+
+        The blob is what ``tpm2_makecredential -o`` writes (or the verifier's
+        equivalent); the guest runs TPM2_ActivateCredential with its AK and EK.
+        """
+        if not credential_blob_tpm2_tools_format:
+            raise ParseError(_STRUCT, "credential", 0, "empty credential blob")
+        blob = base64.b64encode(credential_blob_tpm2_tools_format).decode()
+        f = self._command("ACTIVATE", [blob], 1)
+        return _b64("secret", f[0], 1) or b""
+
+    def quote(self, nonce: bytes, selection: str) -> GuestQuote:
+        """TPM2_Quote by the guest's AK over ``selection`` with ``nonce`` as qualifying data."""
+        if not 1 <= len(nonce) <= MAX_NONCE:
+            raise ParseError(
+                _STRUCT, "nonce", 0, f"nonce must be 1-{MAX_NONCE} bytes, got {len(nonce)}"
+            )
+        validate_selection(selection)
+        f = self._command("QUOTE", [base64.b64encode(nonce).decode(), selection], 4)
+        msg = _b64("quote_message", f[0], 1) or b""
+        sig = _b64("quote_signature", f[1], 2) or b""
+        pcrs = _b64("quote_pcrs", f[2], 3) or b""
+        log = _b64("eventlog", f[3], 4, optional=True) or b""
+        return GuestQuote(msg, sig, pcrs, log, bytes(nonce), selection)
+
+    def close(self) -> None:
+        """Ask the guest to power off (best effort) and close the socket. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._command("POWEROFF", [], 0, timeout=10.0)
+        except (TpmError, ParseError, OSError):
+            pass  # the VM is stopped by PID by its owner anyway
+        finally:
+            self._closed = True
+            self._sock.close()
+
+    def __enter__(self) -> GuestChannel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _command(
+        self, name: str, args: list[str], nfields: int, *, timeout: float | None = None
+    ) -> list[str]:
+        if self._closed:
+            raise TpmError("guest channel is closed")
+        line = " ".join([name, *args]) + "\n"
+        deadline = self._clock() + (timeout if timeout is not None else self._timeout)
+        try:
+            self._sock.sendall(line.encode("ascii"))
+        except OSError as exc:
+            raise TpmError(f"guest channel broken while sending {name}: {exc}") from exc
+        while True:
+            answer = self._read_line(deadline, name)
+            if answer == READY_LINE:
+                continue  # an announcement sent before the guest read our first command
+            break
+        kind, _, rest = answer.partition(" ")
+        cmd, _, payload = rest.partition(" ")
+        if kind == "ERR" and cmd == name:
+            raise TpmError(f"guest {name} failed: {payload or '(no message)'}")
+        if kind != "OK" or cmd != name:
+            raise ParseError(_STRUCT, "answer", 0, f"expected 'OK {name}', got {answer[:80]!r}")
+        fields = payload.split(" ") if payload else []
+        if len(fields) != nfields:
+            raise ParseError(_STRUCT, name, 0, f"expected {nfields} fields, got {len(fields)}")
+        return fields
+
+    def _read_line(
+        self, deadline: float, waiting_for: str, *, is_alive: Callable[[], bool] | None = None
+    ) -> str:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                raw = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                try:
+                    return raw.rstrip(b"\r").decode("ascii")
+                except UnicodeDecodeError as exc:
+                    raise ParseError(
+                        _STRUCT, "line", exc.start, f"non-ASCII byte in answer to {waiting_for}"
+                    ) from exc
+            if len(self._buf) > MAX_LINE:
+                raise ParseError(_STRUCT, "line", MAX_LINE, f"line longer than {MAX_LINE} bytes")
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise GuestTimeoutError(f"guest did not answer {waiting_for} in time")
+            if is_alive is not None and not is_alive():
+                raise TpmError(f"the VM exited while waiting for {waiting_for}")
+            self._sock.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise TpmError(
+                    f"guest channel broken while waiting for {waiting_for}: {exc}"
+                ) from exc
+            if not chunk:
+                raise TpmError(f"guest channel closed while waiting for {waiting_for}")
+            self._buf += chunk
