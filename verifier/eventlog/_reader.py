@@ -1,0 +1,70 @@
+"""A bounds-checked little-endian reader that turns every short read into a ParseError.
+
+All TCG PC Client log structures (PFP §10.2) and the UEFI structures inside
+their event data are little-endian. Offsets reported in errors are absolute
+byte offsets within the buffer the caller started from (``base`` lets a
+decoder of an event's data report offsets within the whole log).
+"""
+
+from __future__ import annotations
+
+from vtpm_core.errors import ParseError
+
+
+class Reader:
+    """Sequential reader over ``data``; never raises anything but ParseError."""
+
+    __slots__ = ("_base", "_data", "_pos", "structure")
+
+    def __init__(self, data: bytes, structure: str, *, base: int = 0, start: int = 0) -> None:
+        self._data = data
+        self._pos = start
+        self._base = base
+        self.structure = structure
+
+    @property
+    def pos(self) -> int:
+        """Position relative to the start of this reader's buffer."""
+        return self._pos
+
+    @property
+    def offset(self) -> int:
+        """Absolute offset (base + position), as reported in errors."""
+        return self._base + self._pos
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def error(self, field: str, message: str, *, at: int | None = None) -> ParseError:
+        return ParseError(self.structure, field, self.offset if at is None else at, message)
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0:
+            raise self.error(field, f"negative length {n}")
+        if n > self.remaining:
+            raise self.error(field, f"truncated: need {n} bytes, only {self.remaining} left")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        return int.from_bytes(self.take(2, field), "little")
+
+    def u32(self, field: str) -> int:
+        return int.from_bytes(self.take(4, field), "little")
+
+    def u64(self, field: str) -> int:
+        return int.from_bytes(self.take(8, field), "little")
+
+    def rest(self) -> bytes:
+        out = self._data[self._pos :]
+        self._pos = len(self._data)
+        return out
+
+    def expect_end(self, field: str) -> None:
+        if self.remaining:
+            raise self.error(field, f"{self.remaining} unexpected trailing bytes")

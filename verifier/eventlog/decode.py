@@ -1,0 +1,483 @@
+"""Decoding of event data and the digest-versus-data check.
+
+Spec: TCG PC Client Platform Firmware Profile (PFP) v1.05 §10.4 (event data
+by type): §10.4.1 EV_SEPARATOR (0x00000000, or 0xFFFFFFFF for an error),
+EV_ACTION / EV_EFI_ACTION strings, EV_S_CRTM_VERSION, EV_POST_CODE;
+§10.4.2 EV_EVENT_TAG (TCG_PCClientTaggedEvent); §10.4.3
+UEFI_IMAGE_LOAD_EVENT (boot services applications and drivers); §10.4.4
+UEFI_VARIABLE_DATA; UEFI_PLATFORM_FIRMWARE_BLOB(2), UEFI_HANDOFF_TABLE_POINTERS(2),
+UEFI_GPT_DATA.
+
+The check (step numbers are cited below):
+
+1. Only where PFP defines the digest as the hash of (part of) the event data
+   do we compare: separators, actions, S-CRTM version, variables, GPT, IPL
+   strings. Elsewhere (images, firmware blobs, tables, tags) the digest is of
+   something the log does not contain: ``data_verified`` is None.
+2. The spec-defined form is tried first; then the quirk forms from
+   :mod:`verifier.eventlog.quirks` for that type. A quirk that matches is
+   recorded; nothing matches -> ``data_verified`` False.
+3. A candidate matches only if it hashes to the event's digest in EVERY bank
+   this Python can compute (a forger must collide all of them).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from verifier.eventlog._reader import Reader
+from verifier.eventlog.algorithms import HashAlgorithm
+from verifier.eventlog.devicepath import DevicePath
+from verifier.eventlog.efivars import EfiVariable
+from verifier.eventlog.events import EventType as T
+from verifier.eventlog.guids import format_guid, guid_name
+from verifier.eventlog.limits import DEFAULT_LIMITS, Limits
+from verifier.eventlog.parse import (
+    SPEC_ID_03,
+    STARTUP_LOCALITY,
+    Event,
+    SpecIdEvent,
+    StartupLocality,
+)
+from verifier.eventlog.quirks import QUIRKS, AppliedQuirk
+from vtpm_core.errors import ParseError
+
+__all__ = [
+    "DataCheck",
+    "Decoded",
+    "FirmwareBlob",
+    "GptEvent",
+    "GptPartition",
+    "HandoffTable",
+    "HandoffTables",
+    "ImageLoad",
+    "IplString",
+    "NoActionEvent",
+    "Separator",
+    "TaggedEvent",
+    "Text",
+    "check_event",
+    "decode_event",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A string event (EV_ACTION, EV_EFI_ACTION, EV_S_CRTM_VERSION, EV_POST_CODE...)."""
+
+    text: str
+    encoding: str
+
+
+@dataclass(frozen=True, slots=True)
+class IplString:
+    """An EV_IPL string: GRUB's ``grub_cmd: ...`` / ``kernel_cmdline: ...``,
+    systemd-boot's UTF-16 load options, shim's variable names, file names.
+
+    ``kind`` is the convention recognised ("grub_cmd", "kernel_cmdline",
+    "load_options", "string"); ``value`` the text after GRUB's prefix.
+    """
+
+    text: str
+    encoding: str
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Separator:
+    """EV_SEPARATOR: 0 normally; 0xFFFFFFFF means the firmware hit an error (PFP §10.4.1)."""
+
+    value: int
+
+    @property
+    def is_error(self) -> bool:
+        return self.value == 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class NoActionEvent:
+    """An EV_NO_ACTION event other than Spec ID / StartupLocality (e.g. SP800-155)."""
+
+    signature: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedEvent:
+    """TCG_PCClientTaggedEvent (EV_EVENT_TAG, PFP §10.4.2)."""
+
+    tag_id: int
+    tag_name: str | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareBlob:
+    """UEFI_PLATFORM_FIRMWARE_BLOB(2): where the measured blob was in memory."""
+
+    base: int
+    length: int
+    description: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffTable:
+    vendor_guid: str
+    vendor_name: str | None
+    address: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffTables:
+    """UEFI_HANDOFF_TABLE_POINTERS(2): the configuration tables that were measured."""
+
+    description: str | None
+    tables: tuple[HandoffTable, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLoad:
+    """UEFI_IMAGE_LOAD_EVENT (PFP §10.4.3): an EFI image and the device path it came from.
+
+    The digest is the image's Authenticode hash, which the log does not
+    contain: this data is never proven by the digest.
+    """
+
+    location: int
+    length: int
+    link_time_address: int
+    device_path: DevicePath | None
+
+    @property
+    def path_text(self) -> str | None:
+        return self.device_path.text if self.device_path is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class GptPartition:
+    type_guid: str
+    unique_guid: str
+    starting_lba: int
+    ending_lba: int
+    attributes: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GptEvent:
+    """UEFI_GPT_DATA: the GPT header's disk GUID and the partition entries."""
+
+    disk_guid: str
+    partitions: tuple[GptPartition, ...]
+
+
+Decoded = (
+    SpecIdEvent
+    | StartupLocality
+    | NoActionEvent
+    | Text
+    | IplString
+    | Separator
+    | TaggedEvent
+    | FirmwareBlob
+    | HandoffTables
+    | ImageLoad
+    | GptEvent
+    | EfiVariable
+)
+
+# Linux EFI stub tags (include/linux/efi.h: INITRD_EVENT_TAG_ID, LOAD_OPTIONS_EVENT_TAG_ID)
+_TAG_NAMES = {0x8F3B22EC: "Linux initrd", 0x8F3B22ED: "Linux load options"}
+
+
+@dataclass(frozen=True, slots=True)
+class DataCheck:
+    """Outcome for one event: decoded data, whether its digest proves it, and why.
+
+    ``decoded`` is what the data says, whether or not it was proven; the
+    replayed event exposes it as trusted only when ``data_verified`` is not False.
+    """
+
+    decoded: Decoded | None
+    data_verified: bool | None
+    quirks: tuple[AppliedQuirk, ...]
+    problems: tuple[str, ...]
+
+
+def decode_event(
+    event: Event, *, uintn_size: int = 2, limits: Limits = DEFAULT_LIMITS
+) -> Decoded | None:
+    """Decode ``event.untrusted_data`` by type; None for types we do not decode.
+
+    Raises ParseError (offsets within the whole log) on malformed data.
+    """
+    d = event.untrusted_data
+    base = event.data_offset
+    t = event.event_type
+    if t == T.EV_NO_ACTION:
+        if d.startswith(SPEC_ID_03):
+            return SpecIdEvent.parse(d, base=base, limits=limits)
+        if d.startswith(STARTUP_LOCALITY):
+            return StartupLocality.parse(d, base=base)
+        sig = d[:16].split(b"\x00", 1)[0]
+        return NoActionEvent(sig.decode("ascii", errors="replace"), d[16:])
+    if t == T.EV_SEPARATOR:
+        if len(d) != 4:
+            raise ParseError(
+                "EV_SEPARATOR", "event", base, f"separator is {len(d)} bytes, expected 4"
+            )
+        return Separator(int.from_bytes(d, "little"))
+    if t in (T.EV_ACTION, T.EV_EFI_ACTION, T.EV_S_CRTM_VERSION, T.EV_EFI_HCRTM_EVENT,
+             T.EV_OMIT_BOOT_DEVICE_EVENTS, T.EV_S_CRTM_CONTENTS, T.EV_PLATFORM_CONFIG_FLAGS,
+             T.EV_COMPACT_HASH, T.EV_NONHOST_INFO):  # fmt: skip
+        if t in (T.EV_S_CRTM_CONTENTS,) and len(d) == 16 and not _printable(d):
+            return FirmwareBlob(
+                int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), None
+            )
+        return _text(d)
+    if t == T.EV_POST_CODE:
+        if len(d) == 16 and not _printable(d):
+            return FirmwareBlob(
+                int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), None
+            )
+        return _text(d)
+    if t == T.EV_IPL:
+        return _ipl(d)
+    if t == T.EV_EVENT_TAG:
+        r = Reader(d, "TCG_PCClientTaggedEvent", base=base)
+        tag = r.u32("taggedEventID")
+        size = r.u32("taggedEventDataSize")
+        data = r.take(size, "taggedEventData")
+        r.expect_end("taggedEventData")
+        return TaggedEvent(tag, _TAG_NAMES.get(tag), data)
+    if t in (T.EV_EFI_VARIABLE_DRIVER_CONFIG, T.EV_EFI_VARIABLE_BOOT, T.EV_EFI_VARIABLE_BOOT2,
+             T.EV_EFI_VARIABLE_AUTHORITY):  # fmt: skip
+        return EfiVariable.parse(
+            d,
+            base=base,
+            authority=t == T.EV_EFI_VARIABLE_AUTHORITY,
+            max_nodes=limits.max_device_path_nodes,
+        )
+    if t in (T.EV_EFI_BOOT_SERVICES_APPLICATION, T.EV_EFI_BOOT_SERVICES_DRIVER,
+             T.EV_EFI_RUNTIME_SERVICES_DRIVER):  # fmt: skip
+        return _image_load(d, base, uintn_size, limits)
+    if t in (T.EV_EFI_PLATFORM_FIRMWARE_BLOB, T.EV_EFI_PLATFORM_FIRMWARE_BLOB2):
+        r = Reader(d, "UEFI_PLATFORM_FIRMWARE_BLOB", base=base)
+        desc = _short_description(r) if t == T.EV_EFI_PLATFORM_FIRMWARE_BLOB2 else None
+        blob_base = r.u64("BlobBase")
+        length = r.u64("BlobLength")
+        r.expect_end("BlobLength")
+        return FirmwareBlob(blob_base, length, desc)
+    if t in (T.EV_EFI_HANDOFF_TABLES, T.EV_EFI_HANDOFF_TABLES2):
+        r = Reader(d, "UEFI_HANDOFF_TABLE_POINTERS", base=base)
+        desc = _short_description(r) if t == T.EV_EFI_HANDOFF_TABLES2 else None
+        count = r.u64("NumberOfTables")
+        if count > r.remaining // 24:
+            raise r.error("NumberOfTables", f"{count} tables run past the event data")
+        tables = []
+        for i in range(count):
+            guid = format_guid(r.take(16, f"TableEntry[{i}].VendorGuid"))
+            tables.append(
+                HandoffTable(guid, guid_name(guid), r.u64(f"TableEntry[{i}].VendorTable"))
+            )
+        r.expect_end("TableEntry")
+        return HandoffTables(desc, tuple(tables))
+    if t == T.EV_EFI_GPT_EVENT:
+        return _gpt(d, base)
+    return None
+
+
+def check_event(
+    event: Event,
+    algorithms: tuple[HashAlgorithm, ...],
+    *,
+    uintn_size: int = 2,
+    limits: Limits = DEFAULT_LIMITS,
+) -> DataCheck:
+    """Decode an event and check its data against its digests (steps 1-3 above).
+
+    Never raises for bad event data: a decode failure is reported in
+    ``problems`` and leaves ``decoded`` None.
+    """
+    problems: list[str] = []
+    decoded: Decoded | None
+    try:
+        decoded = decode_event(event, uintn_size=uintn_size, limits=limits)
+    except ParseError as exc:
+        decoded = None
+        problems.append(f"event data does not decode: {exc}")
+    rules = _CANDIDATES.get(event.event_type)
+    if rules is None:  # step 1: the spec does not define digest = H(data)
+        return DataCheck(decoded, None, (), tuple(problems))
+    banks = [
+        (a, event.digests[a.name]) for a in algorithms if a.computable and a.name in event.digests
+    ]
+    if not banks:
+        problems.append("no computable bank to check the data against")
+        return DataCheck(decoded, None, (), tuple(problems))
+    for quirk_id, form in rules:  # step 2
+        for candidate in form(event.untrusted_data, decoded):
+            if all(hmac.compare_digest(a.hash(candidate), digest) for a, digest in banks):  # 3
+                quirks: tuple[AppliedQuirk, ...] = ()
+                if quirk_id is not None:
+                    quirks = (AppliedQuirk(quirk_id, event.index, QUIRKS[quirk_id].summary),)
+                return DataCheck(decoded, True, quirks, tuple(problems))
+    if event.event_type == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
+        # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
+        quirk = AppliedQuirk(
+            "ipl-description-only", event.index, QUIRKS["ipl-description-only"].summary
+        )
+        return DataCheck(decoded, None, (quirk,), tuple(problems))
+    problems.append(
+        f"event {event.index} ({event.type_name}, PCR {event.pcr}): data does not hash to "
+        f"its digest ({', '.join(a.name for a, _ in banks)}); decoded data is untrusted"
+    )
+    return DataCheck(decoded, False, (), tuple(problems))
+
+
+# --- step 2: what the digest covers, per type -------------------------------------------
+
+_Form = Callable[[bytes, "Decoded | None"], tuple[bytes, ...]]
+
+
+def _whole(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+    return (data,)
+
+
+def _variable_data(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+    return (decoded.data,) if isinstance(decoded, EfiVariable) else ()
+
+
+def _drop_last_byte(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+    return (data[:-1],) if data else ()
+
+
+def _after_label(labels: tuple[bytes, ...]) -> _Form:
+    """The text after GRUB's label, with and without its terminating NUL (GRUB
+    versions differ on whether the NUL is measured)."""
+
+    def form(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+        for label in labels:
+            if data.startswith(label):
+                body = data[len(label) :]
+                return (body, body[:-1]) if body.endswith(b"\x00") else (body,)
+        return ()
+
+    return form
+
+
+_IPL_DESCRIPTION_PCRS = frozenset({9, 14})
+_GRUB_CMD = _after_label((b"grub_cmd: ", b"grub_cmd "))
+_GRUB_CMDLINE = _after_label((b"kernel_cmdline: ", b"grub_kernel_cmdline "))
+
+_CANDIDATES: dict[int, tuple[tuple[str | None, _Form], ...]] = {
+    T.EV_SEPARATOR: ((None, _whole),),
+    T.EV_ACTION: ((None, _whole),),
+    T.EV_EFI_ACTION: ((None, _whole),),
+    T.EV_S_CRTM_VERSION: ((None, _whole),),
+    T.EV_OMIT_BOOT_DEVICE_EVENTS: ((None, _whole),),
+    T.EV_EFI_GPT_EVENT: ((None, _whole),),
+    T.EV_EFI_VARIABLE_DRIVER_CONFIG: (
+        (None, _whole),
+        ("variable-driver-config-digest-of-data-only", _variable_data),
+    ),
+    # PFP §10.4.4: for EV_EFI_VARIABLE_BOOT the digest is of VariableData only.
+    T.EV_EFI_VARIABLE_BOOT: (
+        (None, _variable_data),
+        ("variable-boot-digest-of-whole-structure", _whole),
+    ),
+    T.EV_EFI_VARIABLE_BOOT2: ((None, _whole),),
+    T.EV_EFI_VARIABLE_AUTHORITY: (
+        (None, _whole),
+        ("shim-authority-extra-trailing-byte", _drop_last_byte),
+    ),
+    T.EV_IPL: (
+        (None, _whole),
+        ("grub-command-string", _GRUB_CMD),
+        ("grub-kernel-cmdline-string", _GRUB_CMDLINE),
+    ),
+}
+
+# --- decoders -----------------------------------------------------------------------------
+
+
+def _printable(d: bytes) -> bool:
+    body = d.rstrip(b"\x00")
+    return bool(body) and all(32 <= b < 127 or b in (9, 10, 13) for b in body)
+
+
+def _looks_utf16(d: bytes) -> bool:
+    return len(d) >= 2 and len(d) % 2 == 0 and all(d[i] == 0 for i in range(1, len(d), 2))
+
+
+def _text(d: bytes) -> Text:
+    if _looks_utf16(d) and not _printable(d):
+        return Text(d.decode("utf-16-le", errors="replace").rstrip("\x00"), "utf-16-le")
+    return Text(d.rstrip(b"\x00").decode("utf-8", errors="replace"), "utf-8")
+
+
+def _ipl(d: bytes) -> IplString:
+    text = _text(d)
+    kind, value = "string", text.text
+    if text.encoding == "utf-16-le":
+        kind = "load_options"
+    else:
+        for prefix, k in (("grub_cmd: ", "grub_cmd"), ("grub_cmd ", "grub_cmd"),
+                          ("kernel_cmdline: ", "kernel_cmdline"),
+                          ("grub_kernel_cmdline ", "kernel_cmdline")):  # fmt: skip
+            if text.text.startswith(prefix):
+                kind, value = k, text.text[len(prefix) :]
+                break
+    return IplString(text.text, text.encoding, kind, value)
+
+
+def _short_description(r: Reader) -> str:
+    size = r.u8("BlobDescriptionSize")
+    return r.take(size, "BlobDescription").rstrip(b"\x00").decode("utf-8", errors="replace")
+
+
+def _image_load(d: bytes, base: int, uintn_size: int, limits: Limits) -> ImageLoad:
+    r = Reader(d, "UEFI_IMAGE_LOAD_EVENT", base=base)
+    location = r.u64("ImageLocationInMemory")
+    uintn = r.u64 if uintn_size == 2 else r.u32
+    length = uintn("ImageLengthInMemory")
+    link = uintn("ImageLinkTimeAddress")
+    path_len = uintn("LengthOfDevicePath")
+    path_at = r.offset
+    path_bytes = r.take(path_len, "DevicePath")
+    path = (
+        DevicePath.parse(path_bytes, base=path_at, max_nodes=limits.max_device_path_nodes)
+        if path_bytes
+        else None
+    )
+    return ImageLoad(location, length, link, path)
+
+
+def _gpt(d: bytes, base: int) -> GptEvent:
+    r = Reader(d, "UEFI_GPT_DATA", base=base)
+    header = r.take(92, "UEFIPartitionHeader")
+    header_size = int.from_bytes(header[12:16], "little")
+    if header_size > 92:
+        r.take(header_size - 92, "UEFIPartitionHeader")
+    disk_guid = format_guid(header[56:72])
+    entry_size = int.from_bytes(header[84:88], "little")
+    count = r.u64("NumberOfPartitions")
+    if entry_size < 128 or count > r.remaining // entry_size:
+        raise r.error("NumberOfPartitions", f"{count} entries of {entry_size} bytes do not fit")
+    parts = []
+    for i in range(count):
+        e = r.take(entry_size, f"Partitions[{i}]")
+        parts.append(
+            GptPartition(
+                type_guid=format_guid(e[0:16]),
+                unique_guid=format_guid(e[16:32]),
+                starting_lba=int.from_bytes(e[32:40], "little"),
+                ending_lba=int.from_bytes(e[40:48], "little"),
+                attributes=int.from_bytes(e[48:56], "little"),
+                name=e[56:128].decode("utf-16-le", errors="replace").split("\x00", 1)[0],
+            )
+        )
+    return GptEvent(disk_guid, tuple(parts))

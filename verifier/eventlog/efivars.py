@@ -1,0 +1,231 @@
+"""UEFI variables as measured into the event log.
+
+- UEFI_VARIABLE_DATA: TCG PFP v1.05 §10.4.4 (VariableName GUID,
+  UnicodeNameLength u64, VariableDataLength u64, UnicodeName CHAR16[],
+  VariableData).
+- EFI_SIGNATURE_LIST / EFI_SIGNATURE_DATA (PK, KEK, db, dbx, MokList...):
+  UEFI Specification 2.10 §32.4.1.
+- EFI_LOAD_OPTION (Boot####) and BootOrder: UEFI Specification 2.10 §3.1.3.
+- SecureBoot, SetupMode, AuditMode, DeployedMode: one-byte booleans (§3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from verifier.eventlog._reader import Reader
+from verifier.eventlog.devicepath import DevicePath
+from verifier.eventlog.guids import format_guid, guid_name
+from vtpm_core.errors import ParseError
+
+__all__ = [
+    "BootOrder",
+    "EfiBoolean",
+    "EfiVariable",
+    "LoadOption",
+    "SignatureData",
+    "SignatureDatabase",
+    "SignatureList",
+    "VariableValue",
+]
+
+SIGNATURE_DATABASES = frozenset(
+    {"PK", "KEK", "db", "dbx", "dbt", "dbr", "MokList", "MokListX", "PKDefault", "KEKDefault"}
+)
+BOOLEANS = frozenset(
+    {"SecureBoot", "SetupMode", "AuditMode", "DeployedMode", "MokSBState", "MokListTrusted"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureData:
+    """EFI_SIGNATURE_DATA: owner GUID (None when the data carried none) and the data."""
+
+    owner: str | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureList:
+    """EFI_SIGNATURE_LIST: the signature type (GUID and its name) and its entries."""
+
+    signature_type: str
+    type_name: str | None
+    header: bytes
+    signatures: tuple[SignatureData, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureDatabase:
+    """The content of PK / KEK / db / dbx / MokList: zero or more signature lists."""
+
+    lists: tuple[SignatureList, ...]
+
+    @classmethod
+    def parse(cls, data: bytes, *, base: int = 0) -> SignatureDatabase:
+        r = Reader(data, "EFI_SIGNATURE_LIST", base=base)
+        lists: list[SignatureList] = []
+        while r.remaining:
+            at = r.offset
+            sig_type = format_guid(r.take(16, "SignatureType"))
+            list_size = r.u32("SignatureListSize")
+            header_size = r.u32("SignatureHeaderSize")
+            sig_size = r.u32("SignatureSize")
+            body = list_size - 28 - header_size
+            if list_size < 28 or body < 0:
+                raise r.error("SignatureListSize", f"{list_size} is too small", at=at + 16)
+            if sig_size < 16:
+                raise r.error("SignatureSize", f"{sig_size} is below the 16-byte owner GUID")
+            if body % sig_size:
+                raise r.error(
+                    "SignatureSize",
+                    f"{body} bytes of signatures are not a multiple of {sig_size}",
+                    at=at + 24,
+                )
+            if body > r.remaining:
+                raise r.error("SignatureListSize", f"list of {list_size} bytes runs past the data")
+            header = r.take(header_size, "SignatureHeader")
+            sigs: list[SignatureData] = []
+            for i in range(body // sig_size):
+                owner = format_guid(r.take(16, f"Signatures[{i}].SignatureOwner"))
+                sigs.append(SignatureData(owner, r.take(sig_size - 16, f"Signatures[{i}].Data")))
+            lists.append(SignatureList(sig_type, guid_name(sig_type), header, tuple(sigs)))
+        return cls(tuple(lists))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOption:
+    """EFI_LOAD_OPTION (a Boot#### variable)."""
+
+    attributes: int
+    description: str
+    device_path: DevicePath
+    optional_data: bytes
+
+    @property
+    def active(self) -> bool:
+        return bool(self.attributes & 0x1)  # LOAD_OPTION_ACTIVE
+
+    @classmethod
+    def parse(cls, data: bytes, *, base: int = 0, max_nodes: int = 256) -> LoadOption:
+        r = Reader(data, "EFI_LOAD_OPTION", base=base)
+        attributes = r.u32("Attributes")
+        path_len = r.u16("FilePathListLength")
+        chars: list[bytes] = []
+        while True:
+            ch = r.take(2, "Description")
+            if ch == b"\x00\x00":
+                break
+            chars.append(ch)
+        description = b"".join(chars).decode("utf-16-le", errors="replace")
+        path_at = r.offset
+        path = DevicePath.parse(r.take(path_len, "FilePathList"), base=path_at, max_nodes=max_nodes)
+        return cls(attributes, description, path, r.rest())
+
+
+@dataclass(frozen=True, slots=True)
+class BootOrder:
+    """BootOrder: the Boot#### numbers in boot order."""
+
+    entries: tuple[int, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"Boot{n:04X}" for n in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class EfiBoolean:
+    """A one-byte boolean variable (SecureBoot...): None when the variable was empty."""
+
+    value: int | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.value == 1
+
+
+VariableValue = SignatureDatabase | SignatureData | LoadOption | BootOrder | EfiBoolean
+
+
+@dataclass(frozen=True, slots=True)
+class EfiVariable:
+    """UEFI_VARIABLE_DATA with the variable's content decoded where we know it.
+
+    ``trailing`` holds bytes after VariableData that the structure does not
+    account for (old shim appends one); ``value`` is None for variables we do
+    not decode (their raw content is ``data``).
+    """
+
+    variable_guid: str
+    name: str
+    data: bytes
+    value: VariableValue | None
+    trailing: bytes
+    raw: bytes
+
+    @property
+    def vendor(self) -> str | None:
+        return guid_name(self.variable_guid)
+
+    @property
+    def covered_bytes(self) -> bytes:
+        """The UEFI_VARIABLE_DATA structure without any trailing bytes."""
+        return self.raw[: len(self.raw) - len(self.trailing)]
+
+    @classmethod
+    def parse(
+        cls, raw: bytes, *, base: int = 0, authority: bool = False, max_nodes: int = 256
+    ) -> EfiVariable:
+        r = Reader(raw, "UEFI_VARIABLE_DATA", base=base)
+        guid = format_guid(r.take(16, "VariableName"))
+        name_len = r.u64("UnicodeNameLength")
+        data_len = r.u64("VariableDataLength")
+        if name_len > r.remaining // 2:
+            raise r.error("UnicodeNameLength", f"{name_len} characters run past the event data")
+        name_bytes = r.take(2 * name_len, "UnicodeName")
+        name = name_bytes.decode("utf-16-le", errors="replace").rstrip("\x00")
+        data_at = r.offset
+        data = r.take(data_len, "VariableData")
+        trailing = r.rest()
+        value = _decode_value(name, data, data_at, authority, max_nodes)
+        return cls(guid, name, data, value, trailing, raw)
+
+
+def _decode_value(
+    name: str, data: bytes, base: int, authority: bool, max_nodes: int
+) -> VariableValue | None:
+    if authority:
+        # EV_EFI_VARIABLE_AUTHORITY: VariableData is one EFI_SIGNATURE_DATA (the
+        # db entry that authorised an image); shim logs a bare certificate.
+        if len(data) > 16 and data[16] == 0x30:
+            return SignatureData(format_guid(data[:16]), data[16:])
+        if data[:1] == b"\x30":
+            return SignatureData(None, data)
+        return None
+    if name in SIGNATURE_DATABASES:
+        return SignatureDatabase.parse(data, base=base)
+    if name in BOOLEANS:
+        if len(data) > 1:
+            raise ParseError(
+                "UEFI_VARIABLE_DATA",
+                "VariableData",
+                base,
+                f"{name} is {len(data)} bytes, expected 1",
+            )
+        return EfiBoolean(data[0] if data else None)
+    if name == "BootOrder":
+        if len(data) % 2:
+            raise ParseError(
+                "UEFI_VARIABLE_DATA", "VariableData", base, "BootOrder has an odd length"
+            )
+        return BootOrder(
+            tuple(int.from_bytes(data[i : i + 2], "little") for i in range(0, len(data), 2))
+        )
+    if len(name) == 8 and name.startswith(("Boot", "Driver", "SysPrep")) and _is_hex(name[-4:]):
+        return LoadOption.parse(data, base=base, max_nodes=max_nodes)
+    return None
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789ABCDEFabcdef" for c in text)

@@ -1,0 +1,411 @@
+"""Framing of the TCG PC Client firmware event log: TCG_PCR_EVENT, the Spec ID
+event and TCG_PCR_EVENT2.
+
+Spec: TCG PC Client Platform Firmware Profile Specification (PFP), v1.05 rev 23,
+§10.2.1 (TCG_PCR_EVENT, the SHA-1 "legacy" format), §10.2.2 (TCG_PCR_EVENT2,
+the crypto-agile format), §10.4.5.1 (TCG_EfiSpecIDEvent, "Spec ID Event03"),
+§10.4.5.3 (TCG_EfiStartupLocalityEvent).
+
+A crypto-agile log starts with one TCG_PCR_EVENT (PCR 0, EV_NO_ACTION, 20
+zero bytes of digest) whose data is the Spec ID event listing every bank and
+its digest size; every later record is a TCG_PCR_EVENT2. A log whose first
+record is anything else is a SHA-1 legacy log of TCG_PCR_EVENTs.
+
+What this module guarantees: the framing is well formed, within
+:class:`Limits`, each event carries exactly the banks the Spec ID event lists,
+PCR indices are 0..23, at most one well-formed StartupLocality event. What it
+does not check: any digest. :class:`EventLog` is unverified; call
+:meth:`EventLog.verify` with quoted PCR values to get a
+:class:`~verifier.eventlog.replay.ReplayedLog`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Literal
+
+from verifier.eventlog._reader import Reader
+from verifier.eventlog.algorithms import HashAlgorithm, algorithm_by_id
+from verifier.eventlog.events import EventType, type_name
+from verifier.eventlog.limits import DEFAULT_LIMITS, Limits
+from verifier.eventlog.quirks import AppliedQuirk
+from vtpm_core.errors import ParseError
+
+if TYPE_CHECKING:
+    from verifier.eventlog.replay import PcrBanks, ReplayedLog
+
+__all__ = ["Event", "EventLog", "LogFormat", "SpecIdEvent", "StartupLocality"]
+
+LogFormat = Literal["sha1-legacy", "crypto-agile"]
+
+SPEC_ID_03 = b"Spec ID Event03\x00"
+STARTUP_LOCALITY = b"StartupLocality\x00"
+# PFP §10.2: PCR[0]..PCR[23] are the PC Client PCRs a firmware log may extend.
+MAX_PCR = 23
+_SHA1 = algorithm_by_id(0x0004, 20)
+_LEGACY_HEADER = 32  # pcrIndex, eventType, digest[20], eventDataSize
+
+
+@dataclass(frozen=True, slots=True)
+class SpecIdEvent:
+    """TCG_EfiSpecIDEvent (PFP §10.4.5.1), the header of a crypto-agile log."""
+
+    signature: str
+    platform_class: int
+    spec_version_major: int
+    spec_version_minor: int
+    spec_errata: int
+    uintn_size: int
+    algorithms: tuple[HashAlgorithm, ...]
+    vendor_info: bytes
+    raw: bytes
+
+    @classmethod
+    def parse(cls, data: bytes, *, base: int = 0, limits: Limits = DEFAULT_LIMITS) -> SpecIdEvent:
+        r = Reader(data, "TCG_EfiSpecIDEvent", base=base)
+        signature = r.take(16, "signature")
+        if signature != SPEC_ID_03:
+            raise r.error("signature", f"expected 'Spec ID Event03\\0', got {signature!r}", at=base)
+        platform_class = r.u32("platformClass")
+        minor = r.u8("specVersionMinor")
+        major = r.u8("specVersionMajor")
+        errata = r.u8("specErrata")
+        uintn_size = r.u8("uintnSize")
+        if uintn_size not in (1, 2):
+            raise r.error("uintnSize", f"must be 1 (32-bit) or 2 (64-bit), got {uintn_size}")
+        count_at = r.offset
+        count = r.u32("numberOfAlgorithms")
+        if not 1 <= count <= limits.max_digests_per_event:
+            raise r.error(
+                "numberOfAlgorithms",
+                f"{count} algorithms (must be 1..{limits.max_digests_per_event})",
+                at=count_at,
+            )
+        algorithms: list[HashAlgorithm] = []
+        for i in range(count):
+            alg_at = r.offset
+            alg_id = r.u16(f"digestSizes[{i}].algorithmId")
+            size = r.u16(f"digestSizes[{i}].digestSize")
+            alg = algorithm_by_id(alg_id, size)
+            if alg.digest_size != size:
+                raise r.error(
+                    f"digestSizes[{i}].digestSize",
+                    f"{alg.name} digests are {alg.digest_size} bytes, Spec ID says {size}",
+                    at=alg_at,
+                )
+            if not 1 <= size <= 128:
+                raise r.error(f"digestSizes[{i}].digestSize", f"implausible size {size}")
+            if any(a.alg_id == alg_id for a in algorithms):
+                raise r.error(
+                    f"digestSizes[{i}].algorithmId", f"{alg.name} listed twice", at=alg_at
+                )
+            algorithms.append(alg)
+        vendor_size = r.u8("vendorInfoSize")
+        vendor_info = r.take(vendor_size, "vendorInfo")
+        r.expect_end("vendorInfo")
+        return cls(
+            signature=signature.rstrip(b"\x00").decode("ascii"),
+            platform_class=platform_class,
+            spec_version_major=major,
+            spec_version_minor=minor,
+            spec_errata=errata,
+            uintn_size=uintn_size,
+            algorithms=tuple(algorithms),
+            vendor_info=vendor_info,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StartupLocality:
+    """TCG_EfiStartupLocalityEvent (PFP §10.4.5.3): the locality of TPM2_Startup.
+
+    PCR 0 starts at 00..00 || locality (3 for a locality-3 startup, 4 when an
+    H-CRTM measured before startup); locality 0 changes nothing.
+    """
+
+    locality: int
+
+    @classmethod
+    def parse(cls, data: bytes, *, base: int = 0) -> StartupLocality:
+        r = Reader(data, "TCG_EfiStartupLocalityEvent", base=base)
+        r.take(16, "signature")
+        locality = r.u8("StartupLocality")
+        r.expect_end("StartupLocality")
+        if locality not in (0, 3, 4):
+            raise r.error("StartupLocality", f"locality {locality} is not 0, 3 or 4", at=base + 16)
+        return cls(locality)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One log record, as read: nothing about it has been checked yet.
+
+    ``digests`` maps bank name to the digest the event says was extended;
+    ``untrusted_data`` is the raw event data, which nobody has verified
+    against those digests; ``raw`` is the whole record as it appears in the log.
+    """
+
+    index: int
+    offset: int
+    pcr: int
+    event_type: int
+    digests: Mapping[str, bytes]
+    untrusted_data: bytes
+    raw: bytes
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.event_type)
+
+    @property
+    def data_offset(self) -> int:
+        """Byte offset of the event data within the log."""
+        return self.offset + len(self.raw) - len(self.untrusted_data)
+
+    @property
+    def is_startup_locality(self) -> bool:
+        return (
+            self.event_type == EventType.EV_NO_ACTION
+            and self.pcr == 0
+            and self.untrusted_data.startswith(STARTUP_LOCALITY)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EventLog:
+    """A parsed, UNVERIFIED event log. Policy code never sees this type.
+
+    ``events`` includes the header record (index 0: the Spec ID event in a
+    crypto-agile log), so indices match tpm2_eventlog's EventNum.
+    """
+
+    format: LogFormat
+    banks: tuple[str, ...]
+    algorithms: tuple[HashAlgorithm, ...]
+    spec_id: SpecIdEvent | None
+    events: tuple[Event, ...]
+    startup_locality: StartupLocality | None
+    quirks: tuple[AppliedQuirk, ...]
+    raw: bytes
+
+    @classmethod
+    def parse(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> EventLog:
+        """Parse a binary log (as in /sys/kernel/security/tpm0/binary_bios_measurements).
+
+        Raises ParseError (structure, field, byte offset) for every malformed
+        or over-limit input; never any other exception.
+        """
+        data = bytes(data)
+        if len(data) > limits.max_log_bytes:
+            raise ParseError(
+                "TCG_PCR_EVENT",
+                "log",
+                limits.max_log_bytes,
+                f"log is {len(data)} bytes, limit is {limits.max_log_bytes}",
+            )
+        if not data:
+            raise ParseError("TCG_PCR_EVENT", "pcrIndex", 0, "empty log")
+        first = _parse_legacy(data, 0, 0, limits)
+        events: list[Event] = [first]
+        quirks: list[AppliedQuirk] = []
+        spec_id: SpecIdEvent | None = None
+        if first.untrusted_data.startswith(SPEC_ID_03):
+            if first.pcr != 0 or first.event_type != EventType.EV_NO_ACTION:
+                raise ParseError(
+                    "TCG_PCR_EVENT",
+                    "eventType",
+                    0,
+                    f"Spec ID event must be EV_NO_ACTION in PCR 0, got {first.type_name} "
+                    f"in PCR {first.pcr}",
+                )
+            if any(first.digests["sha1"]):
+                raise ParseError("TCG_PCR_EVENT", "digest", 8, "Spec ID event digest is not zero")
+            spec_id = SpecIdEvent.parse(first.untrusted_data, base=_LEGACY_HEADER, limits=limits)
+            algorithms = spec_id.algorithms
+            fmt: LogFormat = "crypto-agile"
+        else:
+            algorithms = (_SHA1,)
+            fmt = "sha1-legacy"
+        offset = len(first.raw)
+        while offset < len(data):
+            if _is_padding(data, offset):
+                quirks.append(
+                    AppliedQuirk(
+                        "log-trailing-padding",
+                        None,
+                        f"{len(data) - offset} bytes of 0x{data[offset]:02x} after the last "
+                        f"event at byte {offset} ignored",
+                    )
+                )
+                break
+            if len(events) >= limits.max_events:
+                raise ParseError(
+                    "TCG_PCR_EVENT2" if spec_id else "TCG_PCR_EVENT",
+                    "pcrIndex",
+                    offset,
+                    f"more than {limits.max_events} events",
+                )
+            if spec_id is not None:
+                event = _parse_agile(data, offset, len(events), algorithms, limits)
+            else:
+                event = _parse_legacy(data, offset, len(events), limits)
+            events.append(event)
+            offset += len(event.raw)
+        startup = _startup_locality(events, spec_id is not None)
+        return cls(
+            format=fmt,
+            banks=tuple(a.name for a in algorithms),
+            algorithms=algorithms,
+            spec_id=spec_id,
+            events=tuple(events),
+            startup_locality=startup,
+            quirks=tuple(quirks),
+            raw=data,
+        )
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes parsed (the records concatenated, plus any padding)."""
+        return self.raw
+
+    def replay(self) -> PcrBanks:
+        """Computed PCR values ``{bank: {pcr: value}}`` (see replay.replay_events)."""
+        from verifier.eventlog.replay import replay_log
+
+        return replay_log(self)
+
+    def verify(self, pcrs: Mapping[str, Mapping[int, bytes]]) -> ReplayedLog:
+        """Prove the log against quoted PCR values; see replay.verify_log."""
+        from verifier.eventlog.replay import verify_log
+
+        return verify_log(self, pcrs)
+
+
+def _is_padding(data: bytes, offset: int) -> bool:
+    rest = data[offset:]
+    return rest.count(rest[0]) == len(rest) and rest[0] in (0x00, 0xFF)
+
+
+def _check_pcr(pcr: int, structure: str, offset: int) -> None:
+    if pcr > MAX_PCR:
+        raise ParseError(structure, "pcrIndex", offset, f"PCR {pcr} is not a PC Client PCR (0..23)")
+
+
+def _parse_legacy(data: bytes, offset: int, index: int, limits: Limits) -> Event:
+    """TCG_PCR_EVENT (PFP §10.2.1)."""
+    r = Reader(data, "TCG_PCR_EVENT", start=offset)
+    pcr = r.u32("pcrIndex")
+    _check_pcr(pcr, "TCG_PCR_EVENT", offset)
+    event_type = r.u32("eventType")
+    digest = r.take(20, "digest")
+    size_at = r.offset
+    size = r.u32("eventDataSize")
+    if size > limits.max_event_data:
+        raise ParseError(
+            "TCG_PCR_EVENT",
+            "eventDataSize",
+            size_at,
+            f"{size} bytes exceeds the limit of {limits.max_event_data}",
+        )
+    event_data = r.take(size, "event")
+    return Event(
+        index=index,
+        offset=offset,
+        pcr=pcr,
+        event_type=event_type,
+        digests=MappingProxyType({"sha1": digest}),
+        untrusted_data=event_data,
+        raw=data[offset : r.offset],
+    )
+
+
+def _parse_agile(
+    data: bytes, offset: int, index: int, algorithms: tuple[HashAlgorithm, ...], limits: Limits
+) -> Event:
+    """TCG_PCR_EVENT2 (PFP §10.2.2) with TPML_DIGEST_VALUES sized by the Spec ID event."""
+    r = Reader(data, "TCG_PCR_EVENT2", start=offset)
+    pcr = r.u32("pcrIndex")
+    _check_pcr(pcr, "TCG_PCR_EVENT2", offset)
+    event_type = r.u32("eventType")
+    count_at = r.offset
+    count = r.u32("digests.count")
+    if count > limits.max_digests_per_event:
+        raise ParseError(
+            "TCG_PCR_EVENT2",
+            "digests.count",
+            count_at,
+            f"{count} digests exceeds the limit of {limits.max_digests_per_event}",
+        )
+    by_id = {a.alg_id: a for a in algorithms}
+    digests: dict[str, bytes] = {}
+    for i in range(count):
+        alg_at = r.offset
+        alg_id = r.u16(f"digests[{i}].hashAlg")
+        alg = by_id.get(alg_id)
+        if alg is None:
+            raise ParseError(
+                "TCG_PCR_EVENT2",
+                f"digests[{i}].hashAlg",
+                alg_at,
+                f"algorithm 0x{alg_id:04x} is not listed in the Spec ID event",
+            )
+        if alg.name in digests:
+            raise ParseError(
+                "TCG_PCR_EVENT2", f"digests[{i}].hashAlg", alg_at, f"{alg.name} digest repeated"
+            )
+        digests[alg.name] = r.take(alg.digest_size, f"digests[{i}].digest")
+    if len(digests) != len(algorithms):
+        missing = [a.name for a in algorithms if a.name not in digests]
+        raise ParseError(
+            "TCG_PCR_EVENT2",
+            "digests",
+            count_at,
+            f"event lacks the {', '.join(missing)} digest the Spec ID event lists",
+        )
+    size_at = r.offset
+    size = r.u32("eventSize")
+    if size > limits.max_event_data:
+        raise ParseError(
+            "TCG_PCR_EVENT2",
+            "eventSize",
+            size_at,
+            f"{size} bytes exceeds the limit of {limits.max_event_data}",
+        )
+    event_data = r.take(size, "event")
+    return Event(
+        index=index,
+        offset=offset,
+        pcr=pcr,
+        event_type=event_type,
+        digests=MappingProxyType(digests),
+        untrusted_data=event_data,
+        raw=data[offset : r.offset],
+    )
+
+
+def _startup_locality(events: list[Event], agile: bool) -> StartupLocality | None:
+    """Find and check the StartupLocality event (PFP §10.4.5.3).
+
+    It must precede every PCR 0 extend (it states PCR 0's initial value), and
+    there is at most one.
+    """
+    found: StartupLocality | None = None
+    pcr0_extended = False
+    structure = "TCG_PCR_EVENT2" if agile else "TCG_PCR_EVENT"
+    for event in events:
+        if event.is_startup_locality:
+            if found is not None:
+                raise ParseError(structure, "event", event.offset, "second StartupLocality event")
+            if pcr0_extended:
+                raise ParseError(
+                    structure,
+                    "event",
+                    event.offset,
+                    "StartupLocality event after PCR 0 was already extended",
+                )
+            found = StartupLocality.parse(event.untrusted_data, base=event.data_offset)
+        elif event.pcr == 0 and event.event_type != EventType.EV_NO_ACTION:
+            pcr0_extended = True
+    return found

@@ -1,0 +1,93 @@
+"""The one table of firmware and boot-loader quirks this parser works around.
+
+Each quirk has a stable id. Whenever one is applied, the parser or the data
+check records an :class:`AppliedQuirk` naming it and the event; the
+:class:`~verifier.eventlog.replay.ReplayedLog` reports them all as warnings.
+Nothing here changes a digest or a PCR value: the quirks only widen what we
+accept as "the data that was measured" for an event, or what we accept as
+the end of the log, and always visibly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = ["QUIRKS", "AppliedQuirk", "Quirk"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quirk:
+    """A named deviation from the TCG PFP spec seen in real logs."""
+
+    id: str
+    summary: str
+    seen_in: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedQuirk:
+    """One application of a quirk: which, where (event index or None) and detail."""
+
+    quirk_id: str
+    event_index: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"event {self.event_index}" if self.event_index is not None else "log"
+        return f"quirk {self.quirk_id} applied to {where}: {self.detail}"
+
+
+_TABLE = (
+    Quirk(
+        "log-trailing-padding",
+        "The log buffer ends with 0x00 or 0xFF padding after the last event (a log copied "
+        "from the firmware's log area rather than the kernel's exact-size file); the "
+        "padding is ignored instead of being parsed as events.",
+        "logs read from ACPI TPM2/TCPA log areas",
+    ),
+    Quirk(
+        "grub-command-string",
+        "GRUB 2 logs EV_IPL data 'grub_cmd: CMD\\0' (or 'grub_cmd CMD\\0') but the digest "
+        "covers only 'CMD' (upstream GRUB) or 'CMD\\0' (RHEL 8 GRUB): the label is not measured.",
+        "every GRUB 2 log in the corpus (PCR 8)",
+    ),
+    Quirk(
+        "grub-kernel-cmdline-string",
+        "GRUB 2 logs EV_IPL data 'kernel_cmdline: LINE\\0' (or 'grub_kernel_cmdline LINE\\0') "
+        "but the digest covers only 'LINE', without the label and the NUL.",
+        "every GRUB 2 log in the corpus (PCR 8)",
+    ),
+    Quirk(
+        "ipl-description-only",
+        "GRUB 2 (PCR 9: the name of each file it measured) and shim (PCR 14: 'MokList', "
+        "'MokListX', 'MokListTrusted') log EV_IPL events whose data names what was measured "
+        "instead of being it. Such data is a description the digest cannot prove: "
+        "data_verified is None for it, never True.",
+        "every GRUB 2 and shim log in the corpus",
+    ),
+    Quirk(
+        "variable-boot-digest-of-whole-structure",
+        "An EV_EFI_VARIABLE_BOOT digest covers the whole UEFI_VARIABLE_DATA instead of only "
+        "VariableData as PFP §10.4.4 says (the whole structure is what EV_EFI_VARIABLE_BOOT2 "
+        "hashes).",
+        "physical_postcode, hirs_tpmlog_legacy_sha1, workstation_archlinux_sdboot, "
+        "unknown_crypto_agile_eventlog",
+    ),
+    Quirk(
+        "variable-driver-config-digest-of-data-only",
+        "An EV_EFI_VARIABLE_DRIVER_CONFIG digest covers only VariableData instead of the "
+        "whole UEFI_VARIABLE_DATA (PFP §10.4.4).",
+        "physical_linux_tpm12_sha1 (TPM 1.2 era firmware)",
+    ),
+    Quirk(
+        "shim-authority-extra-trailing-byte",
+        "shim's EV_EFI_VARIABLE_AUTHORITY event data (UEFI_VARIABLE_DATA of its vendor or db "
+        "certificate) is one byte longer than what it hashed; the digest covers all but the "
+        "last byte.",
+        "gce_cos93_amdsev, gce_debian10, physical_postcode, hirs_tpmlog_legacy_sha1",
+    ),
+)
+
+QUIRKS: Mapping[str, Quirk] = MappingProxyType({q.id: q for q in _TABLE})

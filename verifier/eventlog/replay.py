@@ -1,0 +1,233 @@
+"""Replay of an event log to PCR values, and verification against quoted PCRs.
+
+Spec: TCG PC Client Platform Firmware Profile (PFP) v1.05 §10.4.5.3
+(StartupLocality: PCR 0 starts at the locality TPM2_Startup came from, 3,
+or 4 after an H-CRTM), §10.4.1 (EV_NO_ACTION "is not extended into any
+PCR"); TPM 2.0 Part 1 §17.3 (extend: PCR := H(PCR || digest)).
+
+Trust: :func:`verify_log` is the only way to get a :class:`ReplayedLog`.
+It proves every event's digests against the quoted PCR values it covers;
+it does not prove event data — each :class:`ReplayedEvent` says whether its
+data hashes to its digest (``data_verified``) and hides decoded data that
+does not (``decoded`` is None then; ``untrusted_decoded`` keeps it).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from verifier.eventlog.algorithms import HashAlgorithm
+from verifier.eventlog.decode import Decoded, check_event
+from verifier.eventlog.events import EventType, type_name
+from verifier.eventlog.quirks import AppliedQuirk
+from vtpm_core.errors import VerificationError
+
+if TYPE_CHECKING:
+    from verifier.eventlog.parse import Event, EventLog, SpecIdEvent, StartupLocality
+
+__all__ = ["PcrBanks", "ReplayedEvent", "ReplayedLog", "replay_events", "replay_log", "verify_log"]
+
+PcrBanks = dict[str, dict[int, bytes]]
+"""``{bank: {pcr_index: value}}``, e.g. ``{"sha256": {0: b"..."}}``."""
+
+
+def replay_events(
+    events: tuple[Event, ...],
+    algorithms: tuple[HashAlgorithm, ...],
+    startup_locality: StartupLocality | None,
+) -> PcrBanks:
+    """PCR values per computable bank.
+
+    Included: every PCR with at least one extend, plus PCR 0 whenever the
+    log has a StartupLocality event (it states PCR 0's value even if nothing
+    is extended after it). PCRs the log never touches are absent (their
+    value is whatever the platform reset them to, which the log cannot tell).
+    """
+    out: PcrBanks = {}
+    for alg in algorithms:
+        if not alg.computable:
+            continue
+        zero = bytes(alg.digest_size)
+        pcrs: dict[int, bytes] = {}
+        if startup_locality is not None:
+            pcrs[0] = zero[:-1] + bytes([startup_locality.locality])
+        for event in events:
+            if event.event_type == EventType.EV_NO_ACTION:
+                continue  # PFP §10.4.1: never extended
+            digest = event.digests.get(alg.name)
+            if digest is None:  # cannot happen for a parsed log: every event has every bank
+                continue
+            pcrs[event.pcr] = alg.extend(pcrs.get(event.pcr, zero), digest)
+        out[alg.name] = dict(sorted(pcrs.items()))
+    return out
+
+
+def replay_log(log: EventLog) -> PcrBanks:
+    return replay_events(log.events, log.algorithms, log.startup_locality)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedEvent:
+    """An event whose digests are proven by the quote.
+
+    ``data_verified``: True when the spec defines the digest as a hash of the
+    data (or a named quirk form of it) and it matches; False when it does not
+    match (``decoded`` is then None: use ``untrusted_decoded`` only to
+    display); None when the digest is of something the log does not carry
+    (an image, a firmware volume), so the data is only a description.
+    """
+
+    index: int
+    offset: int
+    pcr: int
+    event_type: int
+    digests: Mapping[str, bytes]
+    untrusted_data: bytes
+    untrusted_decoded: Decoded | None
+    data_verified: bool | None
+    warnings: tuple[str, ...]
+    quirks: tuple[AppliedQuirk, ...]
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.event_type)
+
+    @property
+    def decoded(self) -> Decoded | None:
+        """Decoded data, or None when the data is proven NOT to be what was measured."""
+        return None if self.data_verified is False else self.untrusted_decoded
+
+    @property
+    def verified_data(self) -> bytes | None:
+        """The raw event data when its digest proves it, else None."""
+        return self.untrusted_data if self.data_verified else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedLog:
+    """A log whose replay matched the quoted PCRs. The only log type policy sees.
+
+    ``pcrs``: replayed values; ``verified``: bank -> the PCR indices that were
+    compared with the quote (policy must not rely on others); ``warnings``:
+    quirks applied and events whose data does not match its digest.
+    """
+
+    format: str
+    banks: tuple[str, ...]
+    spec_id: SpecIdEvent | None
+    events: tuple[ReplayedEvent, ...]
+    pcrs: Mapping[str, Mapping[int, bytes]]
+    verified: Mapping[str, frozenset[int]]
+    quirks: tuple[AppliedQuirk, ...]
+    warnings: tuple[str, ...]
+
+    def events_of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
+        return tuple(e for e in self.events if e.event_type == event_type)
+
+    def events_in_pcr(self, pcr: int) -> tuple[ReplayedEvent, ...]:
+        return tuple(e for e in self.events if e.pcr == pcr)
+
+
+def check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
+    """Decode and data-check every event. The result is NOT proven by a quote:
+    only :func:`verify_log` may hand these out inside a ReplayedLog."""
+    uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
+    out = []
+    for event in log.events:
+        check = check_event(event, log.algorithms, uintn_size=uintn)
+        out.append(
+            ReplayedEvent(
+                index=event.index,
+                offset=event.offset,
+                pcr=event.pcr,
+                event_type=event.event_type,
+                digests=event.digests,
+                untrusted_data=event.untrusted_data,
+                untrusted_decoded=check.decoded,
+                data_verified=check.data_verified,
+                warnings=check.problems + tuple(str(q) for q in check.quirks),
+                quirks=check.quirks,
+            )
+        )
+    return tuple(out)
+
+
+def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> ReplayedLog:
+    """Check that ``log`` replays to ``pcrs`` (quoted values) and return it as trusted.
+
+    1. Replay every computable bank.
+    2. Compare, in constant time, every (bank, PCR) present in both the
+       replay and ``pcrs``; collect every mismatch.
+    3. Any mismatch, or no (bank, PCR) in common at all, raises
+       VerificationError("eventlog.replay", ...) naming each mismatch.
+    4. Decode and data-check the events; collect quirks and data mismatches
+       as warnings.
+
+    Not checked: that the quote covers the PCRs a policy cares about (see
+    ``ReplayedLog.verified``), or any PCR the log never extends.
+    """
+    replayed = replay_log(log)  # step 1
+    mismatches: list[str] = []
+    verified: dict[str, frozenset[int]] = {}
+    for bank, quoted in pcrs.items():  # step 2
+        ours = replayed.get(bank)
+        if ours is None:
+            continue
+        compared = set()
+        for index in sorted(set(quoted) & set(ours)):
+            compared.add(index)
+            got, want = ours[index], bytes(quoted[index])
+            if len(want) != len(got) or not hmac.compare_digest(got, want):
+                mismatches.append(
+                    f"PCR {index} {bank}: log replays to {got.hex()}, quote has {want.hex()}"
+                )
+        if compared:
+            verified[bank] = frozenset(compared)
+    if mismatches:  # step 3
+        raise VerificationError("eventlog.replay", "; ".join(mismatches))
+    if not verified:
+        covered = ", ".join(f"{b} PCRs {sorted(v)}" for b, v in replayed.items()) or "nothing"
+        quoted_desc = ", ".join(f"{b} PCRs {sorted(v)}" for b, v in pcrs.items()) or "nothing"
+        raise VerificationError(
+            "eventlog.replay",
+            f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
+        )
+    events = check_events(log)  # step 4
+    quirks = log.quirks + tuple(q for e in events for q in e.quirks)
+    warnings = [str(q) for q in log.quirks]
+    counts = Counter(q.quirk_id for e in events for q in e.quirks)
+    for quirk_id, n in counts.items():
+        which = [e.index for e in events if any(q.quirk_id == quirk_id for q in e.quirks)]
+        warnings.append(f"quirk {quirk_id} applied to {n} event(s): {_ranges(which)}")
+    for e in events:
+        warnings.extend(w for w in e.warnings if not w.startswith("quirk "))
+    return ReplayedLog(
+        format=log.format,
+        banks=log.banks,
+        spec_id=log.spec_id,
+        events=events,
+        pcrs=MappingProxyType({b: MappingProxyType(v) for b, v in replayed.items()}),
+        verified=MappingProxyType(verified),
+        quirks=quirks,
+        warnings=tuple(warnings),
+    )
+
+
+def _ranges(indices: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = None
+    for i in indices:
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = i
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return "events " + ", ".join(parts)
