@@ -1,0 +1,107 @@
+"""Errors become an HTTP status and an RFC 9457 problem body, in exactly one handler.
+
+Problem bodies: ``{"type": "urn:vtpm-trust:problem:<slug>", "title": ...,
+"status": ..., "detail": ...}`` with ``Content-Type: application/problem+json``
+(RFC 9457, sections 3 and 3.1). ``detail`` names what was wrong (the structure,
+field and offset of a parse error; the check of a verification error).
+Unexpected exceptions answer 500 with a fixed text: no internals leak.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+from vtpm_core.errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    ParseError,
+    PermissionDeniedError,
+    StateError,
+    VerificationError,
+    VtpmTrustError,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "ExpiredError",
+    "Problem",
+    "install_error_handler",
+    "problem_for",
+]
+
+_log = logging.getLogger("verifier.service")
+
+
+class AuthenticationError(PermissionDeniedError):
+    """No credentials, or credentials that match nobody (401, not 403)."""
+
+
+class ExpiredError(ConflictError):
+    """A nonce or activation challenge outlived its lifetime (410)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    status: int
+    slug: str
+    title: str
+    detail: str
+
+    def response(self) -> Response:
+        body = {
+            "type": f"urn:vtpm-trust:problem:{self.slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        resp = Response(json.dumps(body), status=self.status)
+        resp.content_type = "application/problem+json"
+        if self.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="vtpm-verifier"'
+        return resp
+
+
+# Most specific first: the first isinstance match wins.
+_MAPPING: tuple[tuple[type[VtpmTrustError], int, str, str], ...] = (
+    (AuthenticationError, 401, "unauthenticated", "Missing or unknown token"),
+    (PermissionDeniedError, 403, "forbidden", "Not allowed"),
+    (ParseError, 400, "malformed", "Malformed request"),
+    (NotFoundError, 404, "not-found", "Not found"),
+    (ExpiredError, 410, "expired", "Expired"),
+    (ConflictError, 409, "conflict", "Conflict"),
+    (StateError, 409, "wrong-state", "Wrong state"),
+    (VerificationError, 422, "verification-failed", "Verification failed"),
+)
+
+
+def problem_for(exc: BaseException) -> Problem:
+    """The problem a given exception becomes (internal errors hide their text)."""
+    if isinstance(exc, HTTPException):
+        code = exc.code or 500
+        slug = {413: "too-large", 404: "not-found", 405: "method-not-allowed"}.get(
+            code, "http-error"
+        )
+        return Problem(code, slug, exc.name, exc.description or exc.name)
+    if isinstance(exc, VtpmTrustError) and not isinstance(exc, ConfigError):
+        for cls, status, slug, title in _MAPPING:
+            if isinstance(exc, cls):
+                return Problem(status, slug, title, str(exc))
+    return Problem(500, "internal", "Internal error", "internal error; see the verifier's log")
+
+
+def install_error_handler(app: Flask) -> None:
+    """Register THE error handler (every exception goes through it)."""
+
+    def handle(exc: Exception) -> Response:
+        problem = problem_for(exc)
+        if problem.status >= 500:
+            _log.exception("internal error while serving a request")
+        return problem.response()
+
+    app.register_error_handler(Exception, handle)

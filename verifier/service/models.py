@@ -1,0 +1,158 @@
+"""SQLAlchemy 2 models of the attestation service.
+
+The schema is owned by Alembic (``migrations/versions``); these classes
+describe it for the ORM and must match the latest revision (a test compares
+them). Times are UTC; binary TPM structures are stored in their wire encoding.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime, TypeDecorator
+
+__all__ = [
+    "ActivationChallenge",
+    "Assignment",
+    "Attester",
+    "Base",
+    "Nonce",
+    "Policy",
+    "Result",
+    "UtcDateTime",
+]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+
+
+class Attester(Base):
+    """One registered (EK, AK, VM) triple; ``status`` says whether it may attest."""
+
+    __tablename__ = "attesters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vm_id: Mapped[str | None] = mapped_column(String(255))
+    ek_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    ek_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ek_certificate: Mapped[bytes | None] = mapped_column(LargeBinary)
+    identity: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ak_name: Mapped[str] = mapped_column(String(140))
+    # pending_activation -> active; flagged once a lineage check failed
+    status: Mapped[str] = mapped_column(String(32))
+    flags: Mapped[list[Any]] = mapped_column(JSON)
+    token_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    reset_count: Mapped[int | None] = mapped_column(Integer)
+    restart_count: Mapped[int | None] = mapped_column(Integer)
+    clock: Mapped[int | None] = mapped_column(BigInteger)
+    latest_result_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class ActivationChallenge(Base):
+    """The MakeCredential secret an attester must give back (stored hashed)."""
+
+    __tablename__ = "activation_challenges"
+
+    attester_id: Mapped[str] = mapped_column(
+        ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ak_name: Mapped[str] = mapped_column(String(140))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Nonce(Base):
+    """A challenge: single use (``used``), short-lived, bound to one attester."""
+
+    __tablename__ = "nonces"
+
+    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)  # hex
+    attester_id: Mapped[str] = mapped_column(
+        ForeignKey("attesters.id", ondelete="CASCADE"), index=True
+    )
+    pcr_selection: Mapped[dict[str, Any]] = mapped_column(JSON)
+    policy_name: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    used: Mapped[bool] = mapped_column(Boolean, default=False)
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class Result(Base):
+    """One appraisal outcome and the signed EAR token that carries it."""
+
+    __tablename__ = "results"
+    __table_args__ = (Index("ix_results_attester_created", "attester_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    attester_id: Mapped[str] = mapped_column(ForeignKey("attesters.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(32))
+    policy_name: Mapped[str | None] = mapped_column(String(128))
+    nonce: Mapped[str] = mapped_column(String(128))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    ear: Mapped[str] = mapped_column(Text)
+
+
+class Policy(Base):
+    """A named reference-value policy (issue 5 schema), kept as the text it was given in."""
+
+    __tablename__ = "policies"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Assignment(Base):
+    """Which policy an attester is appraised against (at most one)."""
+
+    __tablename__ = "assignments"
+
+    attester_id: Mapped[str] = mapped_column(
+        ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
+    )
+    policy_name: Mapped[str] = mapped_column(ForeignKey("policies.name", ondelete="RESTRICT"))
