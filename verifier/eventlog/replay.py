@@ -133,7 +133,7 @@ class ReplayedLog:
         return tuple(e for e in self.events if e.pcr == pcr)
 
 
-def check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
+def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
     """Decode and data-check every event. The result is NOT proven by a quote:
     only :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
@@ -197,7 +197,7 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             "eventlog.replay",
             f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
         )
-    events = check_events(log)  # step 4
+    events = _check_events(log)  # step 4
     quirks = log.quirks + tuple(q for e in events for q in e.quirks)
     warnings = [str(q) for q in log.quirks]
     counts = Counter(q.quirk_id for e in events for q in e.quirks)
