@@ -14,7 +14,14 @@ from vtpm_core.vm.channel import (
     GuestTimeoutError,
     validate_selection,
 )
-from vtpm_core.vm.esp import DEFAULT_CMDLINE, EspImage, build_esp, loader_entry, sign_efi
+from vtpm_core.vm.esp import (
+    DEFAULT_CMDLINE,
+    EspImage,
+    build_esp,
+    loader_entry,
+    measured_load_options,
+    sign_efi,
+)
 from vtpm_core.vm.initramfs import Initramfs, build_initramfs, newc_archive
 from vtpm_core.vm.kernel import DebianKernel, default_cache_dir, fetch_debian_kernel
 from vtpm_core.vm.qemu import OvmfFirmware, QemuVm, VmArtifacts, ovmf_firmware
@@ -37,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "fetch_debian_kernel",
     "loader_entry",
+    "measured_load_options",
     "newc_archive",
     "ovmf_firmware",
     "sign_efi",

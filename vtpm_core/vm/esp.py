@@ -44,6 +44,7 @@ __all__ = [
     "EspImage",
     "build_esp",
     "loader_entry",
+    "measured_load_options",
     "sign_efi",
 ]
 
@@ -78,6 +79,16 @@ def loader_entry(cmdline: str) -> bytes:
         f"title vtpm-trust attestation guest\nlinux /vmlinuz\ninitrd /initrd.img\n"
         f"options {cmdline}\n"
     ).encode()
+
+
+def measured_load_options(cmdline: str) -> str:
+    """The kernel LoadOptions systemd-boot 252 builds from our entry.
+
+    It prepends ``initrd=\\initrd.img`` for the entry's initrd; this string,
+    UTF-16LE with a terminating NUL, is what lands in PCR12 (EV_IPL, by
+    systemd-boot) and PCR9 (EV_EVENT_TAG, by the kernel's EFI stub).
+    """
+    return f"initrd=\\initrd.img {cmdline}"
 
 
 def _loader_conf() -> bytes:
