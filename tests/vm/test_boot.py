@@ -137,24 +137,8 @@ def boot_and_attest(
         ("eventlog.bin", quote.eventlog),
     ):
         (work / name).write_bytes(data)
-    checked = yaml.safe_load(
-        _run(
-            "tpm2_checkquote",
-            "-u",
-            "ak.pub",
-            "-m",
-            "quote.msg",
-            "-s",
-            "quote.sig",
-            "-f",
-            "quote.pcrs",
-            "-g",
-            "sha256",
-            "-q",
-            nonce.hex(),
-            cwd=work,
-        )  # fmt: skip
-    )
+    check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
+    checked = yaml.safe_load(_run(*check.split(), nonce.hex(), cwd=work))
     quote_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in checked["pcrs"]["sha256"].items()}
     log = yaml.safe_load(_run("tpm2_eventlog", "eventlog.bin", cwd=work))
     log_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in log["pcrs"]["sha256"].items()}
@@ -204,9 +188,9 @@ def check_measurements(att: Attested) -> None:
 def _secure_boot_var(att: Attested) -> str:
     for e in att.events:
         ev = e.get("Event")
-        if e["EventType"] == "EV_EFI_VARIABLE_DRIVER_CONFIG" and isinstance(ev, dict):
-            if ev.get("UnicodeName") == "SecureBoot":
-                return str(ev.get("VariableData"))
+        is_var = e["EventType"] == "EV_EFI_VARIABLE_DRIVER_CONFIG" and isinstance(ev, dict)
+        if is_var and ev.get("UnicodeName") == "SecureBoot":
+            return str(ev.get("VariableData"))
     raise AssertionError("no SecureBoot variable event in PCR7")
 
 
