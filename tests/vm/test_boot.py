@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
 from tests.vm.conftest import GuestImages, ProvisionedVtpm
+from verifier.eventlog import EventLog, EventType
 from vtpm_core.authenticode import authenticode_digest
+from vtpm_core.errors import VerificationError
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import DEFAULT_CMDLINE, EspImage, QemuVm, measured_load_options
 
@@ -46,6 +48,7 @@ class Attested:
     quote_pcrs: dict[int, bytes]  # sha256 bank, from tpm2_checkquote
     events: list[dict[str, Any]]  # tpm2_eventlog's view of the firmware log
     log_pcrs: dict[int, bytes]  # tpm2_eventlog's replay, sha256 bank
+    eventlog: bytes
     timings: dict[str, float]
 
 
@@ -148,6 +151,7 @@ def boot_and_attest(
         quote_pcrs=quote_pcrs,
         events=log["events"],
         log_pcrs=log_pcrs,
+        eventlog=quote.eventlog,
         timings={
             "boot_to_ready": t_ready - t0,
             "hello": t_act - t_ready,
@@ -165,6 +169,14 @@ def check_measurements(att: Attested) -> None:
     for pcr, value in att.quote_pcrs.items():
         assert value == att.log_pcrs.get(pcr, bytes(32)), f"PCR{pcr}: log replay != quote"
 
+    # the project's verifier agrees, and refuses a quote whose PCR4 differs
+    replayed = EventLog.parse(att.eventlog).verify({"sha256": att.quote_pcrs})
+    assert replayed.verified["sha256"] >= {0, 1, 2, 3, 4, 5, 6, 7, 9}
+    boot_apps = replayed.events_of_type(EventType.EV_EFI_BOOT_SERVICES_APPLICATION)
+    tampered = {**att.quote_pcrs, 4: bytes(32)}
+    with pytest.raises(VerificationError, match=r"eventlog\.replay: PCR 4 sha256: log replays to"):
+        EventLog.parse(att.eventlog).verify({"sha256": tampered})
+
     # PCR4: OVMF measured systemd-boot, then the kernel, with our Authenticode digests
     apps = [e for e in att.events if e["EventType"] == "EV_EFI_BOOT_SERVICES_APPLICATION"]
     assert [e["PCRIndex"] for e in apps] == [4, 4]
@@ -174,6 +186,7 @@ def check_measurements(att: Attested) -> None:
             authenticode_digest(att.esp.kernel.read_bytes(), bank),
         ]
         assert [_digests(e, bank) for e in apps] == expected
+        assert [e.digests[bank] for e in boot_apps] == expected
 
     # PCR12 (systemd-boot) and PCR9 (EFI stub): the load options; PCR9: the initrd file
     options = (measured_load_options(att.esp.cmdline) + "\0").encode("utf-16-le")
