@@ -352,7 +352,11 @@ def _variable_data(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
 
 
 def _drop_last_byte(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
-    return (data[:-1],) if data else ()
+    # only when the unhashed byte lies outside UEFI_VARIABLE_DATA: every
+    # decoded field must stay inside the proven bytes
+    if isinstance(decoded, EfiVariable) and decoded.trailing:
+        return (data[:-1],)
+    return ()
 
 
 def _after_label(labels: tuple[bytes, ...]) -> _Form:
@@ -410,12 +414,21 @@ def _printable(d: bytes) -> bool:
 
 
 def _looks_utf16(d: bytes) -> bool:
-    return len(d) >= 2 and len(d) % 2 == 0 and all(d[i] == 0 for i in range(1, len(d), 2))
+    """ASCII-range UTF-16LE; an odd final NUL byte is tolerated (old systemd-boot)."""
+    if len(d) % 2:
+        if d[-1] != 0:
+            return False
+        d = d[:-1]
+    return len(d) >= 2 and all(d[i] == 0 for i in range(1, len(d), 2))
 
 
 def _text(d: bytes) -> Text:
     if _looks_utf16(d) and not _printable(d):
-        return Text(d.decode("utf-16-le", errors="replace").rstrip("\x00"), "utf-16-le")
+        even = d[: len(d) - len(d) % 2]
+        return Text(even.decode("utf-16-le", errors="replace").rstrip("\x00"), "utf-16-le")
+    if len(d) == 16 and not _printable(d):
+        # Intel/AMI firmware logs a version GUID as EV_S_CRTM_VERSION
+        return Text(format_guid(d), "guid")
     return Text(d.rstrip(b"\x00").decode("utf-8", errors="replace"), "utf-8")
 
 
