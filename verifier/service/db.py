@@ -108,5 +108,9 @@ class Database:
         with self._readers() as session, session.begin():
             yield session
 
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,94 @@
+"""The Flask app factory of the attestation service (issue 6).
+
+``create_app(config=None)`` builds everything from a checked
+:class:`ServiceConfig` (default: the home named by ``VTPM_VERIFIER_HOME``, with
+``VTPM_VERIFIER_DB`` overriding the database URL — how gunicorn workers get
+their configuration). There is no module-level app, engine or registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from verifier.service.auth import Authenticator
+from verifier.service.config import ServiceConfig, load_config
+from verifier.service.db import Database, schema_is_current, upgrade
+from verifier.service.errors import install_error_handler
+from verifier.service.metrics import Metrics
+from verifier.service.openapi import openapi_spec
+from verifier.service.ports import Appraiser
+from verifier.service.routes import attester_blueprint, ops_blueprint, policy_blueprint
+from verifier.service.services import Clock, Random, make_services
+from vtpm_core.errors import ConfigError
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    config: ServiceConfig | None = None,
+    *,
+    appraiser: Appraiser | None = None,
+    migrate: bool = False,
+    clock: Clock | None = None,
+    random: Random | None = None,
+) -> Flask:
+    """Build the app. The database must be at the latest migration (or ``migrate=True``).
+
+    ``clock`` and ``random`` are injectable for tests; ``appraiser`` defaults to
+    the library-backed one loaded from the configuration.
+    """
+    if config is None:
+        home = os.environ.get("VTPM_VERIFIER_HOME")
+        if not home:
+            raise ConfigError("no configuration given and VTPM_VERIFIER_HOME is not set")
+        config = load_config(Path(home), database_url=os.environ.get("VTPM_VERIFIER_DB") or None)
+    db = Database(config.database_url)
+    if migrate:
+        upgrade(db.engine)
+    elif not schema_is_current(db.engine):
+        db.dispose()
+        raise ConfigError(
+            "database schema is not at the latest migration (run `vtpm verifier init` "
+            "or start with `vtpm verifier serve`, which migrates)"
+        )
+    if appraiser is None:
+        from verifier.service.appraiser import LibraryAppraiser
+
+        appraiser = LibraryAppraiser.from_config(config)
+    metrics = Metrics.create()
+    kwargs: dict[str, Any] = {}
+    if clock is not None:
+        kwargs["clock"] = clock
+    if random is not None:
+        kwargs["random"] = random
+    services = make_services(db, config, appraiser, metrics, **kwargs)
+    auth = Authenticator(config, db)
+
+    app = Flask("verifier.service")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["vtpm_verifier"] = {"db": db, "services": services, "config": config}
+    install_error_handler(app)
+    app.register_blueprint(attester_blueprint(services, auth))
+    app.register_blueprint(policy_blueprint(services, auth))
+    app.register_blueprint(ops_blueprint(services, openapi_spec()))
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.vtpm_t0 = time.perf_counter()
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(route=route, method=request.method, status=resp.status_code).inc()
+        t0 = g.get("vtpm_t0")
+        if t0 is not None:
+            metrics.request_seconds.labels(route=route).observe(time.perf_counter() - t0)
+        return resp
+
+    return app

@@ -1,0 +1,484 @@
+"""The service's appraiser: EK chain, AK attributes, MakeCredential, quote, event log, policy, EAR.
+
+INTERIM: the issue-5 library modules this should delegate to
+(``vtpm_core.tpm``, ``verifier.ekcert``, ``verifier.credential``,
+``verifier.quote``, ``verifier.policy``, ``verifier.ear``) had not landed when
+the service was written; until they do, this module is the one tpm2-pytss
+adapter of the service and implements the checks it needs itself, citing the
+specs. ``verifier.eventlog`` (landed) does the log replay. Swap each step for
+the library call when it exists; the :class:`Appraiser` interface stays.
+
+Quote checks (TPM 2.0 Part 2, 10.12.8 TPMS_ATTEST; Part 3, 18.4 TPM2_Quote):
+  1. TPMS_ATTEST parses completely; magic is TPM_GENERATED_VALUE; type is
+     TPM_ST_ATTEST_QUOTE;
+  2. the signature verifies with the activated AK over exactly the bytes received;
+  3. extraData equals the challenge nonce (constant time);
+  4. the quote's own pcrSelect equals both the requested selection and the
+     selection of the PCR values supplied (a relabelled PCR fails);
+  5. pcrDigest equals the hash of the supplied values in selection order;
+  6. the event log (if any) replays to the supplied values;
+  7. policy: literal PCR values.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from verifier.service.config import ServiceConfig
+from verifier.service.messages import EvidenceRequest, RegistrationRequest, parse_pcrs
+from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
+from vtpm_core.errors import ConfigError, ParseError, VerificationError
+
+__all__ = ["LibraryAppraiser", "load_certificates"]
+
+_TPM_GENERATED = 0xFF544347
+_ST_ATTEST_QUOTE = 0x8018
+_HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
+    0x0004: ("sha1", hashes.SHA1),
+    0x000B: ("sha256", hashes.SHA256),
+    0x000C: ("sha384", hashes.SHA384),
+    0x000D: ("sha512", hashes.SHA512),
+}
+_BANK_ALG = {name: alg for alg, (name, _cls) in _HASHES.items()}
+_CURVES: dict[int, ec.EllipticCurve] = {
+    0x0003: ec.SECP256R1(),
+    0x0004: ec.SECP384R1(),
+    0x0005: ec.SECP521R1(),
+}
+_ALG_RSA, _ALG_ECC = 0x0001, 0x0023
+_SIG_RSASSA, _SIG_RSAPSS, _SIG_ECDSA = 0x0014, 0x0016, 0x0018
+# TPMA_OBJECT bits (Part 2, 8.3.2)
+_FIXED_TPM, _FIXED_PARENT, _SDO = 1 << 1, 1 << 4, 1 << 5
+_RESTRICTED, _DECRYPT, _SIGN = 1 << 16, 1 << 17, 1 << 18
+_AR4SI_AFFIRMING, _AR4SI_WARNING, _AR4SI_CONTRA, _AR4SI_NONE = 2, 32, 96, 0
+
+
+def load_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for path in paths:
+        data = path.read_bytes()
+        try:
+            if b"-----BEGIN" in data:
+                certs.extend(x509.load_pem_x509_certificates(data))
+            else:
+                certs.append(x509.load_der_x509_certificate(data))
+        except ValueError as exc:
+            raise ConfigError(f"trust anchor {path}: not a certificate: {exc}") from None
+    return certs
+
+
+@dataclass(frozen=True, slots=True)
+class _Public:
+    raw: bytes  # TPM2B_PUBLIC
+    area: bytes  # TPMT_PUBLIC
+    type: int
+    name_alg: int
+    attributes: int
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+    @property
+    def name(self) -> bytes:
+        hname, _hcls = _HASHES.get(self.name_alg, ("?", hashes.SHA256))
+        if hname == "?":
+            raise ParseError("TPMT_PUBLIC", "nameAlg", 2, f"unsupported 0x{self.name_alg:04x}")
+        return self.name_alg.to_bytes(2, "big") + hashlib.new(hname, self.area).digest()
+
+
+def parse_public(raw: bytes, what: str) -> _Public:
+    """TPM2B_PUBLIC -> key and attributes (Part 2, 12.2.5); ParseError when malformed."""
+    from tpm2_pytss.types import TPM2B_PUBLIC
+
+    try:
+        pub, used = TPM2B_PUBLIC.unmarshal(raw)
+    except Exception as exc:  # tpm2-pytss raises its own TSS2_Exception
+        raise ParseError("TPM2B_PUBLIC", what, 0, f"does not unmarshal: {exc}") from None
+    if used != len(raw):
+        raise ParseError("TPM2B_PUBLIC", what, used, f"{len(raw) - used} trailing bytes")
+    area = pub.publicArea
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    if area.type == _ALG_RSA:
+        n = int.from_bytes(bytes(area.unique.rsa), "big")
+        e = int(area.parameters.rsaDetail.exponent) or 65537
+        if n == 0:
+            raise ParseError("TPM2B_PUBLIC", f"{what}.unique.rsa", 0, "empty modulus")
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    elif area.type == _ALG_ECC:
+        curve = _CURVES.get(int(area.parameters.eccDetail.curveID))
+        if curve is None:
+            raise ParseError("TPM2B_PUBLIC", f"{what}.curveID", 0, "unsupported curve")
+        x = int.from_bytes(bytes(area.unique.ecc.x), "big")
+        y = int.from_bytes(bytes(area.unique.ecc.y), "big")
+        try:
+            key = ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+        except ValueError as exc:
+            raise ParseError("TPM2B_PUBLIC", f"{what}.unique.ecc", 0, str(exc)) from None
+    else:
+        raise ParseError("TPM2B_PUBLIC", f"{what}.type", 2, f"unsupported 0x{int(area.type):04x}")
+    return _Public(raw, raw[2:], int(area.type), int(area.nameAlg), int(area.objectAttributes), key)
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+class LibraryAppraiser:
+    """The :class:`~verifier.service.ports.Appraiser` the service runs with."""
+
+    def __init__(
+        self,
+        roots: list[x509.Certificate],
+        intermediates: list[x509.Certificate],
+        signing_key: ec.EllipticCurvePrivateKey,
+        verifier_id: str,
+    ) -> None:
+        self._roots = roots
+        self._pool = [*roots, *intermediates]
+        self._key = signing_key
+        self._verifier_id = verifier_id
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
+        thumb_input = json.dumps(
+            {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
+        )
+        # RFC 7638 JWK thumbprint as the key id
+        self._kid = (
+            base64.urlsafe_b64encode(hashlib.sha256(thumb_input.encode()).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        self._jwks = {"keys": [{**jwk, "kid": self._kid, "alg": "ES256", "use": "sig"}]}
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> LibraryAppraiser:
+        assert config.signing_key_path is not None
+        key = serialization.load_pem_private_key(config.signing_key_path.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{config.signing_key_path}: expected an EC private key")
+        return cls(
+            load_certificates(config.trust_roots),
+            load_certificates(config.intermediates),
+            key,
+            config.verifier_id,
+        )
+
+    # -- registration ------------------------------------------------------------------
+
+    def object_name(self, public: bytes) -> bytes:
+        return parse_public(public, "ak_public").name
+
+    def _validate_chain(self, cert: x509.Certificate, now: datetime) -> list[x509.Certificate]:
+        """Path from ``cert`` to a trusted root through the pool (signature over TBS bytes)."""
+        path = [cert]
+        current = cert
+        for _depth in range(8):
+            if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
+                raise VerificationError(
+                    "ekcert.validity", f"{current.subject.rfc4514_string()!r} is not valid now"
+                )
+            issuer = None
+            for candidate in self._pool:
+                if candidate.subject != current.issuer:
+                    continue
+                try:
+                    current.verify_directly_issued_by(candidate)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                issuer = candidate
+                break
+            if issuer is None:
+                raise VerificationError(
+                    "ekcert.chain",
+                    f"no trusted issuer for {current.issuer.rfc4514_string()!r}",
+                )
+            if any(issuer == r for r in self._roots):
+                return [*path, issuer]
+            path.append(issuer)
+            current = issuer
+        raise VerificationError("ekcert.chain", "path longer than 8 certificates")
+
+    def check_registration(
+        self, request: RegistrationRequest, *, allow_bare_ek: bool
+    ) -> CheckedRegistration:
+        ak = parse_public(request.ak_public, "ak_public")
+        # AK attributes (TPM-NOTES "Quotes and keys"): a non-restricted or
+        # decrypting key could sign a forged TPMS_ATTEST.
+        need = _FIXED_TPM | _FIXED_PARENT | _SDO | _RESTRICTED | _SIGN
+        if ak.attributes & need != need or ak.attributes & _DECRYPT:
+            raise VerificationError(
+                "ak.attributes",
+                f"AK must be fixedTPM|fixedParent|sensitiveDataOrigin|restricted|sign and not "
+                f"decrypt (got 0x{ak.attributes:08x})",
+            )
+        identity: dict[str, Any] = {}
+        cert_der: bytes | None = None
+        if request.ek_certificate is not None:
+            cert_der = request.ek_certificate
+            try:
+                cert = x509.load_der_x509_certificate(cert_der)
+            except ValueError as exc:
+                raise ParseError("RegistrationRequest", "ek_certificate", 0, str(exc)) from None
+            self._validate_chain(cert, datetime.now(UTC))
+            if request.ek_public is None:
+                raise ParseError("RegistrationRequest", "ek_public", 0, "needed with the cert")
+            ek = parse_public(request.ek_public, "ek_public")
+            if not hmac.compare_digest(_spki(cert.public_key()), _spki(ek.key)):
+                raise VerificationError("ekcert.key", "the certificate's key is not this EK")
+            identity = {
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "serial": format(cert.serial_number, "x"),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "trust": "ek-certificate",
+            }
+        else:
+            if not allow_bare_ek:
+                raise VerificationError(
+                    "ek.trust", "an EK without certificate is only accepted from the admin"
+                )
+            assert request.ek_public is not None
+            ek = parse_public(request.ek_public, "ek_public")
+            identity = {"trust": "ek-public (admin)"}
+        if ek.attributes & _SIGN or not ek.attributes & _DECRYPT:
+            raise VerificationError("ek.attributes", "an EK is a restricted decryption key")
+        return CheckedRegistration(
+            ek_public=ek.raw,
+            ek_fingerprint=hashlib.sha256(ek.area).hexdigest(),
+            ek_certificate=cert_der,
+            identity=identity,
+            vm_id=None,
+            ak_public=ak.raw,
+            ak_name=ak.name,
+        )
+
+    def make_credential(
+        self, ek_public: bytes, ak_name: bytes, secret: bytes
+    ) -> CredentialChallenge:
+        """TPM2_MakeCredential in software (Part 1, 24.4; tpm2-pytss ``make_credential``)."""
+        from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+        from tpm2_pytss.utils import make_credential
+
+        pub, _ = TPM2B_PUBLIC.unmarshal(ek_public)
+        blob, enc = make_credential(pub, secret, TPM2B_NAME(ak_name))
+        return CredentialChallenge(bytes(blob.marshal()), bytes(enc.marshal()))
+
+    # -- policies ----------------------------------------------------------------------
+
+    def _load_policy(self, body: str) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load(body)
+        except yaml.YAMLError as exc:
+            raise ParseError("Policy", "body", 0, f"not YAML/JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ParseError("Policy", "body", 0, "expected a mapping")
+        extra = set(doc) - {"schema", "name", "pcrs", "require_event_log"}
+        if extra:
+            raise ParseError("Policy", sorted(extra)[0], 0, "unknown key")
+        if "pcrs" not in doc:
+            raise ParseError("Policy", "pcrs", 0, "a policy needs reference PCR values")
+        return doc
+
+    def check_policy(self, body: str) -> dict[str, tuple[int, ...]]:
+        doc = self._load_policy(body)
+        pcrs = parse_pcrs(doc["pcrs"], "Policy")
+        return {bank: tuple(sorted(v)) for bank, v in pcrs.items()}
+
+    # -- evidence ----------------------------------------------------------------------
+
+    def appraise(
+        self,
+        *,
+        ak_public: bytes,
+        nonce: bytes,
+        evidence: EvidenceRequest,
+        selection: dict[str, tuple[int, ...]],
+        policy_body: str | None,
+    ) -> Appraisal:
+        failures: list[dict[str, Any]] = []
+        warnings: list[dict[str, Any]] = []
+        ak = parse_public(ak_public, "ak_public")
+        attest, sig_alg, sig_hash, signature = _parse_quote(evidence.quote, evidence.signature)
+        clock: ClockInfo | None = None
+        try:
+            _verify_signature(ak, evidence.quote, sig_alg, sig_hash, signature)  # step 2
+            clock = ClockInfo(
+                int(attest.clockInfo.clock),
+                int(attest.clockInfo.resetCount),
+                int(attest.clockInfo.restartCount),
+                bool(attest.clockInfo.safe),
+            )
+            _check_quote(attest, nonce, evidence.pcrs, selection, sig_hash)  # steps 3-5
+        except VerificationError as exc:
+            failures.append({"rule": exc.check, "message": exc.message})
+            return Appraisal(
+                status="contraindicated",
+                failures=tuple(failures),
+                trust_vector={"instance-identity": _AR4SI_CONTRA},
+                clock=None,
+                quote_verified=False,
+            )
+        log_ok: bool | None = None
+        if evidence.event_log is not None:  # step 6
+            from verifier.eventlog import EventLog
+
+            log = EventLog.parse(evidence.event_log)
+            try:
+                replayed = log.verify(evidence.pcrs)
+                log_ok = True
+                warnings.extend({"rule": "eventlog", "message": w} for w in replayed.warnings)
+            except VerificationError as exc:
+                log_ok = False
+                failures.append({"rule": exc.check, "message": exc.message})
+        executables = _AR4SI_NONE
+        if policy_body is not None:  # step 7
+            doc = self._load_policy(policy_body)
+            expected = parse_pcrs(doc["pcrs"], "Policy")
+            for bank, values in expected.items():
+                for index, want in sorted(values.items()):
+                    got = evidence.pcrs.get(bank, {}).get(index)
+                    if got is None or not hmac.compare_digest(got, want):
+                        failures.append(
+                            {
+                                "rule": f"policy.pcr.{bank}.{index}",
+                                "message": f"PCR {index} {bank}: expected {want.hex()}, "
+                                f"got {got.hex() if got else 'nothing'}",
+                                "expected": want.hex(),
+                                "actual": got.hex() if got else None,
+                            }
+                        )
+            if doc.get("require_event_log") and log_ok is None:
+                failures.append({"rule": "policy.event_log", "message": "no event log given"})
+            executables = _AR4SI_CONTRA if failures else _AR4SI_AFFIRMING
+        else:
+            warnings.append({"rule": "policy", "message": "no policy assigned"})
+        status = "contraindicated" if failures else ("affirming" if policy_body else "warning")
+        return Appraisal(
+            status=status,
+            failures=tuple(failures),
+            warnings=tuple(warnings),
+            trust_vector={
+                "instance-identity": _AR4SI_AFFIRMING,
+                "hardware": _AR4SI_AFFIRMING,
+                "executables": executables,
+                "configuration": _AR4SI_CONTRA if log_ok is False else _AR4SI_AFFIRMING,
+            },
+            clock=clock,
+            quote_verified=True,
+        )
+
+    # -- results -----------------------------------------------------------------------
+
+    def sign_result(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self._kid})
+
+    def jwks(self) -> dict[str, Any]:
+        return self._jwks
+
+
+def _parse_quote(quote: bytes, signature: bytes) -> tuple[Any, int, int, bytes]:
+    from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
+
+    try:
+        attest, used = TPMS_ATTEST.unmarshal(quote)
+    except Exception as exc:
+        raise ParseError("TPMS_ATTEST", "quote", 0, f"does not unmarshal: {exc}") from None
+    if used != len(quote):
+        raise ParseError("TPMS_ATTEST", "quote", used, f"{len(quote) - used} trailing bytes")
+    try:
+        sig, used = TPMT_SIGNATURE.unmarshal(signature)
+    except Exception as exc:
+        raise ParseError("TPMT_SIGNATURE", "signature", 0, f"does not unmarshal: {exc}") from None
+    if used != len(signature):
+        raise ParseError("TPMT_SIGNATURE", "signature", used, "trailing bytes")
+    alg = int(sig.sigAlg)
+    if alg in (_SIG_RSASSA, _SIG_RSAPSS):
+        body = sig.signature.rsassa if alg == _SIG_RSASSA else sig.signature.rsapss
+        return attest, alg, int(body.hash), bytes(body.sig)
+    if alg == _SIG_ECDSA:
+        body = sig.signature.ecdsa
+        r = int.from_bytes(bytes(body.signatureR), "big")
+        s = int.from_bytes(bytes(body.signatureS), "big")
+        return attest, alg, int(body.hash), encode_dss_signature(r, s)
+    raise ParseError("TPMT_SIGNATURE", "sigAlg", 0, f"unsupported 0x{alg:04x}")
+
+
+def _verify_signature(ak: _Public, message: bytes, alg: int, hash_alg: int, sig: bytes) -> None:
+    if hash_alg not in _HASHES:
+        raise VerificationError("quote.signature", f"unsupported hash 0x{hash_alg:04x}")
+    h = _HASHES[hash_alg][1]()
+    try:
+        if alg == _SIG_ECDSA and isinstance(ak.key, ec.EllipticCurvePublicKey):
+            ak.key.verify(sig, message, ec.ECDSA(h))
+        elif alg == _SIG_RSASSA and isinstance(ak.key, rsa.RSAPublicKey):
+            ak.key.verify(sig, message, padding.PKCS1v15(), h)
+        elif alg == _SIG_RSAPSS and isinstance(ak.key, rsa.RSAPublicKey):
+            ak.key.verify(sig, message, padding.PSS(padding.MGF1(h), padding.PSS.AUTO), h)
+        else:
+            raise VerificationError("quote.signature", "signature scheme does not fit the AK")
+    except InvalidSignature:
+        raise VerificationError(
+            "quote.signature", "the quote is not signed by the activated AK"
+        ) from None
+
+
+def _check_quote(
+    attest: Any,
+    nonce: bytes,
+    pcrs: dict[str, dict[int, bytes]],
+    selection: dict[str, tuple[int, ...]],
+    sig_hash: int,
+) -> None:
+    if int(attest.magic) != _TPM_GENERATED:  # step 1
+        raise VerificationError("quote.magic", f"magic 0x{int(attest.magic):08x}")
+    if int(attest.type) != _ST_ATTEST_QUOTE:
+        raise VerificationError("quote.type", f"type 0x{int(attest.type):04x}, expected quote")
+    extra = bytes(attest.extraData)
+    if len(extra) != len(nonce) or not hmac.compare_digest(extra, nonce):  # step 3
+        raise VerificationError(
+            "quote.nonce", f"extraData is not the challenge nonce (got {len(extra)} bytes)"
+        )
+    quoted: dict[str, tuple[int, ...]] = {}  # step 4: banks in the quote's order
+    for sel in attest.attested.quote.pcrSelect:
+        bank = _HASHES.get(int(sel.hash), (None, None))[0]
+        if bank is None:
+            raise VerificationError("quote.pcr_select", f"unknown bank 0x{int(sel.hash):04x}")
+        bits = bytes(sel.pcrSelect)[: int(sel.sizeofSelect)]
+        idx = tuple(i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1)
+        if idx:
+            quoted[bank] = idx
+    supplied = {bank: tuple(sorted(v)) for bank, v in pcrs.items() if v}
+    wanted = {bank: tuple(sorted(v)) for bank, v in selection.items() if v}
+    if quoted != supplied:
+        raise VerificationError(
+            "quote.pcr_select",
+            f"the quote selects {quoted}, the PCR values given are for {supplied}",
+        )
+    if quoted != wanted:
+        raise VerificationError(
+            "quote.pcr_select", f"the quote selects {quoted}, the challenge asked for {wanted}"
+        )
+    hname = _HASHES[sig_hash][0]  # step 5: pcrDigest uses the signing hash
+    digest = hashlib.new(hname)
+    for bank, idx in quoted.items():
+        for i in idx:
+            digest.update(pcrs[bank][i])
+    got = bytes(attest.attested.quote.pcrDigest)
+    if not hmac.compare_digest(got, digest.digest()):
+        raise VerificationError("quote.pcr_digest", "pcrDigest does not match the PCR values")

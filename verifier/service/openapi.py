@@ -1,0 +1,182 @@
+"""The OpenAPI 3.1 document served at ``GET /openapi.json``.
+
+Kept by hand next to the routes; a test checks that its paths and methods are
+exactly the app's registered routes, so neither can drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_spec"]
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+_B64 = {"type": "string", "contentEncoding": "base64"}
+_PCRS = {
+    "type": "object",
+    "description": 'PCR values per bank: {"sha256": {"0": "<hex>", ...}}',
+    "additionalProperties": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+_ID = {"name": "attester_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _op(
+    summary: str,
+    security: list[str] | None,
+    *,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    ok: str = "200",
+    errors: tuple[str, ...] = ("400", "401", "403", "404"),
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {ok: {"description": "success"}, **{e: _PROBLEM for e in errors}},
+    }
+    op["security"] = [{"bearer": []}] if security else []
+    if security:
+        op["x-roles"] = security
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body}},
+        }
+    return op
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The document (a fresh dict each call)."""
+    registration = {
+        "type": "object",
+        "required": ["ak_public"],
+        "properties": {
+            "ek_certificate": {**_B64, "description": "EK certificate, DER"},
+            "ek_public": {**_B64, "description": "EK TPM2B_PUBLIC (admin only without a cert)"},
+            "ak_public": {**_B64, "description": "AK TPM2B_PUBLIC"},
+            "vm_id": {"type": "string"},
+        },
+    }
+    evidence = {
+        "type": "object",
+        "required": ["nonce", "quote", "signature", "pcrs"],
+        "properties": {
+            "nonce": _B64,
+            "quote": {**_B64, "description": "TPMS_ATTEST (tpm2_quote -m)"},
+            "signature": {**_B64, "description": "TPMT_SIGNATURE (tpm2_quote -s)"},
+            "pcrs": _PCRS,
+            "event_log": {**_B64, "description": "TCG PC Client binary event log"},
+            "ak_public": {**_B64, "description": "the AK the attester used (optional)"},
+        },
+    }
+    policy = {
+        "type": "object",
+        "required": ["policy"],
+        "properties": {"name": {"type": "string"}, "policy": {"type": ["string", "object"]}},
+    }
+    paths: dict[str, Any] = {
+        "/v1/attesters": {
+            "post": _op(
+                "Register an attester (EK cert + AK); answers a MakeCredential challenge",
+                None,
+                body=registration,
+                ok="201",
+                errors=("400", "403", "413", "422"),
+            ),
+            "get": _op("List attesters", ["admin", "reader"]),
+        },
+        "/v1/attesters/{attester_id}": {
+            "get": _op(
+                "Identity, status, flags and latest result",
+                ["admin", "reader", "attester"],
+                params=[_ID],
+            ),
+            "delete": _op("Forget an attester", ["admin"], params=[_ID], ok="204"),
+        },
+        "/v1/attesters/{attester_id}/activation": {
+            "post": _op(
+                "Prove the AK is in the EK's TPM; answers the attester's token",
+                None,
+                params=[_ID],
+                body={"type": "object", "required": ["secret"], "properties": {"secret": _B64}},
+                errors=("400", "403", "404", "409", "410"),
+            )
+        },
+        "/v1/attesters/{attester_id}/challenges": {
+            "post": _op(
+                "A fresh single-use nonce and the PCR selection to quote",
+                ["attester", "admin"],
+                params=[_ID],
+                ok="201",
+                errors=("401", "403", "404", "409"),
+            )
+        },
+        "/v1/attesters/{attester_id}/evidence": {
+            "post": _op(
+                "Submit a quote for a nonce; answers the result and its EAR token",
+                ["attester"],
+                params=[_ID],
+                body=evidence,
+                errors=("400", "401", "403", "404", "409", "410", "413"),
+            )
+        },
+        "/v1/attesters/{attester_id}/results": {
+            "get": _op(
+                "Results, newest first",
+                ["admin", "reader", "attester"],
+                params=[
+                    _ID,
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 20}},
+                ],
+            )
+        },
+        "/v1/attesters/{attester_id}/policy": {
+            "put": _op(
+                "Assign a policy (or null to unassign)",
+                ["admin"],
+                params=[_ID],
+                body={"type": "object", "properties": {"policy": {"type": ["string", "null"]}}},
+            )
+        },
+        "/v1/policies": {
+            "get": _op("List policies", ["admin", "reader"]),
+            "post": _op("Create a policy", ["admin"], body=policy, ok="201"),
+        },
+        "/v1/policies/{name}": {
+            "get": _op("Read a policy", ["admin", "reader"], params=[_NAME]),
+            "put": _op("Create or replace a policy", ["admin"], params=[_NAME], body=policy),
+            "delete": _op("Delete an unassigned policy", ["admin"], params=[_NAME], ok="204"),
+        },
+        "/.well-known/jwks.json": {"get": _op("The keys that sign EAR results", None, errors=())},
+        "/healthz": {"get": _op("Liveness and database reachability", None, errors=())},
+        "/metrics": {"get": _op("Prometheus metrics", None, errors=())},
+        "/openapi.json": {"get": _op("This document", None, errors=())},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "vtpm-trust attestation verifier", "version": "1"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Problem": {
+                    "description": "RFC 9457 problem details",
+                    "content": {
+                        "application/problem+json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "title": {"type": "string"},
+                                    "status": {"type": "integer"},
+                                    "detail": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                }
+            },
+        },
+    }

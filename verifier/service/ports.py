@@ -1,0 +1,98 @@
+"""What the service needs from the appraisal library (issue 5), as one narrow interface.
+
+:class:`Appraiser` is implemented by :mod:`verifier.service.appraiser` on top
+of ``verifier.ekcert``, ``verifier.credential``, ``verifier.quote``,
+``verifier.eventlog``, ``verifier.policy`` and ``verifier.ear``. The service
+modules only see these values, so the HTTP plumbing does not depend on the
+library's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from verifier.service.messages import EvidenceRequest, RegistrationRequest
+
+__all__ = ["Appraisal", "Appraiser", "CheckedRegistration", "ClockInfo", "CredentialChallenge"]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRegistration:
+    """A registration whose EK chain, EK/cert key match and AK attributes passed."""
+
+    ek_public: bytes  # TPM2B_PUBLIC
+    ek_fingerprint: str  # SHA-256 hex of the EK's TPMT_PUBLIC (its identity across VMs)
+    ek_certificate: bytes | None
+    identity: dict[str, Any]  # what the EK certificate says (subject, issuer, serial, VM id)
+    vm_id: str | None  # from the EK certificate's VM identity extension, if any
+    ak_public: bytes  # TPM2B_PUBLIC
+    ak_name: bytes  # TPM name (alg id + digest)
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialChallenge:
+    """TPM2_MakeCredential output: TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET."""
+
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClockInfo:
+    """TPMS_CLOCK_INFO from a quote whose signature verified."""
+
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Appraisal:
+    """One appraisal: EAR status, every failing rule, and the verified clock (if any)."""
+
+    status: str  # affirming | warning | contraindicated
+    failures: tuple[dict[str, Any], ...] = ()
+    warnings: tuple[dict[str, Any], ...] = ()
+    trust_vector: dict[str, int] = field(default_factory=dict)
+    clock: ClockInfo | None = None
+    quote_verified: bool = False
+
+
+class Appraiser(Protocol):
+    def check_registration(
+        self, request: RegistrationRequest, *, allow_bare_ek: bool
+    ) -> CheckedRegistration:
+        """Validate EK chain / EK match / AK attributes; raise VerificationError or ParseError."""
+        ...
+
+    def make_credential(
+        self, ek_public: bytes, ak_name: bytes, secret: bytes
+    ) -> CredentialChallenge: ...
+
+    def object_name(self, public: bytes) -> bytes:
+        """The TPM name of a TPM2B_PUBLIC (ParseError if malformed)."""
+        ...
+
+    def check_policy(self, body: str) -> dict[str, tuple[int, ...]]:
+        """Parse a policy document (raise ParseError/ConfigError); return the PCRs it needs."""
+        ...
+
+    def appraise(
+        self,
+        *,
+        ak_public: bytes,
+        nonce: bytes,
+        evidence: EvidenceRequest,
+        selection: dict[str, tuple[int, ...]],
+        policy_body: str | None,
+    ) -> Appraisal:
+        """Verify and appraise; malformed evidence raises ParseError, failed checks are returned."""
+        ...
+
+    def sign_result(self, claims: dict[str, Any]) -> str:
+        """The EAR JWT for ``claims`` (see verifier.service.services.ear_claims)."""
+        ...
+
+    def jwks(self) -> dict[str, Any]: ...

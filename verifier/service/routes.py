@@ -1,0 +1,172 @@
+"""HTTP routes of the attestation service: blueprints made by factories that receive services.
+
+Views only decode the request, call a service and encode the answer; errors
+go to the one handler in :mod:`verifier.service.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from verifier.service.auth import Authenticator, Principal, Role
+from verifier.service.messages import (
+    ActivationRequest,
+    EvidenceRequest,
+    PolicyRequest,
+    check_name,
+    decode_json,
+)
+from verifier.service.metrics import CONTENT_TYPE_LATEST
+from verifier.service.services import Services
+from vtpm_core.errors import ParseError
+
+__all__ = ["attester_blueprint", "ops_blueprint", "policy_blueprint"]
+
+_READ = (Role.ADMIN, Role.READER)
+
+
+def _principal(auth: Authenticator) -> Principal:
+    return auth.authenticate(request.headers.get("Authorization"))
+
+
+def _body(structure: str) -> dict[str, Any]:
+    return decode_json(request.get_data(cache=False), structure)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    resp = jsonify(value)
+    resp.status_code = status
+    return resp
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ParseError("query", "limit", 0, "expected an integer 1..1000")
+    return int(raw)
+
+
+def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
+    from verifier.service.messages import RegistrationRequest
+
+    bp = Blueprint("attesters", __name__)
+
+    @bp.post("/v1/attesters")
+    def register() -> Response:
+        # Open to any caller presenting an EK certificate from a trusted root
+        # (the chain plus activation is the proof); a bare EK public is an
+        # explicit trust decision and needs the admin token.
+        principal = auth.optional(request.headers.get("Authorization"))
+        req = RegistrationRequest.parse(_body("RegistrationRequest"))
+        admin = principal is not None and principal.role is Role.ADMIN
+        return _json(services.attesters.register(req, admin=admin), 201)
+
+    @bp.get("/v1/attesters")
+    def list_attesters() -> Response:
+        _principal(auth).require(*_READ)
+        return _json({"attesters": services.attesters.list_all()})
+
+    @bp.get("/v1/attesters/<attester_id>")
+    def get_attester(attester_id: str) -> Response:
+        _principal(auth).require(*_READ, Role.ATTESTER, attester_id=attester_id)
+        return _json(services.attesters.get(attester_id))
+
+    @bp.delete("/v1/attesters/<attester_id>")
+    def delete_attester(attester_id: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        services.attesters.delete(attester_id)
+        return Response(status=204)
+
+    @bp.post("/v1/attesters/<attester_id>/activation")
+    def activate(attester_id: str) -> Response:
+        # no token yet: the secret itself is the credential
+        req = ActivationRequest.parse(_body("ActivationRequest"))
+        return _json(services.attesters.activate(attester_id, req))
+
+    @bp.post("/v1/attesters/<attester_id>/challenges")
+    def challenge(attester_id: str) -> Response:
+        _principal(auth).require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
+        return _json(services.evidence.challenge(attester_id), 201)
+
+    @bp.post("/v1/attesters/<attester_id>/evidence")
+    def evidence(attester_id: str) -> Response:
+        _principal(auth).require(Role.ATTESTER, attester_id=attester_id)
+        req = EvidenceRequest.parse(_body("EvidenceRequest"))
+        return _json(services.evidence.submit(attester_id, req))
+
+    @bp.get("/v1/attesters/<attester_id>/results")
+    def results(attester_id: str) -> Response:
+        _principal(auth).require(*_READ, Role.ATTESTER, attester_id=attester_id)
+        return _json({"results": services.attesters.results(attester_id, _limit())})
+
+    @bp.put("/v1/attesters/<attester_id>/policy")
+    def assign(attester_id: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        body = _body("PolicyAssignment")
+        name = body.get("policy")
+        if name is not None and not isinstance(name, str):
+            raise ParseError("PolicyAssignment", "policy", 0, "expected a policy name or null")
+        if name is not None:
+            check_name(name, "PolicyAssignment", "policy")
+        return _json(services.policies.assign(attester_id, name))
+
+    return bp
+
+
+def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
+    bp = Blueprint("policies", __name__)
+
+    @bp.get("/v1/policies")
+    def list_policies() -> Response:
+        _principal(auth).require(*_READ)
+        return _json({"policies": services.policies.list_all()})
+
+    @bp.post("/v1/policies")
+    def create_policy() -> Response:
+        _principal(auth).require(Role.ADMIN)
+        req = PolicyRequest.parse(_body("PolicyRequest"))
+        return _json(services.policies.put(req, create_only=True), 201)
+
+    @bp.get("/v1/policies/<name>")
+    def get_policy(name: str) -> Response:
+        _principal(auth).require(*_READ)
+        return _json(services.policies.get(check_name(name, "url", "name")))
+
+    @bp.put("/v1/policies/<name>")
+    def put_policy(name: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        req = PolicyRequest.parse(_body("PolicyRequest"), name=check_name(name, "url", "name"))
+        return _json(services.policies.put(req, create_only=False))
+
+    @bp.delete("/v1/policies/<name>")
+    def delete_policy(name: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        services.policies.delete(check_name(name, "url", "name"))
+        return Response(status=204)
+
+    return bp
+
+
+def ops_blueprint(services: Services, openapi_spec: dict[str, Any]) -> Blueprint:
+    bp = Blueprint("ops", __name__)
+
+    @bp.get("/healthz")
+    def healthz() -> Response:
+        services.attesters.db.ping()  # fails (500) when the database is unreachable
+        return _json({"status": "ok"})
+
+    @bp.get("/metrics")
+    def metrics() -> Response:
+        return Response(services.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+    @bp.get("/openapi.json")
+    def openapi() -> Response:
+        return _json(openapi_spec)
+
+    @bp.get("/.well-known/jwks.json")
+    def jwks() -> Response:
+        return _json(services.appraiser.jwks())
+
+    return bp
