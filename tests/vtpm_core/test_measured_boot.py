@@ -141,3 +141,22 @@ def test_digest_only_application_needs_every_bank() -> None:
     )
     with pytest.raises(ConfigError, match="no sha1 digest"):
         build_boot_log(desc, ("sha1", "sha256"))
+
+
+SDBOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+
+
+def test_pe_application_is_measured_by_its_authenticode_digest(tmp_path: Path) -> None:
+    from vtpm_core.authenticode import authenticode_digest
+
+    pe = SDBOOT.read_bytes()
+    (tmp_path / "BOOTX64.EFI").write_bytes(pe)
+    desc = BootDescription.from_mapping(
+        {"boot_applications": [{"path": "\\EFI\\BOOT\\BOOTX64.EFI", "file": "BOOTX64.EFI"}]},
+        base_dir=tmp_path,
+    )
+    log = build_boot_log(desc, ("sha256",))
+    # the PCR4 extends: the action, the separator, then the application
+    pcr4 = [d["sha256"] for pcr, d in log.extends() if pcr == 4]
+    assert pcr4[-1] == authenticode_digest(pe, "sha256")
+    assert pcr4[-1] != hashlib.sha256(pe).digest()
