@@ -283,9 +283,16 @@ class EventLog:
         return verify_log(self, pcrs)
 
 
+# Padding must be at least this long: a shorter run of zeros at the end is a
+# truncated record (pcrIndex 0, eventType 0x0000000X...), not padding.
+MIN_PADDING = 16
+
+
 def _is_padding(data: bytes, offset: int) -> bool:
     rest = data[offset:]
-    return rest.count(rest[0]) == len(rest) and rest[0] in (0x00, 0xFF)
+    return (
+        len(rest) >= MIN_PADDING and rest[0] in (0x00, 0xFF) and rest.count(rest[0]) == len(rest)
+    )
 
 
 def _check_pcr(pcr: int, structure: str, offset: int) -> None:

@@ -29,4 +29,6 @@ def load_log(eventlogs: Path):  # type: ignore[no-untyped-def]
 
 def load_pcrs(path: Path) -> dict[str, dict[int, bytes]]:
     raw = json.loads(path.read_text())
-    return {bank: {int(k): bytes.fromhex(v) for k, v in values.items()} for bank, values in raw.items()}
+    return {
+        bank: {int(k): bytes.fromhex(v) for k, v in values.items()} for bank, values in raw.items()
+    }

@@ -141,7 +141,11 @@ def test_running_tpm2_eventlog_agrees(eventlogs: Path, load_log) -> None:  # typ
     """Run tpm2_eventlog ourselves on a log where it is right (no EV_NO_ACTION after the header)."""
     name = "vm_fedora37_sdboot_qemu.bin"
     out = subprocess.run(
-        ["tpm2_eventlog", str(eventlogs / name)], capture_output=True, text=True, timeout=30, check=True
+        ["tpm2_eventlog", str(eventlogs / name)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     pcr_section = out[out.index("\npcrs:") :]
     theirs: dict[str, dict[int, str]] = {}

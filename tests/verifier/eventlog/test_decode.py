@@ -64,7 +64,10 @@ def test_dbx_lists_sha256_hashes(rhel8: ReplayedLog) -> None:
     assert isinstance(var, EfiVariable) and var.name == "dbx"
     assert isinstance(var.value, SignatureDatabase)
     hashes = [
-        s.data for sl in var.value.lists if sl.type_name == "EFI_CERT_SHA256_GUID" for s in sl.signatures
+        s.data
+        for sl in var.value.lists
+        if sl.type_name == "EFI_CERT_SHA256_GUID"
+        for s in sl.signatures
     ]
     assert len(hashes) >= 180 and all(len(h) == 32 for h in hashes)
 
@@ -90,7 +93,9 @@ def test_boot_services_applications_with_device_paths(rhel8: ReplayedLog) -> Non
         assert app.data_verified is None  # digest is the Authenticode hash of the image
         assert isinstance(app.decoded, ImageLoad)
         paths.append(app.decoded.path_text)
-    assert paths[0] is not None and paths[0].startswith("PciRoot(0x0)/Pci(0x3,0x0)/Scsi(0x1,0x0)/HD(1,GPT,")
+    assert paths[0] is not None and paths[0].startswith(
+        "PciRoot(0x0)/Pci(0x3,0x0)/Scsi(0x1,0x0)/HD(1,GPT,"
+    )
     assert paths[0].endswith("\\EFI\\redhat\\shimx64.efi")
     assert "\\EFI\\redhat\\grubx64.efi" in paths
 
@@ -103,7 +108,9 @@ def test_grub_commands_and_kernel_command_line(rhel8: ReplayedLog) -> None:
     assert [q.quirk_id for q in cmd.quirks] == ["grub-command-string"]
     cmdline = rhel8.events[78]
     assert isinstance(cmdline.decoded, IplString) and cmdline.decoded.kind == "kernel_cmdline"
-    assert cmdline.decoded.value.startswith("(hd0,gpt2)/boot/vmlinuz-4.18.0-240.22.1.el8_3.x86_64 root=UUID=")
+    assert cmdline.decoded.value.startswith(
+        "(hd0,gpt2)/boot/vmlinuz-4.18.0-240.22.1.el8_3.x86_64 root=UUID="
+    )
     assert cmdline.data_verified is True
     assert [q.quirk_id for q in cmdline.quirks] == ["grub-kernel-cmdline-string"]
     # quirks are reported, once per quirk, in the log's warnings
@@ -155,13 +162,25 @@ def test_error_separator() -> None:
 @pytest.mark.parametrize(
     ("name", "index", "text", "encoding"),
     [
-        pytest.param("gce_rhel8_uefi_secureboot.bin", 1, "GCE Virtual Firmware v1", "utf-16-le", id="gce"),
         pytest.param(
-            "vm_rhel9_qemu_ovmf_secureboot_keylime.bin", 1, "edk2-20240524-7.el9", "utf-16-le", id="ovmf"
+            "gce_rhel8_uefi_secureboot.bin", 1, "GCE Virtual Firmware v1", "utf-16-le", id="gce"
         ),
-        pytest.param("laptop_lenovo_thinkpad_keylime.bin", 3, "N40ET41W ", "utf-16-le", id="lenovo"),
         pytest.param(
-            "intel_nuc_legacy_sha1_format.bin", 0, "546bfb1e-1d0c-4055-a4ad-4ef4bf17b83a", "guid", id="nuc-guid"
+            "vm_rhel9_qemu_ovmf_secureboot_keylime.bin",
+            1,
+            "edk2-20240524-7.el9",
+            "utf-16-le",
+            id="ovmf",
+        ),
+        pytest.param(
+            "laptop_lenovo_thinkpad_keylime.bin", 3, "N40ET41W ", "utf-16-le", id="lenovo"
+        ),
+        pytest.param(
+            "intel_nuc_legacy_sha1_format.bin",
+            0,
+            "546bfb1e-1d0c-4055-a4ad-4ef4bf17b83a",
+            "guid",
+            id="nuc-guid",
         ),
     ],
 )
