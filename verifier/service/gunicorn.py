@@ -1,0 +1,91 @@
+"""Serving the attestation service with gunicorn.
+
+``vtpm verifier serve`` migrates the database once, then *replaces itself*
+(``os.execve``) with ``python -m gunicorn`` so the PID it was started with is
+the gunicorn master's (stop it by that PID: SIGTERM is a graceful shutdown).
+Workers build the app with ``create_app()`` from ``VTPM_VERIFIER_HOME`` /
+``VTPM_VERIFIER_DB``; this module is also gunicorn's config module
+(``-c python:verifier.service.gunicorn``) for the multiprocess-metrics hook.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["child_exit", "gunicorn_argv", "serve", "wsgi_app"]
+
+_ENV_HOME = "VTPM_VERIFIER_HOME"
+_ENV_DB = "VTPM_VERIFIER_DB"
+_ENV_METRICS = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def wsgi_app() -> Any:
+    """gunicorn's app factory: ``verifier.service.gunicorn:wsgi_app()``."""
+    from verifier.service.app import create_app
+
+    return create_app()
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """gunicorn hook: a dead worker's live gauges leave the metrics (prometheus-client docs)."""
+    if os.environ.get(_ENV_METRICS):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def gunicorn_argv(bind: str, workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "sync",
+        "--config",
+        "python:verifier.service.gunicorn",
+        "--access-logfile",
+        "-" if os.environ.get("VTPM_VERIFIER_ACCESS_LOG") else "/dev/null",
+        "--graceful-timeout",
+        "5",
+        "verifier.service.gunicorn:wsgi_app()",
+    ]
+
+
+def serve(home: Path, bind: str, workers: int, database_url: str | None) -> None:
+    """Migrate, then exec gunicorn. Never returns."""
+    from verifier.service.config import load_config
+    from verifier.service.db import Database, upgrade
+    from vtpm_core.errors import ConfigError
+
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--bind {bind!r}: expected HOST:PORT")
+    if workers < 1 or workers > 64:
+        raise ConfigError("--workers must be 1..64")
+    config = load_config(home, database_url=database_url)
+    db = Database(config.database_url)
+    try:
+        upgrade(db.engine)
+    finally:
+        db.dispose()
+    env = dict(os.environ)
+    env[_ENV_HOME] = str(config.home)
+    if database_url:
+        env[_ENV_DB] = database_url
+    else:
+        env.pop(_ENV_DB, None)
+    metrics_dir = config.home / "run" / f"metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env[_ENV_METRICS] = str(metrics_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, gunicorn_argv(bind, workers), env)  # noqa: S606
