@@ -22,6 +22,7 @@ from vtpm_core.vm.esp import (
     measured_load_options,
     sign_efi,
 )
+from vtpm_core.vm.guest import GuestSession, boot_guest, guest_esp
 from vtpm_core.vm.initramfs import Initramfs, build_initramfs, newc_archive
 from vtpm_core.vm.kernel import DebianKernel, default_cache_dir, fetch_debian_kernel
 from vtpm_core.vm.qemu import OvmfFirmware, QemuVm, VmArtifacts, ovmf_firmware
@@ -34,15 +35,18 @@ __all__ = [
     "GuestChannel",
     "GuestIdentity",
     "GuestQuote",
+    "GuestSession",
     "GuestTimeoutError",
     "Initramfs",
     "OvmfFirmware",
     "QemuVm",
     "VmArtifacts",
+    "boot_guest",
     "build_esp",
     "build_initramfs",
     "default_cache_dir",
     "fetch_debian_kernel",
+    "guest_esp",
     "loader_entry",
     "measured_load_options",
     "newc_archive",

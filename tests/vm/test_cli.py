@@ -1,0 +1,60 @@
+"""`vtpm vm boot`: one real boot through the CLI, and its argument checks (exit 2, no boot)."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.vm.conftest import GuestImages, provision_vtpm
+from vtpm_cli.main import cli
+
+pytestmark = pytest.mark.vm
+
+
+def test_vm_boot_writes_verifiable_evidence(tmp_path: Path, guest_images: GuestImages) -> None:
+    prov = provision_vtpm(tmp_path / "vtpm")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "vm", "boot", "cli-test", "--state", str(prov.state_dir), "--out", str(out),
+            "--kernel", str(guest_images.kernel.vmlinuz),
+            "--initrd", str(guest_images.initramfs.path), "--pcrs", "sha256:0,4,7,9",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "EK certificate (NV 0x01C00002):" in result.output
+    assert "none" not in result.output.splitlines()[1]
+    nonce = (out / "nonce.bin").read_bytes()
+    check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
+    done = subprocess.run(
+        [*check.split(" "), nonce.hex()],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "VTPM-GUEST: POWEROFF" in (out / "run" / "console.log").read_text(errors="replace")
+    assert (out / "ek_cert.der").stat().st_size > 300
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["vm", "boot", "../x"], "bad VM name"),
+        (["vm", "boot", "ok", "--pcrs", "sha256:99"], "PCR 99 out of range"),
+        (["vm", "boot", "ok", "--pcrs", "sha256:0;poweroff"], "bad PCR selection"),
+        (["vm", "boot", "ok", "--cmdline", "a\nb"], "one non-empty line"),
+    ],
+    ids=["fail/name", "fail/pcrs/range", "fail/pcrs/syntax", "fail/cmdline/newline"],
+)
+def test_vm_boot_rejects_bad_arguments(args: list[str], message: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = CliRunner().invoke(cli, [*args[:3], "--out", tmp, *args[3:]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
