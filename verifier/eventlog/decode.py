@@ -408,9 +408,12 @@ _CANDIDATES: dict[int, tuple[tuple[str | None, _Form], ...]] = {
 # --- decoders -----------------------------------------------------------------------------
 
 
+_PRINTABLE = bytes(range(32, 127)) + b"\t\n\r"
+
+
 def _printable(d: bytes) -> bool:
     body = d.rstrip(b"\x00")
-    return bool(body) and all(32 <= b < 127 or b in (9, 10, 13) for b in body)
+    return bool(body) and not body.translate(None, _PRINTABLE)
 
 
 def _looks_utf16(d: bytes) -> bool:
@@ -419,7 +422,8 @@ def _looks_utf16(d: bytes) -> bool:
         if d[-1] != 0:
             return False
         d = d[:-1]
-    return len(d) >= 2 and all(d[i] == 0 for i in range(1, len(d), 2))
+    high = d[1::2]
+    return len(d) >= 2 and high.count(0) == len(high)
 
 
 def _text(d: bytes) -> Text:

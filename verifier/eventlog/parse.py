@@ -230,8 +230,9 @@ class EventLog:
             algorithms = (_SHA1,)
             fmt = "sha1-legacy"
         offset = len(first.raw)
+        padding = _padding_starts(data)
         while offset < len(data):
-            if _is_padding(data, offset):
+            if _is_padding(data, offset, padding):
                 quirks.append(
                     AppliedQuirk(
                         "log-trailing-padding",
@@ -288,11 +289,17 @@ class EventLog:
 MIN_PADDING = 16
 
 
-def _is_padding(data: bytes, offset: int) -> bool:
-    rest = data[offset:]
-    return (
-        len(rest) >= MIN_PADDING and rest[0] in (0x00, 0xFF) and rest.count(rest[0]) == len(rest)
-    )
+def _padding_starts(data: bytes) -> dict[int, int]:
+    """For 0x00 and 0xFF: where the run of that byte ending the log starts.
+
+    Computed once per log so that checking each record for padding is O(1).
+    """
+    return {b: len(data.rstrip(bytes([b]))) for b in (0x00, 0xFF)}
+
+
+def _is_padding(data: bytes, offset: int, starts: dict[int, int]) -> bool:
+    start = starts.get(data[offset])
+    return start is not None and offset >= start and len(data) - offset >= MIN_PADDING
 
 
 def _check_pcr(pcr: int, structure: str, offset: int) -> None:
