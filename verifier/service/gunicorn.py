@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["child_exit", "gunicorn_argv", "serve", "wsgi_app"]
+__all__ = ["child_exit", "gunicorn_argv", "make_wsgi", "serve"]
 
 _ENV_HOME = "VTPM_VERIFIER_HOME"
 _ENV_DB = "VTPM_VERIFIER_DB"
 _ENV_METRICS = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def wsgi_app() -> Any:
-    """gunicorn's app factory: ``verifier.service.gunicorn:wsgi_app()``."""
+def make_wsgi() -> Any:
+    """gunicorn's app factory: ``verifier.service.gunicorn:make_wsgi()``."""
     from verifier.service.app import create_app
 
     return create_app()
@@ -53,9 +53,10 @@ def gunicorn_argv(bind: str, workers: int) -> list[str]:
         "python:verifier.service.gunicorn",
         "--access-logfile",
         "-" if os.environ.get("VTPM_VERIFIER_ACCESS_LOG") else "/dev/null",
+        "--no-control-socket",
         "--graceful-timeout",
         "5",
-        "verifier.service.gunicorn:wsgi_app()",
+        "verifier.service.gunicorn:make_wsgi()",
     ]
 
 
