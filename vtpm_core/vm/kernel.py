@@ -63,13 +63,30 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def resolve_kernel_package() -> str:
-    """The versioned linux-image package that ``linux-image-amd64`` depends on."""
-    out = _run(["apt-cache", "depends", _META_PACKAGE])
+def _depends_on() -> str | None:
+    try:
+        out = _run(["apt-cache", "depends", _META_PACKAGE])
+    except ConfigError:
+        return None  # "no packages found": the package lists are not there yet
     for line in out.splitlines():
         m = re.match(r"\s*Depends:\s*(linux-image-[0-9]\S*)", line)
         if m:
             return m.group(1)
+    return None
+
+
+def resolve_kernel_package() -> str:
+    """The versioned linux-image package that ``linux-image-amd64`` depends on.
+
+    On a machine whose apt lists were never fetched, root runs one
+    ``apt-get update`` and asks again.
+    """
+    found = _depends_on()
+    if found is None and os.geteuid() == 0:
+        _run(["apt-get", "update", "-qq"])
+        found = _depends_on()
+    if found is not None:
+        return found
     raise NotFoundError(
         f"apt-cache knows no kernel behind {_META_PACKAGE} (run 'apt-get update' first)"
     )
