@@ -2,7 +2,7 @@
 
 Used by ``vtpm eventlog show`` and by anything that reports events (HTTP
 appraisal reports). Bytes become lower-case hex; decoded values become
-objects with a ``kind`` naming their type; raw copies of structures are left
+objects with a ``structure`` naming their type; raw copies of structures are left
 out (the event's own data is there as ``data``).
 """
 
@@ -56,7 +56,7 @@ def to_jsonable(value: object) -> Any:
     if isinstance(value, tuple | list):
         return [to_jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out: dict[str, Any] = {"kind": type(value).__name__}
+        out: dict[str, Any] = {"structure": type(value).__name__}
         for f in dataclasses.fields(value):
             if f.name not in _SKIP:
                 out[f.name] = to_jsonable(getattr(value, f.name))
@@ -112,6 +112,8 @@ def _value_summary(var: EfiVariable) -> str:
     if isinstance(value, LoadOption):
         return f"{value.description!r} {value.device_path.text}"
     if isinstance(value, SignatureDatabase):
+        if not value.lists:
+            return "(empty)"
         count = sum(len(sl.signatures) for sl in value.lists)
         kinds = sorted({sl.type_name or sl.signature_type for sl in value.lists})
         return f"{count} signature(s) in {len(value.lists)} list(s) {', '.join(kinds)}"

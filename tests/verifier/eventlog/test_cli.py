@@ -50,7 +50,7 @@ def test_show_json(runner: CliRunner, eventlogs: Path) -> None:
     secure_boot = events[3]
     assert secure_boot["type"] == "EV_EFI_VARIABLE_DRIVER_CONFIG" and secure_boot["pcr"] == 7
     assert set(secure_boot["digests"]) == {"sha1", "sha256"}
-    assert secure_boot["decoded"]["kind"] == "EfiVariable"
+    assert secure_boot["decoded"]["structure"] == "EfiVariable"
     assert secure_boot["decoded"]["name"] == "SecureBoot"
     assert secure_boot["data_matches_digest"] is True
     assert events[24]["data_matches_digest"] is False  # the known mismatch, flagged
@@ -58,6 +58,8 @@ def test_show_json(runner: CliRunner, eventlogs: Path) -> None:
     app = next(e for e in events if e["type"] == "EV_EFI_BOOT_SERVICES_APPLICATION")
     assert app["data_matches_digest"] is None
     assert app["decoded"]["device_path"]["text"].startswith("PciRoot(0x0)/")
+    options = events[24]["decoded"]
+    assert (options["structure"], options["kind"]) == ("IplString", "load_options")
 
 
 def test_show_timeline(runner: CliRunner, eventlogs: Path) -> None:
