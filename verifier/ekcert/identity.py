@@ -1,0 +1,56 @@
+"""The VM identity extension our CA writes into vTPM EK certificates.
+
+The ASN.1 is defined by the CA side in ``vtpm_core.vm_identity`` (shared so
+that ``ca`` and ``verifier`` never import each other). Until that module
+exists this reader only reports the extension's raw bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from verifier.ekcert.parse import ParsedCertificate
+from vtpm_core.errors import ParseError
+
+__all__ = ["VmIdentityExtension", "read_vm_identity"]
+
+
+@dataclass(frozen=True, slots=True)
+class VmIdentityExtension:
+    """The raw extension, and its decoded value when the schema module is present."""
+
+    oid: str
+    critical: bool
+    value: bytes
+    decoded: Any
+
+
+def _schema() -> Any:
+    try:
+        return importlib.import_module("vtpm_core.vm_identity")
+    except ImportError:
+        return None
+
+
+def read_vm_identity(cert: ParsedCertificate) -> VmIdentityExtension | None:
+    """Return the VM identity extension of ``cert``, or None if it has none.
+
+    Only meaningful on a certificate whose chain has been validated: the
+    extension says which VM the CA certified the EK for.
+    """
+    schema = _schema()
+    if schema is None:
+        return None
+    oid = str(schema.OID_VM_IDENTITY)
+    ext = cert.extension(oid)
+    if ext is None:
+        return None
+    try:
+        decoded = schema.VmIdentity.parse(ext.value)
+    except ParseError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ParseError("VmIdentity", "value", 0, str(exc)) from None
+    return VmIdentityExtension(oid, ext.critical, ext.value, decoded)
