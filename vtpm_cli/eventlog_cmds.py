@@ -68,6 +68,7 @@ def register(cli: click.Group) -> None:
                     "data": e.untrusted_data.hex(),
                     "decoded": to_jsonable(c.decoded),
                     "data_matches_digest": c.data_verified,
+                    "digest_covers": c.digest_covers,
                     "warnings": [*c.problems, *(str(q) for q in c.quirks)],
                 }
                 for e, c in checks

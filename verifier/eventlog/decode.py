@@ -199,12 +199,15 @@ class DataCheck:
 
     ``decoded`` is what the data says, whether or not it was proven; the
     replayed event exposes it as trusted only when ``data_verified`` is not False.
+    ``digest_covers`` says which part of the data the digest proved (e.g. for
+    EV_EFI_VARIABLE_BOOT only VariableData: the variable's name is NOT proven).
     """
 
     decoded: Decoded | None
     data_verified: bool | None
     quirks: tuple[AppliedQuirk, ...]
     problems: tuple[str, ...]
+    digest_covers: str | None = None
 
 
 def decode_event(
@@ -324,7 +327,7 @@ def check_event(
                 quirks: tuple[AppliedQuirk, ...] = ()
                 if quirk_id is not None:
                     quirks = (AppliedQuirk(quirk_id, event.index, QUIRKS[quirk_id].summary),)
-                return DataCheck(decoded, True, quirks, tuple(problems))
+                return DataCheck(decoded, True, quirks, tuple(problems), _COVERS[form])
     if event.event_type == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
         # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
         quirk = AppliedQuirk(
@@ -376,6 +379,14 @@ def _after_label(labels: tuple[bytes, ...]) -> _Form:
 _IPL_DESCRIPTION_PCRS = frozenset({9, 14})
 _GRUB_CMD = _after_label((b"grub_cmd: ", b"grub_cmd "))
 _GRUB_CMDLINE = _after_label((b"kernel_cmdline: ", b"grub_kernel_cmdline "))
+
+_COVERS: dict[_Form, str] = {
+    _whole: "all of the event data",
+    _variable_data: "VariableData only (the variable's name and GUID are not proven)",
+    _drop_last_byte: "all of the event data but its last, unstructured byte",
+    _GRUB_CMD: "the text after GRUB's label (the label itself is not measured)",
+    _GRUB_CMDLINE: "the text after GRUB's label (the label itself is not measured)",
+}
 
 _CANDIDATES: dict[int, tuple[tuple[str | None, _Form], ...]] = {
     T.EV_SEPARATOR: ((None, _whole),),

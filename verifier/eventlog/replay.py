@@ -80,6 +80,9 @@ class ReplayedEvent:
     match (``decoded`` is then None: use ``untrusted_decoded`` only to
     display); None when the digest is of something the log does not carry
     (an image, a firmware volume), so the data is only a description.
+    ``digest_covers`` says what part of the data a True proves: for
+    EV_EFI_VARIABLE_BOOT only VariableData (not the variable name), for GRUB
+    strings only the text after the label.
     """
 
     index: int
@@ -92,6 +95,7 @@ class ReplayedEvent:
     data_verified: bool | None
     warnings: tuple[str, ...]
     quirks: tuple[AppliedQuirk, ...]
+    digest_covers: str | None = None
 
     @property
     def type_name(self) -> str:
@@ -152,6 +156,7 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
                 data_verified=check.data_verified,
                 warnings=check.problems + tuple(str(q) for q in check.quirks),
                 quirks=check.quirks,
+                digest_covers=check.digest_covers,
             )
         )
     return tuple(out)

@@ -76,6 +76,9 @@ def test_boot_order_and_boot_entries(rhel8: ReplayedLog) -> None:
     order = rhel8.events[9].decoded
     assert isinstance(order, EfiVariable) and isinstance(order.value, BootOrder)
     assert order.value.names == ("Boot0002", "Boot0000", "Boot0001")
+    # PFP §10.4.4: only VariableData is hashed for EV_EFI_VARIABLE_BOOT
+    assert rhel8.events[10].digest_covers is not None
+    assert rhel8.events[10].digest_covers.startswith("VariableData only")
     boot = rhel8.events[10].decoded
     assert isinstance(boot, EfiVariable) and boot.name == "Boot0002"
     assert isinstance(boot.value, LoadOption) and boot.value.active
