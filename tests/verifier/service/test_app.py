@@ -1,0 +1,103 @@
+"""In-process checks of the app factory: the served OpenAPI document matches the routes,
+errors become problem JSON without internals, configuration is checked."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from verifier.service import create_app, init_home, load_config
+from verifier.service.openapi import openapi_spec
+from vtpm_core.errors import ConfigError
+
+
+@pytest.fixture
+def app_home(tmp_path: Path) -> Path:
+    init_home(tmp_path / "home", verifier_id="t")
+    return tmp_path / "home"
+
+
+def test_openapi_matches_registered_routes(app_home: Path) -> None:
+    app = create_app(load_config(app_home), migrate=True)
+    try:
+        routes: set[tuple[str, str]] = set()
+        for rule in app.url_map.iter_rules():
+            if rule.endpoint == "static":
+                continue
+            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+            for method in rule.methods or ():
+                if method not in ("HEAD", "OPTIONS"):
+                    routes.add((path, method.lower()))
+        spec = openapi_spec()
+        documented = {(p, m) for p, ops in spec["paths"].items() for m in ops}
+        assert documented == routes
+        served = app.test_client().get("/openapi.json").get_json()
+        assert served == spec
+    finally:
+        app.extensions["vtpm_verifier"]["db"].dispose()
+
+
+def test_unknown_route_and_method_are_problems(app_home: Path) -> None:
+    app = create_app(load_config(app_home), migrate=True)
+    try:
+        client = app.test_client()
+        r = client.get("/nope")
+        assert r.status_code == 404 and r.content_type == "application/problem+json"
+        r = client.delete("/healthz")
+        assert r.status_code == 405 and r.get_json()["type"].endswith("method-not-allowed")
+    finally:
+        app.extensions["vtpm_verifier"]["db"].dispose()
+
+
+def test_internal_errors_show_no_internals(app_home: Path) -> None:
+    app = create_app(load_config(app_home), migrate=True)
+    try:
+        # break the database under the app: the answer must not leak SQL or paths
+        db = app.extensions["vtpm_verifier"]["db"]
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE assignments")
+            conn.exec_driver_sql("DROP TABLE attesters")
+        token = (app_home / "admin.token").read_text().strip()
+        r = app.test_client().get("/v1/attesters", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 500
+        assert r.get_json()["detail"] == "internal error; see the verifier's log"
+        text = r.get_data(as_text=True).lower()
+        assert "sqlite" not in text and "attesters" not in text and "traceback" not in text
+    finally:
+        app.extensions["vtpm_verifier"]["db"].dispose()
+
+
+def test_schema_must_be_migrated(app_home: Path) -> None:
+    with pytest.raises(ConfigError, match="not at the latest migration"):
+        create_app(load_config(app_home))
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        pytest.param({"schema": 2}, "schema must be 1", id="fail/config/schema"),
+        pytest.param({"admin_token_sha256": "zz"}, "SHA-256 hex", id="fail/config/admin-token"),
+        pytest.param({"nonce_lifetime_s": 0}, "nonce_lifetime_s", id="fail/config/nonce-lifetime"),
+        pytest.param(
+            {"database_url": "mysql://x"}, "sqlite or postgresql", id="fail/config/db-url"
+        ),
+        pytest.param(
+            {"default_pcr_selection": {"md5": [0]}}, "bad bank", id="fail/config/pcr-bank"
+        ),
+    ],
+)
+def test_bad_config_is_refused(app_home: Path, change: dict[str, object], pattern: str) -> None:
+    cfg = app_home / "verifier.yaml"
+    raw = yaml.safe_load(cfg.read_text())
+    raw.update(change)
+    cfg.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(app_home)
+
+
+def test_init_refuses_to_overwrite(app_home: Path) -> None:
+    with pytest.raises(ConfigError, match="already exists"):
+        init_home(app_home)

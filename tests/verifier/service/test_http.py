@@ -1,0 +1,492 @@
+"""The attestation service end to end: gunicorn (2 workers) + SQLite and PostgreSQL + swtpm.
+
+Each test drives the real HTTP API; TPMs are swtpm_setup-provisioned swtpm
+processes whose EK certificates chain to a local CA the verifier trusts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.verifier.service.conftest import REPO, Server, Service
+from verifier.attester import AttesterState, TpmAttester, attest_once, enroll
+from vtpm_core.measured_boot import BootDescription, simulate_boot
+from vtpm_core.swtpm import SwtpmProcess
+
+pytestmark = [pytest.mark.swtpm]
+
+TpmFactory = Callable[[], SwtpmProcess]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def register(service: Service, tpm: SwtpmProcess, vm_id: str | None = None) -> AttesterState:
+    with requests.Session() as http, TpmAttester.open(tpm.endpoint.tcti) as att:
+        return enroll(http, service.url, att, vm_id=vm_id)
+
+
+def attest(service: Service, tpm: SwtpmProcess, state: AttesterState, log: bytes | None = None):
+    with requests.Session() as http, TpmAttester.open(tpm.endpoint.tcti) as att:
+        return attest_once(http, state, att, log)
+
+
+def make_evidence(service: Service, tpm: SwtpmProcess, state: AttesterState) -> dict[str, Any]:
+    """One challenge answered by a real quote (not yet submitted)."""
+    ch = service.call("POST", f"/v1/attesters/{state.attester_id}/challenges", state.token)
+    assert ch.status_code == 201, ch.text
+    doc = ch.json()
+    nonce = base64.b64decode(doc["nonce"])
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        q = att.quote(nonce, doc["pcr_selection"])
+    return {
+        "nonce": doc["nonce"],
+        "quote": b64(q.attest),
+        "signature": b64(q.signature),
+        "pcrs": q.pcrs,
+    }
+
+
+def submit(service: Service, state: AttesterState, evidence: dict[str, Any]) -> requests.Response:
+    return service.call(
+        "POST", f"/v1/attesters/{state.attester_id}/evidence", state.token, json=evidence
+    )
+
+
+def vtpm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vtpm_cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def booted(service: Service, tpm_factory: TpmFactory) -> dict[str, Any]:
+    """A TPM after a simulated measured boot, enrolled, with a policy from its PCRs assigned."""
+    tpm = tpm_factory()
+    esapi = tpm.esapi()
+    boot = simulate_boot(BootDescription(kernel_cmdline="root=/dev/vda ro"), esapi, ["sha256"])
+    esapi.close()
+    state = register(service, tpm, vm_id="vm-booted")
+    policy = {
+        "pcrs": {"sha256": {str(i): boot.pcrs["sha256"][i].hex() for i in range(8)}},
+        "require_event_log": True,
+    }
+    r = service.call(
+        "POST", "/v1/policies", service.admin, json={"name": "golden", "policy": policy}
+    )
+    assert r.status_code == 201, r.text
+    r = service.call(
+        "PUT", f"/v1/attesters/{state.attester_id}/policy", service.admin, json={"policy": "golden"}
+    )
+    assert r.status_code == 200, r.text
+    return {"tpm": tpm, "state": state, "log": boot.eventlog}
+
+
+def test_full_flow_affirming(service: Service, booted: dict[str, Any], tmp_path: Path) -> None:
+    state, tpm = booted["state"], booted["tpm"]
+    result = attest(service, tpm, state, booted["log"])
+    assert result["status"] == "affirming", result["report"]
+    assert result["report"]["quote_verified"] is True
+    assert result["policy"] == "golden"
+    # the EAR verifies offline with the published JWKS
+    import jwt
+
+    jwks = service.call("GET", "/.well-known/jwks.json").json()
+    key = jwt.PyJWK(jwks["keys"][0])
+    claims = jwt.decode(result["ear"], key.key, algorithms=["ES256"])
+    sub = claims["submods"][state.attester_id]
+    assert sub["ear.status"] == "affirming"
+    assert sub["ear.appraisal-policy-id"] == "golden"
+    # the relying party's view
+    view = service.call("GET", f"/v1/attesters/{state.attester_id}", service.reader).json()
+    assert view["status"] == "active" and view["latest_result"]["id"] == result["id"]
+    assert view["identity"]["trust"] == "ek-certificate"
+    results = service.call(
+        "GET", f"/v1/attesters/{state.attester_id}/results?limit=5", service.reader
+    ).json()["results"]
+    assert results[0]["id"] == result["id"]
+
+
+def test_vtpm_attest_and_check_cli(
+    service: Service, booted: dict[str, Any], tmp_path: Path
+) -> None:
+    state, tpm = booted["state"], booted["tpm"]
+    state_file = tmp_path / "attester.json"
+    state.save(state_file)
+    log = tmp_path / "eventlog.bin"
+    log.write_bytes(booted["log"])
+    token = tmp_path / "reader.token"
+    token.write_text(service.reader)
+    att = vtpm(
+        "attest",
+        "--verifier",
+        service.url,
+        "--tpm",
+        tpm.endpoint.tcti,
+        "--eventlog",
+        str(log),
+        "--token-file",
+        str(state_file),
+    )
+    assert att.returncode == 0, att.stderr
+    assert f"attester {state.attester_id}: affirming" in att.stdout
+
+    junit = tmp_path / "junit.xml"
+    ok = vtpm(
+        "check",
+        "--verifier",
+        service.url,
+        "--attester",
+        state.attester_id,
+        "--token-file",
+        str(token),
+        "--max-age",
+        "10m",
+        "--policy",
+        "golden",
+        "--junit",
+        str(junit),
+        "--json",
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    suite = ET.parse(junit).getroot()  # noqa: S314 - our own output
+    assert suite.get("tests") == "1" and suite.get("failures") == "0"
+
+    bad = vtpm(
+        "check",
+        "--verifier",
+        service.url,
+        "--attester",
+        state.attester_id,
+        "--token-file",
+        str(token),
+        "--policy",
+        "other",
+        "--junit",
+        str(junit),
+    )
+    assert bad.returncode == 1
+    assert "appraised under policy 'golden', not 'other'" in bad.stdout
+    failure = ET.parse(junit).getroot().find("testcase/failure")  # noqa: S314
+    assert failure is not None and "not 'other'" in (failure.text or "")
+
+    stale = vtpm(
+        "check",
+        "--verifier",
+        service.url,
+        "--attester",
+        state.attester_id,
+        "--token-file",
+        str(token),
+        "--max-age",
+        "0s",
+    )
+    assert stale.returncode == 1 and "old, more than 0 s" in stale.stdout
+    noauth = vtpm("check", "--verifier", service.url, "--attester", state.attester_id)
+    assert noauth.returncode == 1 and "401" in noauth.stderr
+
+
+def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any]) -> None:
+    """Without the event log (required) and with PCRs that differ: every failing rule is listed."""
+    state, tpm = booted["state"], booted["tpm"]
+    policy = {"pcrs": {"sha256": {"0": "00" * 32, "7": "11" * 32}}, "require_event_log": True}
+    r = service.call("PUT", "/v1/policies/strict", service.admin, json={"policy": policy})
+    assert r.status_code == 200, r.text
+    service.call(
+        "PUT", f"/v1/attesters/{state.attester_id}/policy", service.admin, json={"policy": "strict"}
+    )
+    try:
+        result = attest(service, tpm, state, None)
+    finally:
+        service.call(
+            "PUT",
+            f"/v1/attesters/{state.attester_id}/policy",
+            service.admin,
+            json={"policy": "golden"},
+        )
+    assert result["status"] == "contraindicated"
+    rules = [f["rule"] for f in result["report"]["failures"]]
+    assert rules == ["policy.pcr.sha256.0", "policy.pcr.sha256.7", "policy.event_log"]
+    # the policy is still assigned elsewhere: it cannot be deleted while in use
+    assert service.call("DELETE", "/v1/policies/golden", service.admin).status_code == 409
+    assert service.call("DELETE", "/v1/policies/strict", service.admin).status_code == 204
+
+
+@pytest.fixture(scope="module")
+def plain(service: Service, tpm_factory: TpmFactory) -> dict[str, Any]:
+    """An enrolled TPM without policy (verdict: warning)."""
+    tpm = tpm_factory()
+    return {"tpm": tpm, "state": register(service, tpm, vm_id="vm-plain")}
+
+
+def problem(resp: requests.Response, status: int, pattern: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    body = resp.json()
+    assert body["status"] == status
+    import re
+
+    assert re.search(pattern, body["detail"]), body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "pattern"),
+    [
+        pytest.param("missing-token", 401, "missing Authorization", id="fail/auth/missing-token"),
+        pytest.param("wrong-token", 401, "unknown token", id="fail/auth/wrong-token"),
+        pytest.param("reader-writes", 403, "needs a admin token", id="fail/auth/reader-writes"),
+        pytest.param("admin-submits", 403, "needs a attester token", id="fail/auth/admin-submits"),
+        pytest.param("other-attester", 403, "only acts for its own", id="fail/auth/other-attester"),
+        pytest.param("malformed-json", 400, "malformed JSON", id="fail/body/malformed-json"),
+        pytest.param(
+            "bad-base64", 400, r"EvidenceRequest\.quote.*bad base64", id="fail/body/bad-base64"
+        ),
+        pytest.param(
+            "bad-pcr", 400, r"pcrs\.sha256\.0.*expected 32", id="fail/body/bad-pcr-length"
+        ),
+        pytest.param("oversized", 413, "", id="fail/body/oversized"),
+        pytest.param("unknown-attester", 404, "not registered", id="fail/attester/unknown"),
+        pytest.param("unknown-nonce", 404, "unknown nonce", id="fail/nonce/unknown"),
+        pytest.param("replayed", 409, "nonce already used", id="fail/nonce/replayed"),
+        pytest.param("expired", 410, "nonce expired", id="fail/nonce/expired"),
+        pytest.param("garbage-quote", 400, "TPMS_ATTEST", id="fail/quote/garbage"),
+    ],
+)
+def test_bad_requests(
+    service: Service,
+    plain: dict[str, Any],
+    booted: dict[str, Any],
+    case: str,
+    status: int,
+    pattern: str,
+) -> None:
+    state, tpm = plain["state"], plain["tpm"]
+    aid = state.attester_id
+    if case == "missing-token":
+        resp = service.call("GET", "/v1/attesters")
+    elif case == "wrong-token":
+        resp = service.call("GET", "/v1/attesters", "not-a-token")
+    elif case == "reader-writes":
+        resp = service.call(
+            "POST", "/v1/policies", service.reader, json={"name": "x", "policy": "a"}
+        )
+    elif case == "admin-submits":
+        resp = service.call("POST", f"/v1/attesters/{aid}/evidence", service.admin, json={})
+    elif case == "other-attester":
+        resp = service.call("POST", f"/v1/attesters/{aid}/challenges", booted["state"].token)
+    elif case == "malformed-json":
+        resp = service.call(
+            "POST", f"/v1/attesters/{aid}/evidence", state.token, data=b'{"nonce": '
+        )
+    elif case == "bad-base64":
+        ev = make_evidence(service, tpm, state)
+        resp = submit(service, state, {**ev, "quote": "@@not base64@@"})
+    elif case == "bad-pcr":
+        ev = make_evidence(service, tpm, state)
+        resp = submit(service, state, {**ev, "pcrs": {"sha256": {"0": "00"}}})
+    elif case == "oversized":
+        resp = submit(service, state, {"nonce": "A" * (2 << 20)})
+    elif case == "unknown-attester":
+        resp = service.call("GET", "/v1/attesters/does-not-exist", service.admin)
+    elif case == "unknown-nonce":
+        ev = make_evidence(service, tpm, state)
+        resp = submit(service, state, {**ev, "nonce": b64(b"\x01" * 32)})
+    elif case == "replayed":
+        ev = make_evidence(service, tpm, state)
+        assert submit(service, state, ev).status_code == 200
+        resp = submit(service, state, ev)
+    elif case == "expired":
+        ev = make_evidence(service, tpm, state)
+        time.sleep(3.2)  # the test home's nonce lifetime is 3 s
+        resp = submit(service, state, ev)
+    elif case == "garbage-quote":
+        ev = make_evidence(service, tpm, state)
+        resp = submit(service, state, {**ev, "quote": b64(b"\xff\x54\x43\x47" + b"\x00" * 5)})
+        # nothing half-written: the nonce was not consumed by the bad request
+        assert submit(service, state, ev).status_code == 200
+    else:  # pragma: no cover
+        raise AssertionError(case)
+    problem(resp, status, pattern)
+
+
+def test_wrong_nonce_in_quote_is_contraindicated(service: Service, plain: dict[str, Any]) -> None:
+    state, tpm = plain["state"], plain["tpm"]
+    ev = make_evidence(service, tpm, state)
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        other = att.quote(b"\x07" * 32, {"sha256": list(range(8))})
+    resp = submit(
+        service, state, {**ev, "quote": b64(other.attest), "signature": b64(other.signature)}
+    )
+    assert resp.status_code == 200, resp.text
+    result = resp.json()
+    assert result["status"] == "contraindicated"
+    assert result["report"]["failures"][0]["rule"] == "quote.nonce"
+
+
+def test_activation_failures(service: Service, tpm_factory: TpmFactory) -> None:
+    tpm = tpm_factory()
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        _, ek = att.ek()
+        _, ak = att.ak()
+        cert = att.ek_certificate()
+    body = {
+        "ek_certificate": b64(cert),
+        "ek_public": b64(ek),
+        "ak_public": b64(ak),
+        "vm_id": "vm-x",
+    }
+    reg = service.call("POST", "/v1/attesters", json=body)
+    assert reg.status_code == 201, reg.text
+    aid = reg.json()["attester_id"]
+    # evidence / challenges before activation
+    problem(
+        service.call("POST", f"/v1/attesters/{aid}/challenges", service.admin), 409, "not activated"
+    )
+    # wrong secret
+    problem(
+        service.call("POST", f"/v1/attesters/{aid}/activation", json={"secret": b64(b"x" * 32)}),
+        403,
+        "secret does not match",
+    )
+    # bare EK public without admin token: refused; a non-restricted "AK" refused
+    problem(
+        service.call("POST", "/v1/attesters", json={**body, "ek_certificate": None}),
+        422,
+        "only accepted from the admin",
+    )
+    problem(
+        service.call("POST", "/v1/attesters", json={**body, "ak_public": b64(ek)}),
+        422,
+        "AK must be",
+    )
+    # an EK certificate from an untrusted CA
+    other = Path(service.home) / "intermediates" / "issuer.pem"
+    from cryptography import x509
+
+    ca_der = x509.load_pem_x509_certificate(other.read_bytes()).public_bytes(
+        __import__(
+            "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
+        ).Encoding.DER
+    )
+    problem(
+        service.call("POST", "/v1/attesters", json={**body, "ek_certificate": b64(ca_der)}),
+        422,
+        "ekcert",
+    )
+
+
+def test_lineage_shared_ek_and_ak_swap(service: Service, tpm_factory: TpmFactory) -> None:
+    tpm = tpm_factory()
+    a = register(service, tpm, vm_id="vm-a")
+    b = register(service, tpm, vm_id="vm-b")  # a copied vTPM: same EK, another VM
+    assert a.attester_id != b.attester_id
+    for s in (a, b):
+        view = service.call("GET", f"/v1/attesters/{s.attester_id}", service.admin).json()
+        assert view["status"] == "flagged"
+        assert [f["flag"] for f in view["flags"]] == ["ek-shared"]
+    result = attest(service, tpm, a)
+    assert result["status"] == "contraindicated"
+    assert result["report"]["flags"][0]["flag"] == "ek-shared"
+
+    # AK swap: evidence names an AK other than the activated one
+    tpm2 = tpm_factory()
+    c = register(service, tpm2, vm_id="vm-c")
+    ev = make_evidence(service, tpm2, c)
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        _, foreign_ak = att.ek()
+    resp = submit(service, c, {**ev, "ak_public": b64(foreign_ak)})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "contraindicated"
+    assert [f["flag"] for f in resp.json()["report"]["new_flags"]] == ["ak-not-activated"]
+
+
+def test_lineage_snapshot_revert(service: Service, ek_ca, tmp_path: Path) -> None:
+    from tests.verifier.service.conftest import provision_tpm
+
+    state_dir = provision_tpm(ek_ca, tmp_path / "tpm")
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(state_dir, snapshot)
+    with SwtpmProcess(state_dir) as tpm:
+        s = register(service, tpm, vm_id="vm-revert")
+        first = attest(service, tpm, s)
+    with SwtpmProcess(state_dir) as tpm:  # a reboot: resetCount goes up
+        second = attest(service, tpm, s)
+    assert second["report"]["clock"]["reset_count"] > first["report"]["clock"]["reset_count"]
+    assert second["report"]["flags"] == []
+    shutil.rmtree(state_dir)
+    shutil.copytree(snapshot, state_dir)  # revert the vTPM to its snapshot
+    with SwtpmProcess(state_dir) as tpm:
+        reverted = attest(service, tpm, s)
+    assert reverted["status"] == "contraindicated"
+    assert [f["flag"] for f in reverted["report"]["new_flags"]] == ["reset-count-regressed"]
+    view = service.call("GET", f"/v1/attesters/{s.attester_id}", service.reader).json()
+    assert view["status"] == "flagged"
+
+
+def test_concurrent_submissions_of_one_nonce(service: Service, plain: dict[str, Any]) -> None:
+    state, tpm = plain["state"], plain["tpm"]
+    ev = make_evidence(service, tpm, state)
+    body = json.dumps(ev).encode()
+
+    def post(_: int) -> int:
+        return requests.post(
+            f"{service.url}/v1/attesters/{state.attester_id}/evidence",
+            data=body,
+            headers={"Authorization": f"Bearer {state.token}", "Content-Type": "application/json"},
+            timeout=60,
+        ).status_code
+
+    with ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(post, range(50)))
+    assert codes.count(200) == 1, codes
+    assert codes.count(409) == 49, codes
+
+
+def test_metrics_health_openapi(service: Service) -> None:
+    assert service.call("GET", "/healthz").json() == {"status": "ok"}
+    text = service.call("GET", "/metrics").text
+    assert "vtpm_verifier_http_requests_total" in text
+    spec = service.call("GET", "/openapi.json").json()
+    assert "/v1/attesters/{attester_id}/evidence" in spec["paths"]
+
+
+def test_two_verifiers_share_one_database(service: Service, plain: dict[str, Any]) -> None:
+    """Two verifier processes (PostgreSQL; SQLite on one host too) serve the same attesters."""
+    second = Server(service.home, service.db_url, workers=1).start()
+    try:
+        state, tpm = plain["state"], plain["tpm"]
+        ev = make_evidence(service, tpm, state)  # challenge from the first verifier
+        resp = requests.post(  # answered to the second
+            f"{second.url}/v1/attesters/{state.attester_id}/evidence",
+            json=ev,
+            headers={"Authorization": f"Bearer {state.token}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["report"]["quote_verified"] is True
+        # and the first sees the second's result
+        view = service.call("GET", f"/v1/attesters/{state.attester_id}", service.reader).json()
+        assert view["latest_result"]["id"] == resp.json()["id"]
+        # a replay at the first verifier is refused
+        problem(submit(service, state, ev), 409, "already used")
+    finally:
+        second.stop()
