@@ -203,7 +203,9 @@ class QemuVm:
                 is_alive=self.is_running,
             )
         except TpmError as exc:
-            raise type(exc)(f"{exc}; console tail: {self._console_tail()}") from exc
+            raise type(exc)(
+                f"{exc}; {self._exit_state()}; console: {self._console_tail()}"
+            ) from exc
         self._ready_s = time.monotonic() - self._started
         return chan
 
@@ -247,6 +249,17 @@ class QemuVm:
             ready_seconds=self._ready_s,
         )
         return self._result
+
+    def _exit_state(self) -> str:
+        if self._proc is None:
+            return "QEMU not started"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(2.0)  # a closed channel usually means QEMU is going away
+        rc = self._proc.poll()
+        if rc is None:
+            return "QEMU still running"
+        why = " (its time limit)" if rc == 124 else ""
+        return f"QEMU exited with status {rc}{why}, see {self.run_dir / 'qemu.log'}"
 
     def _console_tail(self, lines: int = 5) -> str:
         try:
