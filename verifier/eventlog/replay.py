@@ -129,6 +129,7 @@ class ReplayedLog:
     verified: Mapping[str, frozenset[int]]
     quirks: tuple[AppliedQuirk, ...]
     warnings: tuple[str, ...]
+    startup_locality: StartupLocality | None = None
 
     def events_of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
         return tuple(e for e in self.events if e.event_type == event_type)
@@ -190,6 +191,7 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             if len(want) != len(got) or not hmac.compare_digest(got, want):
                 mismatches.append(
                     f"PCR {index} {bank}: log replays to {got.hex()}, quote has {want.hex()}"
+                    + _unlogged_hint(log, bank, index, got, want)
                 )
         if compared:
             verified[bank] = frozenset(compared)
@@ -220,7 +222,31 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
         verified=MappingProxyType(verified),
         quirks=quirks,
         warnings=tuple(warnings),
+        startup_locality=log.startup_locality,
     )
+
+
+# PFP §10.4.1 / §3.3.4.5: the firmware measures these EV_EFI_ACTION strings into
+# PCR 5 at ExitBootServices(); some firmware extends them without logging them.
+_EXIT_BOOT_SERVICES = (
+    (b"Exit Boot Services Invocation",),
+    (b"Exit Boot Services Invocation", b"Exit Boot Services Returned with Success"),
+)
+
+
+def _unlogged_hint(log: EventLog, bank: str, index: int, got: bytes, want: bytes) -> str:
+    """Explain a PCR 5 mismatch that unlogged Exit Boot Services events account for."""
+    alg = next((a for a in log.algorithms if a.name == bank), None)
+    if index != 5 or alg is None or len(want) != len(got):
+        return ""
+    for actions in _EXIT_BOOT_SERVICES:
+        value = got
+        for action in actions:
+            value = alg.extend(value, alg.hash(action))
+        if hmac.compare_digest(value, want):
+            names = " and ".join(repr(a.decode()) for a in actions)
+            return f" (the quote matches if the firmware extended {names} without logging it)"
+    return ""
 
 
 def _ranges(indices: list[int]) -> str:

@@ -164,3 +164,21 @@ def test_startup_locality_4_hcrtm() -> None:
     start = bytes(31) + b"\x04"
     digest = hashlib.sha256(b"v\x00\x00\x00").digest()
     assert log.replay()["sha256"][0] == hashlib.sha256(start + digest).digest()
+
+
+def test_unlogged_exit_boot_services_is_explained(load_log) -> None:  # type: ignore[no-untyped-def]
+    """Firmware that measured Exit Boot Services into PCR 5 without logging it:
+    replay disagrees with the quote by design; the error says exactly why."""
+    log = load_log("vm_fedora37_sdboot_qemu.bin")
+    # drop the two logged Exit Boot Services events (the last two records)
+    unlogged = EventLog.parse(log.raw[: log.events[26].offset])
+    assert [e.type_name for e in log.events[26:]] == ["EV_EFI_ACTION", "EV_EFI_ACTION"]
+    with pytest.raises(
+        VerificationError,
+        match=(
+            r"^eventlog.replay: PCR 5 sha256: log replays to [0-9a-f]{64}, quote has [0-9a-f]{64} "
+            r"\(the quote matches if the firmware extended 'Exit Boot Services Invocation' and "
+            r"'Exit Boot Services Returned with Success' without logging it\)$"
+        ),
+    ):
+        unlogged.verify(log.replay())
