@@ -15,6 +15,7 @@ import click
 from verifier.eventlog import EventLog, Limits
 from verifier.eventlog.decode import check_event
 from verifier.eventlog.jsonview import decoded_summary, to_jsonable
+from verifier.eventlog.quirks import summarize
 from vtpm_core.errors import ParseError
 
 
@@ -83,14 +84,18 @@ def register(cli: click.Group) -> None:
         click.echo(f"{'#':>4} {'offset':>7} {'PCR':>3} {'type':<34} {'data':<5} decoded")
         marks = {True: "ok", False: "BAD", None: "-"}
         for e, c in checks:
+            mark = marks[c.data_verified] + ("*" if c.quirks else "")
             click.echo(
                 f"{e.index:>4} {e.offset:>7} {e.pcr:>3} {e.type_name:<34} "
-                f"{marks[c.data_verified]:<5} {decoded_summary(c.decoded)}"
+                f"{mark:<5} {decoded_summary(c.decoded)}"
             )
             for w in c.problems:
                 click.echo(f"{'':>16}warning: {w}")
-            for q in c.quirks:
-                click.echo(f"{'':>16}quirk: {q.quirk_id}")
+        applied = summarize(q for _, c in checks for q in c.quirks)
+        if applied:
+            click.echo("* checked through a named quirk (docs/eventlog.md):")
+            for line in applied:
+                click.echo(f"  {line}")
 
     @eventlog.command("replay")
     @click.argument("log_file", metavar="FILE", type=_LOG_FILE)

@@ -10,11 +10,11 @@ the end of the log, and always visibly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["QUIRKS", "AppliedQuirk", "Quirk"]
+__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "summarize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +91,30 @@ _TABLE = (
 )
 
 QUIRKS: Mapping[str, Quirk] = MappingProxyType({q.id: q for q in _TABLE})
+
+
+def summarize(applied: Iterable[AppliedQuirk]) -> tuple[str, ...]:
+    """One line per quirk: event-level ones grouped ("applied to 49 event(s): events 28-75, 79"),
+    log-level ones as they are."""
+    lines: list[str] = []
+    per_event: dict[str, list[int]] = {}
+    for q in applied:
+        if q.event_index is None:
+            lines.append(str(q))
+        else:
+            per_event.setdefault(q.quirk_id, []).append(q.event_index)
+    for quirk_id, indices in per_event.items():
+        lines.append(
+            f"quirk {quirk_id} applied to {len(indices)} event(s): events {_ranges(indices)}"
+        )
+    return tuple(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)

@@ -15,7 +15,6 @@ does not (``decoded`` is None then; ``untrusted_decoded`` keeps it).
 from __future__ import annotations
 
 import hmac
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import Decoded, check_event
 from verifier.eventlog.events import EventType, type_name
-from verifier.eventlog.quirks import AppliedQuirk
+from verifier.eventlog.quirks import AppliedQuirk, summarize
 from vtpm_core.errors import VerificationError
 
 if TYPE_CHECKING:
@@ -206,11 +205,7 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
         )
     events = _check_events(log)  # step 4
     quirks = log.quirks + tuple(q for e in events for q in e.quirks)
-    warnings = [str(q) for q in log.quirks]
-    counts = Counter(q.quirk_id for e in events for q in e.quirks)
-    for quirk_id, n in counts.items():
-        which = [e.index for e in events if any(q.quirk_id == quirk_id for q in e.quirks)]
-        warnings.append(f"quirk {quirk_id} applied to {n} event(s): {_ranges(which)}")
+    warnings = list(summarize(quirks))
     for e in events:
         warnings.extend(w for w in e.warnings if not w.startswith("quirk "))
     return ReplayedLog(
@@ -247,18 +242,3 @@ def _unlogged_hint(log: EventLog, bank: str, index: int, got: bytes, want: bytes
             names = " and ".join(repr(a.decode()) for a in actions)
             return f" (the quote matches if the firmware extended {names} without logging it)"
     return ""
-
-
-def _ranges(indices: list[int]) -> str:
-    parts: list[str] = []
-    start = prev = None
-    for i in indices:
-        if prev is not None and i == prev + 1:
-            prev = i
-            continue
-        if start is not None:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = i
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return "events " + ", ".join(parts)
