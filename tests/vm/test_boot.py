@@ -143,6 +143,7 @@ def boot_and_attest(
     check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
     checked = yaml.safe_load(_run(*check.split(), nonce.hex(), cwd=work))
     quote_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in checked["pcrs"]["sha256"].items()}
+    assert quote.untrusted_pcr_values() == {"sha256": quote_pcrs}
     log = yaml.safe_load(_run("tpm2_eventlog", "eventlog.bin", cwd=work))
     log_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in log["pcrs"]["sha256"].items()}
     return Attested(

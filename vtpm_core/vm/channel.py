@@ -78,6 +78,16 @@ class GuestQuote:
     nonce: bytes
     selection: str
 
+    def untrusted_pcr_values(self) -> dict[str, dict[int, bytes]]:
+        """``{bank: {pcr: value}}`` parsed from ``pcrs_tpm2_tools``.
+
+        Untrusted until a verifier has checked them against the quote's
+        pcrDigest and the signature.
+        """
+        from vtpm_core.vm.pcrs_file import parse_pcrs_file
+
+        return parse_pcrs_file(self.pcrs_tpm2_tools)
+
 
 def validate_selection(selection: str) -> str:
     """Check a tpm2-tools PCR selection (``sha256:0,1,2+sha1:0``); return it unchanged."""
