@@ -83,6 +83,17 @@ def _vm_boot(
             (out_dir / fname).write_bytes(data)
         elif (out_dir / fname).exists():
             os.unlink(out_dir / fname)
+    pcr_values = quote.untrusted_pcr_values()
+    (out_dir / "pcrs.json").write_text(
+        json.dumps(
+            {
+                bank: {str(i): v.hex() for i, v in sorted(p.items())}
+                for bank, p in pcr_values.items()
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     art = session.artifacts
     summary = {
         "name": name,
@@ -148,7 +159,8 @@ def _register_vm(cli: click.Group) -> None:
         """Boot VM NAME, quote its boot PCRs with a fresh nonce, power it off.
 
         Writes ek_cert.der, ek.pub, ak.pub, ak.name, nonce.bin, quote.msg,
-        quote.sig, quote.pcrs (tpm2-tools formats) and eventlog.bin to the
+        quote.sig, quote.pcrs (tpm2-tools formats), pcrs.json (the quoted
+        values as {bank: {pcr: hex}}, unverified) and eventlog.bin to the
         output directory (default ./vm-NAME), and the serial console to
         run/console.log there.
         """

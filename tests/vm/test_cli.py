@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_vm_boot_writes_verifiable_evidence(tmp_path: Path, guest_images: GuestI
     assert done.returncode == 0, done.stderr
     assert "VTPM-GUEST: POWEROFF" in (out / "run" / "console.log").read_text(errors="replace")
     assert (out / "ek_cert.der").stat().st_size > 300
+    pcrs = json.loads((out / "pcrs.json").read_text())
+    assert sorted(pcrs["sha256"], key=int) == ["0", "4", "7", "9"]
 
 
 @pytest.mark.parametrize(
