@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import CORPUS, REPO
 from tests.verifier.eventlog import _build
-from verifier.eventlog import EventLog, EventType, Limits
+from verifier.eventlog import EVENT_TYPES, EventLog, EventType, Limits
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 SMALL = (CORPUS / "eventlogs" / "vm_fedora37_sdboot_qemu.bin").read_bytes()
@@ -295,6 +295,22 @@ def test_mutated_real_logs_only_parse_error(data: st.DataObject) -> None:
         elif len(sample) > 1:
             del sample[at]
     _exercise(bytes(sample))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 23),
+            st.sampled_from([*sorted(EVENT_TYPES), 0x7FFFFFFF]),
+            st.binary(max_size=200),
+        ),
+        max_size=6,
+    )
+)
+def test_random_event_data_in_valid_frames(events: list[tuple[int, int, bytes]]) -> None:
+    """Well-framed logs whose event data is random: every decoder meets garbage."""
+    _exercise(_build.log(*(_build.event2(pcr, etype, data) for pcr, etype, data in events)))
 
 
 def test_fuzz_target_runs_on_corpus_and_mutations() -> None:
