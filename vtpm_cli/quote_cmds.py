@@ -1,9 +1,207 @@
-"""Offline checks of TPM evidence: `vtpm verify-quote` and `vtpm ek verify`."""
+"""Offline checks of TPM evidence: `vtpm verify-quote` and the `vtpm ek` group.
+
+Exit codes: 0 valid; 1 a check failed (one line ``invalid: <check>: <why>``
+on stderr; with ``--json`` a report on stdout too); 2 the input could not be
+read or parsed.
+
+``ek_group`` is module-level so that other areas can add commands to
+``vtpm ek`` (e.g. ``ek request``/``ek import``) with ``ek_group.add_command``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
 import click
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
+
+from verifier.ekcert import (
+    CertificateRevocationList,
+    EkValidationOptions,
+    ParsedCertificate,
+    PublicKey,
+    TrustStore,
+    ValidatedEkCertificate,
+    validate_ek_certificate,
+)
+from vtpm_core.errors import ConfigError, ParseError, VerificationError
+
+__all__ = ["ek_group", "register"]
+
+EXIT_INVALID = 1
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_FILE_OR_DIR = click.Path(exists=True, path_type=Path)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def load_public_key_file(path: Path) -> PublicKey:
+    """A public key from PEM/DER SubjectPublicKeyInfo or a TPM2B_PUBLIC file."""
+    data = _read(path)
+    key: object
+    if b"-----BEGIN" in data:
+        try:
+            key = load_pem_public_key(data)
+        except ValueError as exc:
+            raise ParseError("PublicKey", "pem", 0, f"{path}: {exc}") from None
+    elif data[:1] == b"\x30":
+        try:
+            key = load_der_public_key(data)
+        except ValueError as exc:
+            raise ParseError("PublicKey", "der", 0, f"{path}: {exc}") from None
+    else:
+        from vtpm_core.tpm.public import Public
+
+        key = Public.load(data).public_key()
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ParseError("PublicKey", "algorithm", 0, f"{path}: neither RSA nor EC")
+    return key
+
+
+def _cert_json(cert: ParsedCertificate) -> dict[str, Any]:
+    return {
+        "subject": cert.subject,
+        "issuer": cert.issuer,
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_before.isoformat(),
+        "not_after": cert.not_after.isoformat(),
+        "sha256": cert.fingerprint_sha256,
+        "strict_der": cert.strict_error is None,
+    }
+
+
+def ek_report(result: ValidatedEkCertificate) -> dict[str, Any]:
+    """The JSON report of a valid EK certificate."""
+    vm = result.vm_identity
+    return {
+        "valid": True,
+        "tpm": {
+            "manufacturer": result.tpm_manufacturer,
+            "model": result.tpm_model,
+            "version": result.tpm_version,
+            "key_type": result.profile.key_type,
+        },
+        "chain": [_cert_json(c) for c in result.chain],
+        "revocation": [
+            {"subject": s.subject, "serial": f"{s.serial_number:x}", "checked_by": s.checked_by}
+            for s in result.revocation
+        ],
+        "vm_identity": None if vm is None else {"oid": vm.oid, "value": vm.value.hex()},
+        "warnings": list(result.warnings),
+    }
+
+
+def _parse_at(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--at {value!r} is not an ISO 8601 date/time") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+@click.group("ek")
+def ek_group() -> None:
+    """Endorsement Key certificates."""
+
+
+@ek_group.command("verify")
+@click.argument("cert", type=_FILE)
+@click.option(
+    "--roots",
+    "roots",
+    multiple=True,
+    type=_FILE_OR_DIR,
+    help="Trust anchors: a directory of certificates or a PEM bundle (repeatable).",
+)
+@click.option(
+    "--intermediates",
+    "intermediates",
+    multiple=True,
+    type=_FILE_OR_DIR,
+    help="Untrusted intermediate CA certificates (file, bundle or directory; repeatable).",
+)
+@click.option(
+    "--ek-public",
+    type=_FILE,
+    help="The EK public presented (TPM2B_PUBLIC from tpm2_createek -u, or PEM).",
+)
+@click.option("--crl", "crls", multiple=True, type=_FILE, help="A CRL (DER or PEM; repeatable).")
+@click.option("--allow-sha1", is_flag=True, help="Accept SHA-1 signatures in the chain.")
+@click.option("--allow-expired-intermediates", is_flag=True, help="Accept expired CA certificates.")
+@click.option("--allow-expired-ek", is_flag=True, help="Accept an EK certificate past notAfter.")
+@click.option("--at", "at", help="Check validity at this ISO 8601 time instead of now.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+def ek_verify(
+    cert: Path,
+    roots: Sequence[Path],
+    intermediates: Sequence[Path],
+    ek_public: Path | None,
+    crls: Sequence[Path],
+    allow_sha1: bool,
+    allow_expired_intermediates: bool,
+    allow_expired_ek: bool,
+    at: str | None,
+    as_json: bool,
+) -> None:
+    """Validate the EK certificate CERT (DER, PEM, or raw NV contents).
+
+    Builds a path to a trust anchor given with --roots, checks the TCG EK
+    profile, the key against --ek-public and revocation against --crl.
+    """
+    if not roots:
+        raise ConfigError("--roots is required (a directory or PEM bundle of trust anchors)")
+    trust = TrustStore.load(roots, intermediates)
+    when = _parse_at(at)
+    options = EkValidationOptions(
+        allow_sha1=allow_sha1,
+        allow_expired_intermediates=allow_expired_intermediates,
+        allow_expired_ek=allow_expired_ek,
+    )
+    if when is not None:
+        options = dataclasses.replace(options, clock=lambda: when)
+    key = load_public_key_file(ek_public) if ek_public is not None else None
+    revocation_lists = tuple(CertificateRevocationList.load(p) for p in crls)
+    try:
+        result = validate_ek_certificate(
+            _read(cert), trust, ek_public=key, crls=revocation_lists, options=options
+        )
+    except VerificationError as exc:
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {"valid": False, "failed_check": exc.check, "message": exc.message}, indent=2
+                )
+            )
+        click.echo(f"invalid: {exc}", err=True)
+        raise SystemExit(EXIT_INVALID) from None
+    if as_json:
+        click.echo(json.dumps(ek_report(result), indent=2))
+        return
+    click.echo("EK certificate valid")
+    click.echo(
+        f"  TPM: manufacturer {result.tpm_manufacturer}, model {result.tpm_model},"
+        f" version {result.tpm_version} ({result.profile.key_type.upper()} EK)"
+    )
+    for index, link in enumerate(result.chain):
+        role = "EK" if index == 0 else ("anchor" if index == len(result.chain) - 1 else "CA")
+        click.echo(f"  {role}: {link.subject or '(empty subject)'}")
+    for warning in result.warnings:
+        click.echo(f"  warning: {warning}")
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the root ``vtpm`` group."""
+    cli.add_command(ek_group)

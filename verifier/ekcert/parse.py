@@ -321,7 +321,7 @@ def verify_signature(
         raise VerificationError(check, f"unsupported signature hash {hash_name}")
     if hash_name == "sha1" and not allow_sha1:
         raise VerificationError(
-            check, "SHA-1 signature refused (allow it explicitly with allow_sha1)"
+            check, "SHA-1 signature refused (needs the explicit allow-sha1 policy)"
         )
     algorithm = _HASHES[hash_name]()
     try:
