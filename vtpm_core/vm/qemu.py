@@ -244,7 +244,8 @@ class QemuVm:
             qemu_log=self.run_dir / "qemu.log",
             command=self._command,
             returncode=None if killed else rc,
-            timed_out=rc == 124 or (rc is not None and rc == -signal.SIGKILL and not killed),
+            # timeout(1): 124 after TERM, 137 after its --kill-after KILL
+            timed_out=not killed and rc in (124, 137),
             wall_seconds=wall,
             ready_seconds=self._ready_s,
         )
