@@ -8,6 +8,7 @@ output directory. See docs/vm.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import ConfigError
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
@@ -26,6 +28,7 @@ from vtpm_core.vm import (
     default_cache_dir,
     guest_esp,
     loader_entry,
+    measured_load_options,
     validate_selection,
 )
 
@@ -124,10 +127,55 @@ def _vm_boot(
     click.echo(f"  written to {out_dir} (check with tpm2_checkquote -u ak.pub -m quote.msg ...)")
 
 
+def _vm_build(
+    kernel: Path | None, initrd: Path | None, secure_boot: bool, cmdline: str, as_json: bool
+) -> None:
+    loader_entry(cmdline)
+    esp = guest_esp(kernel=kernel, initrd=initrd, cmdline=cmdline, secure_boot=secure_boot)
+    options = (measured_load_options(cmdline) + "\0").encode("utf-16-le")
+    expected = {
+        "pcr4_bootloader_sha256": authenticode_digest(esp.bootloader.read_bytes()).hex(),
+        "pcr4_kernel_sha256": authenticode_digest(esp.kernel.read_bytes()).hex(),
+        "pcr9_initrd_sha256": hashlib.sha256(esp.initrd.read_bytes()).hexdigest(),
+        "pcr9_pcr12_load_options_sha256": hashlib.sha256(options).hexdigest(),
+    }
+    info = {
+        "esp": str(esp.path),
+        "secure_boot": secure_boot,
+        "bootloader": str(esp.bootloader),
+        "kernel": str(esp.kernel),
+        "initrd": str(esp.initrd),
+        "cmdline": cmdline,
+        "expected": expected,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"ESP image: {esp.path} (secure boot {'on' if secure_boot else 'off'})")
+    for key, value in expected.items():
+        click.echo(f"  {key}: {value}")
+
+
 def _register_vm(cli: click.Group) -> None:
     @cli.group("vm")
     def vm() -> None:
         """Boot real VMs (QEMU + OVMF + systemd-boot) with a vTPM attached."""
+
+    @vm.command("build")
+    @click.option("--kernel", type=_FILE, help="EFI-stub kernel (default: Debian's, cached).")
+    @click.option("--initrd", type=_FILE, help="Initramfs (default: the guest agent's, built).")
+    @click.option("--secure-boot", is_flag=True, help="Sign with the snakeoil test key.")
+    @click.option("--cmdline", default=DEFAULT_CMDLINE, show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def build(
+        kernel: Path | None, initrd: Path | None, secure_boot: bool, cmdline: str, as_json: bool
+    ) -> None:
+        """Build (or find in the cache) the guest's ESP and print what the boot will measure.
+
+        The PCR4 values are the Authenticode digests of the exact systemd-boot
+        and kernel files on the ESP, as OVMF logs them; a policy can name them.
+        """
+        _vm_build(kernel, initrd, secure_boot, cmdline, as_json)
 
     @vm.command("boot")
     @click.argument("name")

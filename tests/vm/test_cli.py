@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -12,6 +13,8 @@ from click.testing import CliRunner
 
 from tests.vm.conftest import GuestImages, provision_vtpm
 from vtpm_cli.main import cli
+from vtpm_core.authenticode import authenticode_digest
+from vtpm_core.vm import DEFAULT_CMDLINE, measured_load_options
 
 pytestmark = pytest.mark.vm
 
@@ -61,3 +64,18 @@ def test_vm_boot_rejects_bad_arguments(args: list[str], message: str) -> None:
         result = CliRunner().invoke(cli, [*args[:3], "--out", tmp, *args[3:]])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_vm_build_prints_the_digests_the_firmware_will_log(guest_images: GuestImages) -> None:
+    result = CliRunner().invoke(cli, ["vm", "build", "--secure-boot", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    esp = guest_images.esp(secure_boot=True)
+    assert info["esp"] == str(esp.path)
+    expected = info["expected"]
+    assert expected["pcr4_kernel_sha256"] == authenticode_digest(esp.kernel.read_bytes()).hex()
+    assert expected["pcr4_bootloader_sha256"] == (
+        authenticode_digest(esp.bootloader.read_bytes()).hex()
+    )
+    options = (measured_load_options(DEFAULT_CMDLINE) + "\0").encode("utf-16-le")
+    assert expected["pcr9_pcr12_load_options_sha256"] == hashlib.sha256(options).hexdigest()
