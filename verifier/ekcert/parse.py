@@ -178,10 +178,13 @@ def _load_public_key(
     return None, algorithm
 
 
+_ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
 def _optional(getter: Any, what: str) -> Any:
     try:
         return getter()
-    except (ValueError, TypeError, KeyError) as exc:
+    except _ASN1_ERRORS as exc:
         raise ParseError("Certificate", what, 0, f"malformed extension: {exc}") from None
 
 
@@ -203,7 +206,7 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         try:
             strict = x509.load_der_x509_certificate(der)
             _ = strict.tbs_certificate_bytes
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             strict_error = str(exc)
             strict = None
             notes.append(f"not strict DER, read leniently: {strict_error}")
@@ -235,7 +238,7 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         )
         issuer_text = issuer_obj.human_friendly
         subject_text = subject_obj.human_friendly
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+    except _ASN1_ERRORS as exc:
         raise ParseError("Certificate", "tbsCertificate", 0, f"unreadable: {exc}") from None
     if inner_alg != sig_alg_der:
         # RFC 5280 §4.1.1.2: the two must be identical
@@ -249,12 +252,23 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         raise ParseError(
             "Certificate", "extensions", 0, "an extension appears twice (RFC 5280 §4.2)"
         )
-    public_key, key_algorithm = _load_public_key(spki, spki_der)
+    try:
+        public_key, key_algorithm = _load_public_key(spki, spki_der)
+    except _ASN1_ERRORS as exc:
+        raise ParseError("Certificate", "subjectPublicKeyInfo", 0, f"unreadable: {exc}") from None
     ski = _optional(lambda: cert.key_identifier, "subjectKeyIdentifier")
     aki = _optional(lambda: cert.authority_key_identifier, "authorityKeyIdentifier")
     bc = _optional(lambda: cert.basic_constraints_value, "basicConstraints")
     ku = _optional(lambda: cert.key_usage_value, "keyUsage")
     eku = _optional(lambda: cert.extended_key_usage_value, "extKeyUsage")
+    is_ca = _optional(lambda: None if bc is None else bool(bc["ca"].native), "basicConstraints")
+    path_length = _optional(
+        lambda: None if bc is None else bc["path_len_constraint"].native, "basicConstraints"
+    )
+    key_usage = _optional(lambda: None if ku is None else frozenset(ku.native), "keyUsage")
+    ext_key_usage = _optional(
+        lambda: None if eku is None else tuple(p.dotted for p in eku), "extKeyUsage"
+    )
     return ParsedCertificate(
         der=der,
         tbs_bytes=tbs,
@@ -275,10 +289,10 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         extensions=extensions,
         subject_key_id=ski,
         authority_key_id=aki,
-        is_ca=None if bc is None else bool(bc["ca"].native),
-        path_length=None if bc is None else bc["path_len_constraint"].native,
-        key_usage=None if ku is None else frozenset(ku.native),
-        extended_key_usage=None if eku is None else tuple(p.dotted for p in eku),
+        is_ca=is_ca,
+        path_length=path_length,
+        key_usage=key_usage,
+        extended_key_usage=ext_key_usage,
         strict_error=strict_error,
         notes=tuple(notes),
         x509=strict,
