@@ -1,4 +1,4 @@
-"""verify_quote on evidence tpm2-tools makes on a real swtpm, each attack, and tpm2_checkquote as the oracle.
+"""verify_quote on evidence tpm2-tools makes on a real swtpm: valid, each attack, tpm2_checkquote.
 
 One swtpm per module (making AKs is the slow part): an RSA EK, AKs of every
 kind the swtpm supports, quotes with a nonce over two banks, and the
@@ -98,8 +98,9 @@ def _build_lab(state: Path, work: Path) -> Iterator[QuoteLab]:
             )  # fmt: skip
         # the same kind of quote with the PCRs written in -F values form
         lab.run(
-            "tpm2_quote", "-c", "rsa-rsassa-sha256.ctx", "-l", "sha256:0,1,2,16", "-q", NONCE.hex(),
-            "-m", "values.msg", "-s", "values.sig", "-o", "values.pcrs", "-F", "values", "-g", "sha256",
+            "tpm2_quote", "-c", "rsa-rsassa-sha256.ctx", "-l", "sha256:0,1,2,16",
+            "-q", NONCE.hex(), "-m", "values.msg", "-s", "values.sig", "-o", "values.pcrs",
+            "-F", "values", "-g", "sha256",
         )  # fmt: skip
         # keys that must never be accepted as AKs
         lab.run("tpm2_createprimary", "-C", "o", "-c", "prim.ctx")
@@ -129,8 +130,9 @@ def _build_lab(state: Path, work: Path) -> Iterator[QuoteLab]:
         )
         # 2. a real TPM2_Quote by the sign+decrypt key
         lab.run(
-            "tpm2_quote", "-c", "signdecrypt.ctx", "-l", "sha256:0,16", "-q", NONCE.hex(),
-            "-m", "signdecrypt.msg", "-s", "signdecrypt.sig", "-o", "signdecrypt.pcrs", "-g", "sha256",
+            "tpm2_quote", "-c", "signdecrypt.ctx", "-l", "sha256:0,16",
+            "-q", NONCE.hex(), "-m", "signdecrypt.msg", "-s", "signdecrypt.sig",
+            "-o", "signdecrypt.pcrs", "-g", "sha256",
         )  # fmt: skip
         # 3. the real AK signs a structure with another magic (TPM2_Hash gives a ticket for it)
         bad_magic = b"\xff\x54\x43\x48" + lab.read("rsa-rsassa-sha256.msg")[4:]
