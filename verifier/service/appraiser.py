@@ -1,12 +1,13 @@
 """The service's appraiser: EK chain, AK attributes, MakeCredential, quote, event log, policy, EAR.
 
-INTERIM: the issue-5 library modules this should delegate to
-(``vtpm_core.tpm``, ``verifier.ekcert``, ``verifier.credential``,
-``verifier.quote``, ``verifier.policy``, ``verifier.ear``) had not landed when
-the service was written; until they do, this module is the one tpm2-pytss
-adapter of the service and implements the checks it needs itself, citing the
-specs. ``verifier.eventlog`` (landed) does the log replay. Swap each step for
-the library call when it exists; the :class:`Appraiser` interface stays.
+Library use: ``verifier.ekcert`` validates EK certificates (chain, TCG
+profile, key match, VM identity), ``verifier.credential`` makes credentials,
+``verifier.eventlog`` replays logs. INTERIM: ``vtpm_core.tpm``,
+``verifier.quote``, ``verifier.policy`` and ``verifier.ear`` had not landed
+when the service was written; until they do, this module is the service's one
+tpm2-pytss adapter and does the quote checks, a literal-PCR policy and the EAR
+signing itself, citing the specs. Swap each for the library call when it
+exists; the :class:`Appraiser` interface stays.
 
 Quote checks (TPM 2.0 Part 2, 10.12.8 TPMS_ATTEST; Part 3, 18.4 TPM2_Quote):
   1. TPMS_ATTEST parses completely; magic is TPM_GENERATED_VALUE; type is
@@ -27,24 +28,28 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import jwt
 import yaml
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from verifier.credential import make_credential
+from verifier.ekcert import (
+    EkValidationOptions,
+    TrustStore,
+    VmIdentityExtension,
+    validate_ek_certificate,
+)
 from verifier.service.config import ServiceConfig
 from verifier.service.messages import EvidenceRequest, RegistrationRequest, parse_pcrs
 from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
-__all__ = ["LibraryAppraiser", "load_certificates"]
+__all__ = ["LibraryAppraiser", "parse_public"]
 
 _TPM_GENERATED = 0xFF544347
 _ST_ATTEST_QUOTE = 0x8018
@@ -66,20 +71,6 @@ _SIG_RSASSA, _SIG_RSAPSS, _SIG_ECDSA = 0x0014, 0x0016, 0x0018
 _FIXED_TPM, _FIXED_PARENT, _SDO = 1 << 1, 1 << 4, 1 << 5
 _RESTRICTED, _DECRYPT, _SIGN = 1 << 16, 1 << 17, 1 << 18
 _AR4SI_AFFIRMING, _AR4SI_WARNING, _AR4SI_CONTRA, _AR4SI_NONE = 2, 32, 96, 0
-
-
-def load_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
-    certs: list[x509.Certificate] = []
-    for path in paths:
-        data = path.read_bytes()
-        try:
-            if b"-----BEGIN" in data:
-                certs.extend(x509.load_pem_x509_certificates(data))
-            else:
-                certs.append(x509.load_der_x509_certificate(data))
-        except ValueError as exc:
-            raise ConfigError(f"trust anchor {path}: not a certificate: {exc}") from None
-    return certs
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +123,18 @@ def parse_public(raw: bytes, what: str) -> _Public:
     return _Public(raw, raw[2:], int(area.type), int(area.nameAlg), int(area.objectAttributes), key)
 
 
+def _vm_id(ext: VmIdentityExtension | None) -> str | None:
+    """The VM id our CA writes into the EK certificate (decoded by vtpm_core's schema)."""
+    if ext is None or ext.decoded is None:
+        return None
+    decoded = ext.decoded
+    for key in ("vm_id", "instance_id", "uuid"):
+        value = decoded.get(key) if isinstance(decoded, dict) else getattr(decoded, key, None)
+        if value:
+            return str(value)
+    return None
+
+
 def _spki(key: Any) -> bytes:
     return bytes(
         key.public_bytes(
@@ -145,13 +148,13 @@ class LibraryAppraiser:
 
     def __init__(
         self,
-        roots: list[x509.Certificate],
-        intermediates: list[x509.Certificate],
+        trust: TrustStore | None,
+        ek_options: EkValidationOptions,
         signing_key: ec.EllipticCurvePrivateKey,
         verifier_id: str,
     ) -> None:
-        self._roots = roots
-        self._pool = [*roots, *intermediates]
+        self._trust = trust
+        self._ek_options = ek_options
         self._key = signing_key
         self._verifier_id = verifier_id
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
@@ -172,9 +175,18 @@ class LibraryAppraiser:
         key = serialization.load_pem_private_key(config.signing_key_path.read_bytes(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{config.signing_key_path}: expected an EC private key")
+        trust = (
+            TrustStore.load(config.trust_roots, config.intermediates)
+            if config.trust_roots
+            else None
+        )
+        options = EkValidationOptions(
+            allow_sha1=config.allow_sha1_chains,
+            allow_expired_intermediates=config.allow_expired_intermediates,
+        )
         return cls(
-            load_certificates(config.trust_roots),
-            load_certificates(config.intermediates),
+            trust,
+            options,
             key,
             config.verifier_id,
         )
@@ -183,36 +195,6 @@ class LibraryAppraiser:
 
     def object_name(self, public: bytes) -> bytes:
         return parse_public(public, "ak_public").name
-
-    def _validate_chain(self, cert: x509.Certificate, now: datetime) -> list[x509.Certificate]:
-        """Path from ``cert`` to a trusted root through the pool (signature over TBS bytes)."""
-        path = [cert]
-        current = cert
-        for _depth in range(8):
-            if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
-                raise VerificationError(
-                    "ekcert.validity", f"{current.subject.rfc4514_string()!r} is not valid now"
-                )
-            issuer = None
-            for candidate in self._pool:
-                if candidate.subject != current.issuer:
-                    continue
-                try:
-                    current.verify_directly_issued_by(candidate)
-                except (ValueError, TypeError, InvalidSignature):
-                    continue
-                issuer = candidate
-                break
-            if issuer is None:
-                raise VerificationError(
-                    "ekcert.chain",
-                    f"no trusted issuer for {current.issuer.rfc4514_string()!r}",
-                )
-            if any(issuer == r for r in self._roots):
-                return [*path, issuer]
-            path.append(issuer)
-            current = issuer
-        raise VerificationError("ekcert.chain", "path longer than 8 certificates")
 
     def check_registration(
         self, request: RegistrationRequest, *, allow_bare_ek: bool
@@ -229,23 +211,33 @@ class LibraryAppraiser:
             )
         identity: dict[str, Any] = {}
         cert_der: bytes | None = None
+        vm_id: str | None = None
         if request.ek_certificate is not None:
             cert_der = request.ek_certificate
-            try:
-                cert = x509.load_der_x509_certificate(cert_der)
-            except ValueError as exc:
-                raise ParseError("RegistrationRequest", "ek_certificate", 0, str(exc)) from None
-            self._validate_chain(cert, datetime.now(UTC))
             if request.ek_public is None:
                 raise ParseError("RegistrationRequest", "ek_public", 0, "needed with the cert")
             ek = parse_public(request.ek_public, "ek_public")
-            if not hmac.compare_digest(_spki(cert.public_key()), _spki(ek.key)):
-                raise VerificationError("ekcert.key", "the certificate's key is not this EK")
+            if self._trust is None:
+                raise VerificationError(
+                    "ek.chain", "no trust roots configured in the verifier home"
+                )
+            # chain to a trusted root, TCG EK profile, and "the cert's key is this EK"
+            validated = validate_ek_certificate(
+                cert_der, self._trust, ek_public=ek.key, options=self._ek_options
+            )
+            leaf = validated.certificate
+            vm_id = _vm_id(validated.vm_identity)
             identity = {
-                "subject": cert.subject.rfc4514_string(),
-                "issuer": cert.issuer.rfc4514_string(),
-                "serial": format(cert.serial_number, "x"),
-                "not_after": cert.not_valid_after_utc.isoformat(),
+                "subject": leaf.subject,
+                "issuer": leaf.issuer,
+                "serial": format(leaf.serial_number, "x"),
+                "not_after": leaf.not_after.isoformat(),
+                "anchor": validated.anchor.subject,
+                "tpm_manufacturer": validated.tpm_manufacturer,
+                "tpm_model": validated.tpm_model,
+                "tpm_version": validated.tpm_version,
+                "vm_identity": vm_id,
+                "warnings": list(validated.warnings),
                 "trust": "ek-certificate",
             }
         else:
@@ -263,7 +255,7 @@ class LibraryAppraiser:
             ek_fingerprint=hashlib.sha256(ek.area).hexdigest(),
             ek_certificate=cert_der,
             identity=identity,
-            vm_id=None,
+            vm_id=vm_id,
             ak_public=ak.raw,
             ak_name=ak.name,
         )
@@ -271,13 +263,12 @@ class LibraryAppraiser:
     def make_credential(
         self, ek_public: bytes, ak_name: bytes, secret: bytes
     ) -> CredentialChallenge:
-        """TPM2_MakeCredential in software (Part 1, 24.4; tpm2-pytss ``make_credential``)."""
-        from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
-        from tpm2_pytss.utils import make_credential
-
-        pub, _ = TPM2B_PUBLIC.unmarshal(ek_public)
-        blob, enc = make_credential(pub, secret, TPM2B_NAME(ak_name))
-        return CredentialChallenge(bytes(blob.marshal()), bytes(enc.marshal()))
+        """TPM2_MakeCredential in software (verifier.credential), as marshalled TPM2Bs."""
+        cred = make_credential(ek_public[2:], ak_name, secret)  # TPMT_PUBLIC of the EK
+        return CredentialChallenge(
+            len(cred.credential_blob).to_bytes(2, "big") + cred.credential_blob,
+            len(cred.encrypted_secret).to_bytes(2, "big") + cred.encrypted_secret,
+        )
 
     # -- policies ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ processes whose EK certificates chain to a local CA the verifier trusts.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import shutil
 import subprocess
@@ -378,19 +379,44 @@ def test_activation_failures(service: Service, tpm_factory: TpmFactory) -> None:
         422,
         "AK must be",
     )
-    # an EK certificate from an untrusted CA
-    other = Path(service.home) / "intermediates" / "issuer.pem"
+    # a CA certificate presented as the EK certificate; an EK cert from an untrusted CA
     from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    ca_der = x509.load_pem_x509_certificate(other.read_bytes()).public_bytes(
-        __import__(
-            "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
-        ).Encoding.DER
+    from verifier.service.appraiser import parse_public
+
+    issuer = x509.load_pem_x509_certificate(
+        (service.home / "intermediates" / "issuer.pem").read_bytes()
     )
+    ca_der = issuer.public_bytes(serialization.Encoding.DER)
     problem(
         service.call("POST", "/v1/attesters", json={**body, "ek_certificate": b64(ca_der)}),
         422,
-        "ekcert",
+        "must not be a CA",
+    )
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "rogue EK CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    rogue = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(name)
+        .public_key(parse_public(ek, "ek").key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(rogue_key, hashes.SHA256())
+    )
+    problem(
+        service.call(
+            "POST",
+            "/v1/attesters",
+            json={**body, "ek_certificate": b64(rogue.public_bytes(serialization.Encoding.DER))},
+        ),
+        422,
+        "chain|anchor|issuer",
     )
 
 
