@@ -30,6 +30,7 @@ from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
 from tests.vm.conftest import GuestImages, ProvisionedVtpm
 from verifier.credential import make_credential
+from verifier.ekcert import TrustStore, validate_ek_certificate
 from verifier.eventlog import EventLog, EventType
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import VerificationError
@@ -101,6 +102,12 @@ def boot_and_attest(
                 "openssl", "verify", "-CAfile", str(prov.ca_root), "-untrusted",
                 str(prov.ca_issuer), "ekcert.pem", cwd=work,
             )  # fmt: skip
+
+            ek_key = rsa.RSAPublicNumbers(65537, int.from_bytes(modulus, "big")).public_key()
+            trust = TrustStore.load([prov.ca_root], [prov.ca_issuer])
+            validate_ek_certificate(
+                ident.ek_cert_der, trust, ek_public=ek_key
+            )  # the verifier's view
 
             # 2. the AK name is nameAlg || H(TPMT_PUBLIC), and the AK is a restricted signer
             tpmt = ident.ak_public_tpm2b[2:]
