@@ -16,7 +16,7 @@ import hmac
 from dataclasses import dataclass
 from enum import Enum
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from verifier.service.config import ServiceConfig, hash_token
 from verifier.service.db import Database
@@ -25,6 +25,8 @@ from verifier.service.models import Attester
 from vtpm_core.errors import PermissionDeniedError
 
 __all__ = ["Authenticator", "Principal", "Role"]
+
+_BY_TOKEN = select(Attester.id).where(Attester.token_sha256 == bindparam("t"))
 
 
 class Role(Enum):

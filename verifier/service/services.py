@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from verifier.service.config import ServiceConfig, hash_token, new_token
@@ -51,6 +51,7 @@ from verifier.service.models import (
     Nonce,
     Policy,
     Result,
+    UtcDateTime,
 )
 from verifier.service.ports import Appraisal, Appraiser
 from vtpm_core.errors import ConflictError, NotFoundError, PermissionDeniedError, StateError
@@ -74,6 +75,63 @@ FLAG_AK_SWAPPED = "ak-not-activated"
 FLAG_RESET_BACK = "reset-count-regressed"
 FLAG_RESTART_BACK = "restart-count-regressed"
 FLAG_CLOCK_BACK = "clock-regressed"
+
+
+# Hot-path statements are built once, with bind parameters: building SQLAlchemy
+# expressions per request costs more than executing them.
+_CHALLENGE_READ = (
+    select(Attester.activated_at, Policy.name, Policy.body)
+    .select_from(Attester)
+    .outerjoin(Assignment, Assignment.attester_id == Attester.id)
+    .outerjoin(Policy, Policy.name == Assignment.policy_name)
+    .where(Attester.id == bindparam("aid"))
+)
+_NONCE_INSERT = insert(Nonce)
+_NONCE_PURGE = delete(Nonce).where(
+    Nonce.attester_id == bindparam("aid"), Nonce.expires_at < bindparam("now")
+)
+_SUBMIT_READ = (
+    select(
+        Attester.activated_at,
+        Attester.ak_public,
+        Attester.ak_name,
+        Nonce.attester_id,
+        Nonce.used,
+        Nonce.expires_at,
+        Nonce.pcr_selection,
+        Nonce.policy_name,
+        Policy.body,
+        Policy.sha256,
+    )
+    .select_from(Attester)
+    .outerjoin(Nonce, Nonce.nonce == bindparam("n"))
+    .outerjoin(Policy, Policy.name == Nonce.policy_name)
+    .where(Attester.id == bindparam("aid"))
+)
+# the single-use rule: exactly one transaction can match this row
+_NONCE_CONSUME = (
+    update(Nonce)
+    .where(
+        Nonce.nonce == bindparam("n"),
+        Nonce.attester_id == bindparam("aid"),
+        Nonce.used.is_(False),
+        Nonce.expires_at > bindparam("now"),
+    )
+    .values(used=True, used_at=bindparam("used_at", type_=UtcDateTime()))
+)
+_ATTESTER_LOCK = (
+    select(
+        Attester.vm_id,
+        Attester.flags,
+        Attester.status,
+        Attester.reset_count,
+        Attester.restart_count,
+        Attester.clock,
+    )
+    .where(Attester.id == bindparam("aid"))
+    .with_for_update()
+)
+_RESULT_INSERT = insert(Result).returning(Result.id)
 
 
 def utc_now() -> datetime:
@@ -297,37 +355,42 @@ class EvidenceService:
         now = self.clock()
         nonce = self.random(_NONCE_BYTES)
         with self.db.transaction() as session:
-            attester = _get_attester(session, attester_id)
-            if attester.activated_at is None:
+            conn = session.connection()
+            row = conn.execute(_CHALLENGE_READ, {"aid": attester_id}).first()
+            if row is None:
+                raise NotFoundError(f"attester {attester_id!r} is not registered")
+            activated_at, policy_name, policy_body = row
+            if activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated yet")
-            policy = _assigned_policy(session, attester_id)
             selection = (
-                self.appraiser.check_policy(policy.body)
-                if policy is not None
+                self.appraiser.check_policy(policy_body)
+                if policy_body is not None
                 else self.config.default_pcr_selection
             )
-            # housekeeping: this attester's expired nonces are of no use any more
-            session.execute(
-                delete(Nonce).where(Nonce.attester_id == attester_id, Nonce.expires_at < now)
-            )
+            if nonce[-1] < 8:
+                # housekeeping on ~1 in 32 challenges (the nonce's last byte is
+                # uniform): this attester's expired nonces are of no use any more
+                conn.execute(_NONCE_PURGE, {"aid": attester_id, "now": now})
             expires = now + timedelta(seconds=self.config.nonce_lifetime_s)
-            session.add(
-                Nonce(
-                    nonce=nonce.hex(),
-                    attester_id=attester_id,
-                    pcr_selection={bank: list(pcrs) for bank, pcrs in selection.items()},
-                    policy_name=policy.name if policy is not None else None,
-                    created_at=now,
-                    expires_at=expires,
-                    used=False,
-                )
+            conn.execute(
+                _NONCE_INSERT,
+                {
+                    "nonce": nonce.hex(),
+                    "attester_id": attester_id,
+                    "pcr_selection": {bank: list(pcrs) for bank, pcrs in selection.items()},
+                    "policy_name": policy_name,
+                    "created_at": now,
+                    "expires_at": expires,
+                    "used": False,
+                    "used_at": None,
+                },
             )
         self.metrics.challenges.inc()
         return {
             "nonce": _b64(nonce),
             "expires_at": _iso(expires),
             "pcr_selection": {bank: list(pcrs) for bank, pcrs in selection.items()},
-            "policy": policy.name if policy is not None else None,
+            "policy": policy_name,
         }
 
     def _nonce_problem(self, session: Session, attester_id: str, nonce_hex: str) -> Exception:
@@ -343,18 +406,25 @@ class EvidenceService:
         now = self.clock()
         nonce_hex = evidence.nonce.hex()
         with self.db.read() as session:
-            attester = _get_attester(session, attester_id)
-            if attester.activated_at is None:
+            row = (
+                session.connection()
+                .execute(_SUBMIT_READ, {"n": nonce_hex, "aid": attester_id})
+                .first()
+            )
+            if row is None:
+                raise NotFoundError(f"attester {attester_id!r} is not registered")
+            if row.activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated: no evidence accepted")
-            row = session.get(Nonce, nonce_hex)
-            if row is None or row.used or row.expires_at <= now or row.attester_id != attester_id:
+            if (
+                row.used is None
+                or row.used
+                or row.expires_at <= now
+                or not hmac.compare_digest(row[3], attester_id)
+            ):
                 raise self._nonce_problem(session, attester_id, nonce_hex)
             selection = {bank: tuple(p) for bank, p in row.pcr_selection.items()}
-            policy_name = row.policy_name
-            policy = session.get(Policy, policy_name) if policy_name else None
-            policy_body = policy.body if policy is not None else None
-            policy_sha = policy.sha256 if policy is not None else None
-            ak_public, ak_name = attester.ak_public, attester.ak_name
+            policy_name, policy_body, policy_sha = row.policy_name, row.body, row.sha256
+            ak_public, ak_name = row.ak_public, row.ak_name
         if policy_name is not None and policy_body is None:
             raise ConflictError(f"policy {policy_name!r} was deleted after the challenge")
 
@@ -381,35 +451,27 @@ class EvidenceService:
 
         # step 3: one transaction for every write
         with self.db.transaction() as session:
-            consumed = session.execute(
-                update(Nonce)
-                .where(
-                    Nonce.nonce == nonce_hex,
-                    Nonce.attester_id == attester_id,
-                    Nonce.used.is_(False),
-                    Nonce.expires_at > now,
-                )
-                .values(used=True, used_at=now)
-                .execution_options(synchronize_session=False)
+            conn = session.connection()
+            consumed = conn.execute(
+                _NONCE_CONSUME, {"n": nonce_hex, "aid": attester_id, "now": now, "used_at": now}
             )
-            if consumed.rowcount != 1:  # type: ignore[attr-defined]
+            if consumed.rowcount != 1:
                 self.metrics.nonce_rejections.inc()
                 raise self._nonce_problem(session, attester_id, nonce_hex)
-            attester = _get_attester(session, attester_id, lock=True)
-            new_flags += _lineage(attester, appraisal, now)
-            if new_flags:
-                attester.flags = [*attester.flags, *new_flags]
-                attester.status = "flagged"
-            status = appraisal.status
-            if attester.flags:
-                status = "contraindicated"
+            att = conn.execute(_ATTESTER_LOCK, {"aid": attester_id}).one()
+            lineage_flags, marks = _lineage(
+                (att.reset_count, att.restart_count, att.clock), appraisal, now
+            )
+            new_flags += lineage_flags
+            flags = [*att.flags, *new_flags]
+            status = "contraindicated" if flags else appraisal.status
             report = {
                 "status": status,
                 "appraisal_status": appraisal.status,
                 "quote_verified": appraisal.quote_verified,
                 "failures": list(appraisal.failures),
                 "warnings": list(appraisal.warnings),
-                "flags": list(attester.flags),
+                "flags": flags,
                 "new_flags": new_flags,
                 "trust_vector": appraisal.trust_vector,
                 "policy": policy_name,
@@ -426,48 +488,66 @@ class EvidenceService:
             ear = self.appraiser.sign_result(
                 ear_claims(
                     self.config.verifier_id,
-                    attester,
+                    attester_id,
+                    att.vm_id,
                     status,
                     appraisal,
                     evidence.nonce,
                     policy_name,
                     now,
-                    [f["flag"] for f in attester.flags],
+                    [f["flag"] for f in flags],
                 )
             )
-            result = Result(
-                attester_id=attester_id,
-                created_at=now,
-                status=status,
-                policy_name=policy_name,
-                nonce=nonce_hex,
-                report=report,
-                ear=ear,
-            )
-            session.add(result)
-            session.flush()
-            attester.latest_result_id = result.id
-            view = result_view(result)
+            result_id = conn.execute(
+                _RESULT_INSERT,
+                {
+                    "attester_id": attester_id,
+                    "created_at": now,
+                    "status": status,
+                    "policy_name": policy_name,
+                    "nonce": nonce_hex,
+                    "report": report,
+                    "ear": ear,
+                },
+            ).scalar_one()
+            changes: dict[str, Any] = {"latest_result_id": result_id}
+            if new_flags:
+                changes.update(flags=flags, status="flagged")
+            if marks is not None:
+                changes.update(reset_count=marks[0], restart_count=marks[1], clock=marks[2])
+            conn.execute(update(Attester).where(Attester.id == attester_id).values(**changes))
         self.metrics.results.labels(status=status).inc()
-        return view
+        return {
+            "id": result_id,
+            "attester_id": attester_id,
+            "created_at": _iso(now),
+            "status": status,
+            "policy": policy_name,
+            "nonce": nonce_hex,
+            "report": report,
+            "ear": ear,
+        }
 
 
 def _ak_name_of(appraiser: Appraiser, ak_public: bytes) -> str:
     return appraiser.object_name(ak_public).hex()
 
 
-def _lineage(attester: Attester, appraisal: Appraisal, now: datetime) -> list[dict[str, Any]]:
+def _lineage(
+    marks: tuple[int | None, int | None, int | None], appraisal: Appraisal, now: datetime
+) -> tuple[list[dict[str, Any]], tuple[int, int, int] | None]:
     """Compare the verified clock with the attester's high-water marks.
 
     resetCount and restartCount never go down on one TPM, and Clock only grows
     within one reset/restart cycle (TPM 2.0 Part 1, 36.3-36.6): a lower value
-    is a reverted snapshot or a cloned vTPM. The marks only move forward.
+    is a reverted snapshot or a cloned vTPM. Returns the flags and the new
+    marks; marks only move forward (None: leave them).
     """
     c = appraisal.clock
     if c is None or not appraisal.quote_verified:
-        return []
+        return [], None
     flags: list[dict[str, Any]] = []
-    r0, s0, k0 = attester.reset_count, attester.restart_count, attester.clock
+    r0, s0, k0 = marks
     if r0 is not None and s0 is not None and k0 is not None:
         if c.reset_count < r0:
             flags.append(_flag(FLAG_RESET_BACK, f"resetCount {c.reset_count} < {r0} seen", now))
@@ -477,15 +557,15 @@ def _lineage(attester: Attester, appraisal: Appraisal, now: datetime) -> list[di
             )
         elif c.reset_count == r0 and c.restart_count == s0 and c.clock < k0:
             flags.append(_flag(FLAG_CLOCK_BACK, f"clock {c.clock} < {k0} seen", now))
-    if not flags:
-        attester.reset_count, attester.restart_count = c.reset_count, c.restart_count
-        attester.clock = c.clock
-    return flags
+    if flags:
+        return flags, None
+    return flags, (c.reset_count, c.restart_count, c.clock)
 
 
 def ear_claims(
     verifier_id: str,
-    attester: Attester,
+    attester_id: str,
+    vm_id: str | None,
     status: str,
     appraisal: Appraisal,
     nonce: bytes,
@@ -500,11 +580,11 @@ def ear_claims(
         "eat_nonce": base64.urlsafe_b64encode(nonce).rstrip(b"=").decode("ascii"),
         "ear.verifier-id": {"developer": "vtpm-trust", "build": verifier_id},
         "submods": {
-            attester.id: {
+            attester_id: {
                 "ear.status": status,
                 "ear.trustworthiness-vector": appraisal.trust_vector,
                 "ear.appraisal-policy-id": policy_name or "default",
-                "vtpm.vm-id": attester.vm_id,
+                "vtpm.vm-id": vm_id,
                 "vtpm.flags": flags,
                 "vtpm.failures": [f.get("rule", str(f)) for f in appraisal.failures],
             }
