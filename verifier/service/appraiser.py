@@ -44,6 +44,7 @@ from verifier.ekcert import (
     VmIdentityExtension,
     validate_ek_certificate,
 )
+from verifier.service._wire import QuoteAttest, QuoteSignature
 from verifier.service.config import ServiceConfig
 from verifier.service.messages import EvidenceRequest, RegistrationRequest, parse_pcrs
 from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
@@ -154,6 +155,10 @@ class LibraryAppraiser:
         verifier_id: str,
     ) -> None:
         self._trust = trust
+        # parsed AK publics by their wire bytes (immutable values; per app instance)
+        self._ak_cache: dict[bytes, _Public] = {}
+        # parsed policies by their text (never mutated after parsing)
+        self._policy_cache: dict[str, dict[str, Any]] = {}
         self._ek_options = ek_options
         self._key = signing_key
         self._verifier_id = verifier_id
@@ -273,6 +278,16 @@ class LibraryAppraiser:
     # -- policies ----------------------------------------------------------------------
 
     def _load_policy(self, body: str) -> dict[str, Any]:
+        cached = self._policy_cache.get(body)
+        if cached is not None:
+            return cached
+        doc = self._parse_policy(body)
+        if len(self._policy_cache) >= 256:
+            self._policy_cache.clear()
+        self._policy_cache[body] = doc
+        return doc
+
+    def _parse_policy(self, body: str) -> dict[str, Any]:
         try:
             doc = yaml.safe_load(body)
         except yaml.YAMLError as exc:
@@ -304,17 +319,17 @@ class LibraryAppraiser:
     ) -> Appraisal:
         failures: list[dict[str, Any]] = []
         warnings: list[dict[str, Any]] = []
-        ak = parse_public(ak_public, "ak_public")
+        ak = self._ak_cache.get(ak_public)
+        if ak is None:
+            ak = parse_public(ak_public, "ak_public")
+            if len(self._ak_cache) >= 4096:
+                self._ak_cache.clear()  # a bound, not an LRU: refills from the next requests
+            self._ak_cache[ak_public] = ak
         attest, sig_alg, sig_hash, signature = _parse_quote(evidence.quote, evidence.signature)
         clock: ClockInfo | None = None
         try:
             _verify_signature(ak, evidence.quote, sig_alg, sig_hash, signature)  # step 2
-            clock = ClockInfo(
-                int(attest.clockInfo.clock),
-                int(attest.clockInfo.resetCount),
-                int(attest.clockInfo.restartCount),
-                bool(attest.clockInfo.safe),
-            )
+            clock = ClockInfo(attest.clock, attest.reset_count, attest.restart_count, attest.safe)
             _check_quote(attest, nonce, evidence.pcrs, selection, sig_hash)  # steps 3-5
         except VerificationError as exc:
             failures.append({"rule": exc.check, "message": exc.message})
@@ -383,31 +398,12 @@ class LibraryAppraiser:
         return self._jwks
 
 
-def _parse_quote(quote: bytes, signature: bytes) -> tuple[Any, int, int, bytes]:
-    from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
-
-    try:
-        attest, used = TPMS_ATTEST.unmarshal(quote)
-    except Exception as exc:
-        raise ParseError("TPMS_ATTEST", "quote", 0, f"does not unmarshal: {exc}") from None
-    if used != len(quote):
-        raise ParseError("TPMS_ATTEST", "quote", used, f"{len(quote) - used} trailing bytes")
-    try:
-        sig, used = TPMT_SIGNATURE.unmarshal(signature)
-    except Exception as exc:
-        raise ParseError("TPMT_SIGNATURE", "signature", 0, f"does not unmarshal: {exc}") from None
-    if used != len(signature):
-        raise ParseError("TPMT_SIGNATURE", "signature", used, "trailing bytes")
-    alg = int(sig.sigAlg)
-    if alg in (_SIG_RSASSA, _SIG_RSAPSS):
-        body = sig.signature.rsassa if alg == _SIG_RSASSA else sig.signature.rsapss
-        return attest, alg, int(body.hash), bytes(body.sig)
-    if alg == _SIG_ECDSA:
-        body = sig.signature.ecdsa
-        r = int.from_bytes(bytes(body.signatureR), "big")
-        s = int.from_bytes(bytes(body.signatureS), "big")
-        return attest, alg, int(body.hash), encode_dss_signature(r, s)
-    raise ParseError("TPMT_SIGNATURE", "sigAlg", 0, f"unsupported 0x{alg:04x}")
+def _parse_quote(quote: bytes, signature: bytes) -> tuple[QuoteAttest, int, int, bytes]:
+    attest = QuoteAttest.parse(quote)
+    sig = QuoteSignature.parse(signature)
+    if sig.sig_alg == _SIG_ECDSA:
+        return attest, sig.sig_alg, sig.hash_alg, encode_dss_signature(sig.r, sig.s)
+    return attest, sig.sig_alg, sig.hash_alg, sig.signature
 
 
 def _verify_signature(ak: _Public, message: bytes, alg: int, hash_alg: int, sig: bytes) -> None:
@@ -430,27 +426,28 @@ def _verify_signature(ak: _Public, message: bytes, alg: int, hash_alg: int, sig:
 
 
 def _check_quote(
-    attest: Any,
+    attest: QuoteAttest,
     nonce: bytes,
     pcrs: dict[str, dict[int, bytes]],
     selection: dict[str, tuple[int, ...]],
     sig_hash: int,
 ) -> None:
-    if int(attest.magic) != _TPM_GENERATED:  # step 1
-        raise VerificationError("quote.magic", f"magic 0x{int(attest.magic):08x}")
-    if int(attest.type) != _ST_ATTEST_QUOTE:
-        raise VerificationError("quote.type", f"type 0x{int(attest.type):04x}, expected quote")
-    extra = bytes(attest.extraData)
+    if attest.magic != _TPM_GENERATED:  # step 1
+        raise VerificationError("quote.magic", f"magic 0x{attest.magic:08x}")
+    if attest.type != _ST_ATTEST_QUOTE:
+        raise VerificationError("quote.type", f"type 0x{attest.type:04x}, expected quote")
+    extra = attest.extra_data
     if len(extra) != len(nonce) or not hmac.compare_digest(extra, nonce):  # step 3
         raise VerificationError(
             "quote.nonce", f"extraData is not the challenge nonce (got {len(extra)} bytes)"
         )
     quoted: dict[str, tuple[int, ...]] = {}  # step 4: banks in the quote's order
-    for sel in attest.attested.quote.pcrSelect:
-        bank = _HASHES.get(int(sel.hash), (None, None))[0]
+    for alg, bits in attest.pcr_select:
+        bank = _HASHES.get(alg, (None, None))[0]
         if bank is None:
-            raise VerificationError("quote.pcr_select", f"unknown bank 0x{int(sel.hash):04x}")
-        bits = bytes(sel.pcrSelect)[: int(sel.sizeofSelect)]
+            raise VerificationError("quote.pcr_select", f"unknown bank 0x{alg:04x}")
+        if bank in quoted:
+            raise VerificationError("quote.pcr_select", f"bank {bank} selected twice")
         idx = tuple(i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1)
         if idx:
             quoted[bank] = idx
@@ -470,6 +467,6 @@ def _check_quote(
     for bank, idx in quoted.items():
         for i in idx:
             digest.update(pcrs[bank][i])
-    got = bytes(attest.attested.quote.pcrDigest)
+    got = attest.pcr_digest
     if not hmac.compare_digest(got, digest.digest()):
         raise VerificationError("quote.pcr_digest", "pcrDigest does not match the PCR values")
