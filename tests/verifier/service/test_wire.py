@@ -48,7 +48,10 @@ def test_real_quote_parses(quote: tuple[bytes, bytes]) -> None:
         ),
         pytest.param(0, 1, r"TPMS_ATTEST\.end at byte \d+: 1 trailing", id="fail/attest/trailing"),
         pytest.param(
-            1, -3, r"TPMT_SIGNATURE\.signature\.sig at byte 4: needs", id="fail/signature/truncated"
+            1,
+            -3,
+            r"TPMT_SIGNATURE\.signature\.sig at byte 6: needs 256 bytes, 253 left",
+            id="fail/signature/truncated",
         ),
         pytest.param(
             1, 2, r"TPMT_SIGNATURE\.end at byte \d+: 2 trailing", id="fail/signature/trailing"
