@@ -43,7 +43,7 @@ def register(cli: click.Group) -> None:
 
     @verifier.command("init")
     @click.option("--home", type=click.Path(path_type=Path), required=True)
-    @click.option("--db", "db_url", help="database URL (default: SQLite in the home)")
+    @click.option("--db", "db_url", help="database URL to record (default: SQLite in the home)")
     @click.option("--verifier-id", help="the id results name (default: random)")
     @click.option(
         "--trust-root",
@@ -72,13 +72,13 @@ def register(cli: click.Group) -> None:
         from verifier.service.config import init_home, load_config
         from verifier.service.db import Database, upgrade
 
-        token = init_home(home, verifier_id=verifier_id)
+        token = init_home(home, verifier_id=verifier_id, database_url=db_url)
         for src, sub in [
             *((r, "roots") for r in roots),
             *((i, "intermediates") for i in intermediates),
         ]:
             shutil.copyfile(src, home / sub / src.name)
-        config = load_config(home, database_url=db_url)
+        config = load_config(home)
         db = Database(config.database_url)
         try:
             upgrade(db.engine)

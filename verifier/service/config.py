@@ -208,7 +208,9 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def init_home(home: Path, *, verifier_id: str | None = None) -> str:
+def init_home(
+    home: Path, *, verifier_id: str | None = None, database_url: str | None = None
+) -> str:
     """Create a verifier home: config, signing key, admin token. Returns the admin token.
 
     Refuses to overwrite an existing configuration (ConfigError).
@@ -243,6 +245,8 @@ def init_home(home: Path, *, verifier_id: str | None = None) -> str:
         "max_body_bytes": DEFAULT_MAX_BODY_BYTES,
         "default_pcr_selection": {"sha256": list(range(8))},
     }
+    if database_url:
+        raw["database_url"] = database_url
     (home / CONFIG_FILE).write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return token
 

@@ -60,6 +60,22 @@ def gunicorn_argv(bind: str, workers: int) -> list[str]:
     ]
 
 
+def _purge_stale_metrics(run: Path) -> None:
+    """Remove metrics directories of masters that no longer run (their PID is in the name)."""
+    if not run.is_dir():
+        return
+    for d in run.glob("metrics-*"):
+        pid = d.name.removeprefix("metrics-")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: existence check only
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
 def serve(home: Path, bind: str, workers: int, database_url: str | None) -> None:
     """Migrate, then exec gunicorn. Never returns."""
     from verifier.service.config import load_config
@@ -83,7 +99,9 @@ def serve(home: Path, bind: str, workers: int, database_url: str | None) -> None
         env[_ENV_DB] = database_url
     else:
         env.pop(_ENV_DB, None)
-    metrics_dir = config.home / "run" / f"metrics-{os.getpid()}"
+    run = config.home / "run"
+    _purge_stale_metrics(run)
+    metrics_dir = run / f"metrics-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     env[_ENV_METRICS] = str(metrics_dir)

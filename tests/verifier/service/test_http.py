@@ -205,6 +205,28 @@ def test_vtpm_attest_and_check_cli(
     noauth = vtpm("check", "--verifier", service.url, "--attester", state.attester_id)
     assert noauth.returncode == 1 and "401" in noauth.stderr
 
+    # --attest-now: attest from inside the VM first, then check a result seconds old
+    now = vtpm(
+        "check",
+        "--verifier",
+        service.url,
+        "--attester",
+        state.attester_id,
+        "--token-file",
+        str(token),
+        "--max-age",
+        "30s",
+        "--attest-now",
+        "--tpm",
+        tpm.endpoint.tcti,
+        "--attester-state",
+        str(state_file),
+        "--eventlog",
+        str(log),
+    )
+    assert now.returncode == 0, now.stdout + now.stderr
+    assert now.stdout.startswith(f"PASS attester {state.attester_id}: affirming")
+
 
 def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any]) -> None:
     """Without the event log (required) and with PCRs that differ: every failing rule is listed."""
