@@ -218,7 +218,10 @@ class PcrValues:
 
     @property
     def selection(self) -> PcrSelection:
-        return PcrSelection(tuple((bank, tuple(sorted(v))) for bank, v in self.values.items()))
+        """The supplied PCRs, banks in TPM_ALG_ID order (the values carry no bank order)."""
+        order = [name for name, _ in HASH_ALGS.values()]
+        banks = sorted(self.values, key=lambda b: order.index(b) if b in order else len(order))
+        return PcrSelection(tuple((bank, tuple(sorted(self.values[bank]))) for bank in banks))
 
     def digest(self, selection: PcrSelection, hash_alg: str) -> bytes:
         """H(values in selection order) as TPM2_Quote computes pcrDigest (Part 3 §18.4)."""
