@@ -21,6 +21,7 @@ import click
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
+from verifier._tpm_interim import Attest, PcrValues, Public
 from verifier.ekcert import (
     CertificateRevocationList,
     EkValidationOptions,
@@ -30,6 +31,7 @@ from verifier.ekcert import (
     ValidatedEkCertificate,
     validate_ek_certificate,
 )
+from verifier.quote import QUOTE_CHECKS, VerifiedQuote, verify_quote
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 __all__ = ["ek_group", "register"]
@@ -61,8 +63,6 @@ def load_public_key_file(path: Path) -> PublicKey:
         except ValueError as exc:
             raise ParseError("PublicKey", "der", 0, f"{path}: {exc}") from None
     else:
-        from vtpm_core.tpm.public import Public
-
         key = Public.load(data).public_key()
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise ParseError("PublicKey", "algorithm", 0, f"{path}: neither RSA nor EC")
@@ -202,6 +202,193 @@ def ek_verify(
         click.echo(f"  warning: {warning}")
 
 
+def _load_ak(path: Path) -> Public | PublicKey:
+    """The AK: TPM2B_PUBLIC / TPMT_PUBLIC (attributes known) or a PEM/DER key (not)."""
+    data = _read(path)
+    if b"-----BEGIN" in data or data[:1] == b"\x30":
+        return load_public_key_file(path)
+    return Public.load(data)
+
+
+def _parse_nonce(value: str) -> bytes:
+    try:
+        nonce = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise ConfigError(f"--nonce {value!r} is not hex") from None
+    if not nonce:
+        raise ConfigError("--nonce is empty")
+    return nonce
+
+
+def _quote_json(quote: VerifiedQuote) -> dict[str, Any]:
+    clock = quote.clock_info
+    return {
+        "qualified_signer": quote.qualified_signer.hex(),
+        "clock_info": {
+            "clock": clock.clock,
+            "reset_count": clock.reset_count,
+            "restart_count": clock.restart_count,
+            "safe": clock.safe,
+        },
+        "firmware_version": f"{quote.firmware_version:#018x}",
+        "pcr_selection": str(quote.pcr_selection),
+        "pcrs": {
+            bank: {str(i): v.hex() for i, v in values.items()}
+            for bank, values in quote.pcrs.as_mapping().items()
+        },
+    }
+
+
+def _checks_report(
+    checks: Sequence[str], failed: VerificationError | None, skipped: set[str]
+) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    seen_failure = False
+    for check in checks:
+        entry = {"check": check}
+        if failed is not None and check == failed.check:
+            entry.update(status="failed", message=failed.message)
+            seen_failure = True
+        elif check in skipped:
+            entry["status"] = "skipped"
+        elif seen_failure or (failed is not None and failed.check not in checks):
+            entry["status"] = "not_run"
+        else:
+            entry["status"] = "passed"
+        out.append(entry)
+    return out
+
+
+@click.command("verify-quote")
+@click.option(
+    "--ak",
+    "ak_file",
+    required=True,
+    type=_FILE,
+    help="AK public: TPM2B_PUBLIC (tpm2_createak -u, tpm2_readpublic -o) or PEM.",
+)
+@click.option(
+    "--message",
+    "message_file",
+    required=True,
+    type=_FILE,
+    help="The quoted TPMS_ATTEST (tpm2_quote -m).",
+)
+@click.option(
+    "--signature",
+    "signature_file",
+    required=True,
+    type=_FILE,
+    help="The TPMT_SIGNATURE (tpm2_quote -s).",
+)
+@click.option(
+    "--pcrs",
+    "pcrs_file",
+    required=True,
+    type=_FILE,
+    help="PCR values: tpm2_quote -o (serialized or -F values) or JSON {bank: {index: hex}}.",
+)
+@click.option("--nonce", required=True, help="The nonce the verifier issued, hex.")
+@click.option(
+    "--eventlog",
+    "eventlog_file",
+    type=_FILE,
+    help="TCG PC Client event log that must replay to the quoted PCRs it covers.",
+)
+@click.option(
+    "--ak-attributes-verified",
+    is_flag=True,
+    help="The AK's TPM attributes were checked elsewhere (needed for a PEM --ak).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report with every check.")
+def verify_quote_command(
+    ak_file: Path,
+    message_file: Path,
+    signature_file: Path,
+    pcrs_file: Path,
+    nonce: str,
+    eventlog_file: Path | None,
+    ak_attributes_verified: bool,
+    as_json: bool,
+) -> None:
+    """Verify a TPM2_Quote made by tpm2_quote (and, with --eventlog, replay the log).
+
+    Checks: ak.attributes, quote.signature, quote.magic, quote.type,
+    quote.nonce, quote.pcr_select, quote.pcr_digest, eventlog.replay.
+    """
+    expected_nonce = _parse_nonce(nonce)
+    ak = _load_ak(ak_file)
+    message = _read(message_file)
+    signature = _read(signature_file)
+    pcr_data = _read(pcrs_file)
+    try:
+        selection = Attest.parse(message).attested.pcr_select
+    except ParseError:
+        selection = None  # reported by verify_quote's own checks (magic/type/parse)
+    pcrs = PcrValues.load(pcr_data, selection)
+    log = None
+    if eventlog_file is not None:
+        from verifier.eventlog import EventLog
+
+        log = EventLog.parse(_read(eventlog_file))
+    checks = [*QUOTE_CHECKS, *(["eventlog.replay"] if log is not None else [])]
+    skipped = {"ak.attributes"} if ak_attributes_verified else set()
+    report: dict[str, Any] = {}
+    try:
+        quote = verify_quote(
+            ak,
+            message,
+            signature,
+            pcrs,
+            expected_nonce,
+            require_ak_attributes=not ak_attributes_verified,
+        )
+        report["quote"] = _quote_json(quote)
+        if log is not None:
+            replayed = log.verify(quote.pcrs.as_mapping())
+            report["eventlog"] = {
+                "events": len(replayed.events),
+                "verified": {bank: sorted(pcrs) for bank, pcrs in replayed.verified.items()},
+                "warnings": list(replayed.warnings),
+            }
+    except VerificationError as exc:
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {"valid": False, "checks": _checks_report(checks, exc, skipped), **report},
+                    indent=2,
+                )
+            )
+        click.echo(f"invalid: {exc}", err=True)
+        raise SystemExit(EXIT_INVALID) from None
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"valid": True, "checks": _checks_report(checks, None, skipped), **report}, indent=2
+            )
+        )
+        return
+    q = report["quote"]
+    click.echo("quote valid")
+    click.echo(f"  signer: {q['qualified_signer']}")
+    c = q["clock_info"]
+    click.echo(
+        f"  clock: {c['clock']} ms, resetCount {c['reset_count']},"
+        f" restartCount {c['restart_count']}, safe {c['safe']}"
+    )
+    click.echo(f"  firmware: {q['firmware_version']}")
+    click.echo(f"  PCRs: {q['pcr_selection']}")
+    if ak_attributes_verified:
+        click.echo("  AK attributes: not checked here (--ak-attributes-verified)")
+    if "eventlog" in report:
+        e = report["eventlog"]
+        covered = "+".join(f"{b}:{','.join(map(str, p))}" for b, p in e["verified"].items())
+        click.echo(f"  event log: {e['events']} events replay to the quoted {covered}")
+        for warning in e["warnings"]:
+            click.echo(f"  warning: {warning}")
+
+
 def register(cli: click.Group) -> None:
     """Add this module's commands to the root ``vtpm`` group."""
+    cli.add_command(verify_quote_command)
     cli.add_command(ek_group)
