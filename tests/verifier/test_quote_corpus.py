@@ -1,4 +1,4 @@
-"""The corpus quote made by a swtpm in keylime's CI (../shared/corpus/quotes/swtpm_keylime_checkquote).
+"""The corpus quote a swtpm made in keylime's CI (corpus/quotes/swtpm_keylime_checkquote).
 
 Its AK is only a PEM SubjectPublicKeyInfo: the TPM attributes of the key are
 unknown, so verify_quote fails closed (ak.attributes) unless the caller says
