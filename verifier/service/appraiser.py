@@ -1,24 +1,19 @@
 """The service's appraiser: EK chain, AK attributes, MakeCredential, quote, event log, policy, EAR.
 
-Library use: ``verifier.ekcert`` validates EK certificates (chain, TCG
-profile, key match, VM identity), ``verifier.credential`` makes credentials,
-``verifier.eventlog`` replays logs. INTERIM: ``vtpm_core.tpm``,
-``verifier.quote``, ``verifier.policy`` and ``verifier.ear`` had not landed
-when the service was written; until they do, this module is the service's one
-tpm2-pytss adapter and does the quote checks, a literal-PCR policy and the EAR
-signing itself, citing the specs. Swap each for the library call when it
-exists; the :class:`Appraiser` interface stays.
+Library use (issue 5): ``verifier.ekcert`` validates EK certificates (path to
+the configured roots, TCG EK profile, key match, VM identity);
+``verifier.credential`` makes credentials; ``verifier.quote`` checks AK
+attributes (at registration) and verifies quotes (signature over the received
+bytes, magic, type, nonce, pcrSelect, pcrDigest); ``verifier.eventlog``
+replays logs. INTERIM, until ``verifier.policy`` and ``verifier.ear`` land:
+a literal-PCR policy and ES256 EAR signing live here.
 
-Quote checks (TPM 2.0 Part 2, 10.12.8 TPMS_ATTEST; Part 3, 18.4 TPM2_Quote):
-  1. TPMS_ATTEST parses completely; magic is TPM_GENERATED_VALUE; type is
-     TPM_ST_ATTEST_QUOTE;
-  2. the signature verifies with the activated AK over exactly the bytes received;
-  3. extraData equals the challenge nonce (constant time);
-  4. the quote's own pcrSelect equals both the requested selection and the
-     selection of the PCR values supplied (a relabelled PCR fails);
-  5. pcrDigest equals the hash of the supplied values in selection order;
-  6. the event log (if any) replays to the supplied values;
-  7. policy: literal PCR values.
+Appraisal steps:
+  1-5. ``verify_quote`` with the activated AK, the challenge nonce and the
+       supplied PCR values;
+  5a.  the quote's selection equals the challenge's (the policy's PCRs);
+  6.   the event log (if any) replays to the supplied values;
+  7.   the policy's reference values, every failing rule reported.
 """
 
 from __future__ import annotations
@@ -32,11 +27,11 @@ from typing import Any
 
 import jwt
 import yaml
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+# PcrValues moves to vtpm_core.tpm with the rest of the TPM structure layer
+from verifier._tpm_interim import Attest, PcrValues, Public, Signature
 from verifier.credential import make_credential
 from verifier.ekcert import (
     EkValidationOptions,
@@ -44,7 +39,7 @@ from verifier.ekcert import (
     VmIdentityExtension,
     validate_ek_certificate,
 )
-from verifier.service._wire import QuoteAttest, QuoteSignature
+from verifier.quote import check_ak_attributes, verify_quote
 from verifier.service.config import ServiceConfig
 from verifier.service.messages import EvidenceRequest, RegistrationRequest, parse_pcrs
 from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
@@ -52,25 +47,20 @@ from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 __all__ = ["LibraryAppraiser", "parse_public"]
 
-_TPM_GENERATED = 0xFF544347
-_ST_ATTEST_QUOTE = 0x8018
 _HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
     0x0004: ("sha1", hashes.SHA1),
     0x000B: ("sha256", hashes.SHA256),
     0x000C: ("sha384", hashes.SHA384),
     0x000D: ("sha512", hashes.SHA512),
 }
-_BANK_ALG = {name: alg for alg, (name, _cls) in _HASHES.items()}
 _CURVES: dict[int, ec.EllipticCurve] = {
     0x0003: ec.SECP256R1(),
     0x0004: ec.SECP384R1(),
     0x0005: ec.SECP521R1(),
 }
 _ALG_RSA, _ALG_ECC = 0x0001, 0x0023
-_SIG_RSASSA, _SIG_RSAPSS, _SIG_ECDSA = 0x0014, 0x0016, 0x0018
 # TPMA_OBJECT bits (Part 2, 8.3.2)
-_FIXED_TPM, _FIXED_PARENT, _SDO = 1 << 1, 1 << 4, 1 << 5
-_RESTRICTED, _DECRYPT, _SIGN = 1 << 16, 1 << 17, 1 << 18
+_DECRYPT, _SIGN = 1 << 17, 1 << 18
 _AR4SI_AFFIRMING, _AR4SI_WARNING, _AR4SI_CONTRA, _AR4SI_NONE = 2, 32, 96, 0
 
 
@@ -205,15 +195,10 @@ class LibraryAppraiser:
         self, request: RegistrationRequest, *, allow_bare_ek: bool
     ) -> CheckedRegistration:
         ak = parse_public(request.ak_public, "ak_public")
-        # AK attributes (TPM-NOTES "Quotes and keys"): a non-restricted or
-        # decrypting key could sign a forged TPMS_ATTEST.
-        need = _FIXED_TPM | _FIXED_PARENT | _SDO | _RESTRICTED | _SIGN
-        if ak.attributes & need != need or ak.attributes & _DECRYPT:
-            raise VerificationError(
-                "ak.attributes",
-                f"AK must be fixedTPM|fixedParent|sensitiveDataOrigin|restricted|sign and not "
-                f"decrypt (got 0x{ak.attributes:08x})",
-            )
+        # AK attributes (verifier.quote step 1): a non-restricted or decrypting
+        # key could sign a forged TPMS_ATTEST. Checked once, here; quotes are
+        # then verified with the stored key.
+        check_ak_attributes(Public.load(request.ak_public))
         identity: dict[str, Any] = {}
         cert_der: bytes | None = None
         vm_id: str | None = None
@@ -325,12 +310,32 @@ class LibraryAppraiser:
             if len(self._ak_cache) >= 4096:
                 self._ak_cache.clear()  # a bound, not an LRU: refills from the next requests
             self._ak_cache[ak_public] = ak
-        attest, sig_alg, sig_hash, signature = _parse_quote(evidence.quote, evidence.signature)
+        # malformed structures are a 400 before anything is consumed or recorded
+        Attest.parse(evidence.quote)
+        signature = Signature.parse(evidence.signature)
         clock: ClockInfo | None = None
         try:
-            _verify_signature(ak, evidence.quote, sig_alg, sig_hash, signature)  # step 2
-            clock = ClockInfo(attest.clock, attest.reset_count, attest.restart_count, attest.safe)
-            _check_quote(attest, nonce, evidence.pcrs, selection, sig_hash)  # steps 3-5
+            # steps 1-5: verifier.quote (signature over the received bytes, magic,
+            # type, nonce, pcrSelect == supplied values, pcrDigest). The AK's
+            # attributes were checked at registration (check_registration).
+            verified = verify_quote(
+                ak.key,
+                evidence.quote,
+                signature,
+                PcrValues(evidence.pcrs),
+                nonce,
+                require_ak_attributes=False,
+            )
+            # ... and the quote covers exactly what the challenge asked for
+            wanted = {bank: frozenset(p) for bank, p in selection.items() if p}
+            if verified.pcr_selection.as_sets() != wanted:
+                raise VerificationError(
+                    "quote.pcr_select",
+                    f"the quote selects {verified.pcr_selection}, the challenge asked for "
+                    + "+".join(f"{b}:{','.join(map(str, sorted(p)))}" for b, p in wanted.items()),
+                )
+            ci = verified.clock_info
+            clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
         except VerificationError as exc:
             failures.append({"rule": exc.check, "message": exc.message})
             return Appraisal(
@@ -396,77 +401,3 @@ class LibraryAppraiser:
 
     def jwks(self) -> dict[str, Any]:
         return self._jwks
-
-
-def _parse_quote(quote: bytes, signature: bytes) -> tuple[QuoteAttest, int, int, bytes]:
-    attest = QuoteAttest.parse(quote)
-    sig = QuoteSignature.parse(signature)
-    if sig.sig_alg == _SIG_ECDSA:
-        return attest, sig.sig_alg, sig.hash_alg, encode_dss_signature(sig.r, sig.s)
-    return attest, sig.sig_alg, sig.hash_alg, sig.signature
-
-
-def _verify_signature(ak: _Public, message: bytes, alg: int, hash_alg: int, sig: bytes) -> None:
-    if hash_alg not in _HASHES:
-        raise VerificationError("quote.signature", f"unsupported hash 0x{hash_alg:04x}")
-    h = _HASHES[hash_alg][1]()
-    try:
-        if alg == _SIG_ECDSA and isinstance(ak.key, ec.EllipticCurvePublicKey):
-            ak.key.verify(sig, message, ec.ECDSA(h))
-        elif alg == _SIG_RSASSA and isinstance(ak.key, rsa.RSAPublicKey):
-            ak.key.verify(sig, message, padding.PKCS1v15(), h)
-        elif alg == _SIG_RSAPSS and isinstance(ak.key, rsa.RSAPublicKey):
-            ak.key.verify(sig, message, padding.PSS(padding.MGF1(h), padding.PSS.AUTO), h)
-        else:
-            raise VerificationError("quote.signature", "signature scheme does not fit the AK")
-    except InvalidSignature:
-        raise VerificationError(
-            "quote.signature", "the quote is not signed by the activated AK"
-        ) from None
-
-
-def _check_quote(
-    attest: QuoteAttest,
-    nonce: bytes,
-    pcrs: dict[str, dict[int, bytes]],
-    selection: dict[str, tuple[int, ...]],
-    sig_hash: int,
-) -> None:
-    if attest.magic != _TPM_GENERATED:  # step 1
-        raise VerificationError("quote.magic", f"magic 0x{attest.magic:08x}")
-    if attest.type != _ST_ATTEST_QUOTE:
-        raise VerificationError("quote.type", f"type 0x{attest.type:04x}, expected quote")
-    extra = attest.extra_data
-    if len(extra) != len(nonce) or not hmac.compare_digest(extra, nonce):  # step 3
-        raise VerificationError(
-            "quote.nonce", f"extraData is not the challenge nonce (got {len(extra)} bytes)"
-        )
-    quoted: dict[str, tuple[int, ...]] = {}  # step 4: banks in the quote's order
-    for alg, bits in attest.pcr_select:
-        bank = _HASHES.get(alg, (None, None))[0]
-        if bank is None:
-            raise VerificationError("quote.pcr_select", f"unknown bank 0x{alg:04x}")
-        if bank in quoted:
-            raise VerificationError("quote.pcr_select", f"bank {bank} selected twice")
-        idx = tuple(i for i in range(len(bits) * 8) if bits[i // 8] >> (i % 8) & 1)
-        if idx:
-            quoted[bank] = idx
-    supplied = {bank: tuple(sorted(v)) for bank, v in pcrs.items() if v}
-    wanted = {bank: tuple(sorted(v)) for bank, v in selection.items() if v}
-    if quoted != supplied:
-        raise VerificationError(
-            "quote.pcr_select",
-            f"the quote selects {quoted}, the PCR values given are for {supplied}",
-        )
-    if quoted != wanted:
-        raise VerificationError(
-            "quote.pcr_select", f"the quote selects {quoted}, the challenge asked for {wanted}"
-        )
-    hname = _HASHES[sig_hash][0]  # step 5: pcrDigest uses the signing hash
-    digest = hashlib.new(hname)
-    for bank, idx in quoted.items():
-        for i in idx:
-            digest.update(pcrs[bank][i])
-    got = attest.pcr_digest
-    if not hmac.compare_digest(got, digest.digest()):
-        raise VerificationError("quote.pcr_digest", "pcrDigest does not match the PCR values")

@@ -399,7 +399,7 @@ def test_activation_failures(service: Service, tpm_factory: TpmFactory) -> None:
     problem(
         service.call("POST", "/v1/attesters", json={**body, "ak_public": b64(ek)}),
         422,
-        "AK must be",
+        "ak.attributes: AK lacks sign",
     )
     # a CA certificate presented as the EK certificate; an EK cert from an untrusted CA
     from cryptography import x509
