@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Tools
+from verifier._tpm_interim import Public
 from verifier.ekcert import (
     CertificateRevocationList,
     EkValidationOptions,
@@ -49,6 +51,12 @@ authorityKeyIdentifier = keyid
 [ek_rsa]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,keyEncipherment
+extendedKeyUsage = 2.23.133.8.1
+authorityKeyIdentifier = keyid
+subjectAltName = critical,dirName:tpm_attrs
+[ek_ecc]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,keyAgreement
 extendedKeyUsage = 2.23.133.8.1
 authorityKeyIdentifier = keyid
 subjectAltName = critical,dirName:tpm_attrs
@@ -286,3 +294,43 @@ def test_tampered_ek_certificate_fails_signature(pki: Pki) -> None:
 def test_missing_intermediate(pki: Pki) -> None:
     with pytest.raises(VerificationError, match=r"^ek\.chain: no issuer found"):
         validate_ek_certificate(pki.ek.read_bytes(), TrustStore.load([pki.root]))
+
+
+@pytest.mark.swtpm
+@pytest.mark.parametrize(
+    ("alg", "section"), [("rsa", "ek_rsa"), ("ecc", "ek_ecc")], ids=["ok/rsa", "ok/ecc"]
+)
+def test_swtpm_ek_certified_by_openssl(pki: Pki, tools: Tools, alg: str, section: str) -> None:
+    """A real swtpm EK public (tpm2_createek -u) certified with openssl -force_pubkey."""
+    tools.run("tpm2_createek", "-c", "ek.ctx", "-G", alg, "-u", "ek.pub")
+    pem = tools.run("tpm2_print", "-t", "TPM2B_PUBLIC", "-f", "pem", "ek.pub").stdout
+    (tools.cwd / "ek.pem").write_text(pem)
+    inter = pki.intermediate.parent
+    _openssl(
+        "x509", "-req", "-in", str(pki.dir / "ek.csr"), "-CA", str(pki.intermediate),
+        "-CAkey", str(inter / "ca.key"), "-force_pubkey", str(tools.cwd / "ek.pem"),
+        "-extfile", str(inter / "ca.cnf"), "-extensions", section, "-days", "30",
+        "-set_serial", "0x5eed", "-out", str(tools.cwd / "ek.crt"), cwd=tools.cwd,
+    )  # fmt: skip
+    ek_public = Public.load((tools.cwd / "ek.pub").read_bytes())
+    result = validate_ek_certificate(
+        (tools.cwd / "ek.crt").read_bytes(), _trust(pki), ek_public=ek_public
+    )
+    assert result.profile.key_type == alg
+    other = parse_certificate(pki.ek.read_bytes()).public_key
+    assert other is not None
+    with pytest.raises(VerificationError, match=r"^ek\.public: "):
+        validate_ek_certificate((tools.cwd / "ek.crt").read_bytes(), _trust(pki), ek_public=other)
+    # and through the CLI, with the TPM2B_PUBLIC file tpm2_createek wrote
+    from click.testing import CliRunner
+
+    from vtpm_cli.main import cli
+
+    args = ["ek", "verify", str(tools.cwd / "ek.crt"), "--roots", str(pki.root),
+            "--intermediates", str(pki.intermediate), "--ek-public", str(tools.cwd / "ek.pub")]  # fmt: skip
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    tools.run(
+        "tpm2_createek", "-c", "ek2.ctx", "-G", "rsa" if alg == "ecc" else "ecc", "-u", "ek2.pub"
+    )
+    wrong = CliRunner().invoke(cli, [*args[:-1], str(tools.cwd / "ek2.pub")])
+    assert wrong.exit_code == 1 and wrong.stderr.startswith("invalid: ek.public: ")
