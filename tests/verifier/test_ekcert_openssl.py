@@ -327,7 +327,8 @@ def test_swtpm_ek_certified_by_openssl(pki: Pki, tools: Tools, alg: str, section
     from vtpm_cli.main import cli
 
     args = ["ek", "verify", str(tools.cwd / "ek.crt"), "--roots", str(pki.root),
-            "--intermediates", str(pki.intermediate), "--ek-public", str(tools.cwd / "ek.pub")]  # fmt: skip
+            "--intermediates", str(pki.intermediate),
+            "--ek-public", str(tools.cwd / "ek.pub")]  # fmt: skip
     assert CliRunner().invoke(cli, args).exit_code == 0
     tools.run(
         "tpm2_createek", "-c", "ek2.ctx", "-G", "rsa" if alg == "ecc" else "ecc", "-u", "ek2.pub"
