@@ -36,6 +36,8 @@ AK_KINDS = {
     "rsa-rsassa-sha1": ("rsa", "sha1", "rsassa"),
     "rsa-rsassa-sha384": ("rsa", "sha384", "rsassa"),
     "ecc384-ecdsa-sha384": ("ecc384", "sha384", "ecdsa"),
+    "rsa-rsassa-sha512": ("rsa", "sha512", "rsassa"),
+    "ecc-ecdsa-sha512": ("ecc", "sha512", "ecdsa"),
 }
 PLAIN_SIGNER = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign"
 SIGN_DECRYPT = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign|decrypt"
