@@ -32,6 +32,7 @@ from tests.vm.conftest import GuestImages, ProvisionedVtpm
 from verifier.credential import make_credential
 from verifier.ekcert import TrustStore, validate_ek_certificate
 from verifier.eventlog import EventLog, EventType
+from verifier.quote import PcrValues, Public, verify_quote
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import VerificationError
 from vtpm_core.swtpm import SwtpmProcess
@@ -158,6 +159,23 @@ def boot_and_attest(
     checked = yaml.safe_load(_run(*check.split(), nonce.hex(), cwd=work))
     quote_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in checked["pcrs"]["sha256"].items()}
     assert quote.untrusted_pcr_values() == {"sha256": quote_pcrs}
+    # the project's quote verifier: AK attributes, signature, nonce, pcrSelect, pcrDigest
+    verified = verify_quote(
+        Public.load(ident.ak_public_tpm2b),
+        quote.message,
+        quote.signature,
+        PcrValues.load(quote.pcrs_tpm2_tools),
+        nonce,
+    )
+    assert verified.pcrs.as_mapping() == {"sha256": quote_pcrs}
+    with pytest.raises(VerificationError, match=r"^quote\.nonce: "):
+        verify_quote(
+            Public.load(ident.ak_public_tpm2b),
+            quote.message,
+            quote.signature,
+            PcrValues.load(quote.pcrs_tpm2_tools),
+            os.urandom(32),
+        )
     log = yaml.safe_load(_run("tpm2_eventlog", "eventlog.bin", cwd=work))
     log_pcrs = {int(k): int(v).to_bytes(32, "big") for k, v in log["pcrs"]["sha256"].items()}
     return Attested(
