@@ -29,6 +29,7 @@ from tpm2_pytss import (
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from tests.conftest import Tools
+from verifier._tpm_interim import Public
 from verifier.credential import Credential, make_credential
 from vtpm_core.errors import ParseError, VerificationError
 from vtpm_core.swtpm import SwtpmProcess
@@ -144,7 +145,9 @@ def test_tpm2_activatecredential_recovers_our_secret(tools: Tools, alg: str) -> 
     _tools_keys(tools, alg)
     ek_pub = (tools.cwd / "ek.pub").read_bytes()  # TPM2B_PUBLIC as tpm2-tools writes it
     ak_name = (tools.cwd / "ak.name").read_bytes()
-    credential = make_credential(ek_pub, ak_name, b"tools interop secret")
+    # the EK as the file's bytes (RSA case) or as a typed Public (TPMT_PUBLIC in .raw)
+    ek = ek_pub if alg == "rsa" else Public.load(ek_pub)
+    credential = make_credential(ek, ak_name, b"tools interop secret")
     (tools.cwd / "ours.cred").write_bytes(credential.to_tpm2_tools())
     assert _tools_activate(tools, "ours.cred") == b"tools interop secret"
 
