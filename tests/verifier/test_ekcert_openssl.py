@@ -48,6 +48,17 @@ basicConstraints = critical,CA:TRUE
 keyUsage = critical,keyCertSign,cRLSign
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[ca_nc]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+nameConstraints = critical,permitted;DNS:example.com
+[ca_not_ca]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,keyCertSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
 [ek_rsa]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,keyEncipherment
@@ -131,9 +142,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=base,
     )  # fmt: skip
     inters = {}
-    for name, (s, e) in {
-        "inter": (start, end),
-        "expired": ("20200101000000Z", "20210101000000Z"),
+    for name, (s, e, ext) in {
+        "inter": (start, end, "ca_ext"),
+        "expired": ("20200101000000Z", "20210101000000Z", "ca_ext"),
+        "nc": (start, end, "ca_nc"),
+        "notca": (start, end, "ca_not_ca"),
     }.items():
         ca = _ca_dir(base, name)
         _openssl(
@@ -141,7 +154,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             "-out", str(ca / "ca.csr"), "-subj", f"/O=vtpm-trust test/CN=Test EK CA {name}",
             cwd=base,
         )  # fmt: skip
-        _issue(root, ca / "ca.csr", ca / "ca.pem", "ca_ext", s, e, base)
+        _issue(root, ca / "ca.csr", ca / "ca.pem", ext, s, e, base)
         inters[name] = ca
     ek_key = base / "ek.key"
     _openssl(
@@ -163,6 +176,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ("ek_revoked", "inter", "ek_rsa"),
         ("ek_bad_ku", "inter", "ek_bad_ku"),
         ("ek_no_san", "inter", "ek_no_san"),
+        ("ek_under_nc", "nc", "ek_rsa"),
+        ("ek_under_notca", "notca", "ek_rsa"),
     ]:
         certs[name] = base / f"{name}.pem"
         _issue(inters[ca], csr, certs[name], ext, start, end, base)
@@ -335,3 +350,17 @@ def test_swtpm_ek_certified_by_openssl(pki: Pki, tools: Tools, alg: str, section
     )
     wrong = CliRunner().invoke(cli, [*args[:-1], str(tools.cwd / "ek2.pub")])
     assert wrong.exit_code == 1 and wrong.stderr.startswith("invalid: ek.public: ")
+
+
+@pytest.mark.parametrize(
+    ("ca", "cert", "match"),
+    [
+        pytest.param("nc", "ek_under_nc", r"unsupported critical extension 2\.5\.29\.30",
+                     id="fail/chain/critical-name-constraints"),
+        pytest.param("notca", "ek_under_notca", r"is not a CA", id="fail/chain/issuer-not-a-ca"),
+    ],
+)  # fmt: skip
+def test_bad_intermediates(pki: Pki, ca: str, cert: str, match: str) -> None:
+    trust = TrustStore.load([pki.root], [pki.dir / ca / "ca.pem"])
+    with pytest.raises(VerificationError, match=rf"^ek\.chain: .*{match}"):
+        validate_ek_certificate((pki.dir / f"{cert}.pem").read_bytes(), trust)

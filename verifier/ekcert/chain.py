@@ -9,7 +9,8 @@ RFC 5280 §6 (path validation), simplified to what EK chains need:
    tbsCertificate bytes (never a re-encoding).
 3. Every CA certificate below the anchor must be a CA (basicConstraints
    cA TRUE, §4.2.1.9), may sign certificates (keyUsage keyCertSign when
-   keyUsage is present, §4.2.1.3) and respects pathLenConstraint.
+   keyUsage is present, §4.2.1.3), respects pathLenConstraint and carries
+   no critical extension we do not process (nameConstraints among them).
 4. Validity at the checking time; an expired CA certificate only with
    ``allow_expired_intermediates`` (vendors let intermediates lapse while
    their EK certs stay in the field), SHA-1 signatures only with
@@ -153,7 +154,18 @@ def _check_validity(cert: ParsedCertificate, at: datetime, check: str, allowed: 
     return f"{when} CA certificate accepted by policy: {cert.subject} ({window})"
 
 
+# critical extensions a CA certificate may carry that this validator understands;
+# anything else critical (e.g. nameConstraints, which we do not process) fails
+# closed (RFC 5280 §4.2)
+_CA_KNOWN_CRITICAL = {"2.5.29.19", "2.5.29.15", "2.5.29.32", "2.5.29.37", "2.5.29.17"}
+
+
 def _check_ca(cert: ParsedCertificate, below: int) -> None:
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in _CA_KNOWN_CRITICAL:
+            raise VerificationError(
+                "ek.chain", f"{cert.subject}: unsupported critical extension {ext.oid}"
+            )
     if cert.is_ca is not True:
         raise VerificationError("ek.chain", f"{cert.subject} is not a CA (basicConstraints)")
     if cert.key_usage is not None and "key_cert_sign" not in cert.key_usage:
