@@ -54,6 +54,14 @@ __all__ = [
     "QUOTE_CHECKS",
     "TPM_GENERATED_VALUE",
     "TPM_ST_ATTEST_QUOTE",
+    # the TPM structure types verify_quote takes, re-exported so that callers
+    # need not know where they live (interim module now, vtpm_core.tpm later)
+    "Attest",
+    "ClockInfo",
+    "PcrSelection",
+    "PcrValues",
+    "Public",
+    "Signature",
     "VerifiedQuote",
     "check_ak_attributes",
     "verify_quote",
