@@ -1,0 +1,264 @@
+"""TCG default EK templates and the check "is this public area an EK from template X".
+
+TCG EK Credential Profile for TPM Family 2.0, Level 0, version 2.5/2.6:
+B.3.3 (L-1 RSA 2048), B.3.4 (L-2 ECC NIST P256), B.4.4.1-B.4.4.7 (H-1 RSA 2048,
+H-2 P256, H-3 P384, H-4 P521, H-5 SM2 P256, H-6 RSA 3072, H-7 RSA 4096);
+2.2.1.4 NV indices. PolicyA = TPM2_PolicySecret(TPM_RH_ENDORSEMENT); PolicyB =
+PolicyOR(PolicyA, PolicyC), one digest per name algorithm (B.6). Values were
+checked against go-tpm, go-tpm-tools and wolfTPM.
+
+H-5 (SM2 with SM3-256) is not offered: neither libtpms nor Python's hashlib
+implement SM3 here, so such an EK could be neither created nor named.
+
+A template's ``unique`` is not part of the match: it is whatever the TPM put
+there (the public key). Everything else must be byte-for-byte the template's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from vtpm_core.errors import VerificationError
+from vtpm_core.tpm import _marshal
+from vtpm_core.tpm.algorithms import EccCurve, TpmAlg
+from vtpm_core.tpm.public import (
+    EccParameters,
+    ObjectAttributes,
+    Public,
+    RsaParameters,
+    SymmetricDefinition,
+)
+
+__all__ = [
+    "EK_ATTRIBUTES_HIGH",
+    "EK_ATTRIBUTES_LOW",
+    "EK_TEMPLATES",
+    "POLICY_A_SHA256",
+    "EkTemplate",
+    "match_ek_template",
+    "require_ek_template",
+]
+
+_A = ObjectAttributes
+# B.3.3: fixedTPM, fixedParent, sensitiveDataOrigin, adminWithPolicy, restricted, decrypt
+EK_ATTRIBUTES_LOW = (
+    _A.FIXED_TPM | _A.FIXED_PARENT | _A.SENSITIVE_DATA_ORIGIN | _A.ADMIN_WITH_POLICY
+    | _A.RESTRICTED | _A.DECRYPT
+)  # fmt: skip  # 0x000300B2
+# B.4.4: the high range also sets userWithAuth
+EK_ATTRIBUTES_HIGH = EK_ATTRIBUTES_LOW | _A.USER_WITH_AUTH  # 0x000300F2
+
+POLICY_A_SHA256 = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+POLICY_B_SHA256 = bytes.fromhex("ca3d0a99a2b93906f7a3342414efcfb3a385d44cd1fd459089d19b5071c0b7a0")
+POLICY_B_SHA384 = bytes.fromhex(
+    "b26e7d28d11a50bc53d882bcf5fd3a1a074148bb35d3b4e4cb1c0ad9bde419ca"
+    "cb47ba09699646150f9fc000f3f80e12"
+)
+POLICY_B_SHA512 = bytes.fromhex(
+    "b8221ca69e8550a4914de3faa6a18c072cc01208073a928d5d66d59ef79e49a4"
+    "29c41a6b269571d57edb25fbdb1838425608b413cd616a5f6db5b6071af99bea"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EkTemplate:
+    """One TCG EK template and the NV indices that go with it (profile 2.2.1.4)."""
+
+    id: str  # "L-1", "L-2", "H-1" ... "H-7"
+    key_type: TpmAlg  # RSA or ECC
+    name_alg: TpmAlg
+    attributes: ObjectAttributes
+    auth_policy: bytes
+    symmetric: SymmetricDefinition
+    key_bits: int  # RSA modulus bits; 0 for ECC
+    curve: EccCurve  # NONE for RSA
+    unique_size: int  # zero bytes of unique in the template (modulus, or each of x and y)
+    cert_nv_index: int
+    nonce_nv_index: int | None  # low range only
+    template_nv_index: int
+
+    @property
+    def description(self) -> str:
+        if self.key_type == TpmAlg.RSA:
+            return f"{self.id} RSA {self.key_bits}"
+        return f"{self.id} ECC {self.curve.name}"
+
+    def public_template(self) -> bytes:
+        """TPM2B_PUBLIC wire bytes: the inPublic of TPM2_CreatePrimary(TPM_RH_ENDORSEMENT)."""
+        area = _marshal.marshal_public(
+            key_type=self.key_type,
+            name_alg=self.name_alg,
+            attributes=int(self.attributes),
+            auth_policy=self.auth_policy,
+            sym_alg=self.symmetric.algorithm,
+            sym_bits=self.symmetric.key_bits,
+            sym_mode=self.symmetric.mode,
+            key_bits=self.key_bits,
+            exponent=0,
+            curve=self.curve,
+            unique_size=self.unique_size,
+        )
+        return len(area).to_bytes(2, "big") + area
+
+    def template_public(self) -> Public:
+        """``public_template()`` parsed (unique is the template's zero filling)."""
+        return Public.parse_tpm2b(self.public_template())
+
+    def mismatch(self, public: Public) -> str | None:
+        """The first field where ``public`` differs from this template, or None."""
+        if public.from_pem:
+            return "public area (a PEM key carries no TPM attributes)"
+        checks: list[tuple[str, object, object]] = [
+            ("type", public.type, self.key_type),
+            ("nameAlg", public.name_alg, self.name_alg),
+            ("objectAttributes", public.attributes, self.attributes),
+            ("authPolicy", public.auth_policy, self.auth_policy),
+        ]
+        p = public.parameters
+        if isinstance(p, RsaParameters):
+            checks += [
+                ("symmetric", p.symmetric, self.symmetric),
+                ("scheme", p.scheme, TpmAlg.NULL),
+                ("keyBits", p.key_bits, self.key_bits),
+                ("exponent", p.exponent, 0),
+            ]
+        elif isinstance(p, EccParameters):
+            checks += [
+                ("symmetric", p.symmetric, self.symmetric),
+                ("scheme", p.scheme, TpmAlg.NULL),
+                ("curveID", p.curve, self.curve),
+                ("kdf", p.kdf, TpmAlg.NULL),
+            ]
+        for field, got, want in checks:
+            if got != want:
+                return f"{field} {_show(got)} (template {self.id} has {_show(want)})"
+        return None
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.hex() or "(empty)"
+    if isinstance(value, ObjectAttributes):
+        return f"0x{int(value):08x}"
+    if isinstance(value, SymmetricDefinition):
+        if value.algorithm == TpmAlg.NULL:
+            return "NULL"
+        return f"{value.algorithm.name}-{value.key_bits}-{value.mode.name}"
+    if isinstance(value, TpmAlg | EccCurve):
+        return value.name
+    return str(value)
+
+
+_AES128_CFB = SymmetricDefinition(TpmAlg.AES, 128, TpmAlg.CFB)
+_AES256_CFB = SymmetricDefinition(TpmAlg.AES, 256, TpmAlg.CFB)
+_NV = 0x01C00000
+
+
+def _rsa(id_: str, bits: int, name_alg: TpmAlg, policy: bytes, sym: SymmetricDefinition,
+         low: bool, cert: int) -> EkTemplate:  # fmt: skip
+    return EkTemplate(
+        id_, TpmAlg.RSA, name_alg, EK_ATTRIBUTES_LOW if low else EK_ATTRIBUTES_HIGH, policy, sym,
+        bits, EccCurve.NONE, bits // 8 if low else 0,
+        cert, cert + 1 if low else None, cert + 2 if low else cert + 1,
+    )  # fmt: skip
+
+
+def _ecc(id_: str, curve: EccCurve, size: int, name_alg: TpmAlg, policy: bytes,
+         sym: SymmetricDefinition, low: bool, cert: int) -> EkTemplate:  # fmt: skip
+    return EkTemplate(
+        id_, TpmAlg.ECC, name_alg, EK_ATTRIBUTES_LOW if low else EK_ATTRIBUTES_HIGH, policy, sym,
+        0, curve, size if low else 0,
+        cert, cert + 1 if low else None, cert + 2 if low else cert + 1,
+    )  # fmt: skip
+
+
+EK_TEMPLATES: Mapping[str, EkTemplate] = MappingProxyType(
+    {
+        t.id: t
+        for t in (
+            _rsa("L-1", 2048, TpmAlg.SHA256, POLICY_A_SHA256, _AES128_CFB, True, _NV + 0x02),
+            _ecc(
+                "L-2",
+                EccCurve.NIST_P256,
+                32,
+                TpmAlg.SHA256,
+                POLICY_A_SHA256,
+                _AES128_CFB,
+                True,
+                _NV + 0x0A,
+            ),
+            _rsa("H-1", 2048, TpmAlg.SHA256, POLICY_B_SHA256, _AES128_CFB, False, _NV + 0x12),
+            _ecc(
+                "H-2",
+                EccCurve.NIST_P256,
+                0,
+                TpmAlg.SHA256,
+                POLICY_B_SHA256,
+                _AES128_CFB,
+                False,
+                _NV + 0x14,
+            ),
+            _ecc(
+                "H-3",
+                EccCurve.NIST_P384,
+                0,
+                TpmAlg.SHA384,
+                POLICY_B_SHA384,
+                _AES256_CFB,
+                False,
+                _NV + 0x16,
+            ),
+            _ecc(
+                "H-4",
+                EccCurve.NIST_P521,
+                0,
+                TpmAlg.SHA512,
+                POLICY_B_SHA512,
+                _AES256_CFB,
+                False,
+                _NV + 0x18,
+            ),
+            _rsa("H-6", 3072, TpmAlg.SHA384, POLICY_B_SHA384, _AES256_CFB, False, _NV + 0x1C),
+            _rsa("H-7", 4096, TpmAlg.SHA384, POLICY_B_SHA384, _AES256_CFB, False, _NV + 0x1E),
+        )
+    }
+)
+
+
+def match_ek_template(public: Public) -> EkTemplate | None:
+    """The template ``public`` was made from, or None.
+
+    Guarantees: type, nameAlg, objectAttributes, authPolicy, symmetric,
+    scheme, key size / curve, exponent and (ECC) KDF equal the template's.
+    Not checked: the unique field (the key the TPM derived) and whether the
+    key came from an endorsement hierarchy at all (only a certificate says so).
+    """
+    for template in EK_TEMPLATES.values():
+        if template.mismatch(public) is None:
+            return template
+    return None
+
+
+def require_ek_template(public: Public) -> EkTemplate:
+    """Like ``match_ek_template``, but raise VerificationError("ek.template") naming the
+    first mismatching field against the closest template of the same key type."""
+    template = match_ek_template(public)
+    if template is not None:
+        return template
+    candidates = [t for t in EK_TEMPLATES.values() if t.key_type == public.type] or list(
+        EK_TEMPLATES.values()
+    )
+
+    def closeness(t: EkTemplate) -> int:
+        # prefer the template of the same size/curve, then the same range
+        same_size = (
+            isinstance(public.parameters, RsaParameters)
+            and public.parameters.key_bits == t.key_bits
+        ) or (isinstance(public.parameters, EccParameters) and public.parameters.curve == t.curve)
+        same_policy = public.auth_policy == t.auth_policy
+        return -(2 * same_size + same_policy)
+
+    best = sorted(candidates, key=closeness)[0]
+    raise VerificationError("ek.template", f"not a TCG EK: {best.mismatch(public)}")
