@@ -1,18 +1,16 @@
-"""INTERIM TPM structure readers for verifier.quote, until ``vtpm_core.tpm`` lands.
+"""INTERIM TPM structure readers for verifier.quote, until ``vtpm_core.tpm`` has them.
 
-The names and shapes follow the announced ``vtpm_core.tpm`` API (``Public``,
-``Attest``/``QuoteInfo``, ``Signature``, ``PcrSelection``, ``PcrValues``) so that
+``Public`` and ``ObjectAttributes`` already come from ``vtpm_core.tpm`` (re-exported
+here for existing imports). The rest follows the announced ``vtpm_core.tpm`` API
+(``Attest``/``QuoteInfo``, ``Signature``, ``PcrSelection``, ``PcrValues``) so that
 switching is an import change in ``verifier/quote.py`` and the CLI.
 
-TPM 2.0 Part 2: 12.2.4 TPMT_PUBLIC, 8.3 TPMA_OBJECT, 10.12.8 TPMS_ATTEST,
-10.12.1 TPMS_QUOTE_INFO, 10.11.1 TPMS_CLOCK_INFO, 10.6.2 TPMS_PCR_SELECTION,
-11.3.4 TPMT_SIGNATURE. tpm2-pytss is used only to unmarshal TPMT_PUBLIC, and
-its objects do not leave this module.
+TPM 2.0 Part 2: 10.12.8 TPMS_ATTEST, 10.12.1 TPMS_QUOTE_INFO, 10.11.1
+TPMS_CLOCK_INFO, 10.6.2 TPMS_PCR_SELECTION, 11.3.4 TPMT_SIGNATURE.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import re
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from vtpm_core.errors import ParseError, VerificationError
+from vtpm_core.tpm import ObjectAttributes, Public
 
 __all__ = [
     "HASH_ALGS",
@@ -51,31 +50,9 @@ _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
-_ALG_RSA, _ALG_ECC = 0x0001, 0x0023
 _SIG_RSASSA, _SIG_RSAPSS, _SIG_ECDSA = 0x0014, 0x0016, 0x0018
-_CURVES: dict[int, ec.EllipticCurve] = {
-    0x0003: ec.SECP256R1(),
-    0x0004: ec.SECP384R1(),
-    0x0005: ec.SECP521R1(),
-}
 _MAX_BANKS = 16
 _MAX_PCR = 32
-
-
-class ObjectAttributes(enum.IntFlag):
-    """TPMA_OBJECT (Part 2 §8.3.2)."""
-
-    FIXED_TPM = 0x00000002
-    ST_CLEAR = 0x00000004
-    FIXED_PARENT = 0x00000010
-    SENSITIVE_DATA_ORIGIN = 0x00000020
-    USER_WITH_AUTH = 0x00000040
-    ADMIN_WITH_POLICY = 0x00000080
-    NO_DA = 0x00000400
-    ENCRYPTED_DUPLICATION = 0x00000800
-    RESTRICTED = 0x00010000
-    DECRYPT = 0x00020000
-    SIGN_ENCRYPT = 0x00040000
 
 
 class _Reader:
@@ -116,77 +93,6 @@ class _Reader:
             raise ParseError(
                 self.structure, "end", self.pos, f"{len(self.data) - self.pos} trailing bytes"
             )
-
-
-@dataclass(frozen=True, slots=True)
-class Public:
-    """A TPMT_PUBLIC of an RSA or ECC key: raw bytes, attributes and the key."""
-
-    raw: bytes
-    type: int
-    name_alg: int
-    attributes: ObjectAttributes
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-    @classmethod
-    def load(cls, data: bytes) -> Public:
-        """TPM2B_PUBLIC (tpm2_createak -u, tpm2_readpublic -o) or a bare TPMT_PUBLIC."""
-        if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
-            return cls.parse(data[2:])
-        return cls.parse(data)
-
-    @classmethod
-    def parse(cls, data: bytes) -> Public:
-        from tpm2_pytss import TPMT_PUBLIC
-
-        try:
-            area, used = TPMT_PUBLIC.unmarshal(data)
-        except Exception as exc:  # pytss raises TSS2_Exception and others
-            raise ParseError("TPMT_PUBLIC", "publicArea", 0, f"does not unmarshal: {exc}") from None
-        if used != len(data):
-            raise ParseError("TPMT_PUBLIC", "end", used, f"{len(data) - used} trailing bytes")
-        key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-        if area.type == _ALG_RSA:
-            n = int.from_bytes(bytes(area.unique.rsa), "big")
-            e = int(area.parameters.rsaDetail.exponent) or 65537
-            if n == 0:
-                raise ParseError("TPMT_PUBLIC", "unique.rsa", 0, "empty modulus")
-            key = rsa.RSAPublicNumbers(e, n).public_key()
-        elif area.type == _ALG_ECC:
-            curve = _CURVES.get(int(area.parameters.eccDetail.curveID))
-            if curve is None:
-                raise ParseError(
-                    "TPMT_PUBLIC", "parameters.eccDetail.curveID", 0, "unsupported curve"
-                )
-            x = int.from_bytes(bytes(area.unique.ecc.x), "big")
-            y = int.from_bytes(bytes(area.unique.ecc.y), "big")
-            try:
-                key = ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
-            except ValueError as exc:
-                raise ParseError("TPMT_PUBLIC", "unique.ecc", 0, str(exc)) from None
-        else:
-            raise ParseError(
-                "TPMT_PUBLIC", "type", 0, f"unsupported key type 0x{int(area.type):04x}"
-            )
-        return cls(
-            data,
-            int(area.type),
-            int(area.nameAlg),
-            ObjectAttributes(int(area.objectAttributes)),
-            key,
-        )
-
-    def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-        return self.key
-
-    def name(self) -> bytes:
-        """nameAlg || H_nameAlg(TPMT_PUBLIC) (Part 1 §16)."""
-        if self.name_alg not in HASH_ALGS:
-            raise ParseError("TPMT_PUBLIC", "nameAlg", 2, f"unsupported 0x{self.name_alg:04x}")
-        return (
-            self.name_alg.to_bytes(2, "big")
-            + hashlib.new(HASH_ALGS[self.name_alg][0], self.raw).digest()
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,8 +136,9 @@ def verify_quote(
 ) -> VerifiedQuote:
     """Run checks 1-7 above; return what the quote proves.
 
-    ``ak`` is the AK's TPM public area; a bare public key (e.g. a PEM) is
-    accepted only with ``require_ak_attributes=False``, for callers that
+    ``ak`` is the AK's TPM public area; a bare public key (a cryptography key,
+    or a ``Public`` loaded from PEM, ``from_pem=True``) is accepted only with
+    ``require_ak_attributes=False``, for callers that
     established the AK's attributes elsewhere (at registration). Raises
     ParseError for malformed input, VerificationError for a failed check,
     ConfigError for an empty expected nonce.
@@ -146,7 +147,7 @@ def verify_quote(
         raise ConfigError("an empty nonce proves no freshness; pass the nonce the verifier issued")
     # step 1
     if require_ak_attributes:
-        if not isinstance(ak, Public):
+        if not isinstance(ak, Public) or ak.from_pem:
             raise VerificationError(
                 "ak.attributes",
                 "only a public key was given: the AK's TPM attributes are unknown"

@@ -205,9 +205,9 @@ def ek_verify(
 def _load_ak(path: Path) -> Public | PublicKey:
     """The AK: TPM2B_PUBLIC / TPMT_PUBLIC (attributes known) or a PEM/DER key (not)."""
     data = _read(path)
-    if b"-----BEGIN" in data or data[:1] == b"\x30":
+    if data[:1] == b"\x30":
         return load_public_key_file(path)
-    return Public.load(data)
+    return Public.load(data)  # a PEM gives from_pem=True: no attributes
 
 
 def _parse_nonce(value: str) -> bytes:

@@ -1,8 +1,10 @@
 """The VM identity extension our CA writes into vTPM EK certificates.
 
-The ASN.1 is defined by the CA side in ``vtpm_core.vm_identity`` (shared so
-that ``ca`` and ``verifier`` never import each other). Until that module
-exists this reader only reports the extension's raw bytes.
+The ASN.1 (``VmIdentity ::= SEQUENCE { vmId, vmName, vtpmInstanceId,
+createdAt }`` under OID 2.25.<UUID>) is defined once in
+``vtpm_core.vm_identity`` (shared so that ``ca`` and ``verifier`` never import
+each other); ``decoded`` is its ``VmIdentity``. The module is looked up at run
+time so that this package works before the CA side exists.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def read_vm_identity(cert: ParsedCertificate) -> VmIdentityExtension | None:
     schema = _schema()
     if schema is None:
         return None
-    oid = str(schema.OID_VM_IDENTITY)
+    oid = str(schema.VM_IDENTITY_OID)
     ext = cert.extension(oid)
     if ext is None:
         return None
