@@ -17,6 +17,19 @@ from vtpm_core.tpm.algorithms import (
     hash_name,
     hashlib_new,
 )
+from vtpm_core.tpm.attest import (
+    ST_ATTEST_CERTIFY,
+    ST_ATTEST_CREATION,
+    ST_ATTEST_QUOTE,
+    TPM_GENERATED_VALUE,
+    Attest,
+    CertifyInfo,
+    ClockInfo,
+    CreationInfo,
+    QuoteInfo,
+    UnknownAttested,
+)
+from vtpm_core.tpm.pcr import PcrSelection, PcrValues
 from vtpm_core.tpm.public import (
     EccParameters,
     EccPoint,
@@ -25,6 +38,7 @@ from vtpm_core.tpm.public import (
     RsaParameters,
     SymmetricDefinition,
 )
+from vtpm_core.tpm.signature import Signature
 from vtpm_core.tpm.templates import (
     EK_TEMPLATES,
     EkTemplate,
@@ -34,15 +48,28 @@ from vtpm_core.tpm.templates import (
 
 __all__ = [
     "EK_TEMPLATES",
+    "ST_ATTEST_CERTIFY",
+    "ST_ATTEST_CREATION",
+    "ST_ATTEST_QUOTE",
+    "TPM_GENERATED_VALUE",
+    "Attest",
+    "CertifyInfo",
+    "ClockInfo",
+    "CreationInfo",
     "EccCurve",
     "EccParameters",
     "EccPoint",
     "EkTemplate",
     "ObjectAttributes",
+    "PcrSelection",
+    "PcrValues",
     "Public",
+    "QuoteInfo",
     "RsaParameters",
+    "Signature",
     "SymmetricDefinition",
     "TpmAlg",
+    "UnknownAttested",
     "cryptography_hash",
     "digest_size",
     "hash_alg",

@@ -259,9 +259,13 @@ class Public:
                 TpmAlg.RSA, TpmAlg.NULL, ObjectAttributes(0), b"", params, n_bytes, b"", True
             )
         if isinstance(key, ec.EllipticCurvePublicKey):
-            curves = {"secp256r1": EccCurve.NIST_P256, "secp384r1": EccCurve.NIST_P384,
-                      "secp521r1": EccCurve.NIST_P521, "secp224r1": EccCurve.NIST_P224,
-                      "secp192r1": EccCurve.NIST_P192}  # fmt: skip
+            curves = {
+                "secp256r1": EccCurve.NIST_P256,
+                "secp384r1": EccCurve.NIST_P384,
+                "secp521r1": EccCurve.NIST_P521,
+                "secp224r1": EccCurve.NIST_P224,
+                "secp192r1": EccCurve.NIST_P192,
+            }
             curve = curves.get(key.curve.name)
             if curve is None:
                 raise ParseError("PEM", "curve", 0, f"unsupported curve {key.curve.name}")
