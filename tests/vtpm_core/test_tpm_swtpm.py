@@ -16,8 +16,20 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC
 
+from vtpm_core.errors import VerificationError
 from vtpm_core.swtpm import SwtpmProcess
-from vtpm_core.tpm import EK_TEMPLATES, Public, match_ek_template, require_ek_template
+from vtpm_core.tpm import (
+    EK_TEMPLATES,
+    ST_ATTEST_QUOTE,
+    TPM_GENERATED_VALUE,
+    Attest,
+    PcrValues,
+    Public,
+    Signature,
+    TpmAlg,
+    match_ek_template,
+    require_ek_template,
+)
 
 pytestmark = pytest.mark.swtpm
 
@@ -29,9 +41,13 @@ class ModuleTools:
 
     def run(self, *args: str) -> str:
         result = subprocess.run(
-            list(args), env=self.tpm.tool_env, cwd=self.cwd, capture_output=True, text=True,
+            list(args),
+            env=self.tpm.tool_env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
             timeout=60,
-        )  # fmt: skip
+        )
         subprocess.run(
             ["tpm2_flushcontext", "-t"], env=self.tpm.tool_env, capture_output=True, timeout=30
         )
@@ -103,3 +119,137 @@ def test_createek_name_matches_tpm2_readpublic(mtools: ModuleTools) -> None:
     ek = Public.load(mtools.read("ek_rsa.rp"))
     assert ek.name() == mtools.read("ek_rsa.name")
     assert ek.name().hex() in out
+
+
+AK_KINDS = [
+    ("rsa", "rsassa", "sha256"),
+    ("rsa", "rsapss", "sha256"),
+    ("ecc", "ecdsa", "sha256"),
+    ("rsa", "rsassa", "sha1"),
+    ("ecc", "ecdsa", "sha384"),
+    ("rsa", "rsapss", "sha512"),
+]
+AK_IDS = [f"{g}-{s}-{h}" for g, s, h in AK_KINDS]
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def aks(mtools: ModuleTools) -> dict[str, str]:
+    """One AK per kind under the RSA EK, with a quote over sha256:0,1,2+sha1:7 each."""
+    made = {}
+    for (g, s, h), ak_id in zip(AK_KINDS, AK_IDS, strict=True):
+        p = f"ak_{ak_id}"
+        mtools.run(
+            "tpm2_createak",
+            "-C",
+            "ek_rsa.ctx",
+            "-c",
+            f"{p}.ctx",
+            "-G",
+            g,
+            "-g",
+            h,
+            "-s",
+            s,
+            "-u",
+            f"{p}.pub",
+            "-n",
+            f"{p}.name",
+        )
+        mtools.run("tpm2_readpublic", "-c", f"{p}.ctx", "-f", "pem", "-o", f"{p}.pem")
+        mtools.run(
+            "tpm2_quote",
+            "-c",
+            f"{p}.ctx",
+            "-l",
+            "sha256:0,1,2+sha1:7",
+            "-q",
+            NONCE,
+            "-g",
+            h,
+            "--scheme",
+            s,
+            "-m",
+            f"{p}.msg",
+            "-s",
+            f"{p}.sig",
+            "-o",
+            f"{p}.pcrs",
+        )
+        mtools.run(
+            "tpm2_quote",
+            "-c",
+            f"{p}.ctx",
+            "-l",
+            "sha256:0,1,2+sha1:7",
+            "-q",
+            NONCE,
+            "-g",
+            h,
+            "--scheme",
+            s,
+            "-m",
+            f"{p}.vmsg",
+            "-s",
+            f"{p}.vsig",
+            "-o",
+            f"{p}.vpcrs",
+            "-F",
+            "values",
+        )
+        made[ak_id] = p
+    return made
+
+
+@pytest.mark.parametrize("ak_id", AK_IDS)
+def test_tpm2_tools_ak_and_quote(mtools: ModuleTools, aks: dict[str, str], ak_id: str) -> None:
+    p = aks[ak_id]
+    g, s, h = AK_KINDS[AK_IDS.index(ak_id)]
+    ak = Public.load(mtools.read(f"{p}.pub"))
+    assert ak.to_tpm2b() == mtools.read(f"{p}.pub")
+    assert ak.name() == mtools.read(f"{p}.name")
+    assert ak.type == (TpmAlg.RSA if g == "rsa" else TpmAlg.ECC)
+    assert ak.is_signing_key and ak.is_restricted and not ak.is_decryption_key
+    assert match_ek_template(ak) is None
+    pem = Public.load(mtools.read(f"{p}.pem"))
+    assert pem.from_pem and pem.same_key(ak)
+    assert ak.to_pem() == mtools.read(f"{p}.pem")
+
+    for msg, sig_file, pcr_file in (("msg", "sig", "pcrs"), ("vmsg", "vsig", "vpcrs")):
+        attest = Attest.parse(mtools.read(f"{p}.{msg}"))
+        assert attest.magic == TPM_GENERATED_VALUE and attest.type == ST_ATTEST_QUOTE
+        assert attest.extra_data == bytes.fromhex(NONCE)
+        assert attest.qualified_signer  # the AK's qualified name
+        quote = attest.quote
+        assert quote is not None
+        assert str(quote.pcr_select) == "sha256:0,1,2+sha1:7"
+        sig = Signature.parse(mtools.read(f"{p}.{sig_file}"))
+        assert sig.scheme == s and sig.hash_name == h
+        sig.verify(ak, attest.raw)
+        sig.verify(pem, attest.raw)
+        with pytest.raises(VerificationError, match="does not verify"):
+            sig.verify(ak, attest.raw + b"x")
+        pcrs = PcrValues.load(mtools.read(f"{p}.{pcr_file}"), quote.pcr_select)
+        assert pcrs.selection.as_sets() == quote.pcr_select.as_sets()
+        assert pcrs.digest(quote.pcr_select, sig.hash_alg) == quote.pcr_digest
+    assert (
+        PcrValues.load(mtools.read(f"{p}.pcrs")).to_json()
+        == PcrValues.load(mtools.read(f"{p}.vpcrs"), quote.pcr_select).to_json()
+    )
+
+
+def test_signature_with_another_ak_fails(mtools: ModuleTools, aks: dict[str, str]) -> None:
+    rsa1 = Public.load(mtools.read(f"{aks['rsa-rsassa-sha256']}.pub"))
+    ecc = Public.load(mtools.read(f"{aks['ecc-ecdsa-sha256']}.pub"))
+    p = aks["rsa-rsapss-sha256"]
+    attest, sig = mtools.read(f"{p}.msg"), Signature.parse(mtools.read(f"{p}.sig"))
+    with pytest.raises(VerificationError, match="does not verify"):
+        sig.verify(rsa1, attest)
+    with pytest.raises(VerificationError, match=r"not ECC|not RSA"):
+        sig.verify(ecc, attest)
+
+
+def test_ek_is_not_an_ak_and_ak_is_not_an_ek(mtools: ModuleTools, aks: dict[str, str]) -> None:
+    ak = Public.load(mtools.read(f"{aks['rsa-rsassa-sha256']}.pub"))
+    with pytest.raises(VerificationError, match=r"ek.template: not a TCG EK: objectAttributes"):
+        require_ek_template(ak)
