@@ -380,7 +380,8 @@ def test_activation_failures(service: Service, tpm_factory: TpmFactory) -> None:
     reg = service.call("POST", "/v1/attesters", json=body)
     assert reg.status_code == 201, reg.text
     aid = reg.json()["attester_id"]
-    # evidence / challenges before activation
+    # evidence before activation: no token exists yet, and no challenge is issued
+    problem(service.call("POST", f"/v1/attesters/{aid}/evidence", json={}), 401, "missing")
     problem(
         service.call("POST", f"/v1/attesters/{aid}/challenges", service.admin), 409, "not activated"
     )
