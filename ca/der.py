@@ -1,0 +1,79 @@
+"""Minimal DER (ITU-T X.690) helpers to replace a signature in a signed structure.
+
+X.509 certificates (RFC 5280 section 4.1), CRLs (section 5.1) and OCSP
+BasicOCSPResponses (RFC 6960 section 4.2.1) all have the shape
+``SEQUENCE { tbs, signatureAlgorithm, signature BIT STRING, ... }``. The CA
+builds them with a stand-in key (see :mod:`ca.keys`) and swaps in the real
+signature here. Input is always DER we just produced ourselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["encode_tlv", "read_tlv", "replace_signature", "resign_ocsp_response"]
+
+
+def read_tlv(data: bytes, offset: int) -> tuple[int, int, int]:
+    """Returns (tag, start of content, end of element) of the element at ``offset``."""
+    tag = data[offset]
+    first = data[offset + 1]
+    pos = offset + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError("DER element runs past the end")
+    return tag, pos, end
+
+
+def encode_tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def replace_signature(signed: bytes, signature: bytes) -> tuple[bytes, bytes]:
+    """Swap the BIT STRING signature of a signed SEQUENCE; returns (new DER, tbs DER)."""
+    _, content, end = read_tlv(signed, 0)
+    _, _, tbs_end = read_tlv(signed, content)
+    _, _, alg_end = read_tlv(signed, tbs_end)
+    tag, _, sig_end = read_tlv(signed, alg_end)
+    if tag != 0x03:
+        raise ValueError("third element is not a BIT STRING")
+    body = signed[content:alg_end] + encode_tlv(0x03, b"\x00" + signature) + signed[sig_end:end]
+    return encode_tlv(0x30, body), signed[content:tbs_end]
+
+
+def tbs_of(signed: bytes) -> bytes:
+    _, content, _ = read_tlv(signed, 0)
+    _, _, tbs_end = read_tlv(signed, content)
+    return signed[content:tbs_end]
+
+
+def resign_ocsp_response(response: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    """Re-sign a successful OCSPResponse (RFC 6960 section 4.2.1) with ``sign(tbs)``.
+
+    OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED,
+        responseBytes [0] EXPLICIT SEQUENCE { responseType OID, response OCTET STRING } }
+    """
+    _, content, _ = read_tlv(response, 0)
+    _, _, status_end = read_tlv(response, content)
+    _, rb_content, _ = read_tlv(response, status_end)  # [0] EXPLICIT
+    _, seq_content, _ = read_tlv(response, rb_content)  # ResponseBytes SEQUENCE
+    _, _, oid_end = read_tlv(response, seq_content)
+    tag, basic_start, basic_end = read_tlv(response, oid_end)
+    if tag != 0x04:
+        raise ValueError("OCSP responseBytes.response is not an OCTET STRING")
+    basic = response[basic_start:basic_end]
+    new_basic, _ = replace_signature(basic, sign(tbs_of(basic)))
+    response_bytes = encode_tlv(
+        0x30, response[seq_content:oid_end] + encode_tlv(0x04, new_basic)
+    )
+    return encode_tlv(0x30, response[content:status_end] + encode_tlv(0xA0, response_bytes))

@@ -1,0 +1,267 @@
+"""The issued-certificate ledger (SQLAlchemy Core): SQLite WAL by default, PostgreSQL by URL.
+
+One row per certificate, keyed by serial; a UNIQUE constraint on the EK's
+SubjectPublicKeyInfo hash makes "one EK, one certificate" hold across
+processes sharing the database (the second INSERT fails, the caller re-reads).
+A row is written ``pending`` with the TBSCertificate before the CA key signs
+(STYLE "The CA": record what will be signed, then sign once) and becomes
+``issued`` with the certificate DER. Bindings record which VMs an EK is bound to
+(the original VM and, for clones by copy, each clone).
+
+The ledger is complete for what it answers: the status of a serial it never
+recorded is ``None`` (OCSP "unknown"), never "good".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
+
+from vtpm_core.errors import ConflictError, NotFoundError, StateError
+
+__all__ = ["CertRecord", "Ledger"]
+
+# RFC 5280 section 5.3.1 CRLReason names (ours: lower-case with hyphens)
+REASONS = (
+    "unspecified", "key-compromise", "ca-compromise", "affiliation-changed", "superseded",
+    "cessation-of-operation", "certificate-hold", "privilege-withdrawn", "aa-compromise",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    serial: int
+    ek_name: str | None
+    ek_public_sha256: str
+    ek_template: str
+    key_type: str
+    vm_id: str
+    vm_name: str
+    vtpm_instance_id: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    status: str  # pending | issued | revoked
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    tbs_der: bytes
+    certificate_der: bytes | None
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Ledger:
+    """Ledger tables (optionally name-prefixed, so tests can isolate their tables)."""
+
+    def __init__(self, url: str, *, prefix: str = "ca_") -> None:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        try:
+            self.engine = sa.create_engine(url)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise StateError(f"cannot open ledger database {url!r}: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.meta = sa.MetaData()
+        self.certs = sa.Table(
+            f"{prefix}certificates",
+            self.meta,
+            sa.Column("serial", sa.String(42), primary_key=True),  # hex, up to 159 bits
+            sa.Column("ek_name", sa.String(140)),
+            sa.Column("ek_public_sha256", sa.String(64), nullable=False, unique=True),
+            sa.Column("ek_template", sa.String(16), nullable=False),
+            sa.Column("key_type", sa.String(32), nullable=False),
+            sa.Column("vm_id", sa.String(36), nullable=False),
+            sa.Column("vm_name", sa.String(1024), nullable=False),
+            sa.Column("vtpm_instance_id", sa.String(1024), nullable=False),
+            sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("not_after", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("revoked_at", sa.DateTime(timezone=True)),
+            sa.Column("revocation_reason", sa.String(32)),
+            sa.Column("tbs_der", sa.LargeBinary, nullable=False),
+            sa.Column("certificate_der", sa.LargeBinary),
+            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        )
+        self.bindings = sa.Table(
+            f"{prefix}bindings",
+            self.meta,
+            sa.Column("ek_public_sha256", sa.String(64), primary_key=True),
+            sa.Column("vm_id", sa.String(36), primary_key=True),
+            sa.Column("serial", sa.String(42), nullable=False),
+            sa.Column("kind", sa.String(16), nullable=False),  # original | clone-copy
+            sa.Column("clone_of", sa.String(36)),
+            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        )
+        self._by_ek = sa.select(self.certs).where(
+            self.certs.c.ek_public_sha256 == sa.bindparam("h")
+        )
+        self._by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
+
+    def create_schema(self) -> None:
+        self.meta.create_all(self.engine)
+
+    def drop_schema(self) -> None:
+        self.meta.drop_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reads ---------------------------------------------------------------
+
+    @staticmethod
+    def _record(row: Any) -> CertRecord:
+        m = row._mapping
+        return CertRecord(
+            serial=int(m["serial"], 16),
+            ek_name=m["ek_name"],
+            ek_public_sha256=m["ek_public_sha256"],
+            ek_template=m["ek_template"],
+            key_type=m["key_type"],
+            vm_id=m["vm_id"],
+            vm_name=m["vm_name"],
+            vtpm_instance_id=m["vtpm_instance_id"],
+            not_before=_utc(m["not_before"]),  # type: ignore[arg-type]
+            not_after=_utc(m["not_after"]),  # type: ignore[arg-type]
+            status=m["status"],
+            revoked_at=_utc(m["revoked_at"]),
+            revocation_reason=m["revocation_reason"],
+            tbs_der=bytes(m["tbs_der"]),
+            certificate_der=bytes(m["certificate_der"]) if m["certificate_der"] else None,
+        )
+
+    def find_by_ek(self, spki_sha256: str) -> CertRecord | None:
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(self._by_ek, {"h": spki_sha256}).first()
+        except sa.exc.OperationalError as exc:
+            raise StateError(f"ledger unavailable: {exc.orig}") from exc
+        return self._record(row) if row is not None else None
+
+    def get(self, serial: int) -> CertRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(self._by_serial, {"s": f"{serial:x}"}).first()
+        if row is None:
+            raise NotFoundError(f"no certificate with serial {serial:x}")
+        return self._record(row)
+
+    def find(self, serial: int) -> CertRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(self._by_serial, {"s": f"{serial:x}"}).first()
+        return self._record(row) if row is not None else None
+
+    def list(self) -> list[CertRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.certs).order_by(self.certs.c.created_at)).all()
+        return [self._record(r) for r in rows]
+
+    def revoked(self) -> list[CertRecord]:
+        query = sa.select(self.certs).where(self.certs.c.status == "revoked")
+        with self.engine.connect() as conn:
+            return [self._record(r) for r in conn.execute(query).all()]
+
+    def bindings_of(self, spki_sha256: str) -> dict[str, str]:
+        """vm_id -> kind for every VM this EK is bound to."""
+        query = sa.select(self.bindings.c.vm_id, self.bindings.c.kind).where(
+            self.bindings.c.ek_public_sha256 == spki_sha256
+        )
+        with self.engine.connect() as conn:
+            return {r.vm_id: r.kind for r in conn.execute(query).all()}
+
+    # -- writes --------------------------------------------------------------
+
+    def reserve(self, record: CertRecord, now: dt.datetime) -> bool:
+        """Insert a ``pending`` row and its original binding; False if the EK already has one."""
+        values = {
+            "serial": f"{record.serial:x}",
+            "ek_name": record.ek_name,
+            "ek_public_sha256": record.ek_public_sha256,
+            "ek_template": record.ek_template,
+            "key_type": record.key_type,
+            "vm_id": record.vm_id,
+            "vm_name": record.vm_name,
+            "vtpm_instance_id": record.vtpm_instance_id,
+            "not_before": record.not_before,
+            "not_after": record.not_after,
+            "status": "pending",
+            "tbs_der": record.tbs_der,
+            "created_at": now,
+        }
+        binding = {
+            "ek_public_sha256": record.ek_public_sha256,
+            "vm_id": record.vm_id,
+            "serial": f"{record.serial:x}",
+            "kind": "original",
+            "clone_of": None,
+            "created_at": now,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.certs.insert(), values)
+                conn.execute(self.bindings.insert(), binding)
+        except IntegrityError:
+            return False
+        return True
+
+    def complete(self, serial: int, certificate_der: bytes) -> bool:
+        """pending -> issued; False when another process completed it first."""
+        query = (
+            self.certs.update()
+            .where(self.certs.c.serial == f"{serial:x}", self.certs.c.status == "pending")
+            .values(status="issued", certificate_der=certificate_der)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
+        """Record a clone by copy: the same EK (same certificate) bound to another VM."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    self.bindings.insert(),
+                    {
+                        "ek_public_sha256": record.ek_public_sha256,
+                        "vm_id": vm_id,
+                        "serial": f"{record.serial:x}",
+                        "kind": "clone-copy",
+                        "clone_of": clone_of,
+                        "created_at": now,
+                    },
+                )
+        except IntegrityError:
+            return  # the same clone binding recorded concurrently: idempotent
+
+    def revoke(self, serial: int, reason: str, when: dt.datetime) -> CertRecord:
+        """issued -> revoked. Revoking again with any reason is refused (ConflictError)."""
+        if reason not in REASONS:
+            raise ConflictError(f"unknown revocation reason {reason!r} (one of {', '.join(REASONS)})")
+        record = self.get(serial)
+        if record.status == "revoked":
+            raise ConflictError(f"certificate {serial:x} is already revoked")
+        if record.status != "issued":
+            raise ConflictError(f"certificate {serial:x} is {record.status}, not issued")
+        query = (
+            self.certs.update()
+            .where(self.certs.c.serial == f"{serial:x}", self.certs.c.status == "issued")
+            .values(status="revoked", revoked_at=when, revocation_reason=reason)
+        )
+        with self.engine.begin() as conn:
+            if conn.execute(query).rowcount != 1:
+                raise ConflictError(f"certificate {serial:x} changed while revoking")
+        return self.get(serial)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

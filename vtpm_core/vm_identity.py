@@ -1,0 +1,123 @@
+"""The VM identity extension carried in vtpm-trust EK certificates.
+
+Shared by the CA (which encodes it) and the verifier (which decodes it); pure,
+no I/O. The extension is non-critical so that X.509 libraries that do not
+know it still accept the certificate (RFC 5280 section 4.2).
+
+The OID is derived from a UUID generated once for this project,
+9bf21706-9469-4343-9057-8d36a2c6153c. Not under ``2.25.<UUID as one integer>``
+(ITU-T X.667): that arc is a 128-bit number, and Go's crypto/x509 (cryptobyte
+``readBase128Int`` stops at 31 bits) rejects a *whole certificate* that has
+such an extension OID ("malformed extension OID field"), as does pkilint's
+DER decoder (pyasn1-fasder: "arc larger than 32-bits"). Instead it uses
+Microsoft's documented UUID-to-OID mapping under 1.2.840.113556.1.8000.2554
+(the UUID's hex digits split 4-4-4-4-4-6-6, each part in decimal), whose
+arcs all fit in 24 bits. ``VM_IDENTITY_OID_X667`` is the 2.25 form of the same
+UUID, for reference only.
+
+ASN.1 (DER)::
+
+    vtpmVmIdentity OBJECT IDENTIFIER ::= { 1 2 840 113556 1 8000 2554
+        39922 5894 37993 17219 36951 9254562 12981564 }
+
+    VmIdentity ::= SEQUENCE {
+        vmId            UTF8String,        -- RFC 4122 UUID, lower-case hyphenated text
+        vmName          UTF8String,        -- may be empty
+        vtpmInstanceId  UTF8String,        -- may be empty
+        createdAt       GeneralizedTime    -- UTC, whole seconds ("YYYYMMDDHHMMSSZ")
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from asn1crypto import core
+
+from vtpm_core.errors import ParseError
+
+__all__ = ["VM_IDENTITY_OID", "VM_IDENTITY_OID_X667", "VM_IDENTITY_UUID", "VmIdentity"]
+
+VM_IDENTITY_UUID = uuid.UUID("9bf21706-9469-4343-9057-8d36a2c6153c")
+
+def _uuid_oid(value: uuid.UUID) -> str:
+    h = value.hex
+    parts = (h[0:4], h[4:8], h[8:12], h[12:16], h[16:20], h[20:26], h[26:32])
+    return "1.2.840.113556.1.8000.2554." + ".".join(str(int(p, 16)) for p in parts)
+
+
+VM_IDENTITY_OID = _uuid_oid(VM_IDENTITY_UUID)
+VM_IDENTITY_OID_X667 = f"2.25.{VM_IDENTITY_UUID.int}"
+
+_MAX_TEXT = 1024
+
+
+class _VmIdentityAsn1(core.Sequence):
+    _fields = [  # noqa: RUF012 - asn1crypto's declaration style
+        ("vm_id", core.UTF8String),
+        ("vm_name", core.UTF8String),
+        ("vtpm_instance_id", core.UTF8String),
+        ("created_at", core.GeneralizedTime),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class VmIdentity:
+    """Which VM (and which vTPM instance) an EK was certified for.
+
+    ``raw`` is the DER the value was parsed from (or encodes to).
+    """
+
+    vm_id: uuid.UUID
+    vm_name: str
+    vtpm_instance_id: str
+    created_at: dt.datetime
+    raw: bytes
+
+    @classmethod
+    def build(
+        cls, vm_id: uuid.UUID, vm_name: str, vtpm_instance_id: str, created_at: dt.datetime
+    ) -> VmIdentity:
+        """Encode; ``created_at`` must be timezone-aware and is truncated to seconds."""
+        if created_at.tzinfo is None:
+            raise ValueError("created_at must be timezone-aware")
+        when = created_at.astimezone(dt.UTC).replace(microsecond=0)
+        for name, text in (("vmName", vm_name), ("vtpmInstanceId", vtpm_instance_id)):
+            if len(text) > _MAX_TEXT:
+                raise ValueError(f"{name} longer than {_MAX_TEXT} characters")
+        der = _VmIdentityAsn1(
+            {
+                "vm_id": str(vm_id),
+                "vm_name": vm_name,
+                "vtpm_instance_id": vtpm_instance_id,
+                "created_at": when,
+            }
+        ).dump(force=True)
+        return cls(vm_id, vm_name, vtpm_instance_id, when, der)
+
+    @classmethod
+    def parse(cls, data: bytes) -> VmIdentity:
+        """Decode the extension value (the DER inside extnValue's OCTET STRING).
+
+        Raises :class:`ParseError` for anything but exactly one DER VmIdentity.
+        """
+        try:
+            value = _VmIdentityAsn1.load(bytes(data), strict=True)
+            vm_id_text = value["vm_id"].native
+            vm_name = value["vm_name"].native
+            instance = value["vtpm_instance_id"].native
+            created = value["created_at"].native
+        except (ValueError, TypeError) as exc:
+            raise ParseError("VmIdentity", "der", 0, f"not a DER VmIdentity: {exc}") from exc
+        try:
+            vm_id = uuid.UUID(vm_id_text)
+        except ValueError as exc:
+            raise ParseError("VmIdentity", "vmId", 0, f"not a UUID: {vm_id_text!r}") from exc
+        if value.dump(force=True) != bytes(data):
+            raise ParseError("VmIdentity", "der", 0, "not in DER form")
+        return cls(vm_id, vm_name, instance, created, bytes(data))
+
+    def to_bytes(self) -> bytes:
+        return self.raw
