@@ -288,12 +288,14 @@ def _parse_serialized(data: bytes) -> tuple[PcrValues, PcrSelection]:
     def le(at: int, n: int) -> int:
         return int.from_bytes(data[at : at + n], "little")
 
-    if len(data) < _TOOLS_SELECTION_SIZE + 4:
+    if not _looks_serialized(data):
         raise ParseError(
             _TOOLS,
-            "TPML_PCR_SELECTION",
-            0,
-            f"{len(data)} bytes, a serialized PCR file has at least {_TOOLS_SELECTION_SIZE + 4}",
+            "size",
+            len(data),
+            f"{len(data)} bytes is not the size of a tpm2-tools serialized PCR file "
+            f"({_TOOLS_SELECTION_SIZE + 4} + {_TOOLS_DIGEST_LIST_SIZE} per 8 values); "
+            "the -F values form needs the quote's PCR selection",
         )
     count = le(0, 4)
     if count > _MAX_BANKS:
