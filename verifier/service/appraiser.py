@@ -118,12 +118,19 @@ def _vm_id(ext: VmIdentityExtension | None) -> str | None:
     """The VM id our CA writes into the EK certificate (decoded by vtpm_core's schema)."""
     if ext is None or ext.decoded is None:
         return None
-    decoded = ext.decoded
-    for key in ("vm_id", "instance_id", "uuid"):
-        value = decoded.get(key) if isinstance(decoded, dict) else getattr(decoded, key, None)
-        if value:
-            return str(value)
-    return None
+    return str(ext.decoded.vm_id)  # vtpm_core.vm_identity.VmIdentity
+
+
+def _vm_identity(ext: VmIdentityExtension | None) -> dict[str, str] | None:
+    """The whole VM identity (vtpm_core.vm_identity.VmIdentity) for the attester's record."""
+    if ext is None or ext.decoded is None:
+        return None
+    out: dict[str, str] = {}
+    for key in ("vm_id", "vm_name", "vtpm_instance_id", "created_at"):
+        value = getattr(ext.decoded, key, None)
+        if value is not None and value != "":
+            out[key] = value.isoformat() if hasattr(value, "isoformat") else str(value)
+    return out
 
 
 def _spki(key: Any) -> bytes:
@@ -226,7 +233,7 @@ class LibraryAppraiser:
                 "tpm_manufacturer": validated.tpm_manufacturer,
                 "tpm_model": validated.tpm_model,
                 "tpm_version": validated.tpm_version,
-                "vm_identity": vm_id,
+                "vm_identity": _vm_identity(validated.vm_identity),
                 "warnings": list(validated.warnings),
                 "trust": "ek-certificate",
             }

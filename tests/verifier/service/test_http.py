@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -539,3 +540,65 @@ def test_two_verifiers_share_one_database(service: Service, plain: dict[str, Any
         problem(submit(service, state, ev), 409, "already used")
     finally:
         second.stop()
+
+
+def _ek_cert_with_vm_identity(ca_dir: Path, template_der: bytes, vm_id: uuid.UUID) -> bytes:
+    """Re-issue the swtpm EK certificate from the same local CA, adding our VM identity extension
+    (what the project's CA writes)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from vtpm_core.vm_identity import VM_IDENTITY_OID, VmIdentity
+
+    key = serialization.load_pem_private_key((ca_dir / "signkey.pem").read_bytes(), None)
+    tmpl = x509.load_der_x509_certificate(template_der)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(tmpl.subject)
+        .issuer_name(tmpl.issuer)
+        .public_key(tmpl.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(tmpl.not_valid_before_utc)
+        .not_valid_after(tmpl.not_valid_after_utc)
+    )
+    for ext in tmpl.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    ident = VmIdentity.build(vm_id, "ci-runner", "vtpm-1", datetime.datetime.now(datetime.UTC))
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(x509.ObjectIdentifier(str(VM_IDENTITY_OID)), ident.to_bytes()),
+        critical=False,
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
+
+
+def test_vm_identity_from_the_ek_certificate(service: Service, tpm_factory: TpmFactory) -> None:
+    """The VM id comes from the EK certificate; the same EK certified for two VMs is flagged."""
+    tpm = tpm_factory()
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        _, ek = att.ek()
+        _, ak = att.ak()
+        original = att.ek_certificate()
+    vm1, vm2 = uuid.uuid4(), uuid.uuid4()
+    ca_dir = service.ca.root.parent
+    body = {"ek_public": b64(ek), "ak_public": b64(ak)}
+    cert1 = _ek_cert_with_vm_identity(ca_dir, original, vm1)
+    r1 = service.call("POST", "/v1/attesters", json={**body, "ek_certificate": b64(cert1)})
+    assert r1.status_code == 201, r1.text
+    view = service.call("GET", f"/v1/attesters/{r1.json()['attester_id']}", service.admin).json()
+    assert view["vm_id"] == str(vm1)
+    assert view["identity"]["vm_identity"]["vm_name"] == "ci-runner"
+    # a request claiming another VM than the certificate says is refused
+    problem(
+        service.call(
+            "POST", "/v1/attesters", json={**body, "ek_certificate": b64(cert1), "vm_id": "other"}
+        ),
+        403,
+        "contradicts the EK certificate's VM id",
+    )
+    cert2 = _ek_cert_with_vm_identity(ca_dir, original, vm2)
+    r2 = service.call("POST", "/v1/attesters", json={**body, "ek_certificate": b64(cert2)})
+    assert r2.status_code == 201, r2.text
+    for r in (r1, r2):
+        view = service.call("GET", f"/v1/attesters/{r.json()['attester_id']}", service.admin).json()
+        assert view["status"] == "flagged"
+        assert view["flags"][0]["flag"] == "ek-shared"
