@@ -15,6 +15,7 @@ What this module does not check: that the EK is an EK (done at the boundary by
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import uuid
@@ -170,13 +171,15 @@ class EkIssuance:
     # -- step 1 ----------------------------------------------------------------
 
     def issue(self, request: IssueRequest) -> IssueResult:
+        # Optimistic: try to record a new certificate first; the UNIQUE constraint on
+        # the EK tells us when it exists, and then we answer from the ledger.
         for _ in range(3):
-            existing = self.ledger.find_by_ek(request.ek.spki_sha256)
-            if existing is not None:
-                return self._existing(existing, request)
             result = self._issue_new(request)
             if result is not None:
                 return result
+            existing = self.ledger.find_by_ek(request.ek.spki_sha256)
+            if existing is not None:
+                return self._existing(existing, request)
         raise StateError("could not record the certificate (ledger contention)")
 
     def _existing(self, record: CertRecord, request: IssueRequest) -> IssueResult:
@@ -185,7 +188,7 @@ class EkIssuance:
                 f"the certificate {record.serial:x} of this EK is revoked "
                 f"({record.revocation_reason}); a revoked EK is not certified again"
             )
-        bound = self.ledger.bindings_of(record.ek_public_sha256)
+        bound = self.ledger.bindings_of(record)
         vm = str(request.vm_id)
         if vm in bound:
             kind = bound[vm]
@@ -209,8 +212,8 @@ class EkIssuance:
         not_before = now - dt.timedelta(minutes=5)  # clock skew of relying parties
         not_after = not_before + self.profile.validity
         stand_in_der = self.build(request, now, not_before, not_after)
-        self.linter.check(stand_in_der, request.ek.spki_der, self.ca.certificate.subject)
         cert = x509.load_der_x509_certificate(stand_in_der)
+        self.linter.check(cert, stand_in_der, request.ek.spki_der, self.ca.certificate.subject)
         tbs = cert.tbs_certificate_bytes
         record = CertRecord(
             serial=cert.serial_number,
@@ -237,13 +240,16 @@ class EkIssuance:
 
     def _sign_recorded(self, record: CertRecord) -> CertRecord:
         der = assemble_certificate(record.tbs_der, self.ca.key.sign(record.tbs_der))
-        self._check_signature(record.tbs_der, der)
+        if self.ca.key.signs_remotely:
+            # A token could sign with another key than the certificate's: check each
+            # signature. A file key was matched with ca.pem when the CA was opened.
+            self._check_signature(record.tbs_der, der)
         if not self.ledger.complete(record.serial, der):
             current = self.ledger.get(record.serial)
             if current.certificate_der is None:
                 raise StateError(f"certificate {record.serial:x} is {current.status}, not issued")
             return current
-        return self.ledger.get(record.serial)
+        return dataclasses.replace(record, status="issued", certificate_der=der)
 
     def _check_signature(self, tbs: bytes, der: bytes) -> None:
         # A token (or a wrong key file) could sign with another key: verify once.

@@ -115,6 +115,11 @@ class SigningKey(Protocol):
         """The X.509 signature value over ``data`` (DER ECDSA-Sig-Value or PKCS#1 v1.5)."""
         ...
 
+    @property
+    def signs_remotely(self) -> bool:
+        """True when signatures come from outside this process (a token): verify each."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -170,6 +175,10 @@ class FileSigningKey:
         if isinstance(self.private_key, rsa.RSAPrivateKey):
             return self.private_key.sign(data, padding.PKCS1v15(), self.hash_algorithm)
         return self.private_key.sign(data, ec.ECDSA(self.hash_algorithm))
+
+    @property
+    def signs_remotely(self) -> bool:
+        return False
 
     def close(self) -> None:
         return None
@@ -286,6 +295,10 @@ class Pkcs11SigningKey:
     @property
     def stand_in(self) -> CaPrivateKey:
         return self._stand_in
+
+    @property
+    def signs_remotely(self) -> bool:
+        return True
 
     def sign(self, data: bytes) -> bytes:
         from pkcs11 import Mechanism

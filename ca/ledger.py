@@ -6,7 +6,7 @@ processes sharing the database (the second INSERT fails, the caller re-reads).
 A row is written ``pending`` with the TBSCertificate before the CA key signs
 (STYLE "The CA": record what will be signed, then sign once) and becomes
 ``issued`` with the certificate DER. Bindings record which VMs an EK is bound to
-(the original VM and, for clones by copy, each clone).
+(the certificate row names the original VM; the bindings table adds each clone by copy).
 
 The ledger is complete for what it answers: the status of a serial it never
 recorded is ``None`` (OCSP "unknown"), never "good".
@@ -105,6 +105,14 @@ class Ledger:
             self.certs.c.ek_public_sha256 == sa.bindparam("h")
         )
         self._by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
+        # hot-path statements built once (building them per call costs more than SQLite)
+        self._insert = self.certs.insert()
+        self._complete = (
+            self.certs.update()
+            .where(self.certs.c.serial == sa.bindparam("b_serial"))
+            .where(self.certs.c.status == "pending")
+            .values(status="issued", certificate_der=sa.bindparam("b_der"))
+        )
 
     def create_schema(self) -> None:
         self.meta.create_all(self.engine)
@@ -168,18 +176,21 @@ class Ledger:
         with self.engine.connect() as conn:
             return [self._record(r) for r in conn.execute(query).all()]
 
-    def bindings_of(self, spki_sha256: str) -> dict[str, str]:
-        """vm_id -> kind for every VM this EK is bound to."""
+    def bindings_of(self, record: CertRecord) -> dict[str, str]:
+        """vm_id -> kind for every VM this EK is bound to: the certificate's own VM
+        ("original", from the certificate row) and each clone by copy."""
         query = sa.select(self.bindings.c.vm_id, self.bindings.c.kind).where(
-            self.bindings.c.ek_public_sha256 == spki_sha256
+            self.bindings.c.ek_public_sha256 == record.ek_public_sha256
         )
         with self.engine.connect() as conn:
-            return {r.vm_id: r.kind for r in conn.execute(query).all()}
+            bound = {r.vm_id: r.kind for r in conn.execute(query).all()}
+        bound[record.vm_id] = "original"
+        return bound
 
     # -- writes --------------------------------------------------------------
 
     def reserve(self, record: CertRecord, now: dt.datetime) -> bool:
-        """Insert a ``pending`` row and its original binding; False if the EK already has one."""
+        """Insert a ``pending`` row; False if the EK (or, rarely, the serial) is taken."""
         values = {
             "serial": f"{record.serial:x}",
             "ek_name": record.ek_name,
@@ -195,31 +206,18 @@ class Ledger:
             "tbs_der": record.tbs_der,
             "created_at": now,
         }
-        binding = {
-            "ek_public_sha256": record.ek_public_sha256,
-            "vm_id": record.vm_id,
-            "serial": f"{record.serial:x}",
-            "kind": "original",
-            "clone_of": None,
-            "created_at": now,
-        }
         try:
             with self.engine.begin() as conn:
-                conn.execute(self.certs.insert(), values)
-                conn.execute(self.bindings.insert(), binding)
+                conn.execute(self._insert, values)
         except IntegrityError:
             return False
         return True
 
     def complete(self, serial: int, certificate_der: bytes) -> bool:
         """pending -> issued; False when another process completed it first."""
-        query = (
-            self.certs.update()
-            .where(self.certs.c.serial == f"{serial:x}", self.certs.c.status == "pending")
-            .values(status="issued", certificate_der=certificate_der)
-        )
         with self.engine.begin() as conn:
-            return conn.execute(query).rowcount == 1
+            result = conn.execute(self._complete, {"b_serial": f"{serial:x}", "b_der": certificate_der})
+            return result.rowcount == 1
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
         """Record a clone by copy: the same EK (same certificate) bound to another VM."""

@@ -111,8 +111,10 @@ class Linter:
     _passed: set[Shape] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, certificate_der: bytes, spki_der: bytes, issuer: x509.Name) -> None:
-        cert = x509.load_der_x509_certificate(certificate_der)
+    def check(
+        self, cert: x509.Certificate, certificate_der: bytes, spki_der: bytes, issuer: x509.Name
+    ) -> None:
+        """Raises VerificationError ``lint.*``; ``cert`` is ``certificate_der`` parsed."""
         structural_check(cert, spki_der, issuer)
         shape = shape_of(cert)
         with self._lock:
