@@ -232,6 +232,7 @@ def test_tpm2_tools_ak_and_quote(mtools: ModuleTools, aks: dict[str, str], ak_id
         pcrs = PcrValues.load(mtools.read(f"{p}.{pcr_file}"), quote.pcr_select)
         assert pcrs.selection.as_sets() == quote.pcr_select.as_sets()
         assert pcrs.digest(quote.pcr_select, sig.hash_alg) == quote.pcr_digest
+    assert quote is not None
     assert (
         PcrValues.load(mtools.read(f"{p}.pcrs")).to_json()
         == PcrValues.load(mtools.read(f"{p}.vpcrs"), quote.pcr_select).to_json()

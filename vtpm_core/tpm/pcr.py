@@ -253,7 +253,12 @@ class PcrValues:
         serialized file must carry that very selection; other data is read as
         the values form (concatenated values in ``selection`` order).
         """
-        if selection is None or _looks_serialized(data):
+        values_size = (
+            sum(digest_size(alg) * len(pcrs) for alg, pcrs in selection.banks)
+            if selection is not None
+            else -1
+        )
+        if selection is None or (len(data) != values_size and _looks_serialized(data)):
             values, file_selection = _parse_serialized(data)
             if selection is not None and file_selection.as_sets() != selection.as_sets():
                 raise ParseError(

@@ -23,6 +23,7 @@ from vtpm_core.errors import ParseError, VerificationError
 from vtpm_core.tpm import _marshal
 from vtpm_core.tpm._reader import Reader
 from vtpm_core.tpm.algorithms import (
+    HASH_ALGS,
     EccCurve,
     TpmAlg,
     cryptography_curve,
@@ -285,6 +286,8 @@ class Public:
         if typ not in (TpmAlg.RSA, TpmAlg.ECC):
             raise r.fail("type", f"unsupported key type {typ.name}", r.pos - 2)
         name_alg = r.enum(TpmAlg, "nameAlg")
+        if name_alg not in HASH_ALGS and name_alg != TpmAlg.NULL:
+            raise r.fail("nameAlg", f"{name_alg.name} is not a hash algorithm", r.pos - 2)
         attributes = ObjectAttributes(r.u32("objectAttributes"))
         auth_policy = r.tpm2b("authPolicy", _MAX_DIGEST)
         params: RsaParameters | EccParameters
