@@ -364,3 +364,34 @@ def test_bad_intermediates(pki: Pki, ca: str, cert: str, match: str) -> None:
     trust = TrustStore.load([pki.root], [pki.dir / ca / "ca.pem"])
     with pytest.raises(VerificationError, match=rf"^ek\.chain: .*{match}"):
         validate_ek_certificate((pki.dir / f"{cert}.pem").read_bytes(), trust)
+
+
+def test_vm_identity_extension_is_read(pki: Pki, tmp_path: Path) -> None:
+    """An EK cert with the VM identity extension of vtpm_core.vm_identity, made by openssl."""
+    import uuid
+
+    from vtpm_core.vm_identity import VM_IDENTITY_OID, VmIdentity
+
+    identity = VmIdentity.build(
+        uuid.UUID("12345678-1234-5678-1234-567812345678"), "web-01", "vtpm-7",
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )  # fmt: skip
+    inter = pki.intermediate.parent
+    ext = tmp_path / "ext.cnf"
+    ext.write_text(
+        (inter / "ca.cnf").read_text()
+        + f"[ek_vm]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,keyEncipherment\n"
+        f"extendedKeyUsage = 2.23.133.8.1\nsubjectAltName = critical,dirName:tpm_attrs\n"
+        f"{VM_IDENTITY_OID} = DER:{identity.raw.hex()}\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", str(pki.dir / "ek.csr"), "-CA", str(pki.intermediate),
+        "-CAkey", str(inter / "ca.key"), "-extfile", str(ext), "-extensions", "ek_vm",
+        "-days", "30", "-set_serial", "0x7777", "-out", str(tmp_path / "ek.crt"), cwd=tmp_path,
+    )  # fmt: skip
+    result = validate_ek_certificate((tmp_path / "ek.crt").read_bytes(), _trust(pki))
+    assert result.vm_identity is not None
+    assert result.vm_identity.oid == VM_IDENTITY_OID and not result.vm_identity.critical
+    assert result.vm_identity.decoded == identity
+    # an EK cert without it has none
+    assert validate_ek_certificate(pki.ek.read_bytes(), _trust(pki)).vm_identity is None
