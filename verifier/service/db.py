@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from vtpm_core.errors import ConfigError
@@ -88,9 +88,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._readers = sessionmaker(
-            self.engine.execution_options(vtpm_readonly=True), expire_on_commit=False
-        )
+        self._read_engine = self.engine.execution_options(vtpm_readonly=True)
+        self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -107,6 +106,12 @@ class Database:
         """A read-only unit of work (on SQLite it does not take the write lock)."""
         with self._readers() as session, session.begin():
             yield session
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A bare read-only connection (no ORM session): for single hot-path lookups."""
+        with self._read_engine.connect() as conn:
+            yield conn
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from verifier.service.config import ServiceConfig, hash_token, new_token
@@ -132,6 +132,9 @@ _ATTESTER_LOCK = (
     .with_for_update()
 )
 _RESULT_INSERT = insert(Result).returning(Result.id)
+_NONCE_STATE = select(Nonce.attester_id, Nonce.used, Nonce.expires_at).where(
+    Nonce.nonce == bindparam("n")
+)
 
 
 def utc_now() -> datetime:
@@ -393,8 +396,8 @@ class EvidenceService:
             "policy": policy_name,
         }
 
-    def _nonce_problem(self, session: Session, attester_id: str, nonce_hex: str) -> Exception:
-        row = session.get(Nonce, nonce_hex)
+    def _nonce_problem(self, conn: Connection, attester_id: str, nonce_hex: str) -> Exception:
+        row = conn.execute(_NONCE_STATE, {"n": nonce_hex}).first()
         if row is None or not hmac.compare_digest(row.attester_id, attester_id):
             return NotFoundError("unknown nonce: not issued to this attester (or already purged)")
         if row.used:
@@ -405,12 +408,8 @@ class EvidenceService:
         """Steps 1-3 of evidence; returns the stored result (with its EAR)."""
         now = self.clock()
         nonce_hex = evidence.nonce.hex()
-        with self.db.read() as session:
-            row = (
-                session.connection()
-                .execute(_SUBMIT_READ, {"n": nonce_hex, "aid": attester_id})
-                .first()
-            )
+        with self.db.read_connection() as rconn:
+            row = rconn.execute(_SUBMIT_READ, {"n": nonce_hex, "aid": attester_id}).first()
             if row is None:
                 raise NotFoundError(f"attester {attester_id!r} is not registered")
             if row.activated_at is None:
@@ -421,7 +420,7 @@ class EvidenceService:
                 or row.expires_at <= now
                 or not hmac.compare_digest(row[3], attester_id)
             ):
-                raise self._nonce_problem(session, attester_id, nonce_hex)
+                raise self._nonce_problem(rconn, attester_id, nonce_hex)
             selection = {bank: tuple(p) for bank, p in row.pcr_selection.items()}
             policy_name, policy_body, policy_sha = row.policy_name, row.body, row.sha256
             ak_public, ak_name = row.ak_public, row.ak_name
@@ -457,7 +456,7 @@ class EvidenceService:
             )
             if consumed.rowcount != 1:
                 self.metrics.nonce_rejections.inc()
-                raise self._nonce_problem(session, attester_id, nonce_hex)
+                raise self._nonce_problem(conn, attester_id, nonce_hex)
             att = conn.execute(_ATTESTER_LOCK, {"aid": attester_id}).one()
             lineage_flags, marks = _lineage(
                 (att.reset_count, att.restart_count, att.clock), appraisal, now
