@@ -96,6 +96,7 @@ HASH_ALGS: dict[TpmAlg, tuple[str, int]] = {
 }
 _BY_NAME = {name: alg for alg, (name, _) in HASH_ALGS.items()}
 _BY_NAME["sm3"] = TpmAlg.SM3_256
+_SHA3_SIZES = ("256", "384", "512")
 
 _CRYPTOGRAPHY_HASHES: dict[TpmAlg, type[hashes.HashAlgorithm]] = {
     TpmAlg.SHA1: hashes.SHA1,
@@ -134,8 +135,8 @@ def hash_name(alg: int) -> str:
 def hash_alg(name: str) -> TpmAlg:
     """TPM_ALG_ID of a hash name ("sha256", "SHA-256", "sha3_256"); ValueError if unknown."""
     key = name.strip().lower().replace("-", "")
-    if key.startswith("sha3"):
-        key = "sha3_" + key[4:].lstrip("_")
+    if key not in _BY_NAME and key.startswith("sha3") and key[4:].lstrip("_") in _SHA3_SIZES:
+        key = "sha3_" + key[4:].lstrip("_")  # "SHA3-256" -> "sha3_256"
     alg = _BY_NAME.get(key)
     if alg is None:
         raise ValueError(f"unknown hash algorithm {name!r}")
