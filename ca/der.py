@@ -73,7 +73,5 @@ def resign_ocsp_response(response: bytes, sign: Callable[[bytes], bytes]) -> byt
         raise ValueError("OCSP responseBytes.response is not an OCTET STRING")
     basic = response[basic_start:basic_end]
     new_basic, _ = replace_signature(basic, sign(tbs_of(basic)))
-    response_bytes = encode_tlv(
-        0x30, response[seq_content:oid_end] + encode_tlv(0x04, new_basic)
-    )
+    response_bytes = encode_tlv(0x30, response[seq_content:oid_end] + encode_tlv(0x04, new_basic))
     return encode_tlv(0x30, response[content:status_end] + encode_tlv(0xA0, response_bytes))

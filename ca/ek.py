@@ -71,8 +71,11 @@ class CertifiableEk:
         if isinstance(key, rsa.RSAPublicKey):
             key_type = f"rsa-{key.key_size}"
         else:
-            key_type = {"secp256r1": "ecc-nist-p256", "secp384r1": "ecc-nist-p384",
-                        "secp521r1": "ecc-nist-p521"}.get(key.curve.name, key.curve.name)  # fmt: skip
+            key_type = {
+                "secp256r1": "ecc-nist-p256",
+                "secp384r1": "ecc-nist-p384",
+                "secp521r1": "ecc-nist-p521",
+            }.get(key.curve.name, key.curve.name)
         return cls(key, spki, hashlib.sha256(spki).hexdigest(), name, template, key_type, raw)
 
     @property

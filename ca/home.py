@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,12 @@ class CaHome:
                 raise ConfigError("a PKCS#11 key needs a PIN (--pin-file or VTPM_CA_PKCS11_PIN)")
             Pkcs11SigningKey.generate(pkcs11, pin, key_type)
             key = Pkcs11SigningKey(pkcs11, pin)
-            config["key"] = {"backend": "pkcs11", "module": pkcs11.module,
-                             "token_label": pkcs11.token_label, "key_label": pkcs11.key_label}  # fmt: skip
+            config["key"] = {
+                "backend": "pkcs11",
+                "module": pkcs11.module,
+                "token_label": pkcs11.token_label,
+                "key_label": pkcs11.key_label,
+            }
         else:
             if passphrase is None:
                 raise ConfigError("the CA key needs a passphrase")
@@ -179,8 +184,10 @@ class CaHome:
                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                     .sign(key.stand_in, key.hash_algorithm)
                 )
-                pem = _pem("CERTIFICATE REQUEST",
-                           _sign_with(key, csr.public_bytes(serialization.Encoding.DER)))  # fmt: skip
+                pem = _pem(
+                    "CERTIFICATE REQUEST",
+                    _sign_with(key, csr.public_bytes(serialization.Encoding.DER)),
+                )
                 (self.path / "ca.csr").write_bytes(pem)
                 config["mode"] = "subordinate"
                 self.save_config(config)
@@ -212,12 +219,18 @@ class CaHome:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
-            )  # fmt: skip
+            )
             .add_extension(ski, critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -258,7 +271,7 @@ class CaHome:
         if not bc.ca or not ku.key_cert_sign or not ku.crl_sign:
             raise ConfigError("the CA certificate must have CA:TRUE, keyCertSign and cRLSign")
         chain = [cert, *[p for p in parents if p != cert]]
-        for child, parent in zip(chain, chain[1:], strict=False):
+        for child, parent in itertools.pairwise(chain):
             try:
                 child.verify_directly_issued_by(parent)
             except (ValueError, TypeError, Exception) as exc:
@@ -283,12 +296,17 @@ class CaHome:
             if pin is None:
                 raise ConfigError("the CA key is in a PKCS#11 token: give its PIN")
             return Pkcs11SigningKey(
-                Pkcs11Config(str(key_cfg["module"]), str(key_cfg["token_label"]),
-                             str(key_cfg["key_label"])), pin)  # fmt: skip
+                Pkcs11Config(
+                    str(key_cfg["module"]), str(key_cfg["token_label"]), str(key_cfg["key_label"])
+                ),
+                pin,
+            )
         if key_cfg.get("backend") != "file":
             raise ConfigError(f"{self.config_path}: key.backend must be file or pkcs11")
         if passphrase is None:
-            raise ConfigError("the CA key is encrypted: give --passphrase-file or VTPM_CA_PASSPHRASE")
+            raise ConfigError(
+                "the CA key is encrypted: give --passphrase-file or VTPM_CA_PASSPHRASE"
+            )
         return FileSigningKey.load(self.path / str(key_cfg.get("path", "ca-key.p8")), passphrase)
 
     def _ledger(self, config: dict[str, Any], url: str | None = None) -> _LedgerInit:
@@ -311,7 +329,8 @@ class CaHome:
             )
         profile = EkProfile.from_config(dict(config.get("ek_profile") or {}))
         tokens = tuple(
-            Token(str(t["name"]), str(t["role"]), str(t["sha256"])) for t in config.get("tokens", [])
+            Token(str(t["name"]), str(t["role"]), str(t["sha256"]))
+            for t in config.get("tokens", [])
         )
         try:
             cert = x509.load_pem_x509_certificate((self.path / "ca.pem").read_bytes())
@@ -349,8 +368,9 @@ class CaHome:
         if any(t.get("name") == name for t in tokens):
             raise ConfigError(f"a token named {name!r} exists")
         token = secrets.token_urlsafe(32)
-        tokens.append({"name": name, "role": role,
-                       "sha256": hashlib.sha256(token.encode()).hexdigest()})  # fmt: skip
+        tokens.append(
+            {"name": name, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+        )
         config["tokens"] = tokens
         self.save_config(config)
         return token

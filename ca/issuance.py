@@ -26,6 +26,7 @@ from asn1crypto import core as asn1
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from ca.der import encode_tlv, read_tlv
 from ca.ek import CertifiableEk
@@ -151,21 +152,30 @@ class EkIssuance:
         self._eku = x509.ExtendedKeyUsage([OID_TCG_KP_EK_CERTIFICATE])
         self._crldp = (
             x509.CRLDistributionPoints(
-                [x509.DistributionPoint([x509.UniformResourceIdentifier(profile.crl_url)],
-                                        None, None, None)]  # fmt: skip
+                [
+                    x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier(profile.crl_url)], None, None, None
+                    )
+                ]
             )
             if profile.crl_url
             else None
         )
         access = []
         if profile.ocsp_url:
-            access.append(x509.AccessDescription(
-                x509.AuthorityInformationAccessOID.OCSP,
-                x509.UniformResourceIdentifier(profile.ocsp_url)))  # fmt: skip
+            access.append(
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    x509.UniformResourceIdentifier(profile.ocsp_url),
+                )
+            )
         if profile.ca_issuers_url:
-            access.append(x509.AccessDescription(
-                x509.AuthorityInformationAccessOID.CA_ISSUERS,
-                x509.UniformResourceIdentifier(profile.ca_issuers_url)))  # fmt: skip
+            access.append(
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    x509.UniformResourceIdentifier(profile.ca_issuers_url),
+                )
+            )
         self._aia = x509.AuthorityInformationAccess(access) if access else None
 
     # -- step 1 ----------------------------------------------------------------
@@ -288,14 +298,21 @@ class EkIssuance:
         ek = request.ek
         san_name = x509.Name(
             [
-                x509.RelativeDistinguishedName([x509.NameAttribute(
-                    OID_TPM_MANUFACTURER, request.tpm_manufacturer or p.default_manufacturer)]),
-                x509.RelativeDistinguishedName([x509.NameAttribute(
-                    OID_TPM_MODEL, request.tpm_model or p.default_model)]),
-                x509.RelativeDistinguishedName([x509.NameAttribute(
-                    OID_TPM_VERSION, request.tpm_version or p.default_version)]),
+                x509.RelativeDistinguishedName(
+                    [
+                        x509.NameAttribute(
+                            OID_TPM_MANUFACTURER, request.tpm_manufacturer or p.default_manufacturer
+                        )
+                    ]
+                ),
+                x509.RelativeDistinguishedName(
+                    [x509.NameAttribute(OID_TPM_MODEL, request.tpm_model or p.default_model)]
+                ),
+                x509.RelativeDistinguishedName(
+                    [x509.NameAttribute(OID_TPM_VERSION, request.tpm_version or p.default_version)]
+                ),
             ]
-        )  # fmt: skip
+        )
         identity = VmIdentity.build(
             request.vm_id, request.vm_name, request.vtpm_instance_id, request.created_at or now
         )
@@ -312,13 +329,18 @@ class EkIssuance:
             # 3.2.11: keyEncipherment for RSA EKs, keyAgreement for ECC EKs; critical
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=False, content_commitment=False,
-                    key_encipherment=ek.is_rsa, data_encipherment=False,
-                    key_agreement=not ek.is_rsa, key_cert_sign=False, crl_sign=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=ek.is_rsa,
+                    data_encipherment=False,
+                    key_agreement=not ek.is_rsa,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
-            )  # fmt: skip
+            )
             .add_extension(self._aki, critical=False)
             # RFC 5280 4.2.1.2: end-entity certificates SHOULD carry an SKI (pkilint checks it)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(ek.public_key), critical=False)

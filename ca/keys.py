@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,7 +47,9 @@ CaPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 CaPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 # key type name -> (family, size or curve, signature hash)
-KEY_TYPES: dict[str, tuple[str, int, type[hashes.HashAlgorithm]]] = {
+SignHash = hashes.SHA256 | hashes.SHA384
+
+KEY_TYPES: dict[str, tuple[str, int, type[SignHash]]] = {
     "ecdsa-p256": ("ec", 256, hashes.SHA256),
     "ecdsa-p384": ("ec", 384, hashes.SHA384),
     "rsa-2048": ("rsa", 2048, hashes.SHA256),
@@ -55,7 +57,7 @@ KEY_TYPES: dict[str, tuple[str, int, type[hashes.HashAlgorithm]]] = {
 }
 
 _CURVES: dict[int, ec.EllipticCurve] = {256: ec.SECP256R1(), 384: ec.SECP384R1()}
-PASSPHRASE_ENV = "VTPM_CA_PASSPHRASE"
+PASSPHRASE_ENV = "VTPM_CA_PASSPHRASE"  # noqa: S105 - the name of the variable
 PIN_ENV = "VTPM_CA_PKCS11_PIN"
 
 
@@ -87,7 +89,7 @@ def _stand_in(public: CaPublicKey) -> CaPrivateKey:
     # Only the signature algorithm identifier of the stand-in matters: RSA keys of
     # any size give sha*WithRSAEncryption, any curve gives ecdsa-with-SHA*.
     if isinstance(public, rsa.RSAPublicKey):
-        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - never trusted
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -104,7 +106,7 @@ class SigningKey(Protocol):
     def public_key(self) -> CaPublicKey: ...
 
     @property
-    def hash_algorithm(self) -> hashes.HashAlgorithm: ...
+    def hash_algorithm(self) -> SignHash: ...
 
     @property
     def stand_in(self) -> CaPrivateKey:
@@ -129,7 +131,7 @@ class FileSigningKey:
 
     private_key: CaPrivateKey
     stand_in: CaPrivateKey
-    hash_algorithm: hashes.HashAlgorithm
+    hash_algorithm: SignHash
 
     @classmethod
     def create(cls, path: Path, key_type: str, passphrase: bytes) -> FileSigningKey:
@@ -215,19 +217,17 @@ class Pkcs11SigningKey:
                 f"{type(exc).__name__} {exc}"
             ) from exc
         try:
-            self._private = self._session.get_key(
+            self._private: Any = self._session.get_key(
                 object_class=ObjectClass.PRIVATE_KEY, label=config.key_label
             )
-            public = self._session.get_key(
+            public: Any = self._session.get_key(
                 object_class=ObjectClass.PUBLIC_KEY, label=config.key_label
             )
             if self._private.key_type == KeyType.EC:
                 spki = encode_ec_public_key(public)
             else:
                 pkcs1 = encode_rsa_public_key(public)
-                spki = serialization.load_der_public_key(
-                    _rsa_spki(pkcs1)
-                ).public_bytes(
+                spki = serialization.load_der_public_key(_rsa_spki(pkcs1)).public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                 )
             if self._private[Attribute.EXTRACTABLE] or not self._private[Attribute.SENSITIVE]:
@@ -289,7 +289,7 @@ class Pkcs11SigningKey:
         return self._public
 
     @property
-    def hash_algorithm(self) -> hashes.HashAlgorithm:
+    def hash_algorithm(self) -> SignHash:
         return self._hash
 
     @property
@@ -305,8 +305,10 @@ class Pkcs11SigningKey:
         from pkcs11.util.ec import encode_ecdsa_signature
 
         if isinstance(self._public, rsa.RSAPublicKey):
-            mech = Mechanism.SHA256_RSA_PKCS if self._hash.name == "sha256" else (
-                Mechanism.SHA384_RSA_PKCS
+            mech = (
+                Mechanism.SHA256_RSA_PKCS
+                if self._hash.name == "sha256"
+                else (Mechanism.SHA384_RSA_PKCS)
             )
             return bytes(self._private.sign(data, mechanism=mech))
         # SoftHSM2 and most tokens sign a digest with CKM_ECDSA: hash here.

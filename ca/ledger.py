@@ -28,9 +28,16 @@ __all__ = ["CertRecord", "Ledger"]
 
 # RFC 5280 section 5.3.1 CRLReason names (ours: lower-case with hyphens)
 REASONS = (
-    "unspecified", "key-compromise", "ca-compromise", "affiliation-changed", "superseded",
-    "cessation-of-operation", "certificate-hold", "privilege-withdrawn", "aa-compromise",
-)  # fmt: skip
+    "unspecified",
+    "key-compromise",
+    "ca-compromise",
+    "affiliation-changed",
+    "superseded",
+    "cessation-of-operation",
+    "certificate-hold",
+    "privilege-withdrawn",
+    "aa-compromise",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +173,7 @@ class Ledger:
             row = conn.execute(self._by_serial, {"s": f"{serial:x}"}).first()
         return self._record(row) if row is not None else None
 
-    def list(self) -> list[CertRecord]:
+    def all_records(self) -> list[CertRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(self.certs).order_by(self.certs.c.created_at)).all()
         return [self._record(r) for r in rows]
@@ -216,7 +223,9 @@ class Ledger:
     def complete(self, serial: int, certificate_der: bytes) -> bool:
         """pending -> issued; False when another process completed it first."""
         with self.engine.begin() as conn:
-            result = conn.execute(self._complete, {"b_serial": f"{serial:x}", "b_der": certificate_der})
+            result = conn.execute(
+                self._complete, {"b_serial": f"{serial:x}", "b_der": certificate_der}
+            )
             return result.rowcount == 1
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
@@ -240,7 +249,9 @@ class Ledger:
     def revoke(self, serial: int, reason: str, when: dt.datetime) -> CertRecord:
         """issued -> revoked. Revoking again with any reason is refused (ConflictError)."""
         if reason not in REASONS:
-            raise ConflictError(f"unknown revocation reason {reason!r} (one of {', '.join(REASONS)})")
+            raise ConflictError(
+                f"unknown revocation reason {reason!r} (one of {', '.join(REASONS)})"
+            )
         record = self.get(serial)
         if record.status == "revoked":
             raise ConflictError(f"certificate {serial:x} is already revoked")

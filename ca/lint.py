@@ -54,8 +54,8 @@ def shape_of(cert: x509.Certificate) -> Shape:
 def pkilint_findings(certificate_der: bytes) -> list[str]:
     """pkilint's RFC 5280 certificate lint: findings of severity WARNING and above."""
     from pkilint import loader
-    from pkilint.validation import ValidationFindingSeverity
     from pkilint.pkix import certificate, extension, name
+    from pkilint.validation import ValidationFindingSeverity
 
     validator = certificate.create_pkix_certificate_validator_container(
         certificate.create_decoding_validators(

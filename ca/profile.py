@@ -44,8 +44,10 @@ def render_tpm_id(value: int | str, what: str) -> str:
         text = value.strip()
         if text.lower().startswith("id:"):
             hexpart = text[3:]
-            if not hexpart or len(hexpart) > 8 or any(
-                c not in "0123456789abcdefABCDEF" for c in hexpart
+            if (
+                not hexpart
+                or len(hexpart) > 8
+                or any(c not in "0123456789abcdefABCDEF" for c in hexpart)
             ):
                 raise ConfigError(f"{what}: expected id:XXXXXXXX (hex), got {value!r}")
             return "id:" + hexpart.upper()
@@ -116,10 +118,19 @@ class EkProfile:
     def from_config(cls, raw: dict[str, Any]) -> EkProfile:
         """Check the ``ek_profile`` section of the CA config; raises :class:`ConfigError`."""
         known = {
-            "subject", "validity_days", "serial_bits", "tpm_spec", "tpm_manufacturer",
-            "tpm_model", "tpm_version", "crl_url", "ocsp_url", "ca_issuers_url", "lint",
+            "subject",
+            "validity_days",
+            "serial_bits",
+            "tpm_spec",
+            "tpm_manufacturer",
+            "tpm_model",
+            "tpm_version",
+            "crl_url",
+            "ocsp_url",
+            "ca_issuers_url",
+            "lint",
             "allow_bare_keys",
-        }  # fmt: skip
+        }
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"ek_profile: unknown keys {sorted(unknown)}")

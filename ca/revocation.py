@@ -40,9 +40,11 @@ REASON_FLAGS: dict[str, x509.ReasonFlags] = {
 assert set(REASON_FLAGS) == set(REASONS)
 
 _OCSP_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
-}  # fmt: skip
+}
 
 
 def _now() -> dt.datetime:
@@ -100,7 +102,9 @@ class Revocation:
             algorithm = request.hash_algorithm
             serial = request.serial_number
         except (ValueError, TypeError, Exception) as exc:
-            raise ParseError("OCSPRequest", "der", 0, f"not a single-certificate OCSP request: {exc}") from exc
+            raise ParseError(
+                "OCSPRequest", "der", 0, f"not a single-certificate OCSP request: {exc}"
+            ) from exc
         make_hash = _OCSP_HASHES.get(algorithm.name)
         if make_hash is None:
             return ocsp.OCSPResponseBuilder.build_unsuccessful(

@@ -42,6 +42,7 @@ __all__ = ["VM_IDENTITY_OID", "VM_IDENTITY_OID_X667", "VM_IDENTITY_UUID", "VmIde
 
 VM_IDENTITY_UUID = uuid.UUID("9bf21706-9469-4343-9057-8d36a2c6153c")
 
+
 def _uuid_oid(value: uuid.UUID) -> str:
     h = value.hex
     parts = (h[0:4], h[4:8], h[8:12], h[12:16], h[16:20], h[20:26], h[26:32])
@@ -54,7 +55,7 @@ VM_IDENTITY_OID_X667 = f"2.25.{VM_IDENTITY_UUID.int}"
 _MAX_TEXT = 1024
 
 
-class _VmIdentityAsn1(core.Sequence):
+class _VmIdentityAsn1(core.Sequence):  # type: ignore[misc]
     _fields = [  # noqa: RUF012 - asn1crypto's declaration style
         ("vm_id", core.UTF8String),
         ("vm_name", core.UTF8String),
