@@ -38,7 +38,10 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from verifier._tpm_interim import (
+from vtpm_core.errors import ConfigError, VerificationError
+from vtpm_core.tpm import (
+    ST_ATTEST_QUOTE,
+    TPM_GENERATED_VALUE,
     Attest,
     ClockInfo,
     ObjectAttributes,
@@ -47,15 +50,13 @@ from verifier._tpm_interim import (
     Public,
     Signature,
 )
-from vtpm_core.errors import ConfigError, VerificationError
 
 __all__ = [
     "AK_REQUIRED_ATTRIBUTES",
     "QUOTE_CHECKS",
     "TPM_GENERATED_VALUE",
     "TPM_ST_ATTEST_QUOTE",
-    # the TPM structure types verify_quote takes, re-exported so that callers
-    # need not know where they live (interim module now, vtpm_core.tpm later)
+    # the vtpm_core.tpm types verify_quote takes, re-exported for callers
     "Attest",
     "ClockInfo",
     "PcrSelection",
@@ -67,8 +68,7 @@ __all__ = [
     "verify_quote",
 ]
 
-TPM_GENERATED_VALUE = 0xFF544347
-TPM_ST_ATTEST_QUOTE = 0x8018
+TPM_ST_ATTEST_QUOTE = ST_ATTEST_QUOTE
 AK_REQUIRED_ATTRIBUTES = (
     ObjectAttributes.FIXED_TPM
     | ObjectAttributes.FIXED_PARENT
@@ -156,7 +156,7 @@ def verify_quote(
         check_ak_attributes(ak)
     # step 2: over exactly the bytes received
     sig = signature if isinstance(signature, Signature) else Signature.parse(signature)
-    sig.verify(ak, attest_bytes)
+    sig.verify(ak, attest_bytes, check="quote.signature")
     # steps 3-4 on the raw bytes, before anything else is read from them
     magic = int.from_bytes(attest_bytes[:4], "big")
     if magic != TPM_GENERATED_VALUE:
@@ -171,6 +171,9 @@ def verify_quote(
             f"type 0x{kind:04x}, expected 0x{TPM_ST_ATTEST_QUOTE:04x} (TPM_ST_ATTEST_QUOTE)",
         )
     attest = Attest.parse(attest_bytes)
+    quote_info = attest.quote
+    if quote_info is None:  # cannot happen after step 4; fail closed all the same
+        raise VerificationError("quote.type", "attested is not a TPMS_QUOTE_INFO")
     # step 5
     if not hmac.compare_digest(attest.extra_data, nonce):
         detail = (
@@ -180,19 +183,19 @@ def verify_quote(
         )
         raise VerificationError("quote.nonce", f"nonce mismatch ({detail})")
     # step 6
-    quoted = attest.attested.pcr_select
+    quoted = quote_info.pcr_select
     if quoted.as_sets() != pcrs.selection.as_sets():
         raise VerificationError(
             "quote.pcr_select",
             f"the quote selects {quoted}, the PCR values supplied are {pcrs.selection}",
         )
     # step 7
-    expected = pcrs.digest(quoted, sig.hash_name)
-    if not hmac.compare_digest(expected, attest.attested.pcr_digest):
+    expected = pcrs.digest(quoted, sig.hash_alg)
+    if not hmac.compare_digest(expected, quote_info.pcr_digest):
         raise VerificationError(
             "quote.pcr_digest",
             f"{sig.hash_name} digest of the supplied PCR values {expected.hex()[:16]}…"
-            f" differs from the quoted {attest.attested.pcr_digest.hex()[:16]}…",
+            f" differs from the quoted {quote_info.pcr_digest.hex()[:16]}…",
         )
     return VerifiedQuote(
         clock_info=attest.clock_info,

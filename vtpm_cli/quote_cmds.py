@@ -21,7 +21,6 @@ import click
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
-from verifier._tpm_interim import Attest, PcrValues, Public
 from verifier.ekcert import (
     CertificateRevocationList,
     EkValidationOptions,
@@ -33,6 +32,7 @@ from verifier.ekcert import (
 )
 from verifier.quote import QUOTE_CHECKS, VerifiedQuote, verify_quote
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
+from vtpm_core.tpm import Attest, PcrSelection, PcrValues, Public
 
 __all__ = ["ek_group", "register"]
 
@@ -210,6 +210,23 @@ def _load_ak(path: Path) -> Public | PublicKey:
     return Public.load(data)  # a PEM gives from_pem=True: no attributes
 
 
+def _load_pcrs(data: bytes, message: bytes) -> PcrValues:
+    """JSON or a serialized tpm2-tools file on their own; else the ``-F values`` form,
+    which has no indices and is read in the quote's own selection order."""
+    try:
+        return PcrValues.load(data)
+    except ParseError:
+        selection: PcrSelection | None = None
+        try:
+            quote = Attest.parse(message).quote
+            selection = quote.pcr_select if quote is not None else None
+        except ParseError:
+            pass
+        if selection is None:
+            raise
+        return PcrValues.load(data, selection)
+
+
 def _parse_nonce(value: str) -> bytes:
     try:
         nonce = bytes.fromhex(value.removeprefix("0x"))
@@ -321,11 +338,7 @@ def verify_quote_command(
     message = _read(message_file)
     signature = _read(signature_file)
     pcr_data = _read(pcrs_file)
-    try:
-        selection = Attest.parse(message).attested.pcr_select
-    except ParseError:
-        selection = None  # reported by verify_quote's own checks (magic/type/parse)
-    pcrs = PcrValues.load(pcr_data, selection)
+    pcrs = _load_pcrs(pcr_data, message)
     log = None
     if eventlog_file is not None:
         from verifier.eventlog import EventLog

@@ -29,10 +29,10 @@ from tpm2_pytss import (
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from tests.conftest import Tools
-from verifier._tpm_interim import Public
 from verifier.credential import Credential, make_credential
 from vtpm_core.errors import ParseError, VerificationError
 from vtpm_core.swtpm import SwtpmProcess
+from vtpm_core.tpm import Public
 
 pytestmark = pytest.mark.swtpm
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Tools
-from verifier._tpm_interim import Public
 from verifier.ekcert import (
     CertificateRevocationList,
     EkValidationOptions,
@@ -25,6 +24,7 @@ from verifier.ekcert import (
     validate_ek_certificate,
 )
 from vtpm_core.errors import ParseError, VerificationError
+from vtpm_core.tpm import Public
 
 CA_CONF = """
 [ca]

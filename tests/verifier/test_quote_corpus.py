@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from verifier._tpm_interim import PcrValues, Signature
 from verifier.quote import verify_quote
 from vtpm_core.errors import ParseError, VerificationError
+from vtpm_core.tpm import PcrValues, Signature
 
 DIR = "quotes/swtpm_keylime_checkquote"
 

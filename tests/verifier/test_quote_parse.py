@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verifier._tpm_interim import Attest, PcrSelection, PcrValues, Signature
 from vtpm_core.errors import ParseError
+from vtpm_core.tpm import Attest, PcrValues, Signature
 
 BASE = Path(__file__).resolve().parents[3] / "shared/corpus/quotes/swtpm_keylime_checkquote"
 ATTEST = (BASE / "quote.tpms_attest.bin").read_bytes()
@@ -21,8 +21,9 @@ def test_round_trip_of_real_structures() -> None:
     attest = Attest.parse(ATTEST)
     assert attest.raw == ATTEST and attest.magic == 0xFF544347 and attest.type == 0x8018
     sig = Signature.parse(SIGNATURE)
-    assert (sig.scheme, sig.hash_name, len(sig.signature)) == ("rsassa", "sha256", 256)
-    assert PcrValues.load(PCRS).selection == PcrSelection((("sha256", (16,)),))
+    assert sig.rsa_signature is not None
+    assert (sig.scheme, sig.hash_name, len(sig.rsa_signature)) == ("rsassa", "sha256", 256)
+    assert str(PcrValues.load(PCRS).selection) == "sha256:16"
 
 
 def test_truncation_at_every_offset() -> None:

@@ -19,10 +19,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from verifier._tpm_interim import Attest, PcrSelection, PcrValues, Public, Signature
 from verifier.quote import VerifiedQuote, verify_quote
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 from vtpm_core.swtpm import SwtpmProcess
+from vtpm_core.tpm import Attest, PcrSelection, PcrValues, Public, Signature
 
 pytestmark = pytest.mark.swtpm
 
@@ -244,7 +244,7 @@ def test_checkquote_rejects_valid_rsapss_quotes(lab: QuoteLab) -> None:
     key = Public.load(lab.read("rsa-rsapss-sha256.pub")).public_key()
     assert isinstance(key, rsa.RSAPublicKey)
     key.verify(
-        sig.signature, lab.read("rsa-rsapss-sha256.msg"),
+        sig.rsa_signature, lab.read("rsa-rsapss-sha256.msg"),
         padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256(),
     )  # fmt: skip
     assert not lab.checkquote(
@@ -300,9 +300,9 @@ FAILURES = [
     ("fail/pcr_digest/tampered-value", GOOD_AK, GOOD, lambda p: _tamper(p, "sha256", 16),
      NONCE, "quote.pcr_digest", r"sha256 digest of the supplied PCR values"),
     ("fail/signature/other-ak", "rsa-rsassa-sha1.pub", GOOD, SAME, NONCE,
-     "quote.signature", r"rsassa/sha256 signature does not verify with the AK"),
+     "quote.signature", r"rsassa/sha256 signature does not verify with the key"),
     ("fail/signature/ecc-ak-for-rsa-quote", "ecc-ecdsa-sha256.pub", GOOD, SAME, NONCE,
-     "quote.signature", r"rsassa signature but the AK is not RSA"),
+     "quote.signature", r"rsassa signature but the key is not RSA"),
     ("fail/ak/non-restricted-forgery", "plain.pub", "forged", SAME, OTHER,
      "ak.attributes", r"AK lacks restricted \(attributes 0x00040072\)"),
     ("fail/ak/sign-decrypt", "signdecrypt.pub", "signdecrypt", SAME, NONCE,
@@ -336,7 +336,7 @@ def test_relabelling_keeps_the_digest(lab: QuoteLab) -> None:
     """Why quote.pcr_select exists: the relabelled values hash to the quoted pcrDigest."""
     attest = Attest.parse(lab.read(f"{GOOD}.msg"))
     relabelled = _relabel(_pcrs(lab, f"{GOOD}.pcrs"), "sha256", 16, 17)
-    order = PcrSelection((("sha1", (0, 16)), ("sha256", (0, 1, 2, 17))))
+    order = PcrSelection.from_string("sha1:0,16+sha256:0,1,2,17")
     assert relabelled.digest(order, "sha256") == attest.attested.pcr_digest
 
 
@@ -377,7 +377,8 @@ def test_malformed_inputs_are_parse_errors(lab: QuoteLab) -> None:
     ak = Public.load(lab.read(f"{GOOD}.pub"))
     sig = lab.read(f"{GOOD}.sig")
     with pytest.raises(
-        ParseError, match=r"TPMT_SIGNATURE\.signature\.sig at byte 6: needs 256 bytes, 200 left"
+        ParseError,
+        match=r"TPMT_SIGNATURE\.signature\.rsa\.sig\.buffer at byte 6: truncated: need 256 bytes",
     ):
         verify_quote(ak, lab.read(f"{GOOD}.msg"), sig[:206], _pcrs(lab, f"{GOOD}.pcrs"), NONCE)
     with pytest.raises(ParseError, match=r"TPMT_PUBLIC"):
