@@ -60,6 +60,10 @@ SAMPLES: list[tuple[str, Callable[[bytes], object], Callable[[], bytes], str]] =
      lambda: _read("swtpm_quote_values.pcrs"), "tpm2_tools.pcrs"),
 ]  # fmt: skip
 SAMPLE_IDS = [s[0] for s in SAMPLES]
+PEM_SAMPLES: list[tuple[str, Callable[[bytes], object], Callable[[], bytes], str]] = [
+    ("PEM/ecc-ak", Public.load, lambda: _read("swtpm_ak_ecc_ecdsa.pem"), "PEM"),
+    ("PEM/rsa-ak", Public.load, lambda: _read("swtpm_ak_rsa_rsapss.pem"), "PEM"),
+]
 
 
 @pytest.mark.parametrize(
@@ -116,6 +120,13 @@ FAILURES: list[tuple[str, Callable[[bytes], object], Callable[[], bytes], str]] 
      lambda: b"\x01\x00" + _infineon_pub(), r"TPM2B_PUBLIC.size at byte 0: says 256 bytes"),
     ("fail/public/pem-garbage", Public.load,
      lambda: b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", r"PEM"),
+    ("fail/public/pem-trailing", Public.load,
+     lambda: _read("swtpm_ak_ecc_ecdsa.pem") + b"junk", r"PEM.end at byte 177: 4 bytes after"),
+    ("fail/public/pem-truncated", Public.load,
+     lambda: _read("swtpm_ak_ecc_ecdsa.pem")[:-10], r"PEM.*not a PEM public key"),
+    ("fail/public/pem-private-key", Public.load,
+     lambda: b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+     r"PEM.*not a PEM public key"),
     ("fail/attest/type-unknown", Attest.parse,
      lambda: _patch(_keylime_attest(), 4, b"\x80\x99"), r"TPMS_ATTEST.type at byte 4: 0x8099"),
     ("fail/attest/safe-not-bool", Attest.parse,
@@ -221,7 +232,9 @@ def _mutations(sample: bytes) -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.parametrize(
-    ("parser", "sample", "structure"), [s[1:] for s in SAMPLES], ids=SAMPLE_IDS
+    ("parser", "sample", "structure"),
+    [s[1:] for s in SAMPLES + PEM_SAMPLES],
+    ids=SAMPLE_IDS + [s[0] for s in PEM_SAMPLES],
 )
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())

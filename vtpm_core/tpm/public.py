@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _MAX_DIGEST = 64  # sizeof(TPMU_HA)
+_PEM_END = b"-----END PUBLIC KEY-----"
 _MAX_RSA_KEY_BYTES = 512
 _MAX_ECC_KEY_BYTES = 128
 _BLOCK_CIPHERS = (TpmAlg.AES, TpmAlg.SM4, TpmAlg.CAMELLIA)
@@ -235,9 +237,13 @@ class Public:
     @classmethod
     def load_pem(cls, data: bytes) -> Public:
         """A PEM SubjectPublicKeyInfo (RSA or ECC) as a ``from_pem`` Public."""
+        end = data.find(_PEM_END)
+        if end >= 0 and data[end + len(_PEM_END) :].strip():
+            extra = len(data[end + len(_PEM_END) :].strip())
+            raise ParseError("PEM", "end", end + len(_PEM_END), f"{extra} bytes after the key")
         try:
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ParseError(
                 "PEM", "SubjectPublicKeyInfo", 0, f"not a PEM public key: {exc}"
             ) from None
