@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Protocol
 
 from vtpm_core.errors import ParseError, VerificationError
+from vtpm_core.tpm import Public
 
 __all__ = ["TOOLS_MAGIC", "Credential", "make_credential"]
 
@@ -43,13 +43,6 @@ _DIGEST_SIZES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64, 0x0012: 32}
 _RESTRICTED = 0x00010000
 _DECRYPT = 0x00020000
 _SIGN = 0x00040000
-
-
-class _TpmPublic(Protocol):
-    """What we need of a TPM public area: its TPMT_PUBLIC wire encoding."""
-
-    @property
-    def raw(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +102,15 @@ class Credential:
         return cls(parts[0], parts[1])
 
 
-def _tpmt_public(ek: _TpmPublic | bytes) -> bytes:
-    raw = ek if isinstance(ek, bytes) else ek.raw
-    return raw
+def _tpmt_public(ek: Public | bytes) -> bytes:
+    if isinstance(ek, bytes):
+        return ek
+    if ek.from_pem:
+        raise VerificationError(
+            "credential.ek",
+            "a PEM key is not enough: MakeCredential needs the EK's TPM public area",
+        )
+    return ek.raw
 
 
 def check_name(ak_name: bytes) -> None:
@@ -126,11 +125,11 @@ def check_name(ak_name: bytes) -> None:
         raise ParseError("TPM2B_NAME", "digest", 2, f"{len(ak_name) - 2} bytes, expected {size}")
 
 
-def make_credential(ek: _TpmPublic | bytes, ak_name: bytes, secret: bytes) -> Credential:
+def make_credential(ek: Public | bytes, ak_name: bytes, secret: bytes) -> Credential:
     """Protect ``secret`` to ``ek`` for the object named ``ak_name`` (steps 1-3 above).
 
-    ``ek`` is the EK public area (an object with ``.raw`` holding TPMT_PUBLIC,
-    or TPMT_PUBLIC / TPM2B_PUBLIC bytes). Raises ParseError for a malformed EK
+    ``ek`` is the EK public area (a ``vtpm_core.tpm.Public``, or TPMT_PUBLIC /
+    TPM2B_PUBLIC bytes). Raises ParseError for a malformed EK
     or name, VerificationError("credential.ek") if the EK is not a restricted
     decryption key (Part 3 §12.6: TPM_RC_TYPE/ATTRIBUTES), and
     VerificationError("credential.secret") for a secret larger than the EK

@@ -8,12 +8,15 @@ policy (PolicySecret(TPM_RH_ENDORSEMENT)), and through
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tpm2_pytss import (
     ESAPI,
     ESYS_TR,
@@ -210,3 +213,20 @@ def test_input_checks(tools: Tools) -> None:
 def test_credential_file_written_by_us_is_readable(tmp_path: Path) -> None:
     credential = Credential(b"\x00\x20" + b"h" * 32 + b"e" * 18, b"s" * 256)
     assert Credential.from_tpm2_tools(credential.to_tpm2_tools()) == credential
+
+
+def test_pem_ek_is_refused(tools: Tools) -> None:
+    tools.run("tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
+    tools.run("tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-u", "ak.pub", "-n", "ak.name")
+    pem = tools.run("tpm2_print", "-t", "TPM2B_PUBLIC", "-f", "pem", "ek.pub").stdout.encode()
+    with pytest.raises(VerificationError, match=r"^credential\.ek: a PEM key is not enough"):
+        make_credential(Public.load(pem), (tools.cwd / "ak.name").read_bytes(), b"x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_tools_file_parser_only_raises_parse_error(data: bytes) -> None:
+    with contextlib.suppress(ParseError):
+        Credential.from_tpm2_tools(data)
+    with contextlib.suppress(ParseError):
+        Credential.from_tpm2_tools(b"\xba\xdc\xc0\xde\x00\x00\x00\x01" + data)
