@@ -231,7 +231,14 @@ class Public:
         if data.lstrip()[:10] == b"-----BEGIN":
             return cls.load_pem(data)
         if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
-            return cls.parse_tpm2b(data)
+            try:
+                return cls.parse_tpm2b(data)
+            except ParseError as error:
+                # a bare TPMT_PUBLIC can start with its own length by chance (ECC: 0x0023)
+                try:
+                    return cls.parse(data)
+                except ParseError:
+                    raise error from None
         return cls.parse(data)
 
     @classmethod
