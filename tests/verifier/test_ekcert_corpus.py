@@ -194,6 +194,9 @@ def test_nv_encodings_are_normalised(corpus: Path, wrap: object) -> None:
         ),
         pytest.param(b"\x30\x80\x00\x00", r"indefinite length", id="fail/parse/ber-indefinite"),
         pytest.param(
+            b"\x30\x83\x01\x11\x70" + bytes(70000), r"exceeds 65536", id="fail/parse/oversize"
+        ),
+        pytest.param(
             b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----",
             r"bad base64",
             id="fail/parse/pem",
