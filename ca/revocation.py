@@ -15,11 +15,14 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from asn1crypto import core as asn1
+from asn1crypto import ocsp as aocsp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
 
-from ca.der import replace_signature, resign_ocsp_response, tbs_of
+from ca.der import replace_signature, tbs_of
 from ca.issuance import CaMaterial
 from ca.ledger import REASONS, CertRecord, Ledger
 from vtpm_core.errors import ParseError
@@ -131,26 +134,57 @@ class Revocation:
                 reason = REASON_FLAGS[str(record.revocation_reason)]
         else:
             status = ocsp.OCSPCertStatus.GOOD
-        builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
-            issuer_name_hash=name_hash,
-            issuer_key_hash=key_hash,
-            serial_number=serial,
-            algorithm=make_hash(),
-            cert_status=status,
-            this_update=now,
-            next_update=now + self.ocsp_validity,
-            revocation_time=revocation_time,
-            revocation_reason=reason,
-        )
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.material.certificate)
+        # cryptography's OCSP builder insists the responder certificate matches the
+        # signing key, so the stand-in trick of ca.keys cannot be used here: the
+        # BasicOCSPResponse (RFC 6960 4.2.1) is built with asn1crypto and signed once.
+        if status == ocsp.OCSPCertStatus.GOOD:
+            cert_status = aocsp.CertStatus(name="good", value=asn1.Null())
+        elif status == ocsp.OCSPCertStatus.REVOKED:
+            info: dict[str, object] = {"revocation_time": revocation_time}
+            if reason is not None:
+                info["revocation_reason"] = str(record.revocation_reason).replace("-", "_")  # type: ignore[union-attr]
+            cert_status = aocsp.CertStatus(name="revoked", value=info)
+        else:
+            cert_status = aocsp.CertStatus(name="unknown", value=asn1.Null())
+        single = {
+            "cert_id": {
+                "hash_algorithm": {"algorithm": algorithm.name},
+                "issuer_name_hash": name_hash,
+                "issuer_key_hash": key_hash,
+                "serial_number": serial,
+            },
+            "cert_status": cert_status,
+            "this_update": now,
+            "next_update": now + self.ocsp_validity,
+        }
+        data: dict[str, object] = {
+            "responder_id": aocsp.ResponderId(name="by_key", value=self._issuer_hashes("sha1")[1]),
+            "produced_at": now,
+            "responses": [single],
+        }
         for ext in request.extensions:
             if isinstance(ext.value, x509.OCSPNonce):  # RFC 8954: echo the nonce
-                builder = builder.add_extension(ext.value, critical=False)
+                data["response_extensions"] = [
+                    {"extn_id": "nonce", "critical": False, "extn_value": ext.value.nonce}
+                ]
+        tbs = aocsp.ResponseData(data)
         key = self.material.key
-        stand_in = builder.sign(key.stand_in, key.hash_algorithm).public_bytes(
-            serialization.Encoding.DER
+        family = "rsa" if isinstance(key.public_key, rsa.RSAPublicKey) else "ecdsa"
+        basic = aocsp.BasicOCSPResponse(
+            {
+                "tbs_response_data": tbs,
+                "signature_algorithm": {"algorithm": f"{key.hash_algorithm.name}_{family}"},
+                "signature": key.sign(tbs.dump()),
+            }
         )
-        return resign_ocsp_response(stand_in, key.sign)
+        return bytes(
+            aocsp.OCSPResponse(
+                {
+                    "response_status": "successful",
+                    "response_bytes": {"response_type": "basic_ocsp_response", "response": basic},
+                }
+            ).dump()
+        )
 
     def _issuer_hashes(self, name: str) -> tuple[bytes, bytes]:
         # RFC 6960 4.1.1: hash of the issuer's DER Name and of its public key BIT STRING value
