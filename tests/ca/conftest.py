@@ -36,8 +36,13 @@ def tpm_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         _tool(tpm, work, "tpm2_createprimary", "-C", "o", "-c", "prim.ctx")
         _tool(tpm, work, "tpm2_create", "-C", "prim.ctx", "-u", "key.pub", "-r", "key.priv")
         _tool(tpm, work, "tpm2_readpublic", "-c", "ek-rsa.ctx", "-f", "pem", "-o", "ek-rsa.pem")
-    names = {"ek-rsa": "ek-rsa.pub", "ek-ecc": "ek-ecc.pub", "ak": "ak.pub", "key": "key.pub",
-             "ek-rsa-pem": "ek-rsa.pem"}  # fmt: skip
+    names = {
+        "ek-rsa": "ek-rsa.pub",
+        "ek-ecc": "ek-ecc.pub",
+        "ak": "ak.pub",
+        "key": "key.pub",
+        "ek-rsa-pem": "ek-rsa.pem",
+    }
     return {k: (work / v).read_bytes() for k, v in names.items()}
 
 

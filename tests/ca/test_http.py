@@ -55,10 +55,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = dict(os.environ, VTPM_CA_PASSPHRASE=PASSPHRASE.decode())
     log = (root / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [VTPM, "ca", "serve", "--home", str(home.path), "--bind", f"127.0.0.1:{port}",
-         "--workers", "2"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            VTPM,
+            "ca",
+            "serve",
+            "--home",
+            str(home.path),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
@@ -84,8 +95,12 @@ def _post(server: Server, path: str, body: object, token: str | None) -> request
 
 
 def _body(tpm_keys: dict[str, bytes], kind: str = "ek-rsa", **extra: object) -> dict[str, object]:
-    return {"ek_public": base64.b64encode(tpm_keys[kind]).decode(), "vm_id": str(uuid.uuid4()),
-            "vm_name": "web-01", **extra}  # fmt: skip
+    return {
+        "ek_public": base64.b64encode(tpm_keys[kind]).decode(),
+        "vm_id": str(uuid.uuid4()),
+        "vm_name": "web-01",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -94,14 +109,16 @@ def _body(tpm_keys: dict[str, bytes], kind: str = "ek-rsa", **extra: object) -> 
         ("fail/auth/missing", None, 401),
         ("fail/auth/unknown", "nope", 401),
         ("fail/auth/wrong-role", "provisioner", 403),
-    ],  # fmt: skip
+    ],
     ids=lambda v: v if isinstance(v, str) and v.startswith("fail/") else "",
 )
-def test_tokens(server: Server, tpm_keys: dict[str, bytes], case: str, token: str | None,
-                status: int) -> None:  # fmt: skip
+def test_tokens(
+    server: Server, tpm_keys: dict[str, bytes], case: str, token: str | None, status: int
+) -> None:
     if case == "fail/auth/wrong-role":  # a provisioner may issue, but not revoke
-        response = _post(server, "/v1/ek-certificates/01/revoke", {"reason": "superseded"},
-                         server.provisioner)  # fmt: skip
+        response = _post(
+            server, "/v1/ek-certificates/01/revoke", {"reason": "superseded"}, server.provisioner
+        )
     else:
         response = _post(server, "/v1/ek-certificates", _body(tpm_keys), token)
     assert response.status_code == status
@@ -128,15 +145,23 @@ def test_tokens(server: Server, tpm_keys: dict[str, bytes], case: str, token: st
     ids=lambda v: v if isinstance(v, str) and v.startswith("fail/") else "",
 )
 def test_bad_requests_name_the_field(
-    server: Server, tpm_keys: dict[str, bytes], case: str, mutate: object, status: int,
+    server: Server,
+    tpm_keys: dict[str, bytes],
+    case: str,
+    mutate: object,
+    status: int,
     field: str,
-) -> None:  # fmt: skip
+) -> None:
     if isinstance(mutate, str):
         response = requests.post(
-            server.url + "/v1/ek-certificates", data=mutate,
-            headers={"Authorization": f"Bearer {server.provisioner}",
-                     "Content-Type": "application/json"}, timeout=30,
-        )  # fmt: skip
+            server.url + "/v1/ek-certificates",
+            data=mutate,
+            headers={
+                "Authorization": f"Bearer {server.provisioner}",
+                "Content-Type": "application/json",
+            },
+            timeout=30,
+        )
     else:
         body = _body(tpm_keys)
         assert isinstance(mutate, dict)
@@ -156,8 +181,9 @@ def test_bad_requests_name_the_field(
     assert "Traceback" not in response.text
 
 
-def test_issue_reissue_revoke_ocsp_crl(server: Server, tpm_keys: dict[str, bytes],
-                                       tmp_path: Path) -> None:  # fmt: skip
+def test_issue_reissue_revoke_ocsp_crl(
+    server: Server, tpm_keys: dict[str, bytes], tmp_path: Path
+) -> None:
     body = _body(tpm_keys, "ek-ecc")
     first = _post(server, "/v1/ek-certificates", body, server.provisioner)
     assert first.status_code == 201, first.text
@@ -173,11 +199,23 @@ def test_issue_reissue_revoke_ocsp_crl(server: Server, tpm_keys: dict[str, bytes
 
     def ocsp() -> str:
         result = subprocess.run(
-            ["openssl", "ocsp", "-issuer", str(tmp_path / "chain.pem"), "-cert",
-             str(tmp_path / "ek.pem"), "-url", server.url + "/v1/ocsp", "-CAfile",
-             str(tmp_path / "chain.pem")],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                "openssl",
+                "ocsp",
+                "-issuer",
+                str(tmp_path / "chain.pem"),
+                "-cert",
+                str(tmp_path / "ek.pem"),
+                "-url",
+                server.url + "/v1/ocsp",
+                "-CAfile",
+                str(tmp_path / "chain.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert "Response verify OK" in result.stderr + result.stdout, result.stderr
         return result.stdout
 
@@ -185,26 +223,41 @@ def test_issue_reissue_revoke_ocsp_crl(server: Server, tpm_keys: dict[str, bytes
         crl = requests.get(server.url + "/v1/crl", timeout=30)
         assert crl.headers["Content-Type"] == "application/pkix-crl"
         (tmp_path / "crl.der").write_bytes(crl.content)
-        subprocess.run(["openssl", "crl", "-inform", "der", "-in", str(tmp_path / "crl.der"),
-                        "-out", str(tmp_path / "crl.pem")], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "openssl",
+                "crl",
+                "-inform",
+                "der",
+                "-in",
+                str(tmp_path / "crl.der"),
+                "-out",
+                str(tmp_path / "crl.pem"),
+            ],
+            check=True,
+        )
         both = tmp_path / "both.pem"
         both.write_bytes(chain.content + (tmp_path / "crl.pem").read_bytes())
         return subprocess.run(
             ["openssl", "verify", "-crl_check", "-CAfile", str(both), str(tmp_path / "ek.pem")],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     assert ": good" in ocsp()
     assert crl_check().returncode == 0
-    revoked = _post(server, f"/v1/ek-certificates/{serial}/revoke",
-                    {"reason": "key-compromise"}, server.admin)  # fmt: skip
+    revoked = _post(
+        server, f"/v1/ek-certificates/{serial}/revoke", {"reason": "key-compromise"}, server.admin
+    )
     assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
     out = ocsp()
     assert ": revoked" in out and "Reason: keyCompromise" in out
     result = crl_check()
     assert result.returncode != 0 and "certificate revoked" in result.stdout + result.stderr
-    twice = _post(server, f"/v1/ek-certificates/{serial}/revoke", {"reason": "superseded"},
-                  server.admin)  # fmt: skip
+    twice = _post(
+        server, f"/v1/ek-certificates/{serial}/revoke", {"reason": "superseded"}, server.admin
+    )
     assert twice.status_code == 409
 
 
@@ -213,20 +266,38 @@ def test_ocsp_unknown_serial_is_not_good(server: Server, tmp_path: Path) -> None
     chain = requests.get(server.url + "/v1/ca/chain", timeout=30).content
     (tmp_path / "chain.pem").write_bytes(chain)
     result = subprocess.run(
-        ["openssl", "ocsp", "-issuer", str(tmp_path / "chain.pem"), "-serial", "0x1234567890ABCDEF",
-         "-url", server.url + "/v1/ocsp", "-CAfile", str(tmp_path / "chain.pem")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            "openssl",
+            "ocsp",
+            "-issuer",
+            str(tmp_path / "chain.pem"),
+            "-serial",
+            "0x1234567890ABCDEF",
+            "-url",
+            server.url + "/v1/ocsp",
+            "-CAfile",
+            str(tmp_path / "chain.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "0x1234567890ABCDEF: unknown" in result.stdout, result.stdout + result.stderr
 
 
 def test_http_issuer_and_local_issuer(server: Server, tpm_keys: dict[str, bytes]) -> None:
     vm = uuid.uuid4()
     request = EkCertificateRequest(
-        ek_public=tpm_keys["ek-rsa"], vm_id=vm, vm_name="db-1", vtpm_instance_id="i-1",
-        template_id="L-1", tpm_manufacturer=0x49424D00, tpm_model="swtpm",
+        ek_public=tpm_keys["ek-rsa"],
+        vm_id=vm,
+        vm_name="db-1",
+        vtpm_instance_id="i-1",
+        template_id="L-1",
+        tpm_manufacturer=0x49424D00,
+        tpm_model="swtpm",
         tpm_version=0x20191023,
-    )  # fmt: skip
+    )
     client = HttpCaIssuer(server.url, server.provisioner)
     try:
         issued = client.issue_ek_certificate(request)

@@ -46,10 +46,15 @@ def _ext(cert: x509.Certificate, oid: str) -> x509.Extension:
 )
 def test_every_field(opened: OpenedCa, tpm_keys: dict[str, bytes], kind: str, usage: str) -> None:
     der, serial, reissued = _issue(
-        opened, tpm_keys[kind], vm_name="web-01", vtpm_instance_id="vtpm-7",
-        tpm_manufacturer="id:49424D00", tpm_model="swtpm", tpm_version="id:20191023",
+        opened,
+        tpm_keys[kind],
+        vm_name="web-01",
+        vtpm_instance_id="vtpm-7",
+        tpm_manufacturer="id:49424D00",
+        tpm_model="swtpm",
+        tpm_version="id:20191023",
         created_at=T0,
-    )  # fmt: skip
+    )
     assert not reissued
     cert = x509.Certificate.load(der)
     tbs = cert["tbs_certificate"]
@@ -126,8 +131,10 @@ def test_openssl_verifies_chain(
     (tmp_path / "ek.der").write_bytes(der)
     result = subprocess.run(
         ["openssl", "verify", "-CAfile", str(opened.home / "chain.pem"), str(tmp_path / "ek.der")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(": OK")
 
@@ -136,10 +143,13 @@ def test_configured_subject_and_urls(tmp_path: Path, tpm_keys: dict[str, bytes])
     home = CaHome(tmp_path / "ca")
     home.init(
         passphrase=PASSPHRASE,
-        ek_profile={"subject": "CN=vtpm EK,O=Example", "crl_url": "http://ca.example/crl",
-                    "ocsp_url": "http://ca.example/ocsp",
-                    "ca_issuers_url": "http://ca.example/ca.pem"},
-    )  # fmt: skip
+        ek_profile={
+            "subject": "CN=vtpm EK,O=Example",
+            "crl_url": "http://ca.example/crl",
+            "ocsp_url": "http://ca.example/ocsp",
+            "ca_issuers_url": "http://ca.example/ca.pem",
+        },
+    )
     ca = home.open(passphrase=PASSPHRASE)
     try:
         der, _, _ = _issue(ca, tpm_keys["ek-rsa"])
@@ -152,8 +162,9 @@ def test_configured_subject_and_urls(tmp_path: Path, tpm_keys: dict[str, bytes])
     assert cert.ocsp_urls == ["http://ca.example/ocsp"]
     aia = _ext(cert, "1.3.6.1.5.5.7.1.1")["extn_value"].parsed.native
     assert {a["access_method"]: a["access_location"] for a in aia} == {
-        "ocsp": "http://ca.example/ocsp", "ca_issuers": "http://ca.example/ca.pem"
-    }  # fmt: skip
+        "ocsp": "http://ca.example/ocsp",
+        "ca_issuers": "http://ca.example/ca.pem",
+    }
 
 
 def test_same_ek_same_certificate(opened: OpenedCa, tpm_keys: dict[str, bytes]) -> None:
@@ -204,8 +215,23 @@ def test_pending_row_is_completed_once(opened: OpenedCa, tpm_keys: dict[str, byt
 
 def _pending(ek: CertifiableEk, serial: int, tbs: bytes, now: dt.datetime) -> CertRecord:
     end = now + dt.timedelta(days=1)
-    return CertRecord(serial, ek.name, ek.spki_sha256, ek.template, ek.key_type, str(VM), "", "",
-                      now, end, "pending", None, None, tbs, None)  # fmt: skip
+    return CertRecord(
+        serial,
+        ek.name,
+        ek.spki_sha256,
+        ek.template,
+        ek.key_type,
+        str(VM),
+        "",
+        "",
+        now,
+        end,
+        "pending",
+        None,
+        None,
+        tbs,
+        None,
+    )
 
 
 def _tamper(data: bytes, offset: int, value: int) -> bytes:
