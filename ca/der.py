@@ -9,9 +9,7 @@ signature here. Input is always DER we just produced ourselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-__all__ = ["encode_tlv", "read_tlv", "replace_signature", "resign_ocsp_response"]
+__all__ = ["encode_tlv", "read_tlv", "replace_signature", "tbs_of"]
 
 
 def read_tlv(data: bytes, offset: int) -> tuple[int, int, int]:
@@ -55,23 +53,3 @@ def tbs_of(signed: bytes) -> bytes:
     _, content, _ = read_tlv(signed, 0)
     _, _, tbs_end = read_tlv(signed, content)
     return signed[content:tbs_end]
-
-
-def resign_ocsp_response(response: bytes, sign: Callable[[bytes], bytes]) -> bytes:
-    """Re-sign a successful OCSPResponse (RFC 6960 section 4.2.1) with ``sign(tbs)``.
-
-    OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED,
-        responseBytes [0] EXPLICIT SEQUENCE { responseType OID, response OCTET STRING } }
-    """
-    _, content, _ = read_tlv(response, 0)
-    _, _, status_end = read_tlv(response, content)
-    _, rb_content, _ = read_tlv(response, status_end)  # [0] EXPLICIT
-    _, seq_content, _ = read_tlv(response, rb_content)  # ResponseBytes SEQUENCE
-    _, _, oid_end = read_tlv(response, seq_content)
-    tag, basic_start, basic_end = read_tlv(response, oid_end)
-    if tag != 0x04:
-        raise ValueError("OCSP responseBytes.response is not an OCTET STRING")
-    basic = response[basic_start:basic_end]
-    new_basic, _ = replace_signature(basic, sign(tbs_of(basic)))
-    response_bytes = encode_tlv(0x30, response[seq_content:oid_end] + encode_tlv(0x04, new_basic))
-    return encode_tlv(0x30, response[content:status_end] + encode_tlv(0xA0, response_bytes))

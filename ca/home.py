@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.der import replace_signature
 from ca.issuance import CaMaterial, EkIssuance
@@ -178,16 +179,7 @@ class CaHome:
         try:
             now = clock or dt.datetime.now(dt.UTC)
             if subordinate:
-                csr = (
-                    x509.CertificateSigningRequestBuilder()
-                    .subject_name(name)
-                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                    .sign(key.stand_in, key.hash_algorithm)
-                )
-                pem = _pem(
-                    "CERTIFICATE REQUEST",
-                    _sign_with(key, csr.public_bytes(serialization.Encoding.DER)),
-                )
+                pem = _pem("CERTIFICATE REQUEST", _csr(key, name))
                 (self.path / "ca.csr").write_bytes(pem)
                 config["mode"] = "subordinate"
                 self.save_config(config)
@@ -374,6 +366,44 @@ class CaHome:
         config["tokens"] = tokens
         self.save_config(config)
         return token
+
+
+def _csr(key: SigningKey, name: x509.Name) -> bytes:
+    """PKCS#10 (RFC 2986) for the CA key, built with asn1crypto and signed once.
+
+    cryptography's CSR builder takes the subject key from the signing key, so the
+    stand-in trick of ca.keys cannot be used for a CSR.
+    """
+    from asn1crypto import csr as acsr
+    from asn1crypto import keys as akeys
+    from asn1crypto import x509 as ax509
+
+    spki = key.public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    extensions = [
+        {"extn_id": "basic_constraints", "critical": True,
+         "extn_value": {"ca": True, "path_len_constraint": 0}},
+        {"extn_id": "key_usage", "critical": True,
+         "extn_value": {"key_cert_sign", "crl_sign", "digital_signature"}},
+    ]  # fmt: skip
+    info = acsr.CertificationRequestInfo(
+        {
+            "version": "v1",
+            "subject": ax509.Name.load(name.public_bytes()),
+            "subject_pk_info": akeys.PublicKeyInfo.load(spki),
+            "attributes": [{"type": "extension_request", "values": [extensions]}],
+        }
+    )
+    family = "rsa" if isinstance(key.public_key, rsa.RSAPublicKey) else "ecdsa"
+    request = acsr.CertificationRequest(
+        {
+            "certification_request_info": info,
+            "signature_algorithm": {"algorithm": f"{key.hash_algorithm.name}_{family}"},
+            "signature": key.sign(info.dump()),
+        }
+    )
+    return bytes(request.dump())
 
 
 class _LedgerInit:
