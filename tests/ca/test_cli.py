@@ -18,16 +18,24 @@ VTPM = str(Path(sys.executable).with_name("vtpm"))
 
 def vtpm(*args: str, cwd: Path, ok: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "VTPM_CA_PASSPHRASE": PASSPHRASE.decode(), **env}
-    result = subprocess.run([VTPM, "ca", *args], cwd=cwd, env=environ, capture_output=True,
-                            text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        [VTPM, "ca", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if ok:
         assert result.returncode == 0, result.stderr
     return result
 
 
 def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
-                          check=False, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 @pytest.fixture
@@ -40,11 +48,33 @@ def ek_files(tmp_path: Path, tpm_keys: dict[str, bytes]) -> Path:
 
 def test_root_issue_revoke_crl(ek_files: Path) -> None:
     d = ek_files
-    out = vtpm("init", "--home", "h", "--key-type", "ecdsa-p384", "--subject", "CN=Test VMCA,O=T",
-               "--validity-years", "5", cwd=d)  # fmt: skip
+    out = vtpm(
+        "init",
+        "--home",
+        "h",
+        "--key-type",
+        "ecdsa-p384",
+        "--subject",
+        "CN=Test VMCA,O=T",
+        "--validity-years",
+        "5",
+        cwd=d,
+    )
     assert "root CA created" in out.stdout
-    first = vtpm("issue-ek", "--home", "h", "--ek-public", "ek-rsa.pub", "--vm-name", "a",
-                 "--tpm-manufacturer", "0x49424D00", "--out", "rsa.pem", cwd=d)  # fmt: skip
+    first = vtpm(
+        "issue-ek",
+        "--home",
+        "h",
+        "--ek-public",
+        "ek-rsa.pub",
+        "--vm-name",
+        "a",
+        "--tpm-manufacturer",
+        "0x49424D00",
+        "--out",
+        "rsa.pem",
+        cwd=d,
+    )
     again = vtpm("issue-ek", "--home", "h", "--ek-public", "ek-rsa.pub", "--out", "rsa2.pem", cwd=d)
     serial = first.stdout.split("serial ")[1].split()[0]
     assert first.stdout.startswith("issued:") and again.stdout.startswith("existing certificate:")
@@ -136,34 +166,84 @@ def test_one_line_errors(
 def test_bare_pem_with_flag(ek_files: Path) -> None:
     d = ek_files
     vtpm("init", "--home", "h", cwd=d)
-    out = vtpm("issue-ek", "--home", "h", "--ek-public", "ek-rsa.pem", "--allow-bare-key",
-               "--out", "bare.pem", cwd=d)  # fmt: skip
+    out = vtpm(
+        "issue-ek",
+        "--home",
+        "h",
+        "--ek-public",
+        "ek-rsa.pem",
+        "--allow-bare-key",
+        "--out",
+        "bare.pem",
+        cwd=d,
+    )
     assert "bare-pem" in out.stdout
 
 
 def test_subordinate_under_openssl_parent(ek_files: Path) -> None:
     d = ek_files
-    made = openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                   "-nodes", "-keyout", "parent.key", "-out", "parent.pem", "-subj",
-                   "/CN=Enterprise Root", "-days", "3650", "-addext",
-                   "basicConstraints=critical,CA:TRUE", "-addext",
-                   "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
+    made = openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "parent.key",
+        "-out",
+        "parent.pem",
+        "-subj",
+        "/CN=Enterprise Root",
+        "-days",
+        "3650",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
     assert made.returncode == 0, made.stderr
-    out = vtpm("init", "--home", "sub", "--subordinate", "--csr-out", "sub.csr",
-               "--subject", "CN=VMCA Sub,O=Example", cwd=d)  # fmt: skip
+    out = vtpm(
+        "init",
+        "--home",
+        "sub",
+        "--subordinate",
+        "--csr-out",
+        "sub.csr",
+        "--subject",
+        "CN=VMCA Sub,O=Example",
+        cwd=d,
+    )
     assert "CSR written" in out.stdout
     checked = openssl("req", "-in", "sub.csr", "-verify", "-noout", cwd=d)
     assert "verify OK" in checked.stdout + checked.stderr, checked.stderr
-    early = vtpm("issue-ek", "--home", "sub", "--ek-public", "ek-ecc.pub", "--out", "x", cwd=d,
-                 ok=False)  # fmt: skip
+    early = vtpm(
+        "issue-ek", "--home", "sub", "--ek-public", "ek-ecc.pub", "--out", "x", cwd=d, ok=False
+    )
     assert early.returncode == 1 and "import-chain" in early.stderr
     (d / "ext.cnf").write_text(
         "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n"
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
     )
-    signed = openssl("x509", "-req", "-in", "sub.csr", "-CA", "parent.pem", "-CAkey",
-                     "parent.key", "-out", "sub.pem", "-days", "1000", "-extfile", "ext.cnf",
-                     cwd=d)  # fmt: skip
+    signed = openssl(
+        "x509",
+        "-req",
+        "-in",
+        "sub.csr",
+        "-CA",
+        "parent.pem",
+        "-CAkey",
+        "parent.key",
+        "-out",
+        "sub.pem",
+        "-days",
+        "1000",
+        "-extfile",
+        "ext.cnf",
+        cwd=d,
+    )
     assert signed.returncode == 0, signed.stderr
     wrong = vtpm("import-chain", "--home", "sub", "parent.pem", "parent.pem", cwd=d, ok=False)
     assert "not for this CA's key" in wrong.stderr

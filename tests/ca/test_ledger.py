@@ -1,0 +1,128 @@
+"""The ledger on SQLite (WAL, the default) and PostgreSQL: one EK, one certificate, also when
+several threads (each its own connection) race for the same EK; revocation is complete."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from ca.ek import CertifiableEk
+from ca.home import CaHome, OpenedCa
+from ca.issuance import IssueRequest
+from tests.ca.conftest import PASSPHRASE
+from vtpm_core.errors import ConflictError, NotFoundError
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def ledger_ca(request: pytest.FixtureRequest, ca_home: CaHome) -> Iterator[OpenedCa]:
+    if request.param == "sqlite":
+        ca = ca_home.open(passphrase=PASSPHRASE)
+        with ca.ledger.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        ca = ca_home.open(
+            passphrase=PASSPHRASE, database=url, ledger_prefix=f"t{uuid.uuid4().hex[:10]}_"
+        )
+    try:
+        yield ca
+    finally:
+        if request.param == "postgres":
+            ca.ledger.drop_schema()
+        ca.close()
+
+
+def _eks(count: int) -> list[CertifiableEk]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return [
+        CertifiableEk.from_key(
+            ec.generate_private_key(ec.SECP256R1()).public_key(),
+            template="bare-pem",
+            name=None,
+            raw=b"",
+        )
+        for _ in range(count)
+    ]
+
+
+def test_race_for_one_ek_gives_one_certificate(ledger_ca: OpenedCa) -> None:
+    (ek,) = _eks(1)
+    vm = uuid.uuid4()
+    serials: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            serials.append(ledger_ca.issuance.issue(IssueRequest(ek=ek, vm_id=vm)).record.serial)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(serials)) == 1 and len(serials) == 8
+    assert len(ledger_ca.ledger.all_records()) == 1
+
+
+def test_columns_and_revocation(ledger_ca: OpenedCa) -> None:
+    a, b = _eks(2)
+    ra = ledger_ca.issuance.issue(IssueRequest(ek=a, vm_id=uuid.uuid4(), vm_name="a")).record
+    ledger_ca.issuance.issue(IssueRequest(ek=b, vm_id=uuid.uuid4()))
+    record = ledger_ca.ledger.get(ra.serial)
+    assert (record.status, record.key_type, record.vm_name) == ("issued", "ecc-nist-p256", "a")
+    assert record.ek_public_sha256 == a.spki_sha256 and record.not_before < record.not_after
+    revoked = ledger_ca.revocation.revoke(ra.serial, "key-compromise")
+    assert revoked.status == "revoked" and revoked.revocation_reason == "key-compromise"
+    assert revoked.revoked_at is not None
+    assert [r.serial for r in ledger_ca.ledger.revoked()] == [ra.serial]
+    with pytest.raises(ConflictError, match="already revoked"):
+        ledger_ca.revocation.revoke(ra.serial, "superseded")
+    with pytest.raises(NotFoundError, match="no certificate with serial"):
+        ledger_ca.revocation.revoke(12345, "superseded")
+    from cryptography import x509
+
+    crl = x509.load_der_x509_crl(ledger_ca.revocation.crl())
+    assert [e.serial_number for e in crl] == [ra.serial]
+    assert crl.is_signature_valid(ledger_ca.material.key.public_key)
+
+
+@pytest.mark.postgres
+def test_two_processes_share_postgres(ca_home: CaHome, postgres_url: str) -> None:
+    """Two opened CAs (as two gunicorn workers would) on one PostgreSQL ledger agree."""
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    one = ca_home.open(passphrase=PASSPHRASE, database=postgres_url, ledger_prefix=prefix)
+    two = ca_home.open(passphrase=PASSPHRASE, database=postgres_url, ledger_prefix=prefix)
+    try:
+        (ek,) = _eks(1)
+        vm = uuid.uuid4()
+        first = one.issuance.issue(IssueRequest(ek=ek, vm_id=vm))
+        second = two.issuance.issue(IssueRequest(ek=ek, vm_id=vm))
+        assert second.reissued and second.record.serial == first.record.serial
+        engine = sa.create_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                count = conn.exec_driver_sql(f"select count(*) from {prefix}certificates").scalar()  # noqa: S608
+        finally:
+            engine.dispose()
+        assert count == 1
+    finally:
+        one.ledger.drop_schema()
+        one.close()
+        two.close()
+
+
+def test_default_ledger_is_sqlite_in_home(ca_home: CaHome) -> None:
+    ca = ca_home.open(passphrase=PASSPHRASE)
+    try:
+        assert ca.ledger.engine.url.database == str(Path(ca_home.path) / "ledger.db")
+    finally:
+        ca.close()
