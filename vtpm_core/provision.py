@@ -244,14 +244,12 @@ def provision_eks(
     """
     from cryptography import x509
 
+    if len(set(kinds)) != len(kinds):
+        raise ConfigError(f"an EK kind is given twice: {', '.join(kinds)}")
+    templates = [(kind, ek_template(kind)) for kind in kinds]  # all known, before any TPM work
     info = tpm_info or read_tpm_info(esapi)
     eks: list[EkRecord] = []
-    seen: set[str] = set()
-    for kind in kinds:
-        if kind in seen:
-            raise ConfigError(f"EK kind {kind!r} given twice")
-        seen.add(kind)
-        template = ek_template(kind)
+    for kind, template in templates:
         public = create_ek(esapi, template)
         if issuer is None:
             eks.append(EkRecord(kind, template.id, template.cert_nv_index, public, None, None))

@@ -21,7 +21,7 @@ from vtpm_core.tpm.public import Public
 
 
 @dataclass
-class TestIssuer:
+class SmallIssuer:
     key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
     requests: list[EkCertificateRequest] = field(default_factory=list)
     issued: dict[int, bytes] = field(default_factory=dict)
