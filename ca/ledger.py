@@ -15,6 +15,7 @@ recorded is ``None`` (OCSP "unknown"), never "good".
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from vtpm_core.errors import ConflictError, NotFoundError, StateError
+from vtpm_core.errors import ConfigError, ConflictError, NotFoundError, StateError
 
 __all__ = ["CertRecord", "Ledger"]
 
@@ -59,6 +60,12 @@ class CertRecord:
     certificate_der: bytes | None
 
 
+_INSERT_COLUMNS = (
+    "serial", "ek_name", "ek_public_sha256", "ek_template", "key_type", "vm_id", "vm_name",
+    "vtpm_instance_id", "not_before", "not_after", "status", "tbs_der", "created_at",
+)  # fmt: skip
+
+
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
@@ -69,6 +76,8 @@ class Ledger:
     """Ledger tables (optionally name-prefixed, so tests can isolate their tables)."""
 
     def __init__(self, url: str, *, prefix: str = "ca_") -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", prefix):
+            raise ConfigError(f"ledger table prefix {prefix!r}: lower-case letters, digits, _")
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://") :]
         try:
@@ -114,6 +123,7 @@ class Ledger:
         self._by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
         # hot-path statements built once (building them per call costs more than SQLite)
         self._insert = self.certs.insert()
+        self._fast_sql()
         self._complete = (
             self.certs.update()
             .where(self.certs.c.serial == sa.bindparam("b_serial"))
@@ -213,20 +223,77 @@ class Ledger:
             "tbs_der": record.tbs_der,
             "created_at": now,
         }
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(self._insert, values)
-        except IntegrityError:
-            return False
-        return True
+        return self._write(self._insert_sql, values, self._insert)
 
     def complete(self, serial: int, certificate_der: bytes) -> bool:
         """pending -> issued; False when another process completed it first."""
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                self._complete, {"b_serial": f"{serial:x}", "b_der": certificate_der}
+        params = {"b_serial": f"{serial:x}", "b_der": certificate_der}
+        return self._write(self._complete_sql, params, self._complete)
+
+    # The two writes of every issuance bypass SQLAlchemy's statement execution (it costs
+    # ~5x what SQLite itself does): fixed SQL in the driver's paramstyle, values through
+    # the column types' own bind processors, on a pooled DBAPI connection. Reads and
+    # every other write use SQLAlchemy Core.
+    def _fast_sql(self) -> None:
+        dialect = self.engine.dialect
+        self._fast = dialect.name in ("sqlite", "postgresql")
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        insert_cols = list(_INSERT_COLUMNS)
+        self._insert_sql = (
+            f"INSERT INTO {self.certs.name} ({', '.join(insert_cols)}) "  # noqa: S608 - checked prefix
+            f"VALUES ({', '.join([mark] * len(insert_cols))})",
+            tuple(insert_cols),
+        )
+        self._complete_sql = (
+            f"UPDATE {self.certs.name} SET status = 'issued', certificate_der = {mark} "  # noqa: S608
+            f"WHERE serial = {mark} AND status = 'pending'",
+            ("b_der", "b_serial"),
+        )
+        self._processors: dict[str, Any] = {}
+        for name in insert_cols:
+            processor = self.certs.c[name].type.bind_processor(dialect)
+            if processor is not None:
+                self._processors[name] = processor
+        der_processor = self.certs.c.certificate_der.type.bind_processor(dialect)
+        if der_processor is not None:
+            self._processors["b_der"] = der_processor
+
+    def _write(self, sql: tuple[str, tuple[str, ...]], values: dict[str, Any], core: Any) -> bool:
+        """Run one statement in its own transaction; False on a constraint violation."""
+        if not self._fast:
+            try:
+                with self.engine.begin() as conn:
+                    return bool(conn.execute(core, values).rowcount == 1)
+            except IntegrityError:
+                return False
+        text, names = sql
+        params = []
+        for name in names:
+            value = values[name]
+            processor = self._processors.get(name)
+            params.append(
+                processor(value) if processor is not None and value is not None else value
             )
-            return result.rowcount == 1
+        dbapi = self.engine.dialect.dbapi
+        assert dbapi is not None
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(text, params)
+                count = cursor.rowcount
+                conn.commit()
+            except dbapi.IntegrityError:
+                conn.rollback()
+                return False
+            except dbapi.OperationalError as exc:
+                conn.rollback()
+                raise StateError(f"ledger unavailable: {exc}") from exc
+            finally:
+                cursor.close()
+        finally:
+            conn.close()
+        return bool(count == 1)
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
         """Record a clone by copy: the same EK (same certificate) bound to another VM."""

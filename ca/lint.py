@@ -35,17 +35,19 @@ Shape = tuple[object, ...]
 
 
 def shape_of(cert: x509.Certificate) -> Shape:
+    """What pkilint's verdict depends on beyond the checked per-instance values.
+
+    The issuer, the SPKI bytes, the serial range and the validity order are checked on
+    every instance by :func:`structural_check`; the key *type* and the extension layout
+    are the shape.
+    """
     key = cert.public_key()
-    key_shape: object = getattr(key, "key_size", None)
     curve = getattr(key, "curve", None)
-    if curve is not None:
-        key_shape = curve.name
     return (
         cert.version,
         cert.signature_algorithm_oid.dotted_string,
         type(key).__name__,
-        key_shape,
-        cert.issuer.public_bytes(),
+        curve.name if curve is not None else getattr(key, "key_size", None),
         len(cert.subject) == 0,
         tuple((e.oid.dotted_string, e.critical) for e in cert.extensions),
     )
