@@ -276,23 +276,23 @@ class Ledger:
             )
         dbapi = self.engine.dialect.dbapi
         assert dbapi is not None
-        conn = self.engine.raw_connection()
+        raw = self.engine.raw_connection()
         try:
-            cursor = conn.cursor()
+            cursor = raw.cursor()
             try:
                 cursor.execute(text, params)
                 count = cursor.rowcount
-                conn.commit()
+                raw.commit()
             except dbapi.IntegrityError:
-                conn.rollback()
+                raw.rollback()
                 return False
             except dbapi.OperationalError as exc:
-                conn.rollback()
+                raw.rollback()
                 raise StateError(f"ledger unavailable: {exc}") from exc
             finally:
                 cursor.close()
         finally:
-            conn.close()
+            raw.close()
         return bool(count == 1)
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
