@@ -22,7 +22,9 @@ from vtpm_core.tpm.public import Public
 
 @dataclass
 class SmallIssuer:
-    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
     requests: list[EkCertificateRequest] = field(default_factory=list)
     issued: dict[int, bytes] = field(default_factory=dict)
     revoked: list[tuple[int, str]] = field(default_factory=list)
@@ -60,7 +62,11 @@ class SmallIssuer:
             .not_valid_after(now + dt.timedelta(days=365))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.vm_name)]))]
+                    [
+                        x509.DirectoryName(
+                            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, request.vm_name)])
+                        )
+                    ]
                 ),
                 critical=True,
             )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from vtpm_core.swtpm import SwtpmProcess
 from tests.conftest import Tools
+from vtpm_core.swtpm import SwtpmProcess
 
 POLICY_PCRS = "sha256:16"
 

@@ -49,11 +49,27 @@ def test_new_key_keeps_old_keys_usable(provider: LocalKeyProvider) -> None:
 @pytest.mark.parametrize(
     ("case", "exc", "match"),
     [
-        pytest.param("fail/aad/other-vtpm", UnwrapError, "does not unwrap", id="fail/aad/other-vtpm"),
-        pytest.param("fail/wrapped/bit-flip", UnwrapError, "does not unwrap", id="fail/wrapped/bit-flip"),
-        pytest.param("fail/wrapped/truncated", UnwrapError, "expected 61", id="fail/wrapped/truncated"),
-        pytest.param("fail/wrapped/version", UnwrapError, "not a local-provider v1", id="fail/wrapped/version"),
-        pytest.param("fail/key/other-kek-same-id", UnwrapError, "does not unwrap", id="fail/key/other-kek-same-id"),
+        pytest.param(
+            "fail/aad/other-vtpm", UnwrapError, "does not unwrap", id="fail/aad/other-vtpm"
+        ),
+        pytest.param(
+            "fail/wrapped/bit-flip", UnwrapError, "does not unwrap", id="fail/wrapped/bit-flip"
+        ),
+        pytest.param(
+            "fail/wrapped/truncated", UnwrapError, "expected 61", id="fail/wrapped/truncated"
+        ),
+        pytest.param(
+            "fail/wrapped/version",
+            UnwrapError,
+            "not a local-provider v1",
+            id="fail/wrapped/version",
+        ),
+        pytest.param(
+            "fail/key/other-kek-same-id",
+            UnwrapError,
+            "does not unwrap",
+            id="fail/key/other-kek-same-id",
+        ),
         pytest.param("fail/key/missing", UnknownKeyError, "has no key", id="fail/key/missing"),
         pytest.param("fail/key/bad-id", ConfigError, "invalid key id", id="fail/key/bad-id"),
     ],

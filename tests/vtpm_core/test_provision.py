@@ -23,9 +23,7 @@ from vtpm_core.swtpm import SwtpmProcess
 
 pytestmark = pytest.mark.swtpm
 
-IDENTITY = VmIdentityRef(
-    __import__("uuid").UUID(int=1), "vm", __import__("uuid").UUID(int=2)
-)
+IDENTITY = VmIdentityRef(__import__("uuid").UUID(int=1), "vm", __import__("uuid").UUID(int=2))
 
 
 def test_tpm_info_of_swtpm(swtpm: SwtpmProcess) -> None:
@@ -36,7 +34,9 @@ def test_tpm_info_of_swtpm(swtpm: SwtpmProcess) -> None:
     assert info.firmware_version_1 == info.firmware_version >> 32 > 0
 
 
-def test_long_certificate_is_written_in_chunks(swtpm: SwtpmProcess, tools: Tools, tmp_path: Path) -> None:
+def test_long_certificate_is_written_in_chunks(
+    swtpm: SwtpmProcess, tools: Tools, tmp_path: Path
+) -> None:
     data = bytes(range(250)) * 8  # 2000 bytes: two NV_BUFFER_MAX (1024) chunks
     esapi = swtpm.esapi()
     write_certificate(esapi, 0x01C00012, data)
@@ -54,10 +54,11 @@ class _WrongKeyIssuer(SmallIssuer):
 
     def issue_ek_certificate(self, request: EkCertificateRequest) -> IssuedEkCertificate:
         other = SmallIssuer().issue_ek_certificate(request)
-        from cryptography.hazmat.primitives.asymmetric import ec
+        import datetime as dt
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
-        import datetime as dt
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         cert = x509.load_der_x509_certificate(other.certificate_der)
         forged = (

@@ -52,12 +52,17 @@ def test_create_readback_with_tpm2_tools(
     assert req.tpm_manufacturer == 0x49424D00  # "IBM", swtpm/libtpms
     with store.running("vm1", transport="tcp") as tpm:
         tools = Tools(tpm, tmp_path)
-        for index, alg, kind in (("0x01c00002", "rsa", "rsa2048"), ("0x01c0000a", "ecc", "ecc-p256")):
+        for index, alg, kind in (
+            ("0x01c00002", "rsa", "rsa2048"),
+            ("0x01c0000a", "ecc", "ecc-p256"),
+        ):
             tools.run("tpm2_nvread", index, "-o", f"{alg}.der")
             der = (tmp_path / f"{alg}.der").read_bytes()
             assert der == record.ek(kind).certificate_der
             cert = x509.load_der_x509_certificate(der)
-            tools.run("tpm2_createek", "-G", alg, "-c", f"{alg}.ctx", "-u", f"{alg}.pub", "-f", "pem")
+            tools.run(
+                "tpm2_createek", "-G", alg, "-c", f"{alg}.ctx", "-u", f"{alg}.pub", "-f", "pem"
+            )
             ek_pem = serialization.load_pem_public_key((tmp_path / f"{alg}.pub").read_bytes())
             assert _spki(cert.public_key()) == _spki(ek_pem)
             assert Public.parse_tpm2b(record.ek(kind).public).same_key(ek_pem)  # type: ignore[arg-type]
@@ -122,7 +127,9 @@ def test_wrong_key_names_vtpm_and_key_and_keeps_state(
     assert store.pid("vm1") is None
 
 
-def test_detached_start_stop_tcp_and_qemu(store: VtpmStore, issuer: SmallIssuer, tmp_path: Path) -> None:
+def test_detached_start_stop_tcp_and_qemu(
+    store: VtpmStore, issuer: SmallIssuer, tmp_path: Path
+) -> None:
     record = store.create("vm1", issuer=issuer)
     from vtpm_core.swtpm import free_tcp_port_pair
 
