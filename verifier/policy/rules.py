@@ -1,0 +1,589 @@
+"""Policy rules over replayed, digest-checked events.
+
+A rule is a small object with one method, ``check(evidence)``, that returns
+nothing or raises :class:`PolicyViolationError` carrying one or more :class:`Failure`
+(rule id, AR4SI claim, the event, expected and actual). Rules compose with
+:class:`AllOf` (every child runs; all failures are collected, not just the
+first) and :class:`AnyOf`. An empty AllOf/AnyOf is a ConfigError at
+construction, never a silent pass.
+
+What a rule may trust (TCG PC Client PFP v1.05 §10; TPM-NOTES "Event logs"):
+
+1. Only events in a PCR the quote covered (``BootEvidence.covered``): replay
+   proves digests only there.
+2. Decoded data only where ``data_verified`` is True (the data hashes to the
+   digest). An event whose data is proven false (``data_verified`` False) is
+   reported as a failure whenever a rule would read it: a forged event must
+   never satisfy a rule, nor hide one.
+3. Image digests (boot applications) are the digests themselves; their
+   decoded device path is only a description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
+from verifier.eventlog import Text as TextEvent
+from verifier.eventlog.events import EventType
+from verifier.policy.schema import BootApplication, CmdlinePattern, DbPolicy, DbxPolicy, Policy
+from vtpm_core.errors import ConfigError, VerificationError
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "BootApplicationsRule",
+    "BootEvidence",
+    "DbRule",
+    "DbxRule",
+    "EventRef",
+    "Failure",
+    "KernelCmdlineRule",
+    "PcrValueRule",
+    "PolicyViolationError",
+    "Rule",
+    "ScrtmVersionRule",
+    "SecureBootRule",
+    "rules_for",
+]
+
+CONFIGURATION = "configuration"
+EXECUTABLES = "executables"
+
+_CMDLINE_PCRS = frozenset({8, 9, 12})
+_CMDLINE_KINDS = frozenset({"kernel_cmdline", "load_options"})
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    index: int
+    pcr: int
+    type_name: str
+
+    @classmethod
+    def of(cls, event: ReplayedEvent) -> EventRef:
+        return cls(event.index, event.pcr, event.type_name)
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": self.index, "pcr": self.pcr, "type": self.type_name}
+
+    def __str__(self) -> str:
+        return f"event {self.index} ({self.type_name}, PCR {self.pcr})"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed expectation: which rule, which claim it bears on, where, what."""
+
+    rule: str
+    claim: str
+    message: str
+    expected: str
+    actual: str
+    event: EventRef | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.event}: " if self.event is not None else ""
+        return f"{self.rule}: {where}{self.message} (expected {self.expected}, got {self.actual})"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "claim": self.claim,
+            "message": self.message,
+            "expected": self.expected,
+            "actual": self.actual,
+            "event": None if self.event is None else self.event.to_json(),
+        }
+
+
+class PolicyViolationError(VerificationError):
+    """Raised by a rule; carries every failure it found."""
+
+    def __init__(self, failures: tuple[Failure, ...]) -> None:
+        self.failures = failures
+        super().__init__("policy", "; ".join(str(f) for f in failures))
+
+
+@dataclass(frozen=True, slots=True)
+class BootEvidence:
+    """What rules read: replayed events plus the PCR values a quote proved.
+
+    ``covered``: bank -> PCR indices whose replay matched the quote; ``pcrs``:
+    the quoted values (bank -> index -> value). Build it only from a
+    ReplayedLog (``log.verify(pcrs)``) and a verified quote.
+    """
+
+    events: tuple[ReplayedEvent, ...]
+    pcrs: Mapping[str, Mapping[int, bytes]]
+    covered: Mapping[str, frozenset[int]]
+
+    def is_covered(self, pcr: int) -> bool:
+        return any(pcr in s for s in self.covered.values())
+
+    def banks_covering(self, pcr: int) -> tuple[str, ...]:
+        return tuple(b for b, s in self.covered.items() if pcr in s)
+
+
+class Rule(Protocol):
+    id: str
+    claim: str
+
+    def check(self, evidence: BootEvidence) -> None:
+        """Return if satisfied; raise PolicyViolationError with every failure otherwise."""
+
+
+# -- composition ---------------------------------------------------------------------------
+
+
+class AllOf:
+    """Every child must pass; every child runs and all failures are reported."""
+
+    __slots__ = ("children", "claim", "id")
+
+    def __init__(self, children: tuple[Rule, ...], rule_id: str = "all-of") -> None:
+        if not children:
+            raise ConfigError(f"{rule_id}: an empty all-of would pass anything")
+        self.children = children
+        self.id = rule_id
+        self.claim = children[0].claim
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures: list[Failure] = []
+        for child in self.children:
+            try:
+                child.check(evidence)
+            except PolicyViolationError as exc:
+                failures.extend(exc.failures)
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+class AnyOf:
+    """At least one child must pass; if none does, every child's failures are reported."""
+
+    __slots__ = ("children", "claim", "id")
+
+    def __init__(self, children: tuple[Rule, ...], rule_id: str = "any-of") -> None:
+        if not children:
+            raise ConfigError(f"{rule_id}: an empty any-of can never pass")
+        self.children = children
+        self.id = rule_id
+        self.claim = children[0].claim
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures: list[Failure] = []
+        for child in self.children:
+            try:
+                child.check(evidence)
+                return
+            except PolicyViolationError as exc:
+                failures.extend(exc.failures)
+        raise PolicyViolationError(tuple(failures))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+class _Named(Protocol):
+    id: str
+    claim: str
+
+
+def _fail(
+    rule: _Named, message: str, expected: str, actual: str, event: EventRef | None = None
+) -> Failure:
+    return Failure(rule.id, rule.claim, message, expected, actual, event)
+
+
+def _variables(
+    evidence: BootEvidence, name: str, rule: str, claim: str
+) -> tuple[list[tuple[ReplayedEvent, EfiVariable]], list[Failure]]:
+    """EV_EFI_VARIABLE_DRIVER_CONFIG events for ``name``: the trusted ones, and failures
+    for those that may not be trusted (uncovered PCR, data not matching digest)."""
+    good: list[tuple[ReplayedEvent, EfiVariable]] = []
+    bad: list[Failure] = []
+    for e in evidence.events:
+        if e.event_type != EventType.EV_EFI_VARIABLE_DRIVER_CONFIG:
+            continue
+        var = e.untrusted_decoded
+        if not isinstance(var, EfiVariable) or var.name != name:
+            continue
+        if not evidence.is_covered(e.pcr):
+            bad.append(
+                Failure(
+                    rule,
+                    claim,
+                    f"{name} is in a PCR the quote does not cover",
+                    f"PCR {e.pcr} quoted",
+                    "not quoted",
+                    EventRef.of(e),
+                )
+            )
+        elif e.data_verified is not True or not isinstance(e.decoded, EfiVariable):
+            bad.append(
+                Failure(
+                    rule,
+                    claim,
+                    f"{name} event data does not match its digest (forged?)",
+                    "data hashing to the digest",
+                    "mismatch",
+                    EventRef.of(e),
+                )
+            )
+        else:
+            good.append((e, e.decoded))
+    return good, bad
+
+
+def _entries(var: EfiVariable) -> list[bytes]:
+    if not isinstance(var.value, SignatureDatabase):
+        return []
+    return [s.data for lst in var.value.lists for s in lst.signatures]
+
+
+def _entry_matches(entry: bytes, wanted: bytes) -> bool:
+    """A db/dbx reference is the entry itself (hash entries) or the SHA-256 of it (certs)."""
+    if len(entry) == len(wanted) and hmac.compare_digest(entry, wanted):
+        return True
+    return len(wanted) == 32 and hmac.compare_digest(hashlib.sha256(entry).digest(), wanted)
+
+
+# -- the rules -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecureBootRule:
+    """The SecureBoot variable measured into PCR 7 (PFP §3.3.4.8) has the expected value."""
+
+    expected: bool
+    id: str = "secure_boot"
+    claim: str = CONFIGURATION
+
+    def check(self, evidence: BootEvidence) -> None:
+        good, failures = _variables(evidence, "SecureBoot", self.id, self.claim)
+        want = "enabled" if self.expected else "disabled"
+        for e, var in good:
+            on = isinstance(var.value, EfiBoolean) and var.value.enabled
+            if on != self.expected:
+                failures.append(
+                    _fail(
+                        self,
+                        "secure boot state",
+                        want,
+                        "enabled" if on else f"disabled (value {var.data.hex() or 'empty'})",
+                        EventRef.of(e),
+                    )
+                )
+        if not good and not failures:
+            failures.append(_fail(self, "no SecureBoot variable was measured", want, "absent"))
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class BootApplicationsRule:
+    """Every EV_EFI_BOOT_SERVICES_APPLICATION in PCR 4 has an allowed Authenticode digest."""
+
+    allowed: tuple[BootApplication, ...]
+    id: str = "boot_applications"
+    claim: str = EXECUTABLES
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures: list[Failure] = []
+        seen = 0
+        for e in evidence.events:
+            if e.event_type != EventType.EV_EFI_BOOT_SERVICES_APPLICATION:
+                continue
+            seen += 1
+            banks = evidence.banks_covering(e.pcr)
+            if not banks:
+                failures.append(
+                    _fail(
+                        self,
+                        "boot application in a PCR the quote does not cover",
+                        f"PCR {e.pcr} quoted",
+                        "not quoted",
+                        EventRef.of(e),
+                    )
+                )
+                continue
+            if not any(self._allowed(app, e, banks) for app in self.allowed):
+                bank = "sha256" if "sha256" in e.digests else banks[0]
+                path = getattr(e.untrusted_decoded, "path_text", None)
+                names = ", ".join(a.name or "?" for a in self.allowed) or "none"
+                failures.append(
+                    _fail(
+                        self,
+                        "boot application digest not allowed",
+                        f"one of {len(self.allowed)} allowed digests ({names})",
+                        f"{bank}:{e.digests[bank].hex()}" + (f" ({path})" if path else ""),
+                        EventRef.of(e),
+                    )
+                )
+        if not seen:
+            failures.append(
+                _fail(
+                    self,
+                    "no boot application was measured",
+                    "at least one allowed boot application",
+                    "none",
+                )
+            )
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+    @staticmethod
+    def _allowed(app: BootApplication, e: ReplayedEvent, banks: tuple[str, ...]) -> bool:
+        # compare only in banks the quote proved for this PCR
+        hit = False
+        for bank, want in app.digests.items():
+            if bank not in banks or bank not in e.digests:
+                continue
+            if not hmac.compare_digest(e.digests[bank], want):
+                return False
+            hit = True
+        return hit
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCmdlineRule:
+    """Every measured kernel command line (EV_IPL in PCR 8/9/12) matches an allowed one,
+    and at least one was measured."""
+
+    allowed: tuple[CmdlinePattern, ...]
+    id: str = "kernel_cmdline"
+    claim: str = CONFIGURATION
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures: list[Failure] = []
+        good = 0
+        expected = " or ".join(c.describe() for c in self.allowed)
+        for e in evidence.events:
+            if e.event_type != EventType.EV_IPL or e.pcr not in _CMDLINE_PCRS:
+                continue
+            ipl = e.untrusted_decoded
+            if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
+                continue
+            if not evidence.is_covered(e.pcr):
+                failures.append(
+                    _fail(
+                        self,
+                        "kernel command line in a PCR the quote does not cover",
+                        f"PCR {e.pcr} quoted",
+                        "not quoted",
+                        EventRef.of(e),
+                    )
+                )
+                continue
+            trusted = e.decoded
+            if e.data_verified is not True or not isinstance(trusted, IplString):
+                failures.append(
+                    _fail(
+                        self,
+                        "kernel command line does not match its digest",
+                        "data hashing to the digest",
+                        "mismatch",
+                        EventRef.of(e),
+                    )
+                )
+                continue
+            good += 1
+            text = trusted.value.rstrip("\x00")
+            if not any(c.matches(text) for c in self.allowed):
+                failures.append(
+                    _fail(
+                        self,
+                        "kernel command line not allowed",
+                        expected,
+                        repr(text),
+                        EventRef.of(e),
+                    )
+                )
+        if not good and not failures:
+            failures.append(_fail(self, "no kernel command line was measured", expected, "none"))
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class ScrtmVersionRule:
+    """EV_S_CRTM_VERSION in PCR 0 (PFP §10.4.1) names an allowed firmware version."""
+
+    allowed: tuple[str, ...]
+    id: str = "firmware.scrtm_version"
+    claim: str = EXECUTABLES
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures: list[Failure] = []
+        good = 0
+        expected = " or ".join(repr(v) for v in self.allowed)
+        for e in evidence.events:
+            if e.event_type != EventType.EV_S_CRTM_VERSION:
+                continue
+            if not evidence.is_covered(e.pcr):
+                failures.append(
+                    _fail(
+                        self,
+                        "S-CRTM version in a PCR the quote does not cover",
+                        f"PCR {e.pcr} quoted",
+                        "not quoted",
+                        EventRef.of(e),
+                    )
+                )
+                continue
+            text = e.decoded
+            if e.data_verified is not True or not isinstance(text, TextEvent):
+                failures.append(
+                    _fail(
+                        self,
+                        "S-CRTM version does not match its digest",
+                        "data hashing to the digest",
+                        "mismatch",
+                        EventRef.of(e),
+                    )
+                )
+                continue
+            good += 1
+            version = text.text.rstrip("\x00")
+            if version not in self.allowed:
+                failures.append(
+                    _fail(
+                        self, "S-CRTM version not allowed", expected, repr(version), EventRef.of(e)
+                    )
+                )
+        if not good and not failures:
+            failures.append(_fail(self, "no S-CRTM version was measured", expected, "none"))
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class PcrValueRule:
+    """A quoted PCR value is one of the allowed literals."""
+
+    bank: str
+    index: int
+    allowed: tuple[bytes, ...]
+    id: str
+    claim: str = CONFIGURATION
+
+    def check(self, evidence: BootEvidence) -> None:
+        expected = " or ".join(v.hex() for v in self.allowed)
+        value = evidence.pcrs.get(self.bank, {}).get(self.index)
+        if value is None:
+            raise PolicyViolationError(
+                (
+                    _fail(
+                        self, f"{self.bank} PCR {self.index} was not quoted", expected, "not quoted"
+                    ),
+                )
+            )
+        if not any(hmac.compare_digest(value, v) for v in self.allowed):
+            raise PolicyViolationError(
+                (_fail(self, f"{self.bank} PCR {self.index} value", expected, value.hex()),)
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class DbRule:
+    """The measured db (PCR 7) holds every required entry."""
+
+    policy: DbPolicy
+    id: str = "db.require"
+    claim: str = CONFIGURATION
+
+    def check(self, evidence: BootEvidence) -> None:
+        good, failures = _variables(evidence, "db", self.id, self.claim)
+        if not good and not failures:
+            failures.append(_fail(self, "db was not measured", "db", "absent"))
+        if good:
+            e, var = good[-1]
+            entries = _entries(var)
+            for want in self.policy.require:
+                if not any(_entry_matches(x, want) for x in entries):
+                    failures.append(
+                        _fail(
+                            self,
+                            "required db entry missing",
+                            want.hex(),
+                            f"{len(entries)} entries without it",
+                            EventRef.of(e),
+                        )
+                    )
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class DbxRule:
+    """The measured dbx (PCR 7) holds none of the ``forbid`` entries (e.g. the hash of a
+    known-good shim you want to stay bootable) and at least ``min_entries`` revocations."""
+
+    policy: DbxPolicy
+    id: str = "dbx"
+    claim: str = CONFIGURATION
+
+    def check(self, evidence: BootEvidence) -> None:
+        good, failures = _variables(evidence, "dbx", self.id, self.claim)
+        if not good and not failures:
+            failures.append(_fail(self, "dbx was not measured", "dbx", "absent"))
+        if good:
+            e, var = good[-1]
+            entries = _entries(var)
+            for bad in self.policy.forbid:
+                if any(_entry_matches(x, bad) for x in entries):
+                    failures.append(
+                        Failure(
+                            f"{self.id}.forbid",
+                            self.claim,
+                            "forbidden entry present in dbx",
+                            f"dbx without {bad.hex()}",
+                            "present",
+                            EventRef.of(e),
+                        )
+                    )
+            if self.policy.min_entries is not None and len(entries) < self.policy.min_entries:
+                failures.append(
+                    Failure(
+                        f"{self.id}.min_entries",
+                        self.claim,
+                        "dbx has too few entries",
+                        f">= {self.policy.min_entries}",
+                        str(len(entries)),
+                        EventRef.of(e),
+                    )
+                )
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
+def rules_for(policy: Policy) -> AllOf:
+    """The policy as one all-of rule. Raises ConfigError for a policy with no rules."""
+    rules: list[Rule] = []
+    if policy.secure_boot is not None:
+        rules.append(SecureBootRule(policy.secure_boot))
+    if policy.firmware is not None:
+        if policy.firmware.scrtm_versions is not None:
+            rules.append(ScrtmVersionRule(policy.firmware.scrtm_versions))
+        if policy.firmware.pcr0 is not None:
+            for bank, values in policy.firmware.pcr0.items():
+                rules.append(PcrValueRule(bank, 0, values, "firmware.pcr0", EXECUTABLES))
+    if policy.boot_applications is not None:
+        rules.append(BootApplicationsRule(policy.boot_applications))
+    if policy.kernel_cmdlines is not None:
+        rules.append(KernelCmdlineRule(policy.kernel_cmdlines))
+    if policy.db is not None:
+        rules.append(DbRule(policy.db))
+    if policy.dbx is not None:
+        rules.append(DbxRule(policy.dbx))
+    if policy.pcrs is not None:
+        for bank, pcrs in policy.pcrs.items():
+            for index, values in pcrs.items():
+                claim = EXECUTABLES if index in (0, 2, 4) else CONFIGURATION
+                rules.append(PcrValueRule(bank, index, values, f"pcrs.{bank}.{index}", claim))
+    return AllOf(tuple(rules), "policy")

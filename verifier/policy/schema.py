@@ -1,0 +1,424 @@
+"""Reference-value policy, schema version 1: parsed once into frozen values.
+
+The document (YAML or JSON; issue 5 "Policies and results")::
+
+    version: 1                       # required; only 1 is known
+    name: web-fleet                  # optional label
+    secure_boot: true                # SecureBoot variable (PFP v1.05 §3.3.4.8, PCR 7)
+    boot_applications:               # EV_EFI_BOOT_SERVICES_APPLICATION digests (PCR 4)
+      - {name: shim, sha256: <hex>}  #   Authenticode digests, any bank
+    kernel_cmdlines:                 # EV_IPL kernel command lines (PCR 8, 9, 12)
+      - {exact: "root=/dev/sda1 ro"}
+      - {pattern: "root=UUID=[0-9a-f-]+ ro( quiet)?"}   # fullmatch
+    firmware:
+      scrtm_versions: ["GCE Virtual Firmware v1"]      # EV_S_CRTM_VERSION (PCR 0)
+      pcr0: {sha256: [<hex>, ...]}
+    db:  {require: [<hex>, ...]}     # db entries: SHA-256 of a cert, or a hash entry itself
+    dbx: {forbid: [<hex>, ...], min_entries: 100}
+    pcrs: {sha256: {"7": <hex> | [<hex>, ...]}}       # literal values from the quote
+
+Guarantees after :meth:`Policy.load`: every key known, every type right,
+digests the size of their bank, patterns compile, at least one rule
+(an empty policy would pass anything: refused). A malformed document is a
+ParseError whose field is the path, e.g. ``policy.boot_applications[2].sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from vtpm_core.errors import ParseError
+
+__all__ = [
+    "BANK_SIZES",
+    "MAX_POLICY_BYTES",
+    "BootApplication",
+    "CmdlinePattern",
+    "DbPolicy",
+    "DbxPolicy",
+    "FirmwarePolicy",
+    "Policy",
+]
+
+SCHEMA_VERSION = 1
+MAX_POLICY_BYTES = 1 << 20
+BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32}
+_STRUCT = "policy"
+
+
+def _err(path: str, message: str) -> ParseError:
+    return ParseError(_STRUCT, path, 0, message)
+
+
+@dataclass(frozen=True, slots=True)
+class BootApplication:
+    """An allowed boot application: its Authenticode digest in one or more banks."""
+
+    name: str | None
+    digests: Mapping[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class CmdlinePattern:
+    """An allowed kernel command line: ``exact`` text, or a regex that must fullmatch."""
+
+    exact: str | None
+    pattern: str | None
+    compiled: re.Pattern[str] | None
+
+    def matches(self, text: str) -> bool:
+        if self.exact is not None:
+            return text == self.exact
+        assert self.compiled is not None
+        return self.compiled.fullmatch(text) is not None
+
+    def describe(self) -> str:
+        return repr(self.exact) if self.exact is not None else f"/{self.pattern}/"
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwarePolicy:
+    scrtm_versions: tuple[str, ...] | None
+    pcr0: Mapping[str, tuple[bytes, ...]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DbPolicy:
+    require: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DbxPolicy:
+    forbid: tuple[bytes, ...]
+    min_entries: int | None
+
+
+# -- a small typed reader over the loaded document ---------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without aliases (no billion-laughs expansion) and with str keys only."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _err("policy", f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+
+
+def _mapping(obj: Any, path: str, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise _err(path, f"expected a mapping, got {type(obj).__name__}")
+    for key in obj:
+        if not isinstance(key, str):
+            raise _err(f"{path}.{key!r}", "keys must be strings")
+        if key not in allowed:
+            raise _err(f"{path}.{key}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    return obj
+
+
+def _list(obj: Any, path: str) -> list[Any]:
+    if not isinstance(obj, list):
+        raise _err(path, f"expected a list, got {type(obj).__name__}")
+    return obj
+
+
+def _str(obj: Any, path: str) -> str:
+    if not isinstance(obj, str):
+        raise _err(path, f"expected a string, got {type(obj).__name__}")
+    return obj
+
+
+def _bool(obj: Any, path: str) -> bool:
+    if not isinstance(obj, bool):
+        raise _err(path, f"expected true or false, got {obj!r}")
+    return obj
+
+
+def _int(obj: Any, path: str, minimum: int = 0) -> int:
+    if isinstance(obj, bool) or not isinstance(obj, int) or obj < minimum:
+        raise _err(path, f"expected an integer >= {minimum}, got {obj!r}")
+    return obj
+
+
+def _hex(obj: Any, path: str, size: int | None = None) -> bytes:
+    text = _str(obj, path).strip().lower()
+    if text.startswith("0x"):
+        text = text[2:]
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise _err(path, "not a hex string") from None
+    if not value:
+        raise _err(path, "empty digest")
+    if size is not None and len(value) != size:
+        raise _err(path, f"{len(value)} bytes, expected {size}")
+    return value
+
+
+def _bank(name: Any, path: str) -> str:
+    if name not in BANK_SIZES:
+        raise _err(path, f"unknown bank {name!r} (known: {', '.join(BANK_SIZES)})")
+    return str(name)
+
+
+def _hex_list(obj: Any, path: str, size: int | None = None) -> tuple[bytes, ...]:
+    if isinstance(obj, str):
+        return (_hex(obj, path, size),)
+    items = _list(obj, path)
+    if not items:
+        raise _err(path, "empty list: nothing would match")
+    return tuple(_hex(v, f"{path}[{i}]", size) for i, v in enumerate(items))
+
+
+def _boot_apps(obj: Any, path: str) -> tuple[BootApplication, ...]:
+    out = []
+    for i, item in enumerate(_list(obj, path)):
+        p = f"{path}[{i}]"
+        m = _mapping(item, p, frozenset({"name", *BANK_SIZES}))
+        name = _str(m["name"], f"{p}.name") if "name" in m else None
+        digests = {b: _hex(m[b], f"{p}.{b}", BANK_SIZES[b]) for b in BANK_SIZES if b in m}
+        if not digests:
+            raise _err(p, "names no digest (give sha256: <hex> or another bank)")
+        out.append(BootApplication(name, MappingProxyType(digests)))
+    return tuple(out)
+
+
+def _cmdlines(obj: Any, path: str) -> tuple[CmdlinePattern, ...]:
+    out = []
+    items = _list(obj, path)
+    if not items:
+        raise _err(path, "empty list: no command line would be allowed")
+    for i, item in enumerate(items):
+        p = f"{path}[{i}]"
+        if isinstance(item, str):
+            item = {"exact": item}
+        m = _mapping(item, p, frozenset({"exact", "pattern"}))
+        if len(m) != 1:
+            raise _err(p, "give exactly one of exact or pattern")
+        if "exact" in m:
+            out.append(CmdlinePattern(_str(m["exact"], f"{p}.exact"), None, None))
+        else:
+            source = _str(m["pattern"], f"{p}.pattern")
+            try:
+                compiled = re.compile(source)
+            except re.error as exc:
+                raise _err(f"{p}.pattern", f"bad regular expression: {exc}") from None
+            out.append(CmdlinePattern(None, source, compiled))
+    return tuple(out)
+
+
+def _pcr_values(obj: Any, path: str) -> Mapping[str, Mapping[int, tuple[bytes, ...]]]:
+    banks = _mapping(obj, path, frozenset(BANK_SIZES))
+    out: dict[str, Mapping[int, tuple[bytes, ...]]] = {}
+    for bank, pcrs in banks.items():
+        bp = f"{path}.{bank}"
+        if not isinstance(pcrs, dict) or not pcrs:
+            raise _err(bp, "expected a non-empty mapping of PCR index to value(s)")
+        values: dict[int, tuple[bytes, ...]] = {}
+        for key, val in pcrs.items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise _err(f"{bp}.{key}", "PCR index is not an integer") from None
+            if not 0 <= index <= 23:
+                raise _err(f"{bp}.{key}", "PCR index out of range 0..23")
+            values[index] = _hex_list(val, f"{bp}.{key}", BANK_SIZES[bank])
+        out[bank] = MappingProxyType(dict(sorted(values.items())))
+    return MappingProxyType(out)
+
+
+_TOP = frozenset(
+    {
+        "version",
+        "name",
+        "secure_boot",
+        "boot_applications",
+        "kernel_cmdlines",
+        "firmware",
+        "db",
+        "dbx",
+        "pcrs",
+    }
+)
+_RULE_KEYS = _TOP - {"version", "name"}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A checked, frozen reference-value policy. ``None`` means "no rule on this"."""
+
+    version: int
+    name: str | None
+    secure_boot: bool | None
+    boot_applications: tuple[BootApplication, ...] | None
+    kernel_cmdlines: tuple[CmdlinePattern, ...] | None
+    firmware: FirmwarePolicy | None
+    db: DbPolicy | None
+    dbx: DbxPolicy | None
+    pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] | None
+
+    # -- parsing -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: bytes | str | Path) -> Policy:
+        """Parse a YAML or JSON policy from bytes, text, or a file path."""
+        if isinstance(source, Path):
+            with source.open("rb") as fh:
+                source = fh.read(MAX_POLICY_BYTES + 1)
+        if isinstance(source, str):
+            source = source.encode("utf-8")
+        if len(source) > MAX_POLICY_BYTES:
+            raise _err("policy", f"larger than the {MAX_POLICY_BYTES}-byte limit")
+        try:
+            doc = yaml.load(source, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise _err("policy", f"not valid YAML/JSON{where}: {problem}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Policy:
+        m = _mapping(doc, "policy", _TOP)
+        if "version" not in m:
+            raise _err("policy.version", "missing (this reader knows version 1)")
+        version = _int(m["version"], "policy.version", 1)
+        if version != SCHEMA_VERSION:
+            raise _err("policy.version", f"unsupported version {version} (known: 1)")
+        if not _RULE_KEYS & m.keys():
+            # an empty all-of would pass any machine: never a silent pass
+            raise _err("policy", "has no rules (an empty policy would accept anything)")
+        firmware = None
+        if "firmware" in m:
+            f = _mapping(m["firmware"], "policy.firmware", frozenset({"scrtm_versions", "pcr0"}))
+            if not f:
+                raise _err("policy.firmware", "empty: give scrtm_versions and/or pcr0")
+            scrtm = None
+            if "scrtm_versions" in f:
+                items = _list(f["scrtm_versions"], "policy.firmware.scrtm_versions")
+                if not items:
+                    raise _err("policy.firmware.scrtm_versions", "empty list: nothing would match")
+                scrtm = tuple(
+                    _str(v, f"policy.firmware.scrtm_versions[{i}]") for i, v in enumerate(items)
+                )
+            pcr0 = None
+            if "pcr0" in f:
+                banks = _mapping(f["pcr0"], "policy.firmware.pcr0", frozenset(BANK_SIZES))
+                if not banks:
+                    raise _err("policy.firmware.pcr0", "empty: give a bank, e.g. sha256")
+                pcr0 = MappingProxyType(
+                    {
+                        _bank(b, f"policy.firmware.pcr0.{b}"): _hex_list(
+                            v, f"policy.firmware.pcr0.{b}", BANK_SIZES[b]
+                        )
+                        for b, v in banks.items()
+                    }
+                )
+            firmware = FirmwarePolicy(scrtm, pcr0)
+        db = None
+        if "db" in m:
+            d = _mapping(m["db"], "policy.db", frozenset({"require"}))
+            if "require" not in d:
+                raise _err("policy.db.require", "missing")
+            db = DbPolicy(_hex_list(d["require"], "policy.db.require"))
+        dbx = None
+        if "dbx" in m:
+            d = _mapping(m["dbx"], "policy.dbx", frozenset({"forbid", "min_entries"}))
+            if not d:
+                raise _err("policy.dbx", "empty: give forbid and/or min_entries")
+            forbid = _hex_list(d["forbid"], "policy.dbx.forbid") if "forbid" in d else ()
+            min_entries = (
+                _int(d["min_entries"], "policy.dbx.min_entries") if "min_entries" in d else None
+            )
+            dbx = DbxPolicy(forbid, min_entries)
+        return cls(
+            version=version,
+            name=_str(m["name"], "policy.name") if "name" in m else None,
+            secure_boot=_bool(m["secure_boot"], "policy.secure_boot")
+            if "secure_boot" in m
+            else None,
+            boot_applications=(
+                _boot_apps(m["boot_applications"], "policy.boot_applications")
+                if "boot_applications" in m
+                else None
+            ),
+            kernel_cmdlines=(
+                _cmdlines(m["kernel_cmdlines"], "policy.kernel_cmdlines")
+                if "kernel_cmdlines" in m
+                else None
+            ),
+            firmware=firmware,
+            db=db,
+            dbx=dbx,
+            pcrs=_pcr_values(m["pcrs"], "policy.pcrs") if "pcrs" in m else None,
+        )
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical document (what :meth:`to_yaml` writes and ``id`` hashes)."""
+        out: dict[str, Any] = {"version": self.version}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.secure_boot is not None:
+            out["secure_boot"] = self.secure_boot
+        if self.firmware is not None:
+            fw: dict[str, Any] = {}
+            if self.firmware.scrtm_versions is not None:
+                fw["scrtm_versions"] = list(self.firmware.scrtm_versions)
+            if self.firmware.pcr0 is not None:
+                fw["pcr0"] = {b: [v.hex() for v in vs] for b, vs in self.firmware.pcr0.items()}
+            out["firmware"] = fw
+        if self.boot_applications is not None:
+            apps = []
+            for app in self.boot_applications:
+                entry: dict[str, str] = {} if app.name is None else {"name": app.name}
+                entry.update({b: d.hex() for b, d in app.digests.items()})
+                apps.append(entry)
+            out["boot_applications"] = apps
+        if self.kernel_cmdlines is not None:
+            out["kernel_cmdlines"] = [
+                {"exact": c.exact} if c.exact is not None else {"pattern": c.pattern}
+                for c in self.kernel_cmdlines
+            ]
+        if self.db is not None:
+            out["db"] = {"require": [v.hex() for v in self.db.require]}
+        if self.dbx is not None:
+            dbx: dict[str, Any] = {}
+            if self.dbx.forbid:
+                dbx["forbid"] = [v.hex() for v in self.dbx.forbid]
+            if self.dbx.min_entries is not None:
+                dbx["min_entries"] = self.dbx.min_entries
+            out["dbx"] = dbx
+        if self.pcrs is not None:
+            out["pcrs"] = {
+                b: {str(i): [v.hex() for v in vs] for i, vs in p.items()}
+                for b, p in self.pcrs.items()
+            }
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100, allow_unicode=True)
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON form: two policies with equal rules share it."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).digest()
+
+    @property
+    def id(self) -> str:
+        """``ear.appraisal-policy-id``: ``policy:<name>@sha256:<hex>`` (or without a name)."""
+        ref = f"sha256:{self.digest.hex()}"
+        return f"policy:{self.name}@{ref}" if self.name else f"policy:{ref}"
