@@ -73,6 +73,8 @@ __all__ = ["DEFAULT_EKS", "CrashHook", "StoreInfo", "VtpmStore"]
 STORE_FORMAT = "vtpm-trust/store/1"
 DEFAULT_EKS: tuple[str, ...] = tuple(EK_KINDS)  # ("rsa2048", "ecc-p256")
 RECORD_FILE = "vtpm.json"
+# the reason `vtpm delete` gives the CA (the CA's spelling of RFC 5280 cessationOfOperation)
+REVOCATION_REASON = "cessation-of-operation"
 # a named point in a multi-step write; tests pause there to SIGKILL the process
 CrashHook = Callable[[str], None]
 _STAGING = re.compile(r"^(\d+)-[0-9a-f]+$")
@@ -441,8 +443,11 @@ class VtpmStore:
                 kept.append(serial)
                 continue
             if issuer is not None:
-                with contextlib.suppress(ConflictError):  # already revoked
-                    issuer.revoke_ek_certificate(serial, "cessationOfOperation")
+                try:
+                    issuer.revoke_ek_certificate(serial, REVOCATION_REASON)
+                except ConflictError as exc:
+                    if "already revoked" not in str(exc):
+                        raise  # anything else stops the deletion: the vTPM stays
                 revoked.append(serial)
         self._hook("delete:revoked")
         tmp = self.root / "tmp"

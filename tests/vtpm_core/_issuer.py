@@ -79,6 +79,8 @@ class SmallIssuer:
     def revoke_ek_certificate(self, serial: int, reason: str) -> None:
         if serial not in self.issued:
             raise NotFoundError(f"no certificate {serial:x}")
+        if reason != "cessation-of-operation":
+            raise ConflictError(f"unknown revocation reason {reason!r}")
         if any(s == serial for s, _ in self.revoked):
             raise ConflictError(f"certificate {serial:x} already revoked")
         self.revoked.append((serial, reason))
