@@ -1,0 +1,247 @@
+"""Appraise evidence: quote, event log replay, then policy (issue 5; DESIGN "Flows" 3).
+
+Three layers, in order, each only reading what the previous one proved:
+
+1. Quote (``verifier.quote.verify_quote``): AK attributes, signature over the
+   received bytes, magic, type, nonce, pcrSelect, pcrDigest. A failure here
+   stops the appraisal: nothing below is proven.
+2. Replay (``EventLog.verify``): the log replays to the quoted PCR values it
+   covers. A failure stops the appraisal: no event may be trusted.
+3. Policy (``verifier.policy.rules``): every rule runs over the replayed,
+   digest-checked events and the quoted values; EVERY failure is reported
+   with its rule, claim, event (index, PCR, type), expected and actual.
+
+The result carries an AR4SI trustworthiness vector (draft-ietf-rats-ar4si
+§2.3) and the EAR status derived from it (worst tier). Not done here: nonce
+single-use/expiry, clock monotonicity across quotes, AK-to-EK binding: the
+caller (the attestation service) owns that state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from verifier.ear import Ar4si, TrustVector
+from verifier.eventlog import EventLog, ReplayedLog
+from verifier.policy.rules import (
+    CONFIGURATION,
+    EXECUTABLES,
+    BootEvidence,
+    EventRef,
+    Failure,
+    PolicyViolationError,
+    rules_for,
+)
+from verifier.policy.schema import Policy
+from verifier.quote import PcrValues, Public, Signature, VerifiedQuote, verify_quote
+from vtpm_core.errors import VerificationError
+
+__all__ = ["AppraisalResult", "Evidence", "QuoteSummary", "appraise", "appraise_log"]
+
+INSTANCE_IDENTITY = "instance-identity"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What an attester sends: TPMS_ATTEST bytes, TPMT_SIGNATURE, the PCR values, the log."""
+
+    attest: bytes
+    signature: bytes | Signature
+    pcrs: PcrValues
+    eventlog: bytes | EventLog | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteSummary:
+    """What the verified quote says about the TPM (TPMS_ATTEST clockInfo, firmwareVersion)."""
+
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+    firmware_version: int
+    qualified_signer: bytes
+
+    @classmethod
+    def of(cls, q: VerifiedQuote) -> QuoteSummary:
+        c = q.clock_info
+        return cls(
+            c.clock, c.reset_count, c.restart_count, c.safe, q.firmware_version, q.qualified_signer
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clock": self.clock,
+            "reset_count": self.reset_count,
+            "restart_count": self.restart_count,
+            "safe": self.safe,
+            "firmware_version": f"{self.firmware_version:016x}",
+            "qualified_signer": self.qualified_signer.hex(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AppraisalResult:
+    """The verdict: ``status`` (EAR), the AR4SI vector, every failure, warnings, the quote."""
+
+    status: str
+    trust_vector: TrustVector
+    failures: tuple[Failure, ...]
+    warnings: tuple[str, ...]
+    quote: QuoteSummary | None
+    policy_id: str
+    replayed: ReplayedLog | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def affirming(self) -> bool:
+        return self.status == "affirming"
+
+    @property
+    def failure_summaries(self) -> tuple[dict[str, str], ...]:
+        return tuple({"rule": f.rule, "claim": f.claim, "message": str(f)} for f in self.failures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "trust_vector": self.trust_vector.to_json(),
+            "policy_id": self.policy_id,
+            "failures": [f.to_json() for f in self.failures],
+            "warnings": list(self.warnings),
+            "quote": None if self.quote is None else self.quote.to_json(),
+        }
+
+
+def _vector(
+    policy_claims: frozenset[str], failures: tuple[Failure, ...], identity: int
+) -> TrustVector:
+    failed = {f.claim for f in failures}
+    config = 0
+    if CONFIGURATION in policy_claims:
+        config = Ar4si.UNSUPPORTABLE_CONFIG if CONFIGURATION in failed else Ar4si.APPROVED_CONFIG
+    exe = 0
+    if EXECUTABLES in policy_claims:
+        exe = Ar4si.CONTRAINDICATED_RUNTIME if EXECUTABLES in failed else Ar4si.APPROVED_BOOT
+    return TrustVector(instance_identity=identity, configuration=config, executables=exe)
+
+
+def _result(
+    policy: Policy,
+    vector: TrustVector,
+    failures: tuple[Failure, ...],
+    warnings: tuple[str, ...],
+    quote: QuoteSummary | None,
+    replayed: ReplayedLog | None,
+) -> AppraisalResult:
+    return AppraisalResult(vector.status, vector, failures, warnings, quote, policy.id, replayed)
+
+
+def _evaluate(
+    policy: Policy,
+    evidence: BootEvidence,
+    identity: int,
+    warnings: list[str],
+    quote: QuoteSummary | None,
+    replayed: ReplayedLog | None,
+) -> AppraisalResult:
+    rules = rules_for(policy)
+    claims = frozenset(r.claim for r in rules.children)
+    failures: tuple[Failure, ...] = ()
+    try:
+        rules.check(evidence)
+    except PolicyViolationError as exc:
+        failures = exc.failures
+    for e in evidence.events:
+        if e.data_verified is False:
+            warnings.append(f"{EventRef.of(e)}: data does not match its digest (not trusted)")
+    vector = _vector(claims, failures, identity)
+    return _result(policy, vector, failures, tuple(dict.fromkeys(warnings)), quote, replayed)
+
+
+def _failed_before_policy(
+    policy: Policy, check: str, message: str, claim: str, quote: QuoteSummary | None
+) -> AppraisalResult:
+    failure = Failure(check, claim, message, "a valid check", "failed")
+    if claim == INSTANCE_IDENTITY:
+        vector = TrustVector(instance_identity=Ar4si.CRYPTO_VALIDATION_FAILED)
+    else:  # the quote is good, the log is not: nothing it says about the boot holds
+        vector = TrustVector(
+            instance_identity=Ar4si.TRUSTWORTHY_INSTANCE,
+            configuration=Ar4si.CRYPTO_VALIDATION_FAILED,
+            executables=Ar4si.CRYPTO_VALIDATION_FAILED,
+        )
+    return _result(policy, vector, (failure,), (), quote, None)
+
+
+def appraise(
+    evidence: Evidence,
+    policy: Policy,
+    *,
+    nonce: bytes,
+    ak: Public,
+    require_ak_attributes: bool = True,
+) -> AppraisalResult:
+    """Steps 1-3 above. Returns a result for every well-formed evidence, failing or not.
+
+    Raises ParseError for malformed evidence (attest, signature, event log),
+    ConfigError for an empty nonce. A failed check is a contraindicated
+    result, never an exception, so the caller can sign and record it.
+    """
+    # step 1
+    try:
+        quote = verify_quote(
+            ak,
+            evidence.attest,
+            evidence.signature,
+            evidence.pcrs,
+            nonce,
+            require_ak_attributes=require_ak_attributes,
+        )
+    except VerificationError as exc:
+        return _failed_before_policy(policy, exc.check, str(exc), INSTANCE_IDENTITY, None)
+    summary = QuoteSummary.of(quote)
+    quoted = quote.pcrs.values
+    covered: Mapping[str, frozenset[int]] = {}
+    events: tuple[Any, ...] = ()
+    warnings: list[str] = []
+    replayed: ReplayedLog | None = None
+    # step 2
+    if evidence.eventlog is not None:
+        log = (
+            evidence.eventlog
+            if isinstance(evidence.eventlog, EventLog)
+            else EventLog.parse(evidence.eventlog)
+        )
+        try:
+            replayed = log.verify(quoted)
+        except VerificationError as exc:
+            return _failed_before_policy(policy, exc.check, str(exc), EXECUTABLES, summary)
+        events = replayed.events
+        covered = replayed.verified
+        warnings.extend(replayed.warnings)
+    else:
+        warnings.append("no event log: only literal PCR rules can pass")
+    # step 3
+    return _evaluate(
+        policy,
+        BootEvidence(events, quoted, covered),
+        Ar4si.TRUSTWORTHY_INSTANCE,
+        warnings,
+        summary,
+        replayed,
+    )
+
+
+def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
+    """Policy over a log alone (`vtpm policy check`): the log is replayed to itself.
+
+    Proves nothing about any machine (no quote): it answers "would this boot
+    satisfy the policy?". Literal PCR rules compare with the replayed values.
+    ``instance-identity`` is left without a claim.
+    """
+    parsed = log if isinstance(log, EventLog) else EventLog.parse(log)
+    replayed = parsed.verify(parsed.replay())
+    warnings = ["offline check: no quote proves this log came from a TPM", *replayed.warnings]
+    evidence = BootEvidence(replayed.events, replayed.pcrs, replayed.verified)
+    return _evaluate(policy, evidence, Ar4si.NO_CLAIM, warnings, None, replayed)
