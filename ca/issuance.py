@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -178,6 +179,9 @@ class EkIssuance:
             )
         self._aia = x509.AuthorityInformationAccess(access) if access else None
 
+        self._placeholder_signature = b"\x30\x06\x02\x01\x01\x02\x01\x01"
+        self._templates: dict[str, _TbsTemplate] = {}
+
     # -- step 1 ----------------------------------------------------------------
 
     def issue(self, request: IssueRequest) -> IssueResult:
@@ -221,12 +225,21 @@ class EkIssuance:
         now = self.clock().replace(microsecond=0)
         not_before = now - dt.timedelta(minutes=5)  # clock skew of relying parties
         not_after = not_before + self.profile.validity
-        stand_in_der = self.build(request, now, not_before, not_after)
-        cert = x509.load_der_x509_certificate(stand_in_der)
-        self.linter.check(cert, stand_in_der, request.ek.spki_der, self.ca.certificate.subject)
-        tbs = cert.tbs_certificate_bytes
+        serial = self.serial()
+        tbs = self.build_tbs(request, now, not_before, not_after, serial)
+        # The lint parses a certificate: the TBS with a placeholder signature (nothing
+        # checks it; pkilint gets a stand-in-signed one, see _lint_certificate).
+        placeholder = assemble_certificate(tbs, self._placeholder_signature)
+        cert = x509.load_der_x509_certificate(placeholder)
+        self.linter.check(
+            cert,
+            placeholder,
+            request.ek.spki_der,
+            self.ca.certificate.subject,
+            full=lambda: assemble_certificate(tbs, self._stand_in_sign(tbs)),
+        )
         record = CertRecord(
-            serial=cert.serial_number,
+            serial=serial,
             ek_name=request.ek.name,
             ek_public_sha256=request.ek.spki_sha256,
             ek_template=request.ek.template,
@@ -279,6 +292,74 @@ class EkIssuance:
                 "ca.signature", "the CA key's signature does not verify with the CA certificate"
             ) from exc
 
+    def _stand_in_sign(self, tbs: bytes) -> bytes:
+        key = self.ca.key.stand_in
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(tbs, padding.PKCS1v15(), self.ca.key.hash_algorithm)
+        return key.sign(tbs, ec.ECDSA(self.ca.key.hash_algorithm))
+
+    def _template(self, ek: CertifiableEk) -> _TbsTemplate:
+        kind = "rsa" if ek.is_rsa else "ecc"
+        template = self._templates.get(kind)
+        if template is None:
+            reference = x509.load_der_x509_certificate(
+                self.build(IssueRequest(ek=ek, vm_id=uuid.UUID(int=0)), _EPOCH, _EPOCH, _EPOCH)
+            )
+            template = _TbsTemplate.from_reference(reference.tbs_certificate_bytes)
+            self._templates[kind] = template
+        return template
+
+    def build_tbs(
+        self,
+        request: IssueRequest,
+        now: dt.datetime,
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+        serial: int,
+    ) -> bytes:
+        """The TBSCertificate, spliced from DER parts (the hot path).
+
+        The constant parts (algorithm, issuer, subject, constant extensions) are cut
+        once per EK key kind from a certificate made by :meth:`build`; the per-
+        certificate parts are encoded here. tests/ca pin ``build_tbs == build``'s TBS.
+        """
+        p = self.profile
+        t = self._template(request.ek)
+        identity = VmIdentity.build(
+            request.vm_id, request.vm_name, request.vtpm_instance_id, request.created_at or now
+        )
+        spki = request.ek.spki_der
+        _, content, _ = read_tlv(spki, 0)
+        _, _, alg_end = read_tlv(spki, content)
+        _, bits, bits_end = read_tlv(spki, alg_end)
+        ski = hashlib.sha1(spki[bits + 1 : bits_end]).digest()  # noqa: S324 - RFC 5280 4.2.1.2 (1)
+        rdns = b"".join(
+            encode_tlv(0x31, encode_tlv(0x30, oid + encode_tlv(0x0C, value.encode())))
+            for oid, value in (
+                (_OID_MANUFACTURER, request.tpm_manufacturer or p.default_manufacturer),
+                (_OID_MODEL, request.tpm_model or p.default_model),
+                (_OID_VERSION, request.tpm_version or p.default_version),
+            )
+        )
+        san = encode_tlv(0x30, encode_tlv(0xA4, encode_tlv(0x30, rdns)))
+        per_cert = {
+            "2.5.29.14": _extension(_OID_SKI, False, encode_tlv(0x04, ski)),
+            "2.5.29.17": _extension(_OID_SAN, len(p.subject) == 0, san),
+            VM_IDENTITY_OID: _extension(_OID_VM_IDENTITY, False, identity.raw),
+        }
+        extensions = b"".join(per_cert.get(oid, der) for oid, der in t.extensions)
+        body = (
+            b"\xa0\x03\x02\x01\x02"
+            + encode_tlv(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))
+            + t.signature_algorithm
+            + t.issuer
+            + encode_tlv(0x30, _time(not_before) + _time(not_after))
+            + t.subject
+            + spki
+            + encode_tlv(0xA3, encode_tlv(0x30, extensions))
+        )
+        return encode_tlv(0x30, body)
+
     def serial(self) -> int:
         # RFC 5280 4.1.2.2: positive, <= 20 octets; the top bit is set so every serial
         # has exactly serial_random_bits + 1 bits, and all the rest are random.
@@ -292,8 +373,12 @@ class EkIssuance:
         now: dt.datetime,
         not_before: dt.datetime,
         not_after: dt.datetime,
+        serial: int | None = None,
     ) -> bytes:
-        """The would-be certificate, signed by the stand-in key (never by the CA key)."""
+        """The would-be certificate, signed by the stand-in key (never by the CA key).
+
+        The reference builder: :meth:`build_tbs` must produce the same TBS bytes.
+        """
         p = self.profile
         ek = request.ek
         san_name = x509.Name(
@@ -318,7 +403,7 @@ class EkIssuance:
         )
         builder = (
             x509.CertificateBuilder()
-            .serial_number(self.serial())
+            .serial_number(self.serial() if serial is None else serial)
             .issuer_name(self.ca.certificate.subject)
             .subject_name(p.subject)
             .public_key(ek.public_key)
@@ -364,3 +449,66 @@ class EkIssuance:
         return builder.sign(self.ca.key.stand_in, self.ca.key.hash_algorithm).public_bytes(
             serialization.Encoding.DER
         )
+
+
+_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+def _oid(dotted: str) -> bytes:
+    return bytes(asn1.ObjectIdentifier(dotted).dump())
+
+
+_OID_MANUFACTURER = _oid(OID_TPM_MANUFACTURER.dotted_string)
+_OID_MODEL = _oid(OID_TPM_MODEL.dotted_string)
+_OID_VERSION = _oid(OID_TPM_VERSION.dotted_string)
+_OID_SKI = _oid("2.5.29.14")
+_OID_SAN = _oid("2.5.29.17")
+_OID_VM_IDENTITY = _oid(VM_IDENTITY_OID)
+
+
+def _extension(oid: bytes, critical: bool, value: bytes) -> bytes:
+    """Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue }"""
+    flag = b"\x01\x01\xff" if critical else b""
+    return encode_tlv(0x30, oid + flag + encode_tlv(0x04, value))
+
+
+def _time(when: dt.datetime) -> bytes:
+    # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on
+    when = when.astimezone(dt.UTC)
+    if when.year < 2050:
+        return encode_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
+    return encode_tlv(0x18, when.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+@dataclass(frozen=True, slots=True)
+class _TbsTemplate:
+    """The constant DER parts of a reference TBSCertificate, cut once."""
+
+    signature_algorithm: bytes
+    issuer: bytes
+    subject: bytes
+    extensions: tuple[tuple[str, bytes], ...]  # (dotted OID, whole Extension DER), in order
+
+    @classmethod
+    def from_reference(cls, tbs: bytes) -> _TbsTemplate:
+        _, pos, _ = read_tlv(tbs, 0)
+        parts = []
+        while pos < len(tbs):
+            _, _, end = read_tlv(tbs, pos)
+            parts.append((pos, end))
+            pos = end
+        # [0] version, serial, signature, issuer, validity, subject, spki, [3] extensions
+        cut = [tbs[a:b] for a, b in parts]
+        if len(cut) != 8 or cut[0][0] != 0xA0 or cut[7][0] != 0xA3:
+            raise StateError("reference TBSCertificate has an unexpected layout")
+        _, ext_start, _ = read_tlv(cut[7], 0)
+        _, pos, ext_end = read_tlv(cut[7], ext_start)
+        extensions = []
+        while pos < ext_end:
+            _, inner, end = read_tlv(cut[7], pos)
+            _, oid_start, oid_end = read_tlv(cut[7], inner)
+            dotted = asn1.ObjectIdentifier.load(cut[7][inner:oid_end]).dotted
+            extensions.append((dotted, cut[7][pos:end]))
+            pos = end
+            del oid_start
+        return cls(cut[2], cut[3], cut[5], tuple(extensions))

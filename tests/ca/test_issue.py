@@ -283,3 +283,23 @@ def test_bare_pem_only_when_allowed_and_recorded(
     result = opened.issuance.issue(IssueRequest(ek=ek, vm_id=VM))
     assert opened.ledger.get(result.record.serial).ek_template == "bare-pem"
     assert hashlib.sha256(ek.spki_der).hexdigest() == result.record.ek_public_sha256
+
+
+@pytest.mark.parametrize("kind", ["ek-rsa", "ek-ecc"])
+@pytest.mark.parametrize("years", [1, 40])  # UTCTime and (from 2050) GeneralizedTime
+def test_spliced_tbs_equals_cryptography_builder(
+    opened: OpenedCa, tpm_keys: dict[str, bytes], kind: str, years: int
+) -> None:
+    """The hot path splices DER; cryptography's builder is the reference it must equal."""
+    from cryptography import x509 as cx509
+
+    ek = CertifiableEk.load(tpm_keys[kind], allow_bare_key=False)
+    request = IssueRequest(
+        ek=ek, vm_id=VM, vm_name="ü" * 200, vtpm_instance_id="i", tpm_model="model", created_at=T0
+    )
+    after = T0 + dt.timedelta(days=365 * years)
+    serial = (1 << 126) | 12345
+    reference = cx509.load_der_x509_certificate(
+        opened.issuance.build(request, T0, T0, after, serial)
+    ).tbs_certificate_bytes
+    assert opened.issuance.build_tbs(request, T0, T0, after, serial) == reference
