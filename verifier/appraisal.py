@@ -19,7 +19,10 @@ caller (the attestation service) owns that state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ from verifier.eventlog import EventLog, ReplayedLog
 from verifier.policy.rules import (
     CONFIGURATION,
     EXECUTABLES,
+    AllOf,
     BootEvidence,
     EventRef,
     Failure,
@@ -38,7 +42,7 @@ from verifier.policy.schema import Policy
 from verifier.quote import PcrValues, Public, Signature, VerifiedQuote, verify_quote
 from vtpm_core.errors import VerificationError
 
-__all__ = ["AppraisalResult", "Evidence", "QuoteSummary", "appraise", "appraise_log"]
+__all__ = ["AppraisalResult", "Appraiser", "Evidence", "QuoteSummary", "appraise", "appraise_log"]
 
 INSTANCE_IDENTITY = "instance-identity"
 
@@ -126,41 +130,56 @@ def _vector(
     return TrustVector(instance_identity=identity, configuration=config, executables=exe)
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A policy turned into its rule tree once, with its id and the claims it bears on."""
+
+    policy: Policy
+    rules: AllOf
+    claims: frozenset[str]
+    policy_id: str
+
+    @classmethod
+    def of(cls, policy: Policy) -> _Compiled:
+        rules = rules_for(policy)
+        return cls(policy, rules, frozenset(r.claim for r in rules.children), policy.id)
+
+
 def _result(
-    policy: Policy,
+    policy: _Compiled,
     vector: TrustVector,
     failures: tuple[Failure, ...],
     warnings: tuple[str, ...],
     quote: QuoteSummary | None,
     replayed: ReplayedLog | None,
 ) -> AppraisalResult:
-    return AppraisalResult(vector.status, vector, failures, warnings, quote, policy.id, replayed)
+    return AppraisalResult(
+        vector.status, vector, failures, warnings, quote, policy.policy_id, replayed
+    )
 
 
 def _evaluate(
-    policy: Policy,
+    policy: _Compiled,
     evidence: BootEvidence,
     identity: int,
     warnings: list[str],
     quote: QuoteSummary | None,
     replayed: ReplayedLog | None,
 ) -> AppraisalResult:
-    rules = rules_for(policy)
-    claims = frozenset(r.claim for r in rules.children)
     failures: tuple[Failure, ...] = ()
     try:
-        rules.check(evidence)
+        policy.rules.check(evidence)
     except PolicyViolationError as exc:
         failures = exc.failures
     for e in evidence.events:
         if e.data_verified is False:
             warnings.append(f"{EventRef.of(e)}: data does not match its digest (not trusted)")
-    vector = _vector(claims, failures, identity)
+    vector = _vector(policy.claims, failures, identity)
     return _result(policy, vector, failures, tuple(dict.fromkeys(warnings)), quote, replayed)
 
 
 def _failed_before_policy(
-    policy: Policy, check: str, message: str, claim: str, quote: QuoteSummary | None
+    policy: _Compiled, check: str, message: str, claim: str, quote: QuoteSummary | None
 ) -> AppraisalResult:
     failure = Failure(check, claim, message, "a valid check", "failed")
     if claim == INSTANCE_IDENTITY:
@@ -185,9 +204,33 @@ def appraise(
     """Steps 1-3 above. Returns a result for every well-formed evidence, failing or not.
 
     Raises ParseError for malformed evidence (attest, signature, event log),
-    ConfigError for an empty nonce. A failed check is a contraindicated
-    result, never an exception, so the caller can sign and record it.
+    ConfigError for an empty nonce or a policy without rules. A failed check
+    is a contraindicated result, never an exception, so the caller can sign
+    and record it. Stateless; :class:`Appraiser` adds caches.
     """
+    return _appraise(
+        evidence, _Compiled.of(policy), nonce, ak, require_ak_attributes, _replay_uncached
+    )
+
+
+def _replay_uncached(
+    log: bytes | EventLog, quoted: Mapping[str, Mapping[int, bytes]]
+) -> ReplayedLog:
+    parsed = log if isinstance(log, EventLog) else EventLog.parse(log)
+    return parsed.verify(quoted)
+
+
+_Replayer = Callable[[bytes | EventLog, Mapping[str, Mapping[int, bytes]]], ReplayedLog]
+
+
+def _appraise(
+    evidence: Evidence,
+    policy: _Compiled,
+    nonce: bytes,
+    ak: Public,
+    require_ak_attributes: bool,
+    replay: _Replayer,
+) -> AppraisalResult:
     # step 1
     try:
         quote = verify_quote(
@@ -208,13 +251,8 @@ def appraise(
     replayed: ReplayedLog | None = None
     # step 2
     if evidence.eventlog is not None:
-        log = (
-            evidence.eventlog
-            if isinstance(evidence.eventlog, EventLog)
-            else EventLog.parse(evidence.eventlog)
-        )
         try:
-            replayed = log.verify(quoted)
+            replayed = replay(evidence.eventlog, quoted)
         except VerificationError as exc:
             return _failed_before_policy(policy, exc.check, str(exc), EXECUTABLES, summary)
         events = replayed.events
@@ -233,6 +271,80 @@ def appraise(
     )
 
 
+class Appraiser:
+    """:func:`appraise` with two bounded caches, for a verifier that sees the same boots.
+
+    1. Replayed logs keyed by SHA-256 over (log bytes, quoted PCR values):
+       ``EventLog.verify`` is a pure function of those, so a hit returns the
+       very ReplayedLog a fresh parse would give. A fleet booting one image
+       sends byte-identical logs; the quote (signature, nonce, PCR digest)
+       is still verified on every call.
+    2. Compiled policies (rule tree, id) per Policy object (held, so its id stays unique).
+
+    Thread-safe; no state is shared between instances.
+    """
+
+    def __init__(self, *, log_cache_size: int = 256, policy_cache_size: int = 64) -> None:
+        self._logs: OrderedDict[bytes, ReplayedLog] = OrderedDict()
+        self._policies: dict[int, _Compiled] = {}
+        self._log_cache_size = log_cache_size
+        self._policy_cache_size = policy_cache_size
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _compiled(self, policy: Policy) -> _Compiled:
+        key = id(policy)
+        with self._lock:
+            hit = self._policies.get(key)
+        if hit is not None and hit.policy is policy:
+            return hit
+        compiled = _Compiled.of(policy)
+        with self._lock:
+            if len(self._policies) >= self._policy_cache_size:
+                self._policies.clear()
+            self._policies[key] = compiled
+        return compiled
+
+    def _replay(
+        self, log: bytes | EventLog, quoted: Mapping[str, Mapping[int, bytes]]
+    ) -> ReplayedLog:
+        raw = log.raw if isinstance(log, EventLog) else log
+        h = hashlib.sha256(raw)
+        for bank in sorted(quoted):
+            for index, value in sorted(quoted[bank].items()):
+                h.update(f"|{bank}:{index}=".encode())
+                h.update(value)
+        key = h.digest()
+        with self._lock:
+            hit = self._logs.get(key)
+            if hit is not None:
+                self._logs.move_to_end(key)
+                self.hits += 1
+                return hit
+        replayed = _replay_uncached(log, quoted)  # raises on mismatch: failures are not cached
+        with self._lock:
+            self.misses += 1
+            self._logs[key] = replayed
+            while len(self._logs) > self._log_cache_size:
+                self._logs.popitem(last=False)
+        return replayed
+
+    def appraise(
+        self,
+        evidence: Evidence,
+        policy: Policy,
+        *,
+        nonce: bytes,
+        ak: Public,
+        require_ak_attributes: bool = True,
+    ) -> AppraisalResult:
+        """As :func:`appraise`; the same result, from the caches where they hold it."""
+        return _appraise(
+            evidence, self._compiled(policy), nonce, ak, require_ak_attributes, self._replay
+        )
+
+
 def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
     """Policy over a log alone (`vtpm policy check`): the log is replayed to itself.
 
@@ -244,4 +356,4 @@ def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
     replayed = parsed.verify(parsed.replay())
     warnings = ["offline check: no quote proves this log came from a TPM", *replayed.warnings]
     evidence = BootEvidence(replayed.events, replayed.pcrs, replayed.verified)
-    return _evaluate(policy, evidence, Ar4si.NO_CLAIM, warnings, None, replayed)
+    return _evaluate(_Compiled.of(policy), evidence, Ar4si.NO_CLAIM, warnings, None, replayed)

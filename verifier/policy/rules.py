@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
@@ -121,6 +121,16 @@ class BootEvidence:
     events: tuple[ReplayedEvent, ...]
     pcrs: Mapping[str, Mapping[int, bytes]]
     covered: Mapping[str, frozenset[int]]
+    by_type: Mapping[int, tuple[ReplayedEvent, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        index: dict[int, list[ReplayedEvent]] = {}
+        for e in self.events:
+            index.setdefault(e.event_type, []).append(e)
+        object.__setattr__(self, "by_type", {t: tuple(v) for t, v in index.items()})
+
+    def of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
+        return self.by_type.get(event_type, ())
 
     def is_covered(self, pcr: int) -> bool:
         return any(pcr in s for s in self.covered.values())
@@ -130,8 +140,11 @@ class BootEvidence:
 
 
 class Rule(Protocol):
-    id: str
-    claim: str
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def claim(self) -> str: ...
 
     def check(self, evidence: BootEvidence) -> None:
         """Return if satisfied; raise PolicyViolationError with every failure otherwise."""
@@ -190,8 +203,11 @@ class AnyOf:
 
 
 class _Named(Protocol):
-    id: str
-    claim: str
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def claim(self) -> str: ...
 
 
 def _fail(
@@ -207,9 +223,7 @@ def _variables(
     for those that may not be trusted (uncovered PCR, data not matching digest)."""
     good: list[tuple[ReplayedEvent, EfiVariable]] = []
     bad: list[Failure] = []
-    for e in evidence.events:
-        if e.event_type != EventType.EV_EFI_VARIABLE_DRIVER_CONFIG:
-            continue
+    for e in evidence.of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
             continue
@@ -240,17 +254,16 @@ def _variables(
     return good, bad
 
 
-def _entries(var: EfiVariable) -> list[bytes]:
+def _entries(var: EfiVariable, refs: bool = True) -> tuple[int, frozenset[bytes]]:
+    """The number of entries, and every reference that names one: a db/dbx reference is
+    the entry itself (hash entries) or the SHA-256 of it (certificates). Public data:
+    set membership, no constant-time compare needed."""
     if not isinstance(var.value, SignatureDatabase):
-        return []
-    return [s.data for lst in var.value.lists for s in lst.signatures]
-
-
-def _entry_matches(entry: bytes, wanted: bytes) -> bool:
-    """A db/dbx reference is the entry itself (hash entries) or the SHA-256 of it (certs)."""
-    if len(entry) == len(wanted) and hmac.compare_digest(entry, wanted):
-        return True
-    return len(wanted) == 32 and hmac.compare_digest(hashlib.sha256(entry).digest(), wanted)
+        return 0, frozenset()
+    data = [s.data for lst in var.value.lists for s in lst.signatures]
+    if not refs:
+        return len(data), frozenset()
+    return len(data), frozenset(data) | {hashlib.sha256(x).digest() for x in data}
 
 
 # -- the rules -----------------------------------------------------------------------------
@@ -296,9 +309,7 @@ class BootApplicationsRule:
     def check(self, evidence: BootEvidence) -> None:
         failures: list[Failure] = []
         seen = 0
-        for e in evidence.events:
-            if e.event_type != EventType.EV_EFI_BOOT_SERVICES_APPLICATION:
-                continue
+        for e in evidence.of_type(EventType.EV_EFI_BOOT_SERVICES_APPLICATION):
             seen += 1
             banks = evidence.banks_covering(e.pcr)
             if not banks:
@@ -363,8 +374,8 @@ class KernelCmdlineRule:
         failures: list[Failure] = []
         good = 0
         expected = " or ".join(c.describe() for c in self.allowed)
-        for e in evidence.events:
-            if e.event_type != EventType.EV_IPL or e.pcr not in _CMDLINE_PCRS:
+        for e in evidence.of_type(EventType.EV_IPL):
+            if e.pcr not in _CMDLINE_PCRS:
                 continue
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
@@ -422,9 +433,7 @@ class ScrtmVersionRule:
         failures: list[Failure] = []
         good = 0
         expected = " or ".join(repr(v) for v in self.allowed)
-        for e in evidence.events:
-            if e.event_type != EventType.EV_S_CRTM_VERSION:
-                continue
+        for e in evidence.of_type(EventType.EV_S_CRTM_VERSION):
             if not evidence.is_covered(e.pcr):
                 failures.append(
                     _fail(
@@ -503,15 +512,15 @@ class DbRule:
             failures.append(_fail(self, "db was not measured", "db", "absent"))
         if good:
             e, var = good[-1]
-            entries = _entries(var)
+            count, refs = _entries(var)
             for want in self.policy.require:
-                if not any(_entry_matches(x, want) for x in entries):
+                if want not in refs:
                     failures.append(
                         _fail(
                             self,
                             "required db entry missing",
                             want.hex(),
-                            f"{len(entries)} entries without it",
+                            f"{count} entries without it",
                             EventRef.of(e),
                         )
                     )
@@ -534,9 +543,9 @@ class DbxRule:
             failures.append(_fail(self, "dbx was not measured", "dbx", "absent"))
         if good:
             e, var = good[-1]
-            entries = _entries(var)
+            count, refs = _entries(var, refs=bool(self.policy.forbid))
             for bad in self.policy.forbid:
-                if any(_entry_matches(x, bad) for x in entries):
+                if bad in refs:
                     failures.append(
                         Failure(
                             f"{self.id}.forbid",
@@ -547,14 +556,14 @@ class DbxRule:
                             EventRef.of(e),
                         )
                     )
-            if self.policy.min_entries is not None and len(entries) < self.policy.min_entries:
+            if self.policy.min_entries is not None and count < self.policy.min_entries:
                 failures.append(
                     Failure(
                         f"{self.id}.min_entries",
                         self.claim,
                         "dbx has too few entries",
                         f">= {self.policy.min_entries}",
-                        str(len(entries)),
+                        str(count),
                         EventRef.of(e),
                     )
                 )
