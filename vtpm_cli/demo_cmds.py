@@ -8,32 +8,55 @@ output directory. See docs/vm.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import ConfigError
+from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
     DEFAULT_CMDLINE,
     PROTOCOL_VERSION,
     boot_guest,
-    default_cache_dir,
     guest_esp,
     loader_entry,
     measured_load_options,
     validate_selection,
 )
 
+_DEFAULT_STORE = (
+    Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    / "vtpm-trust"
+    / "store"
+)  # the same default as `vtpm create`
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@contextlib.contextmanager
+def _vtpm(name: str, store_path: Path, state: Path | None) -> Iterator[SwtpmProcess]:
+    """The vTPM for the VM: NAME from the store, or a bare swtpm state directory."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="vtpm-vm-swtpm-"))  # short unix socket paths
+    try:
+        if state is not None:
+            with SwtpmProcess(state, transport="qemu", socket_dir=sock_dir) as tpm:
+                yield tpm
+        else:
+            store = VtpmStore.open(store_path)
+            with store.running(name, transport="qemu", socket_dir=sock_dir) as tpm:
+                yield tpm
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _vm_boot(
@@ -43,6 +66,7 @@ def _vm_boot(
     secure_boot: bool,
     cmdline: str,
     state: Path | None,
+    store_path: Path,
     out: Path | None,
     pcrs: str,
     timeout: float,
@@ -52,23 +76,18 @@ def _vm_boot(
         raise ConfigError(f"bad VM name {name!r} (letters, digits, '.', '_', '-')")
     validate_selection(pcrs)
     loader_entry(cmdline)  # refuse a bad command line before any download or build
-    cache = default_cache_dir()
-    state_dir = state if state is not None else cache / "vtpms" / name
     out_dir = out if out is not None else Path.cwd() / f"vm-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     esp = guest_esp(kernel=kernel, initrd=initrd, cmdline=cmdline, secure_boot=secure_boot)
-    sock_dir = Path(tempfile.mkdtemp(prefix="vtpm-swtpm-"))  # short unix socket paths
-    try:
-        with (
-            SwtpmProcess(state_dir, transport="qemu", socket_dir=sock_dir) as tpm,
-            boot_guest(tpm, out_dir / "run", esp=esp, timeout_s=timeout) as session,
-        ):
-            ident = session.channel.hello()
-            nonce = secrets.token_bytes(32)
-            quote = session.channel.quote(nonce, pcrs)
-            ready = session.channel.ready_after_s
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with (
+        _vtpm(name, store_path, state) as tpm,
+        boot_guest(tpm, out_dir / "run", esp=esp, timeout_s=timeout) as session,
+    ):
+        ident = session.channel.hello()
+        nonce = secrets.token_bytes(32)
+        quote = session.channel.quote(nonce, pcrs)
+        ready = session.channel.ready_after_s
+    vtpm_source = str(state) if state is not None else f"{store_path} ({name})"
     files = {
         "ek_cert.der": ident.ek_cert_der or b"",
         "ek_ecc_cert.der": ident.ek_ecc_cert_der or b"",
@@ -103,7 +122,7 @@ def _vm_boot(
         "protocol": PROTOCOL_VERSION,
         "secure_boot": secure_boot,
         "cmdline": cmdline,
-        "vtpm_state": str(state_dir),
+        "vtpm": vtpm_source,
         "boot_seconds": round(ready or 0.0, 1),
         "vm_seconds": round(art.wall_seconds, 1) if art else None,
         "ek_cert": bool(ident.ek_cert_der),
@@ -184,9 +203,18 @@ def _register_vm(cli: click.Group) -> None:
     @click.option("--secure-boot", is_flag=True, help="OVMF secure boot, snakeoil-signed ESP.")
     @click.option("--cmdline", default=DEFAULT_CMDLINE, show_default=True)
     @click.option(
+        "--store",
+        "store_path",
+        type=click.Path(path_type=Path, file_okay=False),
+        envvar="VTPM_STORE",
+        default=_DEFAULT_STORE,
+        show_default=True,
+        help="vTPM store holding NAME (env VTPM_STORE); see `vtpm create`.",
+    )
+    @click.option(
         "--state",
         type=click.Path(file_okay=False, path_type=Path),
-        help="swtpm state directory (default: <cache>/vtpms/NAME, created empty).",
+        help="Use this bare (unencrypted) swtpm state directory instead of the store.",
     )
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output dir.")
     @click.option("--pcrs", default="sha256:0,1,2,3,4,5,6,7,8,9", show_default=True)
@@ -198,13 +226,17 @@ def _register_vm(cli: click.Group) -> None:
         initrd: Path | None,
         secure_boot: bool,
         cmdline: str,
+        store_path: Path,
         state: Path | None,
         out: Path | None,
         pcrs: str,
         timeout: float,
         as_json: bool,
     ) -> None:
-        """Boot VM NAME, quote its boot PCRs with a fresh nonce, power it off.
+        """Boot VM NAME with its vTPM, quote its boot PCRs with a fresh nonce, power it off.
+
+        The vTPM NAME comes from the store (create it with `vtpm create NAME`,
+        which puts the CA's EK certificates in NV), or from --state.
 
         Writes ek_cert.der, ek.pub, ak.pub, ak.name, nonce.bin, quote.msg,
         quote.sig, quote.pcrs (tpm2-tools formats), pcrs.json (the quoted
@@ -212,7 +244,19 @@ def _register_vm(cli: click.Group) -> None:
         output directory (default ./vm-NAME), and the serial console to
         run/console.log there.
         """
-        _vm_boot(name, kernel, initrd, secure_boot, cmdline, state, out, pcrs, timeout, as_json)
+        _vm_boot(
+            name,
+            kernel,
+            initrd,
+            secure_boot,
+            cmdline,
+            state,
+            store_path,
+            out,
+            pcrs,
+            timeout,
+            as_json,
+        )
 
 
 def register(cli: click.Group) -> None:

@@ -8,7 +8,6 @@ sessions: they are named after digests of their inputs.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
     DebianKernel,
@@ -69,48 +69,34 @@ def guest_images(
 
 @dataclass(frozen=True)
 class ProvisionedVtpm:
-    state_dir: Path
-    ca_root: Path  # the local CA's root certificate (PEM)
-    ca_issuer: Path  # the intermediate that signed the EK certificate
+    name: str
+    store: VtpmStore
+    ca_chain: Path  # the project CA's chain.pem (its certificate up to the root)
 
 
-def provision_vtpm(work: Path) -> ProvisionedVtpm:
-    """A fresh vTPM state with an RSA EK certificate in NV 0x01C00002 (swtpm_setup + swtpm_localca).
+CA_PASSPHRASE = b"vm test CA passphrase"
 
-    Stand-in until the project's vTPM store provisions EK certificates from our CA.
-    """
-    state = work / "tpmstate"
-    ca = work / "localca"
-    state.mkdir(parents=True)
-    ca.mkdir()
-    (work / "localca.conf").write_text(
-        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
-        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
-    )
-    (work / "swtpm_setup.conf").write_text(
-        "create_certs_tool = /usr/bin/swtpm_localca\n"
-        f"create_certs_tool_config = {work}/localca.conf\n"
-        "create_certs_tool_options = /etc/swtpm-localca.options\n"
-    )
-    done = subprocess.run(
-        [
-            "swtpm_setup", "--tpm2", "--tpmstate", str(state),
-            "--config", str(work / "swtpm_setup.conf"),
-            "--create-ek-cert", "--lock-nvram", "--pcr-banks", "sha1,sha256",
-        ],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"swtpm_setup failed: {done.stdout}{done.stderr}"
-    return ProvisionedVtpm(state, ca / "swtpm-localca-rootca-cert.pem", ca / "issuercert.pem")
+
+def provision_vtpm(work: Path, name: str = "vm") -> ProvisionedVtpm:
+    """A vTPM in a fresh store, its EK certificates issued by a fresh project CA (in NV)."""
+    from ca.home import CaHome
+    from ca.issuer import LocalCaIssuer
+
+    home = CaHome(work / "ca")
+    home.init(passphrase=CA_PASSPHRASE)
+    store = VtpmStore.init(work / "store")
+    with LocalCaIssuer.open(work / "ca", passphrase=CA_PASSPHRASE) as issuer:
+        store.create(name, issuer=issuer)
+    return ProvisionedVtpm(name, store, work / "ca" / "chain.pem")
 
 
 @pytest.fixture
 def vm_vtpm(tmp_path: Path) -> Iterator[tuple[ProvisionedVtpm, SwtpmProcess]]:
-    """A provisioned vTPM started for QEMU (control socket in a short private dir)."""
+    """A store vTPM (EK certs from our CA) started for QEMU, sockets in a short private dir."""
     prov = provision_vtpm(tmp_path / "vtpm")
     sock_dir = Path(tempfile.mkdtemp(prefix="vtpm-swtpm-"))
     try:
-        with SwtpmProcess(prov.state_dir, transport="qemu", socket_dir=sock_dir) as tpm:
+        with prov.store.running(prov.name, transport="qemu", socket_dir=sock_dir) as tpm:
             yield prov, tpm
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)

@@ -90,7 +90,7 @@ def boot_and_attest(
             t_ready = time.monotonic()
             ident = chan.hello()
 
-            # 1. the EK certificate our CA (here swtpm_localca) put in NV is for this EK
+            # 1. the EK certificate our CA put in NV (vtpm store + ca) is for this EK
             assert ident.ek_cert_der is not None, "no EK certificate in NV 0x01C00002"
             cert = x509.load_der_x509_certificate(ident.ek_cert_der)
             ek_pub, _ = TPM2B_PUBLIC.unmarshal(ident.ek_public_tpm2b)
@@ -100,12 +100,11 @@ def boot_and_attest(
             assert cert_key.public_numbers().n == int.from_bytes(modulus, "big")
             (work / "ekcert.pem").write_bytes(cert.public_bytes(Encoding.PEM))
             _run(
-                "openssl", "verify", "-CAfile", str(prov.ca_root), "-untrusted",
-                str(prov.ca_issuer), "ekcert.pem", cwd=work,
+                "openssl", "verify", "-CAfile", str(prov.ca_chain), "ekcert.pem", cwd=work,
             )  # fmt: skip
 
             ek_key = rsa.RSAPublicNumbers(65537, int.from_bytes(modulus, "big")).public_key()
-            trust = TrustStore.load([prov.ca_root], [prov.ca_issuer])
+            trust = TrustStore.load([prov.ca_chain])
             validate_ek_certificate(
                 ident.ek_cert_der, trust, ek_public=ek_key
             )  # the verifier's view

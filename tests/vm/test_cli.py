@@ -20,12 +20,12 @@ pytestmark = pytest.mark.vm
 
 
 def test_vm_boot_writes_verifiable_evidence(tmp_path: Path, guest_images: GuestImages) -> None:
-    prov = provision_vtpm(tmp_path / "vtpm")
+    prov = provision_vtpm(tmp_path / "vtpm", name="cli-test")
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli,
         [
-            "vm", "boot", "cli-test", "--state", str(prov.state_dir), "--out", str(out),
+            "vm", "boot", "cli-test", "--store", str(prov.store.root), "--out", str(out),
             "--kernel", str(guest_images.kernel.vmlinuz),
             "--initrd", str(guest_images.initramfs.path), "--pcrs", "sha256:0,4,7,9",
         ],
