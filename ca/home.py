@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.der import replace_signature
@@ -423,6 +423,3 @@ def _pem(label: str, der: bytes) -> bytes:
 
     body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
     return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n".encode()
-
-
-_ = hashes  # re-exported for type users

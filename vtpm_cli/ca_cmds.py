@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vtpm_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ca.home import OpenedCa
 
 PASSPHRASE_HELP = "file whose first line is the CA key passphrase (default: $VTPM_CA_PASSPHRASE)"  # noqa: S105
 PIN_HELP = "file with the PKCS#11 user PIN (default: $VTPM_CA_PKCS11_PIN)"
@@ -39,7 +42,9 @@ def _secrets(home: Path, passphrase_file: Path | None, pin_file: Path | None) ->
     return {"passphrase": read_passphrase(passphrase_file)}
 
 
-def _open(home: Path, passphrase_file: Path | None, pin_file: Path | None, database: str | None):  # type: ignore[no-untyped-def]
+def _open(
+    home: Path, passphrase_file: Path | None, pin_file: Path | None, database: str | None
+) -> OpenedCa:
     from ca.home import CaHome
 
     return CaHome(home).open(database=database, **_secrets(home, passphrase_file, pin_file))
@@ -348,6 +353,51 @@ def register(cli: click.Group) -> None:
                 f"{row['serial']}  {row['status']:8}  {row['key_type']:14} "
                 f"{row['ek_template']:9} {row['vm_id']}"
             )
+
+    @ca_group.command("show")
+    @_home
+    @click.argument("serial")
+    @_db
+    def show(home: Path, serial: str, database: str | None) -> None:
+        """Show one ledger row and its certificate (PEM); no key needed."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from ca.home import CaHome
+        from ca.ledger import Ledger
+
+        try:
+            value = int(serial.replace(":", ""), 16)
+        except ValueError:
+            raise ConfigError(f"SERIAL: not hex: {serial!r}") from None
+        store = CaHome(home)
+        ledger = Ledger(database or store.database_url(store.load_config()))
+        try:
+            ledger.create_schema()
+            record = ledger.get(value)
+            clones = ledger.bindings_of(record)
+        finally:
+            ledger.close()
+        for name in (
+            "status",
+            "vm_id",
+            "vm_name",
+            "vtpm_instance_id",
+            "key_type",
+            "ek_template",
+            "ek_name",
+            "ek_public_sha256",
+            "not_before",
+            "not_after",
+            "revoked_at",
+            "revocation_reason",
+        ):
+            click.echo(f"{name}: {getattr(record, name)}")
+        click.echo(f"serial: {record.serial:x}")
+        click.echo("bindings: " + ", ".join(f"{vm} ({kind})" for vm, kind in clones.items()))
+        if record.certificate_der:
+            cert = x509.load_der_x509_certificate(record.certificate_der)
+            click.echo(cert.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
 
     @ca_group.command("add-token")
     @_home

@@ -330,3 +330,49 @@ def test_http_issuer_and_local_issuer(server: Server, tpm_keys: dict[str, bytes]
 
 def _fields(request: EkCertificateRequest) -> dict[str, object]:
     return {f: getattr(request, f) for f in request.__dataclass_fields__}
+
+
+def test_show_and_ocsp_get(server: Server, tpm_keys: dict[str, bytes]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import ocsp
+
+    # an EK this module has not used yet: the ECC EK's key as a bare PEM, explicitly allowed
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    issued = _post(
+        server,
+        "/v1/ek-certificates",
+        {"ek_public_pem": pem.decode(), "allow_bare_key": True, "vm_id": str(uuid.uuid4())},
+        server.provisioner,
+    )
+    assert issued.status_code == 201, issued.text
+    serial = issued.json()["serial"]
+    auth = {"Authorization": f"Bearer {server.provisioner}"}
+    shown = requests.get(f"{server.url}/v1/ek-certificates/{serial}", headers=auth, timeout=30)
+    assert shown.status_code == 200
+    assert (shown.json()["status"], shown.json()["ek_template"]) == ("issued", "bare-pem")
+    assert requests.get(f"{server.url}/v1/ek-certificates/{serial}", timeout=30).status_code == 401
+    missing = requests.get(f"{server.url}/v1/ek-certificates/abc123", headers=auth, timeout=30)
+    assert (
+        missing.status_code == 404
+        and "no certificate with serial abc123" in missing.json()["detail"]
+    )
+    cert = x509.load_pem_x509_certificate(issued.json()["certificate_pem"].encode())
+    issuer = x509.load_pem_x509_certificate(issued.json()["chain_pem"].encode())
+    request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA256()).build()
+    encoded = base64.b64encode(request.public_bytes(serialization.Encoding.DER)).decode()
+    answer = ocsp.load_der_ocsp_response(
+        requests.get(f"{server.url}/v1/ocsp/{encoded}", timeout=30).content
+    )
+    assert answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert answer.serial_number == cert.serial_number
+    public = issuer.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(answer.signature, answer.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+    garbage = requests.post(f"{server.url}/v1/ocsp", data=b"\x30\x00", timeout=30)
+    assert garbage.status_code == 400 and garbage.json()["title"] == "malformed"
