@@ -1,0 +1,107 @@
+"""The lint step refuses what it must: pkilint findings, and per-instance structural errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.ek import CertifiableEk
+from ca.home import CaHome
+from ca.issuance import IssueRequest
+from ca.lint import Linter
+from tests.ca.conftest import PASSPHRASE
+from vtpm_core.errors import VerificationError
+
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+CA_KEY = ec.generate_private_key(ec.SECP256R1())
+ISSUER = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "lint CA")])
+
+
+def _cert(
+    serial: int = (1 << 100) + 7,
+    ski: bool = True,
+    after_days: int = 10,
+    key: ec.EllipticCurvePublicKey | None = None,
+) -> tuple[x509.Certificate, bytes, bytes]:
+    ek = key or ec.generate_private_key(ec.SECP256R1()).public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .serial_number(serial)
+        .issuer_name(ISSUER)
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ek")]))
+        .public_key(ek)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=after_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(CA_KEY.public_key()), critical=False
+        )
+    )
+    if ski:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ek), critical=False
+        )
+    cert = builder.sign(CA_KEY, hashes.SHA256())
+    spki = ek.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return cert, cert.public_bytes(serialization.Encoding.DER), spki
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs", "match"),
+    [
+        ("fail/lint/pkilint-no-ski", {"ski": False}, r"lint\.pkilint: .*skid"),
+        ("fail/lint/serial-short", {"serial": 12345}, r"lint\.serial"),
+        ("fail/lint/validity", {"after_days": 0}, r"lint\.validity"),
+        ("fail/lint/spki", {"other_spki": True}, r"lint\.spki"),
+        ("fail/lint/issuer", {"other_issuer": True}, r"lint\.issuer"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.startswith("fail/") else "",
+)
+def test_lint_refuses(case: str, kwargs: dict[str, object], match: str) -> None:
+    other_spki = bool(kwargs.pop("other_spki", False))
+    other_issuer = bool(kwargs.pop("other_issuer", False))
+    cert, der, spki = _cert(**kwargs)  # type: ignore[arg-type]
+    if other_spki:
+        spki = _cert()[2]
+    issuer = x509.Name([]) if other_issuer else ISSUER
+    with pytest.raises(VerificationError, match=match):
+        Linter("shape").check(cert, der, spki, issuer)
+
+
+def test_shape_linted_once_then_structural() -> None:
+    linter = Linter("shape")
+    cert, der, spki = _cert()
+    linter.check(cert, der, spki, ISSUER)
+    assert len(linter._passed) == 1
+    cert2, der2, spki2 = _cert(serial=(1 << 100) + 9)
+    linter.check(cert2, der2, spki2, ISSUER)  # same shape: no new pkilint run
+    assert len(linter._passed) == 1
+    with pytest.raises(VerificationError, match=r"lint\.serial"):  # still checked per instance
+        linter.check(*_cert(serial=5)[:2], _cert(serial=5)[2], ISSUER)
+
+
+def test_lint_every_mode_issues(tmp_path: Path) -> None:
+    home = CaHome(tmp_path / "ca")
+    home.init(passphrase=PASSPHRASE, ek_profile={"lint": "every"})
+    ca = home.open(passphrase=PASSPHRASE)
+    try:
+        assert ca.issuance.linter.mode == "every"
+        for _ in range(2):
+            ek = CertifiableEk.from_key(
+                ec.generate_private_key(ec.SECP256R1()).public_key(),
+                template="bare-pem",
+                name=None,
+                raw=b"",
+            )
+            result = ca.issuance.issue(IssueRequest(ek=ek, vm_id=uuid.uuid4()))
+            assert result.record.status == "issued"
+    finally:
+        ca.close()
