@@ -1,9 +1,145 @@
-"""Reference-value policies and signed results: `vtpm policy ...`, `vtpm result ...`."""
+"""Reference-value policies and signed results: `vtpm policy ...`, `vtpm result ...`.
+
+Exit status: 0 affirming / valid, 1 a check failed (contraindicated, bad
+signature), 2 unreadable input (the root group maps ParseError/ConfigError).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import click
+
+from verifier.appraisal import appraise_log
+from verifier.ear import EarSigner, verify_result
+from verifier.eventlog import EventLog, Limits
+from verifier.policy import Policy, learn_policy
+from vtpm_core.errors import ParseError
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _read_log(path: Path) -> EventLog:
+    limits = Limits()
+    with path.open("rb") as fh:
+        data = fh.read(limits.max_log_bytes + 1)
+    if len(data) > limits.max_log_bytes:
+        raise ParseError(
+            "TCG_PCR_EVENT", "log", limits.max_log_bytes, f"{path} is larger than the limit"
+        )
+    return EventLog.parse(data, limits)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the root ``vtpm`` group."""
+
+    @cli.group("policy")
+    def policy() -> None:
+        """Reference-value policies over replayed, digest-checked boot events."""
+
+    @policy.command("learn")
+    @click.argument("eventlog", metavar="EVENTLOG", type=_FILE)
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                  required=True, help="Where to write the policy (YAML).")  # fmt: skip
+    @click.option("--name", default=None, help="A name for the policy (part of its id).")
+    def learn(eventlog: Path, output: Path, name: str | None) -> None:
+        """Write a policy that the known-good boot in EVENTLOG satisfies.
+
+        Learns secure boot state, S-CRTM version, PCR 0, every boot
+        application digest (PCR 4), the kernel command lines, the db entries
+        and the dbx size, from events whose data matches its digest.
+        """
+        log = _read_log(eventlog)
+        learned = learn_policy(log.verify(log.replay()), name=name)
+        output.write_text(learned.to_yaml())
+        click.echo(f"wrote {output} ({learned.id})")
+
+    @policy.command("check")
+    @click.option("--policy", "policy_file", type=_FILE, required=True, help="Policy (YAML/JSON).")
+    @click.option("--eventlog", "log_file", type=_FILE, required=True, help="Binary event log.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the full appraisal as JSON.")
+    def check(policy_file: Path, log_file: Path, as_json: bool) -> None:
+        """Appraise an event log alone against a policy, offline.
+
+        The log is replayed to itself: this says whether that boot would
+        satisfy the policy, not that any machine booted it (use
+        `vtpm verify-quote --eventlog --policy` for evidence). Every failing
+        rule is listed. Exit 0 when affirming, 1 otherwise.
+        """
+        pol = Policy.load(policy_file)
+        result = appraise_log(_read_log(log_file), pol)
+        if as_json:
+            click.echo(json.dumps(result.to_json(), indent=2))
+        else:
+            click.echo(f"{result.status} ({pol.id})")
+            for f in result.failures:
+                click.echo(f"  FAIL {f}")
+            for w in result.warnings:
+                click.echo(f"  warning: {w}")
+        if not result.affirming:
+            raise SystemExit(1)
+
+    @cli.group("result")
+    def result() -> None:
+        """Signed attestation results (EAR JWTs)."""
+
+    @result.command("verify")
+    @click.argument("token", metavar="TOKEN")
+    @click.option("--jwks", "jwks_file", type=_FILE, required=True, help="The verifier's JWKS.")
+    @click.option("--nonce", default=None, help="Expected nonce (hex).")
+    @click.option("--max-age", type=float, default=None, help="Refuse results older (s).")
+    @click.option("--any-status", is_flag=True, help="Exit 0 for any valid result.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the verified claims as JSON.")
+    def verify(
+        token: str,
+        jwks_file: Path,
+        nonce: str | None,
+        max_age: float | None,
+        any_status: bool,
+        as_json: bool,
+    ) -> None:
+        """Verify an EAR result offline. TOKEN is the JWT or a file holding it.
+
+        Exit 0 when the signature and shape are valid and the status is
+        affirming (any status with --any-status), 1 otherwise.
+        """
+        path = Path(token)
+        if len(token) < 4096 and path.is_file():
+            token = path.read_text().strip()
+        expected = None
+        if nonce is not None:
+            try:
+                expected = bytes.fromhex(nonce)
+            except ValueError:
+                raise ParseError("nonce", "hex", 0, "--nonce is not hex") from None
+        ear = verify_result(token, jwks_file.read_bytes(), expected_nonce=expected, max_age=max_age)
+        if as_json:
+            click.echo(json.dumps({"status": ear.status, "kid": ear.kid, **ear.claims}, indent=2))
+        else:
+            click.echo(f"{ear.status} (signed by {ear.kid}, issued at {ear.issued_at})")
+            for name, sub in ear.submods.items():
+                click.echo(f"  {name}: {sub.status} {sub.trust_vector.to_json()} {sub.policy_id}")
+                for f in sub.failures:
+                    click.echo(f"    FAIL {f.get('message')}")
+        if ear.status != "affirming" and not any_status:
+            raise SystemExit(1)
+
+    @result.command("keygen")
+    @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+                  required=True, help="Where to write the P-256 key (PEM, 0600).")  # fmt: skip
+    @click.option("--jwks", "jwks_file", type=click.Path(dir_okay=False, path_type=Path),
+                  required=True, help="Where to write the public JWKS.")  # fmt: skip
+    def keygen(key_file: Path, jwks_file: Path) -> None:
+        """Create an EAR signing key and the JWKS relying parties verify with."""
+        signer = EarSigner.generate()
+        _write_private(key_file, signer.private_pem())
+        jwks_file.write_text(json.dumps(signer.jwks(), indent=2) + "\n")
+        click.echo(f"wrote {key_file} and {jwks_file} (kid {signer.kid})")

@@ -47,6 +47,7 @@ __all__ = [
     "DbxPolicy",
     "FirmwarePolicy",
     "Policy",
+    "PolicyParseError",
 ]
 
 SCHEMA_VERSION = 1
@@ -55,8 +56,22 @@ BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 3
 _STRUCT = "policy"
 
 
+class PolicyParseError(ParseError):
+    """A malformed policy document; ``field`` is the path, e.g. ``policy.pcrs.sha256.7``.
+
+    YAML has no byte offsets worth quoting after loading, so the message names the path.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(_STRUCT, path, 0, message)
+        self.args = (f"{path}: {message}",)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
 def _err(path: str, message: str) -> ParseError:
-    return ParseError(_STRUCT, path, 0, message)
+    return PolicyParseError(path, message)
 
 
 @dataclass(frozen=True, slots=True)
