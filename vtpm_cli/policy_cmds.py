@@ -111,8 +111,10 @@ def register(cli: click.Group) -> None:
         Exit 0 when the signature and shape are valid and the status is
         affirming (any status with --any-status), 1 otherwise.
         """
-        path = Path(token)
-        if len(token) < 4096 and path.is_file():
+        if token.count(".") != 2:  # not a compact JWS: a file holding one
+            path = Path(token)
+            if not path.is_file():
+                raise ParseError("EAR", "token", 0, f"{token[:40]!r} is neither a JWT nor a file")
             token = path.read_text().strip()
         expected = None
         if nonce is not None:
