@@ -4,6 +4,7 @@ openssl), issue-ek from tpm2-tools files, revoke, crl, and one-line errors with 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,14 @@ def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=60
     )
+
+
+@pytest.fixture(scope="module")
+def initialised_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `vtpm ca init` per module; tests get a copy (the CLI start-up costs ~1 s)."""
+    d = tmp_path_factory.mktemp("cli-home")
+    vtpm("init", "--home", "h", cwd=d)
+    return d / "h"
 
 
 @pytest.fixture
@@ -151,10 +160,10 @@ def test_root_issue_revoke_crl(ek_files: Path) -> None:
     ids=lambda v: v if isinstance(v, str) and v.startswith("fail/") else "",
 )
 def test_one_line_errors(
-    ek_files: Path, case: str, args: list[str], code: int, message: str
+    ek_files: Path, initialised_home: Path, case: str, args: list[str], code: int, message: str
 ) -> None:
     d = ek_files
-    vtpm("init", "--home", "h", cwd=d)
+    shutil.copytree(initialised_home, d / "h")
     (d / "cut.pub").write_bytes((d / "ek-rsa.pub").read_bytes()[:120])
     env = {"VTPM_CA_PASSPHRASE": "wrong"} if case == "fail/cli/wrong-passphrase" else {}
     result = vtpm(*args, cwd=d, ok=False, **env)
@@ -163,9 +172,9 @@ def test_one_line_errors(
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_bare_pem_with_flag(ek_files: Path) -> None:
+def test_bare_pem_with_flag(ek_files: Path, initialised_home: Path) -> None:
     d = ek_files
-    vtpm("init", "--home", "h", cwd=d)
+    shutil.copytree(initialised_home, d / "h")
     out = vtpm(
         "issue-ek",
         "--home",
