@@ -19,6 +19,7 @@ caller (the attestation service) owns that state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
@@ -223,17 +224,11 @@ def _replay_uncached(
 _Replayer = Callable[[bytes | EventLog, Mapping[str, Mapping[int, bytes]]], ReplayedLog]
 
 
-def _appraise(
-    evidence: Evidence,
-    policy: _Compiled,
-    nonce: bytes,
-    ak: Public,
-    require_ak_attributes: bool,
-    replay: _Replayer,
-) -> AppraisalResult:
-    # step 1
+def _step1(
+    evidence: Evidence, policy: _Compiled, nonce: bytes, ak: Public, require_ak_attributes: bool
+) -> VerifiedQuote | AppraisalResult:
     try:
-        quote = verify_quote(
+        return verify_quote(
             ak,
             evidence.attest,
             evidence.signature,
@@ -243,16 +238,23 @@ def _appraise(
         )
     except VerificationError as exc:
         return _failed_before_policy(policy, exc.check, str(exc), INSTANCE_IDENTITY, None)
-    summary = QuoteSummary.of(quote)
-    quoted = quote.pcrs.values
+
+
+def _steps_2_3(
+    log: bytes | EventLog | None,
+    policy: _Compiled,
+    quoted: Mapping[str, Mapping[int, bytes]],
+    summary: QuoteSummary,
+    replay: _Replayer,
+) -> AppraisalResult:
     covered: Mapping[str, frozenset[int]] = {}
     events: tuple[Any, ...] = ()
     warnings: list[str] = []
     replayed: ReplayedLog | None = None
     # step 2
-    if evidence.eventlog is not None:
+    if log is not None:
         try:
-            replayed = replay(evidence.eventlog, quoted)
+            replayed = replay(log, quoted)
         except VerificationError as exc:
             return _failed_before_policy(policy, exc.check, str(exc), EXECUTABLES, summary)
         events = replayed.events
@@ -271,6 +273,30 @@ def _appraise(
     )
 
 
+def _appraise(
+    evidence: Evidence,
+    policy: _Compiled,
+    nonce: bytes,
+    ak: Public,
+    require_ak_attributes: bool,
+    replay: _Replayer,
+) -> AppraisalResult:
+    quote = _step1(evidence, policy, nonce, ak, require_ak_attributes)
+    if isinstance(quote, AppraisalResult):
+        return quote
+    return _steps_2_3(evidence.eventlog, policy, quote.pcrs.values, QuoteSummary.of(quote), replay)
+
+
+def _log_key(log: bytes | EventLog | None, quoted: Mapping[str, Mapping[int, bytes]]) -> bytes:
+    """SHA-256 over the log bytes and the quoted PCR values: what steps 2-3 depend on."""
+    h = hashlib.sha256(b"none" if log is None else log.raw if isinstance(log, EventLog) else log)
+    for bank in sorted(quoted):
+        for index, value in sorted(quoted[bank].items()):
+            h.update(f"|{bank}:{index}=".encode())
+            h.update(value)
+    return h.digest()
+
+
 class Appraiser:
     """:func:`appraise` with two bounded caches, for a verifier that sees the same boots.
 
@@ -280,12 +306,17 @@ class Appraiser:
        sends byte-identical logs; the quote (signature, nonce, PCR digest)
        is still verified on every call.
     2. Compiled policies (rule tree, id) per Policy object (held, so its id stays unique).
+    3. The outcome of steps 2-3 keyed by (log key, policy id): replay and rules are
+       pure functions of the log bytes, the quoted PCR values and the policy; the
+       result is returned with this quote's clock/firmware. Step 1 (AK attributes,
+       signature, magic, type, nonce, pcrSelect, pcrDigest) runs on every call.
 
     Thread-safe; no state is shared between instances.
     """
 
     def __init__(self, *, log_cache_size: int = 256, policy_cache_size: int = 64) -> None:
         self._logs: OrderedDict[bytes, ReplayedLog] = OrderedDict()
+        self._outcomes: OrderedDict[tuple[bytes, str], AppraisalResult] = OrderedDict()
         self._policies: dict[int, _Compiled] = {}
         self._log_cache_size = log_cache_size
         self._policy_cache_size = policy_cache_size
@@ -309,22 +340,14 @@ class Appraiser:
     def _replay(
         self, log: bytes | EventLog, quoted: Mapping[str, Mapping[int, bytes]]
     ) -> ReplayedLog:
-        raw = log.raw if isinstance(log, EventLog) else log
-        h = hashlib.sha256(raw)
-        for bank in sorted(quoted):
-            for index, value in sorted(quoted[bank].items()):
-                h.update(f"|{bank}:{index}=".encode())
-                h.update(value)
-        key = h.digest()
+        key = _log_key(log, quoted)
         with self._lock:
             hit = self._logs.get(key)
             if hit is not None:
                 self._logs.move_to_end(key)
-                self.hits += 1
                 return hit
         replayed = _replay_uncached(log, quoted)  # raises on mismatch: failures are not cached
         with self._lock:
-            self.misses += 1
             self._logs[key] = replayed
             while len(self._logs) > self._log_cache_size:
                 self._logs.popitem(last=False)
@@ -340,9 +363,27 @@ class Appraiser:
         require_ak_attributes: bool = True,
     ) -> AppraisalResult:
         """As :func:`appraise`; the same result, from the caches where they hold it."""
-        return _appraise(
-            evidence, self._compiled(policy), nonce, ak, require_ak_attributes, self._replay
-        )
+        compiled = self._compiled(policy)
+        quote = _step1(evidence, compiled, nonce, ak, require_ak_attributes)
+        if isinstance(quote, AppraisalResult):
+            return quote
+        summary = QuoteSummary.of(quote)
+        quoted = quote.pcrs.values
+        key = (_log_key(evidence.eventlog, quoted), compiled.policy_id)
+        with self._lock:
+            hit = self._outcomes.get(key)
+            if hit is not None:
+                self._outcomes.move_to_end(key)
+                self.hits += 1
+        if hit is not None:
+            return dataclasses.replace(hit, quote=summary)
+        result = _steps_2_3(evidence.eventlog, compiled, quoted, summary, self._replay)
+        with self._lock:
+            self.misses += 1
+            self._outcomes[key] = result
+            while len(self._outcomes) > self._log_cache_size:
+                self._outcomes.popitem(last=False)
+        return result
 
 
 def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
