@@ -87,6 +87,33 @@ def register(cli: click.Group) -> None:
         if not result.affirming:
             raise SystemExit(1)
 
+    @policy.command("add-boot-app")
+    @click.argument("policy_file", metavar="POLICY", type=_FILE)
+    @click.argument("images", metavar="FILE...", nargs=-1, required=True, type=_FILE)
+    @click.option("--bank", type=click.Choice(["sha1", "sha256", "sha384", "sha512"]),
+                  default="sha256", show_default=True, help="Digest bank to record.")  # fmt: skip
+    def add_boot_app(policy_file: Path, images: tuple[Path, ...], bank: str) -> None:
+        """Allow the EFI images FILE... (shim, GRUB, systemd-boot, kernel, UKI) as boot apps.
+
+        Each image's Authenticode digest (PE/COFF, the digest firmware logs
+        in EV_EFI_BOOT_SERVICES_APPLICATION) is added to POLICY, in place.
+        """
+        from vtpm_core.authenticode import authenticode_digest
+
+        pol = Policy.load(policy_file)
+        doc = pol.to_dict()
+        apps: list[dict[str, str]] = doc.setdefault("boot_applications", [])
+        for image in images:
+            digest = authenticode_digest(image.read_bytes(), bank).hex()
+            if any(a.get(bank) == digest for a in apps):
+                click.echo(f"{image.name}: {bank}:{digest} already allowed")
+                continue
+            apps.append({"name": image.name, bank: digest})
+            click.echo(f"{image.name}: allowed {bank}:{digest}")
+        updated = Policy.from_dict(doc)
+        policy_file.write_text(updated.to_yaml())
+        click.echo(f"wrote {policy_file} ({updated.id})")
+
     @cli.group("result")
     def result() -> None:
         """Signed attestation results (EAR JWTs)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from click.testing import CliRunner
 
 from verifier.ear import EarSigner, TrustVector
@@ -94,3 +95,34 @@ def test_result_keygen_and_verify(tmp_path: Path) -> None:
     assert code == 1 and "signature" in err
     code, _, err = _run("result", "verify", good, "--jwks", str(jwks), "--nonce", "00" * 16)
     assert code == 1 and "nonce mismatch" in err
+
+
+SDBOOT_LOG = Path(__file__).parents[1] / "data" / "eventlog" / "qemu_ovmf_swtpm_sdboot.bin"
+SDBOOT_EFI = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+
+
+def test_add_boot_app_from_the_real_binary(tmp_path: Path) -> None:
+    """The VM in the sdboot log booted Debian's systemd-bootx64.efi: its Authenticode
+    digest, computed from the file, is the digest the firmware logged."""
+    learned = tmp_path / "learned.yaml"
+    _run("policy", "learn", str(SDBOOT_LOG), "-o", str(learned))
+    doc = yaml.safe_load(learned.read_text())
+    kernel = [a for a in doc["boot_applications"] if a["name"] != "BOOTX64.EFI"]
+    doc["boot_applications"] = kernel
+    policy = tmp_path / "p.yaml"
+    policy.write_text(yaml.safe_dump(doc))
+    code, out, _ = _run("policy", "check", "--policy", str(policy), "--eventlog", str(SDBOOT_LOG))
+    assert code == 1 and "boot application digest not allowed" in out
+    code, out, _ = _run("policy", "add-boot-app", str(policy), str(SDBOOT_EFI))
+    assert code == 0 and "systemd-bootx64.efi: allowed sha256:7843e376" in out
+    code, out, _ = _run("policy", "check", "--policy", str(policy), "--eventlog", str(SDBOOT_LOG))
+    assert code == 0, out
+    code, out, _ = _run("policy", "add-boot-app", str(policy), str(SDBOOT_EFI))
+    assert "already allowed" in out
+
+
+def test_add_boot_app_refuses_a_non_pe(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nsecure_boot: false\n")
+    code, _, err = _run("policy", "add-boot-app", str(policy), str(policy))
+    assert code == 2 and err.startswith("error: ")
