@@ -149,8 +149,16 @@ def test_schema_errors_name_the_path(doc: Any, path: str, match: str) -> None:
         (b"version: 1\nsecure_boot: [", "not valid YAML"),
         (b"a: &x [1]\nb: *x\n", "aliases are not allowed"),
         (b"version: 1\nname: " + b"x" * (1 << 20), "byte limit"),
+        (b"[" * 20000 + b"]" * 20000, "nested deeper than 16"),
+        (b"version: 1\nsecure_boot: !!python/object:os.system x", "not valid YAML"),
     ],
-    ids=["fail/yaml/syntax", "fail/yaml/alias", "fail/yaml/oversize"],
+    ids=[
+        "fail/yaml/syntax",
+        "fail/yaml/alias",
+        "fail/yaml/oversize",
+        "fail/yaml/deep",
+        "fail/yaml/python-tag",
+    ],
 )
 def test_load_rejects_bad_documents(text: bytes, match: str) -> None:
     with pytest.raises(ParseError, match=match):

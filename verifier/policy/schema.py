@@ -121,13 +121,27 @@ class DbxPolicy:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader without aliases (no billion-laughs expansion) and with str keys only."""
+    """SafeLoader without aliases (no billion-laughs expansion) and with bounded nesting
+    (no RecursionError from ``[[[[...``): a version-1 policy is at most 5 levels deep."""
+
+    max_depth = 16
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise _err("policy", f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
+        depth = getattr(self, "_depth", 0)
+        if depth >= self.max_depth:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise _err(
+                "policy",
+                f"nested deeper than {self.max_depth} levels (line {event.start_mark.line + 1})",
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
 
 
 def _mapping(obj: Any, path: str, allowed: frozenset[str]) -> dict[str, Any]:
