@@ -357,3 +357,27 @@ def test_learning_refuses_an_empty_log() -> None:
     # a one-event SHA-1 log: only its (replayed) PCR 0 is learnable
     policy = learn_policy(log.verify(log.replay()))
     assert policy.firmware is not None
+
+
+def test_events_in_unquoted_pcrs_never_satisfy() -> None:
+    """The sdboot VM's quote covered sha256 PCRs 0-9; systemd-boot logged the kernel
+    command line in PCR 12, which was not quoted: the cmdline rule must fail."""
+    import json
+
+    from verifier.policy import rules_for
+
+    quoted_json = json.loads(
+        SDBOOT.with_name("qemu_ovmf_swtpm_sdboot.quoted_pcrs.json").read_text()
+    )
+    quoted = {b: {int(i): bytes.fromhex(v) for i, v in p.items()} for b, p in quoted_json.items()}
+    log, policy = _learn(SDBOOT)
+    replayed = log.verify(quoted)
+    assert 12 not in replayed.verified["sha256"]
+    evidence = BootEvidence(replayed.events, quoted, replayed.verified)
+    with pytest.raises(PolicyViolationError) as info:
+        rules_for(policy).check(evidence)
+    failures = [f for f in info.value.failures if f.rule == "kernel_cmdline"]
+    assert [f.actual for f in failures] == ["not quoted"]
+    assert failures[0].event is not None and failures[0].event.pcr == 12
+    # everything else the quote covers passes
+    assert {f.rule for f in info.value.failures} == {"kernel_cmdline"}
