@@ -28,11 +28,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import CORPUS  # noqa: E402
 from tests.verifier.appraisal_lab import build_lab  # noqa: E402
 from verifier.appraisal import Appraiser, Evidence, appraise  # noqa: E402
 from verifier.eventlog import EventLog  # noqa: E402
@@ -40,7 +42,7 @@ from verifier.policy import learn_policy  # noqa: E402
 from verifier.quote import verify_quote  # noqa: E402
 from vtpm_core.tpm import Signature  # noqa: E402
 
-LOG = REPO.parent / "shared" / "corpus" / "eventlogs" / "vm_rhel9_qemu_ovmf_secureboot_keylime.bin"
+LOG = CORPUS / "eventlogs" / "vm_rhel9_qemu_ovmf_secureboot_keylime.bin"
 
 
 def rate(fn: Callable[[], object], seconds: float, runs: int) -> float:
@@ -86,22 +88,22 @@ def main() -> int:
             sig = Signature.parse(q.signature)
             r = rows.setdefault(kind, {})
             r["cold"] = rate(
-                lambda ev=ev, q=q: appraise(ev, policy, nonce=lab.nonce, ak=q.ak),
+                partial(appraise, ev, policy, nonce=lab.nonce, ak=q.ak),
                 args.seconds,
                 args.runs,
             )
             r["warm"] = rate(
-                lambda ev=ev, q=q, a=appraiser: a.appraise(ev, policy, nonce=lab.nonce, ak=q.ak),
+                partial(appraiser.appraise, ev, policy, nonce=lab.nonce, ak=q.ak),
                 args.seconds,
                 args.runs,
             )
             r["quote"] = rate(
-                lambda q=q: verify_quote(q.ak, q.attest, q.signature, q.pcrs, lab.nonce),
+                partial(verify_quote, q.ak, q.attest, q.signature, q.pcrs, lab.nonce),
                 args.seconds,
                 args.runs,
             )
             r["sig"] = rate(
-                lambda q=q, sig=sig: sig.verify(q.ak, q.attest, check="bench"),
+                partial(sig.verify, q.ak, q.attest, check="bench"),
                 args.seconds,
                 args.runs,
             )

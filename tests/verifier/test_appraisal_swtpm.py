@@ -4,10 +4,10 @@ tpm2-tools with RSA and ECC AKs; then each attack, and the signed EAR result."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import CORPUS
 from tests.verifier.appraisal_lab import Lab, Quoted, build_lab
 from verifier.appraisal import Appraiser, Evidence, appraise
 from verifier.ear import EarSigner, verify_result
@@ -19,7 +19,7 @@ from vtpm_core.tpm import PcrValues
 
 pytestmark = pytest.mark.swtpm
 
-RHEL9 = Path("/work/shared/corpus/eventlogs/vm_rhel9_qemu_ovmf_secureboot_keylime.bin")
+RHEL9 = CORPUS / "eventlogs" / "vm_rhel9_qemu_ovmf_secureboot_keylime.bin"
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import CORPUS as CORPUS_ROOT
 from verifier.appraisal import appraise_log
 from verifier.eventlog import EfiVariable, EventLog, IplString
 from verifier.eventlog.events import EventType
@@ -27,7 +28,7 @@ from verifier.policy import AllOf, AnyOf, BootEvidence, Policy, PolicyViolationE
 from verifier.policy.rules import PcrValueRule, SecureBootRule
 from vtpm_core.errors import ConfigError, ParseError
 
-CORPUS = Path("/work/shared/corpus/eventlogs")
+CORPUS = CORPUS_ROOT / "eventlogs"
 SDBOOT = Path(__file__).parents[1] / "data" / "eventlog" / "qemu_ovmf_swtpm_sdboot.bin"
 RHEL9 = CORPUS / "vm_rhel9_qemu_ovmf_secureboot_keylime.bin"
 H32 = "ab" * 32
@@ -207,6 +208,7 @@ def test_all_of_reports_every_failure_and_any_of_needs_one() -> None:
 # --- learning and offline appraisal on real logs -------------------------------------------------
 
 _LOGS = [*sorted(p for p in CORPUS.glob("*.bin")), SDBOOT]
+assert len(_LOGS) > 1, f"no corpus logs under {CORPUS} (set VTPM_CORPUS)"
 
 
 @pytest.mark.parametrize("path", _LOGS, ids=[p.stem for p in _LOGS])

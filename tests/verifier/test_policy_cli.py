@@ -8,10 +8,11 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
+from tests.conftest import CORPUS as CORPUS_ROOT
 from verifier.ear import EarSigner, TrustVector
 from vtpm_cli.main import cli
 
-CORPUS = Path("/work/shared/corpus/eventlogs")
+CORPUS = CORPUS_ROOT / "eventlogs"
 RHEL8 = CORPUS / "gce_rhel8_uefi_secureboot.bin"
 UBUNTU = CORPUS / "gce_ubuntu1804_amdsev_secureboot.bin"
 NONCE = bytes(range(16))
