@@ -43,6 +43,7 @@ def _register_all(group: click.Group) -> None:
     from vtpm_cli import (
         ca_cmds,
         demo_cmds,
+        ek_cmds,
         eventlog_cmds,
         policy_cmds,
         quote_cmds,
@@ -50,7 +51,8 @@ def _register_all(group: click.Group) -> None:
         vtpm_cmds,
     )
 
-    modules = (ca_cmds, eventlog_cmds, quote_cmds, policy_cmds, vtpm_cmds, verifier_cmds, demo_cmds)
+    modules = (ca_cmds, eventlog_cmds, quote_cmds, ek_cmds, policy_cmds, vtpm_cmds, verifier_cmds,
+               demo_cmds)  # fmt: skip
     for module in modules:
         module.register(group)
 

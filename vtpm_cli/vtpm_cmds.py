@@ -147,6 +147,7 @@ def _summary(record: VtpmRecord, store: VtpmStore | None = None) -> dict[str, An
         "key_provider": record.key.provider,
         "key_id": record.key.key_id,
         "origin": record.origin.kind,
+        "ek_cert_mode": record.ek_cert_mode,
         "clone_of": record.origin.source_name,
         "running": pid is not None,
         "pid": pid,
@@ -203,15 +204,27 @@ def register(cli: click.Group) -> None:
         default=None,
         help="Create COUNT vTPMs named NAME-0001... (NAME is a prefix).",
     )
+    @click.option(
+        "--ek-cert-mode",
+        type=click.Choice(["ours", "external"]),
+        default="ours",
+        show_default=True,
+        help="ours: our CA certifies the EKs; external: leave the NV cert indices empty "
+        "and unlocked for `vtpm ek request` / `vtpm ek import` (third-party CA).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def create_cmd(name: str, store_path: Path, ca_home: Path | None,
                    ca_passphrase_file: Path | None, ca_url: str | None,
                    ca_token_file: Path | None, ek: str, count: int | None,
-                   as_json: bool) -> None:  # fmt: skip
+                   ek_cert_mode: str, as_json: bool) -> None:  # fmt: skip
         """Create a vTPM: fresh encrypted state, EKs certified by the CA, certs in NV, locked."""
         kinds = _ek_kinds(ek)
         store = _open_store(store_path)
-        with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file) as issuer:
+        external = ek_cert_mode == "external"
+        if external and (ca_home is not None or ca_url is not None):
+            raise ConfigError("--ek-cert-mode external takes no CA (--ca-home/--ca-url)")
+        with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file,
+                     required=not external) as issuer:  # fmt: skip
             if count is None:
                 record = store.create(name, issuer=issuer, ek=kinds)
                 if as_json:
