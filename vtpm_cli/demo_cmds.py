@@ -259,6 +259,49 @@ def _register_vm(cli: click.Group) -> None:
         )
 
 
+def _register_demo(cli: click.Group) -> None:
+    @cli.command("demo")
+    @click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("demo-home"),
+        show_default=True,
+        help="Demo directory (deleted and recreated on every run).",
+    )
+    @click.option("--once", is_flag=True, help="Exit after the two attestations.")
+    def demo(home: Path, once: bool) -> None:
+        """CA + verifier + vTPM + measured boot: an affirming and a contraindicated attestation.
+
+        Starts a CA and a verifier on free 127.0.0.1 ports, creates a vTPM
+        with CA-issued EK certificates, simulates a good boot, learns a
+        policy, attests (affirming), then boots a tampered kernel and attests
+        again (contraindicated, the failing rule explained). Leaves the
+        services running until Ctrl-C unless --once. See docs/demo.md.
+        """
+        import signal
+        import threading
+
+        from vtpm_cli.demo import run_demo
+
+        def on_term(_signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            run_demo(
+                home,
+                once=once,
+                echo=lambda line: click.echo(line),
+                wait_forever=threading.Event().wait,
+            )
+        except KeyboardInterrupt:
+            click.echo("interrupted; services stopped", err=True)
+            raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def register(cli: click.Group) -> None:
     """Add this module's commands to the root ``vtpm`` group."""
     _register_vm(cli)
+    _register_demo(cli)
