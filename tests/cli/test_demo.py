@@ -1,0 +1,120 @@
+"""`vtpm demo --once` end to end, as the installed console script runs it (issue 7)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vtpm_cli.demo import KERNEL, tamper_pe
+from vtpm_core.authenticode import authenticode_digest
+from vtpm_core.errors import VerificationError
+
+VTPM = Path(sys.executable).parent / "vtpm"
+
+pytestmark = pytest.mark.swtpm
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not running
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _run_demo(home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VTPM), "demo", "--once", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def _pids(home: Path) -> dict[str, int]:
+    lines = (home / "demo.pids").read_text().split("\n")
+    return {k: int(v) for k, v in (line.split() for line in lines if line)}
+
+
+def _assert_demo_output(proc: subprocess.CompletedProcess[str], home: Path) -> None:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    affirming = out.index("verdict: affirming")
+    contra = out.index("verdict: contraindicated")
+    assert affirming < contra
+    # the failing rule names the kernel's boot-application event, expected vs actual
+    tail = out[contra:]
+    assert "FAIL boot_applications:" in tail
+    assert "EV_EFI_BOOT_SERVICES_APPLICATION" in tail
+    assert "vmlinuz.efi" in tail
+    assert "expected one of 2 allowed digests" in tail
+    assert "actual   sha256:" in tail
+    pids = _pids(home)
+    assert set(pids) == {"ca", "verifier", "vtpm"}
+    for name, pid in pids.items():
+        assert f"{name}={pid}" in out
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), f"{name} (pid {pid}) still running"
+    assert (home / "ca-passphrase").stat().st_mode & 0o777 == 0o600
+
+
+def test_demo_once_twice_same_home(tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    first = _run_demo(home)
+    _assert_demo_output(first, home)
+    first_pids = _pids(home)
+    second = _run_demo(home)  # same home: recreated
+    _assert_demo_output(second, home)
+    assert _pids(home) != first_pids
+
+
+def test_demo_refuses_foreign_home(tmp_path: Path) -> None:
+    home = tmp_path / "mine"
+    home.mkdir()
+    (home / "precious.txt").write_text("keep me\n")
+    proc = _run_demo(home)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {home} exists and is not a demo home (no .vtpm-demo); pick --home"
+    ]
+    assert (home / "precious.txt").read_text() == "keep me\n"
+
+
+def test_tamper_pe_changes_authenticode_digest() -> None:
+    pe = KERNEL.read_bytes()
+    bad = tamper_pe(pe)
+    assert len(bad) == len(pe)
+    assert sum(a != b for a, b in zip(pe, bad, strict=True)) == 4
+    assert authenticode_digest(bad) != authenticode_digest(pe)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        pytest.param(b"XX" + b"\0" * 100, "no MZ header", id="fail/pe/no-mz"),
+        pytest.param(
+            b"MZ" + b"\0" * 0x3A + struct.pack("<I", 0x40) + b"NE\0\0" + b"\0" * 64,
+            "no PE signature at 0x40",
+            id="fail/pe/no-pe-signature",
+        ),
+        pytest.param(
+            b"MZ" + b"\0" * 0x3A + struct.pack("<I", 0x40) + b"PE\0\0" + b"\0" * 64,
+            "no section with raw data",
+            id="fail/pe/no-sections",
+        ),
+    ],
+)
+def test_tamper_pe_refuses_non_pe(data: bytes, match: str) -> None:
+    with pytest.raises(VerificationError, match=match):
+        tamper_pe(data)
