@@ -1,117 +1,113 @@
-"""The service's appraiser: EK chain, AK attributes, MakeCredential, quote, event log, policy, EAR.
+"""The service's appraiser: EK chain, AK attributes, MakeCredential, then the library's appraisal.
 
-Library use (issue 5): ``verifier.ekcert`` validates EK certificates (path to
-the configured roots, TCG EK profile, key match, VM identity);
-``verifier.credential`` makes credentials; ``verifier.quote`` checks AK
-attributes (at registration) and verifies quotes (signature over the received
-bytes, magic, type, nonce, pcrSelect, pcrDigest); ``verifier.eventlog``
-replays logs. INTERIM, until ``verifier.policy`` and ``verifier.ear`` land:
-a literal-PCR policy and ES256 EAR signing live here.
+Built on the appraisal library (issue 5): ``verifier.ekcert`` validates EK
+certificates (path to the configured roots, TCG EK profile, key match, VM
+identity); ``verifier.credential`` makes credentials; ``verifier.quote``
+checks AK attributes at registration; ``verifier.appraisal.Appraiser``
+appraises evidence (quote, event-log replay, every rule of a
+``verifier.policy`` policy, docs/policy-and-results.md); ``verifier.ear``
+signs the result as an EAR (draft-ietf-rats-ear) and serves its JWKS.
 
-Appraisal steps:
-  1-5. ``verify_quote`` with the activated AK, the challenge nonce and the
-       supplied PCR values;
-  5a.  the quote's selection equals the challenge's (the policy's PCRs);
-  6.   the event log (if any) replays to the supplied values;
-  7.   the policy's reference values, every failing rule reported.
+Evidence steps:
+  1-3. ``Appraiser.appraise`` with the activated AK, the challenge nonce, the
+       supplied PCR values, the event log and the assigned policy;
+  3a.  the verified quote selects exactly what the challenge asked for;
+  without a policy: the quote and (if given) the log replay are checked,
+  the verdict is at best ``warning``.
+Lineage flags (services.py) are added to the result by the caller and
+reported in the EAR as ``lineage.<flag>`` failures.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
-import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-import yaml
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-# PcrValues moves to vtpm_core.tpm with the rest of the TPM structure layer
-from verifier._tpm_interim import Attest, PcrValues, Public, Signature
+from verifier.appraisal import AppraisalResult, Appraiser, Evidence
 from verifier.credential import make_credential
+from verifier.ear import Ar4si, EarSigner, TrustVector
 from verifier.ekcert import (
     EkValidationOptions,
     TrustStore,
     VmIdentityExtension,
     validate_ek_certificate,
 )
+from verifier.eventlog import EventLog
+from verifier.policy import Policy
+from verifier.policy.rules import CONFIGURATION, EXECUTABLES
 from verifier.quote import check_ak_attributes, verify_quote
 from verifier.service.config import ServiceConfig
-from verifier.service.messages import EvidenceRequest, RegistrationRequest, parse_pcrs
+from verifier.service.messages import EvidenceRequest, RegistrationRequest
 from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
+from vtpm_core.tpm import Attest, ObjectAttributes, PcrValues, Public, QuoteInfo, Signature
 
-__all__ = ["LibraryAppraiser", "parse_public"]
+__all__ = ["LibraryAppraiser", "ParsedPublic", "parse_public", "policy_pcrs"]
 
-_HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
-    0x0004: ("sha1", hashes.SHA1),
-    0x000B: ("sha256", hashes.SHA256),
-    0x000C: ("sha384", hashes.SHA384),
-    0x000D: ("sha512", hashes.SHA512),
+INSTANCE_IDENTITY = "instance-identity"
+# PCRs the event-log rules read (TCG PC Client PFP 1.06, 3.3.4): quoted so the replay covers them
+_RULE_PCRS: dict[str, tuple[int, ...]] = {
+    "secure_boot": (7,),
+    "db": (7,),
+    "dbx": (7,),
+    "firmware": (0,),
+    "boot_applications": (4,),
+    "kernel_cmdlines": (8, 9, 12),
 }
-_CURVES: dict[int, ec.EllipticCurve] = {
-    0x0003: ec.SECP256R1(),
-    0x0004: ec.SECP384R1(),
-    0x0005: ec.SECP521R1(),
-}
-_ALG_RSA, _ALG_ECC = 0x0001, 0x0023
-# TPMA_OBJECT bits (Part 2, 8.3.2)
-_DECRYPT, _SIGN = 1 << 17, 1 << 18
-_AR4SI_AFFIRMING, _AR4SI_WARNING, _AR4SI_CONTRA, _AR4SI_NONE = 2, 32, 96, 0
 
 
 @dataclass(frozen=True, slots=True)
-class _Public:
+class ParsedPublic:
+    """A TPM2B_PUBLIC as received (``raw``) with its parsed area and key."""
+
     raw: bytes  # TPM2B_PUBLIC
-    area: bytes  # TPMT_PUBLIC
-    type: int
-    name_alg: int
-    attributes: int
+    public: Public
     key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
     @property
+    def area(self) -> bytes:
+        return self.public.raw  # TPMT_PUBLIC
+
+    @property
+    def attributes(self) -> ObjectAttributes:
+        return self.public.attributes
+
+    @property
     def name(self) -> bytes:
-        hname, _hcls = _HASHES.get(self.name_alg, ("?", hashes.SHA256))
-        if hname == "?":
-            raise ParseError("TPMT_PUBLIC", "nameAlg", 2, f"unsupported 0x{self.name_alg:04x}")
-        return self.name_alg.to_bytes(2, "big") + hashlib.new(hname, self.area).digest()
-
-
-def parse_public(raw: bytes, what: str) -> _Public:
-    """TPM2B_PUBLIC -> key and attributes (Part 2, 12.2.5); ParseError when malformed."""
-    from tpm2_pytss.types import TPM2B_PUBLIC
-
-    try:
-        pub, used = TPM2B_PUBLIC.unmarshal(raw)
-    except Exception as exc:  # tpm2-pytss raises its own TSS2_Exception
-        raise ParseError("TPM2B_PUBLIC", what, 0, f"does not unmarshal: {exc}") from None
-    if used != len(raw):
-        raise ParseError("TPM2B_PUBLIC", what, used, f"{len(raw) - used} trailing bytes")
-    area = pub.publicArea
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-    if area.type == _ALG_RSA:
-        n = int.from_bytes(bytes(area.unique.rsa), "big")
-        e = int(area.parameters.rsaDetail.exponent) or 65537
-        if n == 0:
-            raise ParseError("TPM2B_PUBLIC", f"{what}.unique.rsa", 0, "empty modulus")
-        key = rsa.RSAPublicNumbers(e, n).public_key()
-    elif area.type == _ALG_ECC:
-        curve = _CURVES.get(int(area.parameters.eccDetail.curveID))
-        if curve is None:
-            raise ParseError("TPM2B_PUBLIC", f"{what}.curveID", 0, "unsupported curve")
-        x = int.from_bytes(bytes(area.unique.ecc.x), "big")
-        y = int.from_bytes(bytes(area.unique.ecc.y), "big")
         try:
-            key = ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
-        except ValueError as exc:
-            raise ParseError("TPM2B_PUBLIC", f"{what}.unique.ecc", 0, str(exc)) from None
-    else:
-        raise ParseError("TPM2B_PUBLIC", f"{what}.type", 2, f"unsupported 0x{int(area.type):04x}")
-    return _Public(raw, raw[2:], int(area.type), int(area.nameAlg), int(area.objectAttributes), key)
+            return self.public.name()
+        except VerificationError as exc:
+            raise ParseError("TPMT_PUBLIC", "nameAlg", 2, str(exc)) from None
+
+
+def parse_public(raw: bytes, what: str) -> ParsedPublic:
+    """TPM2B_PUBLIC -> key and attributes (Part 2, 12.2.5); ParseError when malformed."""
+    try:
+        public = Public.parse_tpm2b(raw)
+    except ParseError as exc:
+        raise ParseError("TPM2B_PUBLIC", what, exc.offset, exc.message) from None
+    return ParsedPublic(raw, public, public.public_key())
+
+
+def policy_pcrs(policy: Policy, banks: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The PCRs a quote must cover for ``policy``: its literal PCRs in their banks, and the
+    PCRs its event-log rules read in each of ``banks``."""
+    out: dict[str, set[int]] = {}
+    doc = policy.to_dict()
+    for key, pcrs in _RULE_PCRS.items():
+        if doc.get(key) is not None:
+            for bank in banks:
+                out.setdefault(bank, set()).update(pcrs)
+    if policy.firmware is not None and policy.firmware.pcr0 is not None:
+        for bank in policy.firmware.pcr0:
+            out.setdefault(bank, set()).add(0)
+    for bank, values in (policy.pcrs or {}).items():
+        out.setdefault(bank, set()).update(values)
+    return {bank: tuple(sorted(p)) for bank, p in sorted(out.items())}
 
 
 def _vm_id(ext: VmIdentityExtension | None) -> str | None:
@@ -133,12 +129,36 @@ def _vm_identity(ext: VmIdentityExtension | None) -> dict[str, str] | None:
     return out
 
 
-def _spki(key: Any) -> bytes:
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+def _selection_text(selection: dict[str, frozenset[int]]) -> str:
+    return "+".join(f"{b}:{','.join(map(str, sorted(p)))}" for b, p in sorted(selection.items()))
+
+
+def _event_text(event: Any) -> str | None:
+    if not isinstance(event, dict):
+        return None
+    return f"event {event.get('index')} ({event.get('type')}, PCR {event.get('pcr')})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What :meth:`EarSigner.sign` reads (``verifier.ear.Appraised``): the service's verdict."""
+
+    status: str
+    trust_vector: TrustVector
+    failure_summaries: tuple[dict[str, str], ...]
+
+
+def _summary(failure: dict[str, Any]) -> dict[str, str]:
+    """A failure for the EAR's ``vtpm.failures``: rule, claim, message, event, expected, actual."""
+    out = {"rule": str(failure.get("rule")), "claim": str(failure.get("claim", ""))}
+    out["message"] = str(failure.get("message", ""))
+    event = _event_text(failure.get("event"))
+    if event is not None:
+        out["event"] = event
+    for key in ("expected", "actual"):
+        if failure.get(key) is not None:
+            out[key] = str(failure[key])
+    return out
 
 
 class LibraryAppraiser:
@@ -148,35 +168,26 @@ class LibraryAppraiser:
         self,
         trust: TrustStore | None,
         ek_options: EkValidationOptions,
-        signing_key: ec.EllipticCurvePrivateKey,
+        signer: EarSigner,
         verifier_id: str,
+        default_selection: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self._trust = trust
-        # parsed AK publics by their wire bytes (immutable values; per app instance)
-        self._ak_cache: dict[bytes, _Public] = {}
-        # parsed policies by their text (never mutated after parsing)
-        self._policy_cache: dict[str, dict[str, Any]] = {}
         self._ek_options = ek_options
-        self._key = signing_key
+        self._signer = signer
         self._verifier_id = verifier_id
-        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
-        thumb_input = json.dumps(
-            {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
-        )
-        # RFC 7638 JWK thumbprint as the key id
-        self._kid = (
-            base64.urlsafe_b64encode(hashlib.sha256(thumb_input.encode()).digest())
-            .rstrip(b"=")
-            .decode()
-        )
-        self._jwks = {"keys": [{**jwk, "kid": self._kid, "alg": "ES256", "use": "sig"}]}
+        self._default_selection = default_selection or {"sha256": tuple(range(8))}
+        # parsed AK publics by their wire bytes, parsed policies by their text:
+        # immutable values, bounded, per app instance
+        self._ak_cache: OrderedDict[bytes, ParsedPublic] = OrderedDict()
+        self._policy_cache: OrderedDict[str, Policy] = OrderedDict()
+        self._appraiser = Appraiser()
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> LibraryAppraiser:
-        assert config.signing_key_path is not None
-        key = serialization.load_pem_private_key(config.signing_key_path.read_bytes(), None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{config.signing_key_path}: expected an EC private key")
+        if config.signing_key_path is None:
+            raise ConfigError("no EAR signing key configured in the verifier home")
+        signer = EarSigner.load(config.signing_key_path.read_bytes(), build=config.verifier_id)
         trust = (
             TrustStore.load(config.trust_roots, config.intermediates)
             if config.trust_roots
@@ -186,12 +197,7 @@ class LibraryAppraiser:
             allow_sha1=config.allow_sha1_chains,
             allow_expired_intermediates=config.allow_expired_intermediates,
         )
-        return cls(
-            trust,
-            options,
-            key,
-            config.verifier_id,
-        )
+        return cls(trust, options, signer, config.verifier_id, config.default_pcr_selection)
 
     # -- registration ------------------------------------------------------------------
 
@@ -245,7 +251,9 @@ class LibraryAppraiser:
             assert request.ek_public is not None
             ek = parse_public(request.ek_public, "ek_public")
             identity = {"trust": "ek-public (admin)"}
-        if ek.attributes & _SIGN or not ek.attributes & _DECRYPT:
+        if ek.attributes & ObjectAttributes.SIGN_ENCRYPT or not (
+            ek.attributes & ObjectAttributes.DECRYPT
+        ):
             raise VerificationError("ek.attributes", "an EK is a restricted decryption key")
         return CheckedRegistration(
             ek_public=ek.raw,
@@ -269,36 +277,39 @@ class LibraryAppraiser:
 
     # -- policies ----------------------------------------------------------------------
 
-    def _load_policy(self, body: str) -> dict[str, Any]:
+    def load_policy(self, body: str) -> Policy:
+        """A ``verifier.policy`` document (YAML or JSON); PolicyParseError names the path."""
         cached = self._policy_cache.get(body)
         if cached is not None:
             return cached
-        doc = self._parse_policy(body)
-        if len(self._policy_cache) >= 256:
-            self._policy_cache.clear()
-        self._policy_cache[body] = doc
-        return doc
-
-    def _parse_policy(self, body: str) -> dict[str, Any]:
-        try:
-            doc = yaml.safe_load(body)
-        except yaml.YAMLError as exc:
-            raise ParseError("Policy", "body", 0, f"not YAML/JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise ParseError("Policy", "body", 0, "expected a mapping")
-        extra = set(doc) - {"schema", "name", "pcrs", "require_event_log"}
-        if extra:
-            raise ParseError("Policy", sorted(extra)[0], 0, "unknown key")
-        if "pcrs" not in doc:
-            raise ParseError("Policy", "pcrs", 0, "a policy needs reference PCR values")
-        return doc
+        policy = Policy.load(body)
+        self._policy_cache[body] = policy
+        while len(self._policy_cache) > 256:
+            self._policy_cache.popitem(last=False)
+        return policy
 
     def check_policy(self, body: str) -> dict[str, tuple[int, ...]]:
-        doc = self._load_policy(body)
-        pcrs = parse_pcrs(doc["pcrs"], "Policy")
-        return {bank: tuple(sorted(v)) for bank, v in pcrs.items()}
+        """Parse the policy; the PCR selection a challenge under it asks for."""
+        policy = self.load_policy(body)
+        needed = policy_pcrs(policy, tuple(self._default_selection))
+        merged: dict[str, set[int]] = {b: set(p) for b, p in self._default_selection.items()}
+        for bank, pcrs in needed.items():
+            merged.setdefault(bank, set()).update(pcrs)
+        return {bank: tuple(sorted(p)) for bank, p in sorted(merged.items())}
+
+    def policy_id(self, body: str) -> str:
+        return self.load_policy(body).id
 
     # -- evidence ----------------------------------------------------------------------
+
+    def _ak(self, ak_public: bytes) -> ParsedPublic:
+        ak = self._ak_cache.get(ak_public)
+        if ak is None:
+            ak = parse_public(ak_public, "ak_public")
+            self._ak_cache[ak_public] = ak
+            while len(self._ak_cache) > 4096:
+                self._ak_cache.popitem(last=False)
+        return ak
 
     def appraise(
         self,
@@ -309,102 +320,168 @@ class LibraryAppraiser:
         selection: dict[str, tuple[int, ...]],
         policy_body: str | None,
     ) -> Appraisal:
-        failures: list[dict[str, Any]] = []
-        warnings: list[dict[str, Any]] = []
-        ak = self._ak_cache.get(ak_public)
-        if ak is None:
-            ak = parse_public(ak_public, "ak_public")
-            if len(self._ak_cache) >= 4096:
-                self._ak_cache.clear()  # a bound, not an LRU: refills from the next requests
-            self._ak_cache[ak_public] = ak
+        ak = self._ak(ak_public)
         # malformed structures are a 400 before anything is consumed or recorded
-        Attest.parse(evidence.quote)
+        attest = Attest.parse(evidence.quote)
         signature = Signature.parse(evidence.signature)
-        clock: ClockInfo | None = None
-        try:
-            # steps 1-5: verifier.quote (signature over the received bytes, magic,
-            # type, nonce, pcrSelect == supplied values, pcrDigest). The AK's
-            # attributes were checked at registration (check_registration).
-            verified = verify_quote(
-                ak.key,
-                evidence.quote,
-                signature,
-                PcrValues(evidence.pcrs),
-                nonce,
-                require_ak_attributes=False,
-            )
-            # ... and the quote covers exactly what the challenge asked for
-            wanted = {bank: frozenset(p) for bank, p in selection.items() if p}
-            if verified.pcr_selection.as_sets() != wanted:
-                raise VerificationError(
-                    "quote.pcr_select",
-                    f"the quote selects {verified.pcr_selection}, the challenge asked for "
-                    + "+".join(f"{b}:{','.join(map(str, sorted(p)))}" for b, p in wanted.items()),
-                )
-            ci = verified.clock_info
-            clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
-        except VerificationError as exc:
-            failures.append({"rule": exc.check, "message": exc.message})
-            return Appraisal(
-                status="contraindicated",
-                failures=tuple(failures),
-                trust_vector={"instance-identity": _AR4SI_CONTRA},
-                clock=None,
-                quote_verified=False,
-            )
-        log_ok: bool | None = None
-        if evidence.event_log is not None:  # step 6
-            from verifier.eventlog import EventLog
+        log = EventLog.parse(evidence.event_log) if evidence.event_log is not None else None
+        pcrs = PcrValues(evidence.pcrs)
+        if policy_body is None:
+            return self._without_policy(ak, attest, signature, pcrs, nonce, log, selection)
+        policy = self.load_policy(policy_body)
+        # the AK's attributes were checked at registration (check_registration)
+        result = self._appraiser.appraise(
+            Evidence(evidence.quote, signature, pcrs, log),
+            policy,
+            nonce=nonce,
+            ak=ak.public,
+            require_ak_attributes=False,
+        )
+        return self._from_result(result, attest, selection)
 
-            log = EventLog.parse(evidence.event_log)
-            try:
-                replayed = log.verify(evidence.pcrs)
-                log_ok = True
-                warnings.extend({"rule": "eventlog", "message": w} for w in replayed.warnings)
-            except VerificationError as exc:
-                log_ok = False
-                failures.append({"rule": exc.check, "message": exc.message})
-        executables = _AR4SI_NONE
-        if policy_body is not None:  # step 7
-            doc = self._load_policy(policy_body)
-            expected = parse_pcrs(doc["pcrs"], "Policy")
-            for bank, values in expected.items():
-                for index, want in sorted(values.items()):
-                    got = evidence.pcrs.get(bank, {}).get(index)
-                    if got is None or not hmac.compare_digest(got, want):
-                        failures.append(
-                            {
-                                "rule": f"policy.pcr.{bank}.{index}",
-                                "message": f"PCR {index} {bank}: expected {want.hex()}, "
-                                f"got {got.hex() if got else 'nothing'}",
-                                "expected": want.hex(),
-                                "actual": got.hex() if got else None,
-                            }
-                        )
-            if doc.get("require_event_log") and log_ok is None:
-                failures.append({"rule": "policy.event_log", "message": "no event log given"})
-            executables = _AR4SI_CONTRA if failures else _AR4SI_AFFIRMING
-        else:
-            warnings.append({"rule": "policy", "message": "no policy assigned"})
-        status = "contraindicated" if failures else ("affirming" if policy_body else "warning")
+    @staticmethod
+    def _selection_failure(
+        attest: Attest, selection: dict[str, tuple[int, ...]]
+    ) -> dict[str, Any] | None:
+        """Step 3a: the quote covers exactly what the challenge asked for."""
+        assert isinstance(attest.attested, QuoteInfo)
+        wanted = {bank: frozenset(p) for bank, p in selection.items() if p}
+        got = attest.attested.pcr_select.as_sets()
+        if got == wanted:
+            return None
+        return {
+            "rule": "quote.pcr_select",
+            "claim": INSTANCE_IDENTITY,
+            "message": "the quote does not select the PCRs the challenge asked for",
+            "expected": _selection_text(wanted),
+            "actual": _selection_text(dict(got)),
+            "event": None,
+        }
+
+    def _from_result(
+        self, result: AppraisalResult, attest: Attest, selection: dict[str, tuple[int, ...]]
+    ) -> Appraisal:
+        failures = [f.to_json() for f in result.failures]
+        vector = result.trust_vector
+        status = result.status
+        clock: ClockInfo | None = None
+        if result.quote is not None:  # the quote verified: these bytes are the TPM's
+            q = result.quote
+            clock = ClockInfo(q.clock, q.reset_count, q.restart_count, q.safe)
+            bad = self._selection_failure(attest, selection)
+            if bad is not None:
+                failures.insert(0, bad)
+                vector = TrustVector(
+                    instance_identity=Ar4si.UNEXPECTED_EVIDENCE,
+                    configuration=vector.configuration,
+                    executables=vector.executables,
+                )
+                status = "contraindicated"
         return Appraisal(
             status=status,
             failures=tuple(failures),
+            warnings=tuple({"message": w} for w in result.warnings),
+            trust_vector=vector.to_json(),
+            clock=clock,
+            quote_verified=result.quote is not None,
+            policy_id=result.policy_id,
+        )
+
+    def _without_policy(
+        self,
+        ak: ParsedPublic,
+        attest: Attest,
+        signature: Signature,
+        pcrs: PcrValues,
+        nonce: bytes,
+        log: EventLog | None,
+        selection: dict[str, tuple[int, ...]],
+    ) -> Appraisal:
+        """No policy assigned: quote and log replay only; at best ``warning``."""
+        warnings: list[dict[str, Any]] = [{"message": "no policy assigned"}]
+        try:
+            verified = verify_quote(
+                ak.public, attest.raw, signature, pcrs, nonce, require_ak_attributes=False
+            )
+        except VerificationError as exc:
+            failure = {
+                "rule": exc.check,
+                "claim": INSTANCE_IDENTITY,
+                "message": exc.message,
+                "expected": "a valid check",
+                "actual": "failed",
+                "event": None,
+            }
+            return Appraisal(
+                status="contraindicated",
+                failures=(failure,),
+                trust_vector={INSTANCE_IDENTITY: Ar4si.CRYPTO_VALIDATION_FAILED},
+            )
+        ci = verified.clock_info
+        clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
+        failures: list[dict[str, Any]] = []
+        vector: dict[str, int] = {INSTANCE_IDENTITY: Ar4si.TRUSTWORTHY_INSTANCE}
+        bad = self._selection_failure(attest, selection)
+        if bad is not None:
+            failures.append(bad)
+            vector[INSTANCE_IDENTITY] = Ar4si.UNEXPECTED_EVIDENCE
+        if log is not None:
+            try:
+                replayed = log.verify(verified.pcrs.values)
+                warnings.extend({"message": w} for w in replayed.warnings)
+            except VerificationError as exc:
+                failures.append(
+                    {
+                        "rule": exc.check,
+                        "claim": EXECUTABLES,
+                        "message": exc.message,
+                        "expected": "the log replays to the quoted PCRs",
+                        "actual": "it does not",
+                        "event": None,
+                    }
+                )
+                vector[EXECUTABLES] = vector[CONFIGURATION] = Ar4si.CRYPTO_VALIDATION_FAILED
+        return Appraisal(
+            status="contraindicated" if failures else "warning",
+            failures=tuple(failures),
             warnings=tuple(warnings),
-            trust_vector={
-                "instance-identity": _AR4SI_AFFIRMING,
-                "hardware": _AR4SI_AFFIRMING,
-                "executables": executables,
-                "configuration": _AR4SI_CONTRA if log_ok is False else _AR4SI_AFFIRMING,
-            },
+            trust_vector=vector,
             clock=clock,
             quote_verified=True,
+            policy_id=None,
         )
 
     # -- results -----------------------------------------------------------------------
 
-    def sign_result(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self._kid})
+    def sign_result(
+        self,
+        appraisal: Appraisal,
+        *,
+        status: str,
+        nonce: bytes,
+        attester_id: str,
+        flags: list[dict[str, Any]],
+    ) -> str:
+        """The EAR (``verifier.ear.EarSigner``): every failing rule and lineage flag in
+        ``vtpm.failures``; a flagged attester's instance-identity is untrustworthy."""
+        vector = TrustVector.from_json(appraisal.trust_vector)
+        summaries = [_summary(f) for f in appraisal.failures]
+        for flag in flags:
+            summaries.append(
+                {
+                    "rule": f"lineage.{flag.get('flag')}",
+                    "claim": INSTANCE_IDENTITY,
+                    "message": str(flag.get("detail", "")),
+                }
+            )
+        if flags:
+            vector = TrustVector(
+                instance_identity=Ar4si.UNTRUSTWORTHY_INSTANCE,
+                configuration=vector.configuration,
+                executables=vector.executables,
+            )
+        verdict = _Verdict(status, vector, tuple(summaries))
+        return self._signer.sign(verdict, nonce, attester_id, appraisal.policy_id or "none")
 
     def jwks(self) -> dict[str, Any]:
-        return self._jwks
+        return dict(self._signer.jwks())

@@ -58,6 +58,7 @@ class Appraisal:
     trust_vector: dict[str, int] = field(default_factory=dict)
     clock: ClockInfo | None = None
     quote_verified: bool = False
+    policy_id: str | None = None  # verifier.policy id: policy:<name>@sha256:<hex>
 
 
 class Appraiser(Protocol):
@@ -76,7 +77,12 @@ class Appraiser(Protocol):
         ...
 
     def check_policy(self, body: str) -> dict[str, tuple[int, ...]]:
-        """Parse a policy document (raise ParseError/ConfigError); return the PCRs it needs."""
+        """Parse a ``verifier.policy`` document (raise ParseError/ConfigError); return the
+        PCR selection a challenge under it asks for."""
+        ...
+
+    def policy_id(self, body: str) -> str:
+        """The policy's id (``policy:<name>@sha256:<hex>``, verifier.policy.Policy.id)."""
         ...
 
     def appraise(
@@ -91,8 +97,16 @@ class Appraiser(Protocol):
         """Verify and appraise; malformed evidence raises ParseError, failed checks are returned."""
         ...
 
-    def sign_result(self, claims: dict[str, Any]) -> str:
-        """The EAR JWT for ``claims`` (see verifier.service.services.ear_claims)."""
+    def sign_result(
+        self,
+        appraisal: Appraisal,
+        *,
+        status: str,
+        nonce: bytes,
+        attester_id: str,
+        flags: list[dict[str, Any]],
+    ) -> str:
+        """The EAR JWT: ``status`` (lineage flags included), every failure and flag."""
         ...
 
     def jwks(self) -> dict[str, Any]: ...

@@ -35,6 +35,16 @@ def _body(structure: str) -> dict[str, Any]:
     return decode_json(request.get_data(cache=False), structure)
 
 
+_YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/plain"})
+
+
+def _text(structure: str) -> str:
+    try:
+        return request.get_data(cache=False).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParseError(structure, "body", exc.start, "not UTF-8") from None
+
+
 def _json(value: Any, status: int = 200) -> Response:
     resp = jsonify(value)
     resp.status_code = status
@@ -137,7 +147,12 @@ def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     @bp.put("/v1/policies/<name>")
     def put_policy(name: str) -> Response:
         _principal(auth).require(Role.ADMIN)
-        req = PolicyRequest.parse(_body("PolicyRequest"), name=check_name(name, "url", "name"))
+        name = check_name(name, "url", "name")
+        if request.mimetype in _YAML_TYPES:
+            # the file `vtpm policy learn` wrote, as-is
+            req = PolicyRequest.parse({"policy": _text("PolicyRequest.policy")}, name=name)
+        else:
+            req = PolicyRequest.parse(_body("PolicyRequest"), name=name)
         return _json(services.policies.put(req, create_only=False))
 
     @bp.delete("/v1/policies/<name>")

@@ -474,6 +474,7 @@ class EvidenceService:
                 "new_flags": new_flags,
                 "trust_vector": appraisal.trust_vector,
                 "policy": policy_name,
+                "policy_id": appraisal.policy_id,
                 "policy_sha256": policy_sha,
                 "clock": None
                 if appraisal.clock is None
@@ -485,17 +486,11 @@ class EvidenceService:
                 },
             }
             ear = self.appraiser.sign_result(
-                ear_claims(
-                    self.config.verifier_id,
-                    attester_id,
-                    att.vm_id,
-                    status,
-                    appraisal,
-                    evidence.nonce,
-                    policy_name,
-                    now,
-                    [f["flag"] for f in flags],
-                )
+                appraisal,
+                status=status,
+                nonce=evidence.nonce,
+                attester_id=attester_id,
+                flags=flags,
             )
             result_id = conn.execute(
                 _RESULT_INSERT,
@@ -559,36 +554,6 @@ def _lineage(
     if flags:
         return flags, None
     return flags, (c.reset_count, c.restart_count, c.clock)
-
-
-def ear_claims(
-    verifier_id: str,
-    attester_id: str,
-    vm_id: str | None,
-    status: str,
-    appraisal: Appraisal,
-    nonce: bytes,
-    policy_name: str | None,
-    now: datetime,
-    flags: list[str],
-) -> dict[str, Any]:
-    """The EAR claims set (draft-ietf-rats-ear, section 3) for one result."""
-    return {
-        "eat_profile": "tag:github.com,2023:veraison/ear",
-        "iat": int(now.timestamp()),
-        "eat_nonce": base64.urlsafe_b64encode(nonce).rstrip(b"=").decode("ascii"),
-        "ear.verifier-id": {"developer": "vtpm-trust", "build": verifier_id},
-        "submods": {
-            attester_id: {
-                "ear.status": status,
-                "ear.trustworthiness-vector": appraisal.trust_vector,
-                "ear.appraisal-policy-id": policy_name or "default",
-                "vtpm.vm-id": vm_id,
-                "vtpm.flags": flags,
-                "vtpm.failures": [f.get("rule", str(f)) for f in appraisal.failures],
-            }
-        },
-    }
 
 
 def _assigned_policy(session: Session, attester_id: str) -> Policy | None:

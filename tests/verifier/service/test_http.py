@@ -25,6 +25,9 @@ import requests
 
 from tests.verifier.service.conftest import REPO, Server, Service
 from verifier.attester import AttesterState, TpmAttester, attest_once, enroll
+from verifier.ear import verify_result
+from verifier.eventlog import EventLog
+from verifier.policy import learn_policy
 from vtpm_core.measured_boot import BootDescription, simulate_boot
 from vtpm_core.swtpm import SwtpmProcess
 
@@ -87,14 +90,17 @@ def booted(service: Service, tpm_factory: TpmFactory) -> dict[str, Any]:
     boot = simulate_boot(BootDescription(kernel_cmdline="root=/dev/vda ro"), esapi, ["sha256"])
     esapi.close()
     state = register(service, tpm, vm_id="vm-booted")
-    policy = {
-        "pcrs": {"sha256": {str(i): boot.pcrs["sha256"][i].hex() for i in range(8)}},
-        "require_event_log": True,
-    }
-    r = service.call(
-        "POST", "/v1/policies", service.admin, json={"name": "golden", "policy": policy}
+    # `vtpm policy learn` output, uploaded as-is (the verifier.policy schema)
+    log = EventLog.parse(boot.eventlog)
+    learned = learn_policy(log.verify(log.replay()), name="golden").to_yaml()
+    r = requests.put(
+        f"{service.url}/v1/policies/golden",
+        data=learned.encode(),
+        headers={**service.headers(service.admin), "Content-Type": "application/yaml"},
+        timeout=30,
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == 1
     r = service.call(
         "PUT", f"/v1/attesters/{state.attester_id}/policy", service.admin, json={"policy": "golden"}
     )
@@ -108,15 +114,15 @@ def test_full_flow_affirming(service: Service, booted: dict[str, Any], tmp_path:
     assert result["status"] == "affirming", result["report"]
     assert result["report"]["quote_verified"] is True
     assert result["policy"] == "golden"
-    # the EAR verifies offline with the published JWKS
-    import jwt
-
+    assert result["report"]["policy_id"].startswith("policy:golden@sha256:")
+    # the EAR verifies offline with the published JWKS (verifier.ear.verify_result)
     jwks = service.call("GET", "/.well-known/jwks.json").json()
-    key = jwt.PyJWK(jwks["keys"][0])
-    claims = jwt.decode(result["ear"], key.key, algorithms=["ES256"])
-    sub = claims["submods"][state.attester_id]
-    assert sub["ear.status"] == "affirming"
-    assert sub["ear.appraisal-policy-id"] == "golden"
+    ear = verify_result(
+        result["ear"], jwks, expected_nonce=bytes.fromhex(result["nonce"]), max_age=60
+    )
+    assert ear.status == "affirming" and ear.attester_id == state.attester_id
+    sub = ear.submods["vtpm-boot"]
+    assert sub.policy_id == result["report"]["policy_id"] and sub.failures == ()
     # the relying party's view
     view = service.call("GET", f"/v1/attesters/{state.attester_id}", service.reader).json()
     assert view["status"] == "active" and view["latest_result"]["id"] == result["id"]
@@ -230,16 +236,21 @@ def test_vtpm_attest_and_check_cli(
 
 
 def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any]) -> None:
-    """Without the event log (required) and with PCRs that differ: every failing rule is listed."""
+    """Every failing rule is listed (rule, event, expected, actual), in the body and the EAR."""
     state, tpm = booted["state"], booted["tpm"]
-    policy = {"pcrs": {"sha256": {"0": "00" * 32, "7": "11" * 32}}, "require_event_log": True}
+    policy = {
+        "version": 1,
+        "name": "strict",
+        "kernel_cmdlines": [{"exact": "root=/dev/sda1 ro quiet"}],
+        "pcrs": {"sha256": {"0": "00" * 32, "7": "11" * 32}},
+    }
     r = service.call("PUT", "/v1/policies/strict", service.admin, json={"policy": policy})
     assert r.status_code == 200, r.text
     service.call(
         "PUT", f"/v1/attesters/{state.attester_id}/policy", service.admin, json={"policy": "strict"}
     )
     try:
-        result = attest(service, tpm, state, None)
+        result = attest(service, tpm, state, booted["log"])
     finally:
         service.call(
             "PUT",
@@ -248,11 +259,51 @@ def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any
             json={"policy": "golden"},
         )
     assert result["status"] == "contraindicated"
-    rules = [f["rule"] for f in result["report"]["failures"]]
-    assert rules == ["policy.pcr.sha256.0", "policy.pcr.sha256.7", "policy.event_log"]
+    failures = {f["rule"]: f for f in result["report"]["failures"]}
+    assert sorted(failures) == ["kernel_cmdline", "pcrs.sha256.0", "pcrs.sha256.7"]
+    cmdline = failures["kernel_cmdline"]
+    assert cmdline["event"]["pcr"] in (8, 9, 12) and cmdline["event"]["type"] == "EV_IPL"
+    assert cmdline["expected"] == "'root=/dev/sda1 ro quiet'", cmdline
+    assert cmdline["actual"] == "'root=/dev/vda ro'", cmdline
+    assert failures["pcrs.sha256.7"]["expected"] == "11" * 32
+    # the EAR carries the same failures
+    jwks = service.call("GET", "/.well-known/jwks.json").json()
+    ear = verify_result(result["ear"], jwks)
+    sub = ear.submods["vtpm-boot"]
+    assert sub.status == "contraindicated"
+    assert sub.policy_id is not None and sub.policy_id.startswith("policy:strict@sha256:")
+    in_ear = {f["rule"]: f for f in sub.failures}
+    assert sorted(in_ear) == sorted(failures)
+    assert in_ear["kernel_cmdline"]["event"].startswith(f"event {cmdline['event']['index']} (")
+    assert in_ear["kernel_cmdline"]["actual"] == cmdline["actual"]
     # the policy is still assigned elsewhere: it cannot be deleted while in use
     assert service.call("DELETE", "/v1/policies/golden", service.admin).status_code == 409
     assert service.call("DELETE", "/v1/policies/strict", service.admin).status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("body", "pattern"),
+    [
+        pytest.param(
+            {"pcrs": {"sha256": {"0": "00" * 32}}}, r"policy\.version", id="fail/policy/no-version"
+        ),
+        pytest.param(
+            {"version": 1, "pcrs": {"sha256": {"0": "zz"}}},
+            r"policy\.pcrs\.sha256\.0",
+            id="fail/policy/bad-hex",
+        ),
+        pytest.param({"version": 1}, r"no rules", id="fail/policy/empty"),
+        pytest.param(
+            {"version": 1, "require_event_log": True},
+            r"require_event_log",
+            id="fail/policy/interim",
+        ),
+    ],
+)
+def test_bad_policies_are_refused(service: Service, body: dict[str, Any], pattern: str) -> None:
+    r = service.call("PUT", "/v1/policies/bad", service.admin, json={"policy": body})
+    problem(r, 400, pattern)
+    assert service.call("GET", "/v1/policies/bad", service.reader).status_code == 404
 
 
 @pytest.fixture(scope="module")
