@@ -25,20 +25,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vtpm_core.errors import ConflictError, StateError, TpmError
 from vtpm_core.swtpm import SwtpmProcess, free_tcp_port_pair, swtpm_available
+
+if TYPE_CHECKING:
+    from tpm2_pytss import ESAPI
 
 __all__ = [
     "DetachedSwtpm",
     "KeyContext",
     "key_args",
+    "provisioning_tpm",
     "running_pid",
     "start_detached",
     "start_swtpm",
@@ -203,6 +210,71 @@ def start_swtpm(
             os.close(r)
     assert last is not None
     raise last
+
+
+@contextlib.contextmanager
+def provisioning_tpm(
+    state_dir: Path, data_key: bytes, ctx: KeyContext, *, log_file: Path
+) -> Iterator[ESAPI]:
+    """A swtpm child for one provisioning session, with no polling and no socket file.
+
+    We bind and listen on an abstract unix socket (Linux; no file system
+    entry), hand the listening descriptor to swtpm (``--server
+    type=unixio,fd=N``) and connect at once: the kernel queues the connection
+    and our first command until swtpm is up, so nothing waits in a sleep
+    loop. swtpm starts the TPM itself (``startup-clear``). On exit the ESAPI
+    context and socket are closed and swtpm is stopped by PID.
+    """
+    from tpm2_pytss import ESAPI
+
+    from vtpm_core.swtpm import UnixSocketTcti
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client: socket.socket | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    esapi: ESAPI | None = None
+    r = -1
+    try:
+        listener.bind(f"\0vtpm-trust-{os.getpid()}-{secrets.token_hex(8)}")
+        listener.listen(1)
+        r = _key_pipe(data_key)
+        with open(log_file, "ab") as logf:
+            proc = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
+                 "--server", f"type=unixio,fd={listener.fileno()}",
+                 "--flags", "not-need-init,startup-clear", *key_args(r)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                pass_fds=(listener.fileno(), r),
+            )  # fmt: skip
+        os.close(r)
+        r = -1
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(listener.getsockname())
+        listener.close()
+        try:
+            esapi = ESAPI(UnixSocketTcti(client))
+        except Exception as exc:  # swtpm died before answering: say why
+            diagnosed = _diagnose(_log_tail(log_file, 0), ctx)
+            raise diagnosed or TpmError(
+                f"vTPM {ctx.vtpm!r}: swtpm did not answer ({exc}); see {log_file}"
+            ) from None
+        yield esapi
+    finally:
+        if esapi is not None:
+            esapi.close()
+        if client is not None:
+            client.close()
+        listener.close()
+        if r >= 0:
+            os.close(r)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # -- detached (daemon) swtpm for `vtpm start` / `vtpm stop` ----------------------------

@@ -51,6 +51,7 @@ from vtpm_core.instance import (
     DetachedSwtpm,
     KeyContext,
     _preflight,
+    provisioning_tpm,
     running_pid,
     start_detached,
     start_swtpm,
@@ -264,7 +265,12 @@ class VtpmStore:
             remove_tree(path)
 
     def write_record(self, directory: Path, record: VtpmRecord) -> None:
+        """Write vtpm.json atomically (in a staging directory publish() fsyncs it again)."""
         atomic_write(directory / RECORD_FILE, record.to_json())
+
+    def _stage_record(self, directory: Path, record: VtpmRecord) -> None:
+        # the staging directory is private until publish(), which fsyncs the tree
+        (directory / RECORD_FILE).write_bytes(record.to_json())
 
     def publish(self, staging: Path, name: str, point: str) -> None:
         """fsync the staged vTPM and rename it into place (ConflictError if the name exists)."""
@@ -312,18 +318,15 @@ class VtpmStore:
             state_dir = stage / "state"
             state_dir.mkdir()
             ctx = KeyContext(name, key.key_id)
-            with self._socket_dir(stage / "run") as sockets:
-                tpm = start_swtpm(state_dir, data_key, ctx, transport="unix", socket_dir=sockets)
-                try:
-                    info, eks = provision_eks(
-                        tpm.esapi(),
-                        kinds=list(ek),
-                        identity=VmIdentityRef(vm_id, name, vtpm_id),
-                        issuer=issuer,
-                    )
-                finally:
-                    tpm.stop()
-            remove_tree(stage / "run")
+            log = stage / "provision.log"
+            with provisioning_tpm(state_dir, data_key, ctx, log_file=log) as esapi:
+                info, eks = provision_eks(
+                    esapi,
+                    kinds=list(ek),
+                    identity=VmIdentityRef(vm_id, name, vtpm_id),
+                    issuer=issuer,
+                )
+            log.unlink()
             record = VtpmRecord(
                 name=name,
                 vtpm_id=vtpm_id,
@@ -335,7 +338,7 @@ class VtpmStore:
                 ek_cert_mode="ca" if issuer is not None else "external",
                 origin=origin,
             )
-            self.write_record(stage, record)
+            self._stage_record(stage, record)
             self.publish(stage, name, "create")
         return self.get(name)
 
