@@ -258,7 +258,7 @@ def in_process_rate(home: Path, tcti: str, state: AttesterState, url: str, secon
         _, ak = att.ak()
     req = EvidenceRequest.parse(ev)
     sel = {b: tuple(p) for b, p in ch["pcr_selection"].items()}
-    policy = json.dumps({"pcrs": {"sha256": ev["pcrs"]["sha256"]}})
+    policy = json.dumps({"version": 1, "pcrs": {"sha256": ev["pcrs"]["sha256"]}})
     n, end = 0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         a = appraiser.appraise(

@@ -123,7 +123,7 @@ class VerifierClient:
         if status != "affirming":
             reasons.append(f"latest verdict is {status}, not affirming")
         for fail in failures:
-            reasons.append(f"rule {fail.get('rule')}: {fail.get('message')}")
+            reasons.append(_failure_text(fail))
         created = datetime.fromisoformat(str(latest["created_at"]).replace("Z", "+00:00"))
         age = (now - created).total_seconds()
         if age > max_age.total_seconds():
@@ -165,3 +165,15 @@ def junit_xml(outcome: CheckOutcome, verifier: str) -> bytes:
     out = ET.SubElement(case, "system-out")
     out.text = f"status={outcome.status} policy={outcome.policy} result_at={outcome.result_at}"
     return bytes(ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+
+
+def _failure_text(fail: dict[str, Any]) -> str:
+    """One failing rule: ``rule R: event N (TYPE, PCR P): message (expected E, got A)``."""
+    text = f"rule {fail.get('rule')}: "
+    event = fail.get("event")
+    if isinstance(event, dict):
+        text += f"event {event.get('index')} ({event.get('type')}, PCR {event.get('pcr')}): "
+    text += str(fail.get("message"))
+    if fail.get("expected") is not None or fail.get("actual") is not None:
+        text += f" (expected {fail.get('expected')}, got {fail.get('actual')})"
+    return text
