@@ -54,7 +54,7 @@ class _TimedIssuer:
         self.inner.revoke_ek_certificate(serial, reason)
 
 
-def bench_ours(work: Path, runs: int, batch: int) -> tuple[list[float], list[float], float]:
+def bench_ours(work: Path, runs: int, batch: int) -> tuple[list[float], list[float], float, float]:
     CaHome(work / "ca").init(passphrase=PASSPHRASE)
     store = VtpmStore.init(work / "store")
     with LocalCaIssuer.open(work / "ca", passphrase=PASSPHRASE) as ca:
@@ -68,10 +68,12 @@ def bench_ours(work: Path, runs: int, batch: int) -> tuple[list[float], list[flo
             times.append(time.perf_counter() - t)
             ca_times.append(issuer.seconds)
         t = time.perf_counter()
-        for i in range(batch):
-            store.create(f"batch-{i:04d}", issuer=issuer)
+        store.create_many([f"batch-{i:04d}" for i in range(batch)], issuer=issuer)
         batch_s = time.perf_counter() - t
-    return times, ca_times, batch_s
+        t = time.perf_counter()
+        store.create_many([f"par-{i:04d}" for i in range(batch)], issuer=issuer, jobs=2)
+        par_s = time.perf_counter() - t
+    return times, ca_times, batch_s, par_s
 
 
 def bench_swtpm_setup(work: Path, runs: int) -> list[float]:
@@ -118,7 +120,7 @@ def main() -> int:
         work = Path(tmp)
         (work / "ours").mkdir()
         (work / "base").mkdir()
-        ours, ca_times, batch_s = bench_ours(work / "ours", args.runs, args.batch)
+        ours, ca_times, batch_s, par_s = bench_ours(work / "ours", args.runs, args.batch)
         base = bench_swtpm_setup(work / "base", args.baseline_runs)
     m_ours, m_base = statistics.median(ours), statistics.median(base)
     m_ca = statistics.median(ca_times)
@@ -135,7 +137,14 @@ def main() -> int:
         f"median of {len(base)}: {m_base * 1000:.1f} ms"
     )
     print(f"ratio swtpm_setup / vtpm create: {m_base / m_ours:.1f}x")
-    print(f"batch of {args.batch}: {batch_s:.2f} s = {args.batch / batch_s:.1f} vTPMs/s")
+    print(
+        f"batch of {args.batch}, one at a time: {batch_s:.2f} s = "
+        f"{args.batch / batch_s:.1f} vTPMs/s"
+    )
+    print(
+        f"batch of {args.batch}, 2 in parallel (--jobs 2): {par_s:.2f} s = "
+        f"{args.batch / par_s:.1f} vTPMs/s"
+    )
     target = m_ours <= 0.15 and m_ours < m_base
     print(f"targets (<= 150 ms median, faster than swtpm_setup): {'met' if target else 'NOT met'}")
     return 0 if target else 1

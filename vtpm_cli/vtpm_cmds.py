@@ -212,11 +212,18 @@ def register(cli: click.Group) -> None:
         help="ours: our CA certifies the EKs; external: leave the NV cert indices empty "
         "and unlocked for `vtpm ek request` / `vtpm ek import` (third-party CA).",
     )
+    @click.option(
+        "--jobs",
+        type=click.IntRange(1, 64),
+        default=1,
+        show_default=True,
+        help="With --count: vTPMs created in parallel (one swtpm each).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def create_cmd(name: str, store_path: Path, ca_home: Path | None,
                    ca_passphrase_file: Path | None, ca_url: str | None,
                    ca_token_file: Path | None, ek: str, count: int | None,
-                   ek_cert_mode: str, as_json: bool) -> None:  # fmt: skip
+                   ek_cert_mode: str, jobs: int, as_json: bool) -> None:  # fmt: skip
         """Create a vTPM: fresh encrypted state, EKs certified by the CA, certs in NV, locked."""
         kinds = _ek_kinds(ek)
         store = _open_store(store_path)
@@ -234,11 +241,13 @@ def register(cli: click.Group) -> None:
                 return
             width = max(4, len(str(count)))
             names = [f"{name}-{i:0{width}d}" for i in range(1, count + 1)]
-            records = []
             t0 = time.perf_counter()
-            with click.progressbar(names, label=f"creating {count} vTPMs", file=sys.stderr) as bar:
-                for n in bar:
-                    records.append(store.create(n, issuer=issuer, ek=kinds))
+            with click.progressbar(
+                length=count, label=f"creating {count} vTPMs", file=sys.stderr
+            ) as bar:
+                records = store.create_many(
+                    names, issuer=issuer, ek=kinds, jobs=jobs, on_done=lambda _r: bar.update(1)
+                )
             elapsed = time.perf_counter() - t0
         if as_json:
             _echo_json({"created": [_summary(r) for r in records], "seconds": round(elapsed, 3)})

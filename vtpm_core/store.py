@@ -23,6 +23,7 @@ provider, with the vTPM id as associated data.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import json
@@ -57,7 +58,7 @@ from vtpm_core.instance import (
     start_swtpm,
     stop_detached,
 )
-from vtpm_core.issuer import EkCertificateIssuer
+from vtpm_core.issuer import EkCertificateIssuer, EkCertificateRequest, IssuedEkCertificate
 from vtpm_core.keyprovider import DATA_KEY_SIZE, KeyProvider, LocalKeyProvider, UnknownKeyError
 from vtpm_core.provision import VmIdentityRef, provision_eks
 from vtpm_core.record import (
@@ -342,6 +343,46 @@ class VtpmStore:
             self.publish(stage, name, "create")
         return self.get(name)
 
+    def create_many(
+        self,
+        names: Sequence[str],
+        *,
+        issuer: EkCertificateIssuer | None,
+        ek: Sequence[str] = DEFAULT_EKS,
+        jobs: int = 1,
+        on_done: Callable[[VtpmRecord], None] | None = None,
+    ) -> builtins.list[VtpmRecord]:
+        """``create`` for each name, ``jobs`` at a time (each in its own swtpm).
+
+        The TPM work runs in the swtpm processes, so threads overlap it; calls
+        to ``issuer`` are serialised (an issuer need not be thread-safe).
+        Returns the records in the order of ``names``; the first failure is
+        raised after the running creations finish (those stay created).
+        """
+        for n in names:
+            check_name(n)
+        if len(set(names)) != len(names):
+            raise ConfigError("a name is given twice")
+        if jobs <= 1:
+            out = []
+            for n in names:
+                out.append(self.create(n, issuer=issuer, ek=ek))
+                if on_done is not None:
+                    on_done(out[-1])
+            return out
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        locked = _LockedIssuer(issuer) if issuer is not None else None
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(self.create, n, issuer=locked, ek=ek): n for n in names}
+            done: dict[str, VtpmRecord] = {}
+            for fut in as_completed(futures):
+                rec = fut.result()
+                done[rec.name] = rec
+                if on_done is not None:
+                    on_done(rec)
+        return [done[n] for n in names]
+
     @contextlib.contextmanager
     def _socket_dir(self, preferred: Path) -> Iterator[Path]:
         """``preferred`` if a socket path there fits sun_path, else a short private temp dir."""
@@ -551,6 +592,24 @@ class VtpmStore:
 
     def with_name(self, record: VtpmRecord, name: str) -> VtpmRecord:
         return replace(record, name=name, raw=b"")
+
+
+class _LockedIssuer:
+    """Serialises calls to an issuer shared by creation threads."""
+
+    def __init__(self, inner: EkCertificateIssuer) -> None:
+        import threading
+
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def issue_ek_certificate(self, request: EkCertificateRequest) -> IssuedEkCertificate:
+        with self._lock:
+            return self._inner.issue_ek_certificate(request)
+
+    def revoke_ek_certificate(self, serial: int, reason: str) -> None:
+        with self._lock:
+            self._inner.revoke_ek_certificate(serial, reason)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -128,7 +128,7 @@ def test_lifecycle_with_the_real_ca(env: VtpmEnv, tmp_path: Path) -> None:
 
 
 def test_create_count_with_progress(env: VtpmEnv) -> None:
-    r = env.run("create", "--count", "3", "batch", "--ek", "ecc-p256", ca=True)
+    r = env.run("create", "--count", "3", "batch", "--jobs", "2", ca=True)
     assert r.exit_code == 0, r.output
     assert "creating 3 vTPMs" in r.stderr and re.search(r"3 vTPMs in [\d.]+ s", r.stderr)
     names = [line.split()[0] for line in r.stdout.splitlines()]
