@@ -135,17 +135,17 @@ def _stop_pid(pid: int, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _cmdline_of(pid: int) -> str:
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (proc(5) stat field 22), or ""."""
     try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _prepare_home(home: Path, echo: Echo) -> None:
-    """Recreate the demo home; stop what a previous run left (only ours: cmdline names it)."""
+    """Recreate the demo home; stop what a previous run left (same PID and start time)."""
     if home.exists():
         if not (home / MARKER).exists() and any(home.iterdir()):
             raise ConfigError(f"{home} exists and is not a demo home (no {MARKER}); pick --home")
@@ -153,9 +153,9 @@ def _prepare_home(home: Path, echo: Echo) -> None:
         if pidfile.exists():
             for line in pidfile.read_text().splitlines():
                 parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit():
+                if len(parts) == 3 and parts[1].isdigit():
                     pid = int(parts[1])
-                    if _pid_alive(pid) and str(home.resolve()) in _cmdline_of(pid):
+                    if _pid_alive(pid) and _start_time(pid) == parts[2]:
                         echo(f"  stopping leftover {parts[0]} (pid {pid}) of a previous run")
                         _stop_pid(pid)
         shutil.rmtree(home)
@@ -229,7 +229,8 @@ class _Steps:
 
 
 def _record_pids(home: Path, pids: dict[str, int]) -> None:
-    (home / PIDFILE).write_text("".join(f"{k} {v}\n" for k, v in pids.items()))
+    """HOME/demo.pids: ``name pid start-time`` lines (start time: a reused PID is not ours)."""
+    (home / PIDFILE).write_text("".join(f"{k} {v} {_start_time(v)}\n" for k, v in pids.items()))
 
 
 def _admin(http: requests.Session, method: str, url: str, token: str, body: Any) -> Any:

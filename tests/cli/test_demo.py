@@ -42,7 +42,7 @@ def _run_demo(home: Path) -> subprocess.CompletedProcess[str]:
 
 def _pids(home: Path) -> dict[str, int]:
     lines = (home / "demo.pids").read_text().split("\n")
-    return {k: int(v) for k, v in (line.split() for line in lines if line)}
+    return {k: int(v) for k, v, _start in (line.split() for line in lines if line)}
 
 
 def _assert_demo_output(proc: subprocess.CompletedProcess[str], home: Path) -> None:
@@ -69,14 +69,9 @@ def _assert_demo_output(proc: subprocess.CompletedProcess[str], home: Path) -> N
     assert (home / "ca-passphrase").stat().st_mode & 0o777 == 0o600
 
 
-def test_demo_once_twice_same_home(tmp_path: Path) -> None:
+def test_demo_once(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
-    first = _run_demo(home)
-    _assert_demo_output(first, home)
-    first_pids = _pids(home)
-    second = _run_demo(home)  # same home: recreated
-    _assert_demo_output(second, home)
-    assert _pids(home) != first_pids
+    _assert_demo_output(_run_demo(home), home)
 
 
 def test_demo_refuses_foreign_home(tmp_path: Path) -> None:
@@ -118,3 +113,60 @@ def test_tamper_pe_changes_authenticode_digest() -> None:
 def test_tamper_pe_refuses_non_pe(data: bytes, match: str) -> None:
     with pytest.raises(VerificationError, match=match):
         tamper_pe(data)
+
+
+def _start_until_running(home: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [str(VTPM), "demo", "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("services running"):
+            return proc, "".join(seen)
+    proc.wait(timeout=30)
+    raise AssertionError("demo ended early:\n" + "".join(seen))
+
+
+def test_demo_sigterm_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    proc, out = _start_until_running(home)
+    try:
+        assert "verdict: contraindicated" in out
+        pids = _pids(home)
+        assert _alive(pids["ca"]) and _alive(pids["verifier"])
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "interrupted; services stopped" in err
+    for name, pid in pids.items():
+        assert not _alive(pid), f"{name} (pid {pid}) still running"
+
+
+def test_demo_stops_leftovers_of_a_killed_run(tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    proc, _ = _start_until_running(home)
+    left = _pids(home)
+    proc.kill()  # no clean-up: the servers are left running
+    proc.communicate(timeout=30)
+    try:
+        assert _alive(left["ca"]) and _alive(left["verifier"])
+        again = _run_demo(home)
+        assert f"stopping leftover ca (pid {left['ca']}) of a previous run" in again.stdout
+        assert f"stopping leftover verifier (pid {left['verifier']})" in again.stdout
+        _assert_demo_output(again, home)  # the same home works again (recreated)
+        assert _pids(home)["ca"] != left["ca"]
+        for name in ("ca", "verifier"):
+            assert not _alive(left[name])
+    finally:
+        for name in ("ca", "verifier"):
+            if _alive(left[name]):
+                os.kill(left[name], 9)
