@@ -166,14 +166,22 @@ def test_load_rejects_bad_documents(text: bytes, match: str) -> None:
         Policy.load(text)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
-        max_leaves=12,
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.text(max_size=12), children, max_size=4),
     )
+
+
+_DOCUMENTS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    _containers,
+    max_leaves=12,
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(_DOCUMENTS)
 def test_only_parse_errors_escape(doc: Any) -> None:
     if isinstance(doc, dict):
         doc = {"version": 1, **doc}
