@@ -47,6 +47,15 @@ def _op(
     return op
 
 
+def _put_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """PUT takes JSON ``{policy}`` or the policy file itself (what ``vtpm policy learn`` wrote)."""
+    op = _op("Create or replace a policy", ["admin"], params=[_NAME], body=policy)
+    op["requestBody"]["content"]["application/yaml"] = {
+        "schema": {"type": "string", "description": "a verifier.policy document (schema 1)"}
+    }
+    return op
+
+
 def openapi_spec() -> dict[str, Any]:
     """The document (a fresh dict each call)."""
     registration = {
@@ -146,7 +155,7 @@ def openapi_spec() -> dict[str, Any]:
         },
         "/v1/policies/{name}": {
             "get": _op("Read a policy", ["admin", "reader"], params=[_NAME]),
-            "put": _op("Create or replace a policy", ["admin"], params=[_NAME], body=policy),
+            "put": _put_policy(policy),
             "delete": _op("Delete an unassigned policy", ["admin"], params=[_NAME], ok="204"),
         },
         "/.well-known/jwks.json": {"get": _op("The keys that sign EAR results", None, errors=())},
