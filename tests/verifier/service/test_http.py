@@ -507,6 +507,10 @@ def test_lineage_shared_ek_and_ak_swap(service: Service, tpm_factory: TpmFactory
     result = attest(service, tpm, a)
     assert result["status"] == "contraindicated"
     assert result["report"]["flags"][0]["flag"] == "ek-shared"
+    jwks = service.call("GET", "/.well-known/jwks.json").json()
+    ear = verify_result(result["ear"], jwks, expected_nonce=bytes.fromhex(result["nonce"]))
+    assert ear.status == "contraindicated"
+    assert [f["rule"] for f in ear.submods["vtpm-boot"].failures] == ["lineage.ek-shared"]
 
     # AK swap: evidence names an AK other than the activated one
     tpm2 = tpm_factory()
@@ -538,7 +542,13 @@ def test_lineage_snapshot_revert(service: Service, ek_ca, tmp_path: Path) -> Non
     with SwtpmProcess(state_dir) as tpm:
         reverted = attest(service, tpm, s)
     assert reverted["status"] == "contraindicated"
+    assert reverted["report"]["appraisal_status"] == "warning"  # the quote itself is fine
     assert [f["flag"] for f in reverted["report"]["new_flags"]] == ["reset-count-regressed"]
+    # the EAR carries the flag as a failure and an untrustworthy instance
+    jwks = service.call("GET", "/.well-known/jwks.json").json()
+    sub = verify_result(reverted["ear"], jwks).submods["vtpm-boot"]
+    assert sub.status == "contraindicated" and sub.trust_vector.instance_identity == 96
+    assert [f["rule"] for f in sub.failures] == ["lineage.reset-count-regressed"]
     view = service.call("GET", f"/v1/attesters/{s.attester_id}", service.reader).json()
     assert view["status"] == "flagged"
 
