@@ -40,25 +40,41 @@ class Reader:
         return ParseError(self.structure, field, self.offset if at is None else at, message)
 
     def take(self, n: int, field: str) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if n < 0 or end > len(self._data):
+            self._short(n, field)
+        self._pos = end
+        return self._data[pos:end]
+
+    def _short(self, n: int, field: str) -> None:
         if n < 0:
             raise self.error(field, f"negative length {n}")
-        if n > self.remaining:
-            raise self.error(field, f"truncated: need {n} bytes, only {self.remaining} left")
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        raise self.error(field, f"truncated: need {n} bytes, only {self.remaining} left")
+
+    def _int(self, n: int, field: str) -> int:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._data):
+            self._short(n, field)
+        self._pos = end
+        return int.from_bytes(self._data[pos:end], "little")
 
     def u8(self, field: str) -> int:
-        return self.take(1, field)[0]
+        pos = self._pos
+        if pos >= len(self._data):
+            self._short(1, field)
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self, field: str) -> int:
-        return int.from_bytes(self.take(2, field), "little")
+        return self._int(2, field)
 
     def u32(self, field: str) -> int:
-        return int.from_bytes(self.take(4, field), "little")
+        return self._int(4, field)
 
     def u64(self, field: str) -> int:
-        return int.from_bytes(self.take(8, field), "little")
+        return self._int(8, field)
 
     def rest(self) -> bytes:
         out = self._data[self._pos :]

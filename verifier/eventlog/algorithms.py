@@ -10,7 +10,10 @@ cannot be replayed; one we do not know at all is named ``alg_0x....``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Any, cast
 
 __all__ = ["ALGORITHMS", "HashAlgorithm", "algorithm_by_id", "algorithm_by_name"]
 
@@ -27,22 +30,35 @@ class HashAlgorithm:
     @property
     def computable(self) -> bool:
         """True when this Python can compute the hash (so the bank can be replayed)."""
-        if self.hashlib_name is None:
-            return False
-        try:
-            hashlib.new(self.hashlib_name)
-        except ValueError:
-            return False
-        return True
+        return self.hashlib_name is not None and _constructor(self.hashlib_name) is not None
 
     def hash(self, data: bytes) -> bytes:
         if self.hashlib_name is None:
             raise ValueError(f"{self.name} cannot be computed")
-        return hashlib.new(self.hashlib_name, data).digest()
+        new = _constructor(self.hashlib_name)
+        if new is None:
+            return hashlib.new(self.hashlib_name, data).digest()  # raises ValueError
+        return new(data).digest()
 
     def extend(self, pcr: bytes, digest: bytes) -> bytes:
         """PCR_new = H(PCR_old || digest) (TPM 2.0 Part 1 §17.3)."""
         return self.hash(pcr + digest)
+
+
+@lru_cache(maxsize=64)
+def _constructor(hashlib_name: str) -> Callable[[bytes], Any] | None:
+    """hashlib's constructor for ``hashlib_name``, or None when this Python lacks it.
+
+    Memoised: ``hashlib.new(name)`` looks the name up on every call.
+    """
+    try:
+        hashlib.new(hashlib_name)
+    except ValueError:
+        return None
+    named = getattr(hashlib, hashlib_name, None)
+    if callable(named):
+        return cast("Callable[[bytes], Any]", named)
+    return partial(hashlib.new, hashlib_name)
 
 
 ALGORITHMS: tuple[HashAlgorithm, ...] = (

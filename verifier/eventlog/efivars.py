@@ -85,11 +85,14 @@ class SignatureDatabase:
             if body > r.remaining:
                 raise r.error("SignatureListSize", f"list of {list_size} bytes runs past the data")
             header = r.take(header_size, "SignatureHeader")
-            sigs: list[SignatureData] = []
-            for i in range(body // sig_size):
-                owner = format_guid(r.take(16, f"Signatures[{i}].SignatureOwner"))
-                sigs.append(SignatureData(owner, r.take(sig_size - 16, f"Signatures[{i}].Data")))
-            lists.append(SignatureList(sig_type, guid_name(sig_type), header, tuple(sigs)))
+            # body is a whole number of entries and lies inside the data (checked
+            # above): slice the entries directly, no per-entry bounds checks
+            entries = r.take(body, "Signatures")
+            sigs = tuple(
+                SignatureData(format_guid(entries[i : i + 16]), entries[i + 16 : i + sig_size])
+                for i in range(0, body, sig_size)
+            )
+            lists.append(SignatureList(sig_type, guid_name(sig_type), header, sigs))
         return cls(tuple(lists))
 
 

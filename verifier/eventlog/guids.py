@@ -8,16 +8,32 @@ SHIM_LOCK_GUID (MokList, MokListX, MokSBState, ...).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
+from functools import lru_cache
 from types import MappingProxyType
 
 __all__ = ["GUID_NAMES", "format_guid", "guid_name"]
 
 
 def format_guid(raw: bytes) -> str:
-    """Canonical lower-case text form of a 16-byte EFI_GUID."""
-    return str(uuid.UUID(bytes_le=raw))
+    """Canonical lower-case text form of a 16-byte EFI_GUID.
+
+    The first three fields are little-endian (byte-reversed in the text), the
+    last eight bytes are in order (as ``str(uuid.UUID(bytes_le=raw))``, without
+    building a UUID). Memoised: logs repeat a few GUIDs (owners, signature
+    types) hundreds of times.
+    """
+    return _format_guid(bytes(raw))
+
+
+@lru_cache(maxsize=4096)
+def _format_guid(raw: bytes) -> str:
+    if len(raw) != 16:
+        raise ValueError(f"an EFI_GUID is 16 bytes, not {len(raw)}")
+    return (
+        f"{raw[3::-1].hex()}-{raw[5:3:-1].hex()}-{raw[7:5:-1].hex()}-"
+        f"{raw[8:10].hex()}-{raw[10:].hex()}"
+    )
 
 
 EFI_GLOBAL_VARIABLE = "8be4df61-93ca-11d2-aa0d-00e098032b8c"

@@ -21,6 +21,7 @@ does not check: any digest. :class:`EventLog` is unverified; call
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -231,6 +232,7 @@ class EventLog:
             fmt = "sha1-legacy"
         offset = len(first.raw)
         padding = _padding_starts(data)
+        by_id = {a.alg_id: a for a in algorithms}
         while offset < len(data):
             if _is_padding(data, offset, padding):
                 quirks.append(
@@ -250,7 +252,9 @@ class EventLog:
                     f"more than {limits.max_events} events",
                 )
             if spec_id is not None:
-                event = _parse_agile(data, offset, len(events), algorithms, limits)
+                event = _parse_agile_fast(data, offset, len(events), by_id, limits) or _parse_agile(
+                    data, offset, len(events), algorithms, limits
+                )
             else:
                 event = _parse_legacy(data, offset, len(events), limits)
             events.append(event)
@@ -332,6 +336,57 @@ def _parse_legacy(data: bytes, offset: int, index: int, limits: Limits) -> Event
         digests=MappingProxyType({"sha1": digest}),
         untrusted_data=event_data,
         raw=data[offset : r.offset],
+    )
+
+
+_U32X3 = struct.Struct("<III")
+_U32 = struct.Struct("<I")
+
+
+def _parse_agile_fast(
+    data: bytes, offset: int, index: int, by_id: dict[int, HashAlgorithm], limits: Limits
+) -> Event | None:
+    """:func:`_parse_agile` for a well-formed record, without per-field bookkeeping.
+
+    Returns None at the first thing it does not like (short data, a PCR out of
+    range, a digest count other than the bank count, an unknown or repeated
+    bank, a size over the limit); the caller then runs :func:`_parse_agile`,
+    which reports that problem with its field and offset. It accepts exactly
+    what :func:`_parse_agile` accepts and builds the same Event.
+    """
+    end = len(data)
+    pos = offset + 12
+    if pos > end:
+        return None
+    pcr, event_type, count = _U32X3.unpack_from(data, offset)
+    if pcr > MAX_PCR or count != len(by_id) or count > limits.max_digests_per_event:
+        return None
+    digests: dict[str, bytes] = {}
+    for _ in range(count):
+        if pos + 2 > end:
+            return None
+        alg = by_id.get(data[pos] | data[pos + 1] << 8)
+        if alg is None or alg.name in digests:
+            return None
+        stop = pos + 2 + alg.digest_size
+        if stop > end:
+            return None
+        digests[alg.name] = data[pos + 2 : stop]
+        pos = stop
+    if pos + 4 > end:
+        return None
+    (size,) = _U32.unpack_from(data, pos)
+    stop = pos + 4 + size
+    if size > limits.max_event_data or stop > end:
+        return None
+    return Event(
+        index=index,
+        offset=offset,
+        pcr=pcr,
+        event_type=event_type,
+        digests=MappingProxyType(digests),
+        untrusted_data=data[pos + 4 : stop],
+        raw=data[offset:stop],
     )
 
 
