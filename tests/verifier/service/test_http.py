@@ -235,7 +235,9 @@ def test_vtpm_attest_and_check_cli(
     assert now.stdout.startswith(f"PASS attester {state.attester_id}: affirming")
 
 
-def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any]) -> None:
+def test_policy_failure_lists_every_rule(
+    service: Service, booted: dict[str, Any], tmp_path: Path
+) -> None:
     """Every failing rule is listed (rule, event, expected, actual), in the body and the EAR."""
     state, tpm = booted["state"], booted["tpm"]
     policy = {
@@ -276,6 +278,21 @@ def test_policy_failure_lists_every_rule(service: Service, booted: dict[str, Any
     assert sorted(in_ear) == sorted(failures)
     assert in_ear["kernel_cmdline"]["event"].startswith(f"event {cmdline['event']['index']} (")
     assert in_ear["kernel_cmdline"]["actual"] == cmdline["actual"]
+    # `vtpm check` (CI) lists every failing rule with its event, expected and actual
+    token = tmp_path / "reader.token"
+    token.write_text(service.reader)
+    check = vtpm(
+        "check", "--verifier", service.url, "--attester", state.attester_id,
+        "--token-file", str(token),
+    )  # fmt: skip
+    assert check.returncode == 1, check.stdout + check.stderr
+    ev = cmdline["event"]
+    assert (
+        f"rule kernel_cmdline: event {ev['index']} (EV_IPL, PCR {ev['pcr']}): "
+        "kernel command line not allowed (expected 'root=/dev/sda1 ro quiet', "
+        "got 'root=/dev/vda ro')"
+    ) in check.stdout, check.stdout
+    assert "rule pcrs.sha256.7: sha256 PCR 7 value (expected 1111" in check.stdout
     # the policy is still assigned elsewhere: it cannot be deleted while in use
     assert service.call("DELETE", "/v1/policies/golden", service.admin).status_code == 409
     assert service.call("DELETE", "/v1/policies/strict", service.admin).status_code == 204
