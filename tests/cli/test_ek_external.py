@@ -414,3 +414,41 @@ def test_locked_in_nv_but_not_in_record_is_refused(env: Env, store: VtpmStore) -
     store.write_record(store.state_dir("ours1").parent, stripped)
     with pytest.raises(ConflictError, match=r"NV 0x01c00002 \(rsa2048 EK\) already holds a locked"):
         import_certificate(store, "ours1", _der(pem))
+
+
+def test_interrupted_import_unlocked_index_is_rewritten(env: Env, store: VtpmStore) -> None:
+    """An index defined and written but not locked (a crash before NV_WriteLock) is redone."""
+    from vtpm_core.provision import write_certificate
+
+    req = env.create_external("crash1")
+    pem = env.issue_other(req, "rsa2048", env.root / "crash1.pem")
+    with store.running("crash1", transport="unix") as tpm:
+        write_certificate(tpm.esapi(), int(RSA_NV, 16), b"\x30\x03\x02\x01\x00", lock=False)
+    r = env.run("ek", "import", "crash1", str(pem), "--chain", str(env.other_ca / "chain.pem"))
+    assert r.exit_code == 0, r.output
+    out = env.root / "crash1.nv"
+    (_, public) = _tools(
+        store, "crash1", ["tpm2_nvread", RSA_NV, "-C", "o", "-o", str(out)], ["tpm2_nvreadpublic"]
+    )
+    assert out.read_bytes() == _der(pem)
+    assert f"value: {LOCKED}" in public
+
+
+def test_running_vtpm_is_refused(env: Env, store: VtpmStore) -> None:
+    req = env.create_external("run1")
+    pem = env.issue_other(req, "rsa2048", env.root / "run1.pem")
+    detached = store.start_detached("run1", port=_free_port())
+    try:
+        r = env.run("ek", "import", "run1", str(pem), "--chain", str(env.other_ca / "chain.pem"))
+    finally:
+        assert store.stop("run1")
+    assert r.exit_code == 1
+    assert "vTPM 'run1' is running; `vtpm stop run1` first" in r.output
+    assert detached.pid > 0
+    assert store.get("run1").ek("rsa2048").certificate_der is None
+
+
+def _free_port() -> int:
+    from tests.verifier.service.conftest import free_port
+
+    return free_port()
