@@ -271,7 +271,9 @@ class VtpmStore:
 
     def _stage_record(self, directory: Path, record: VtpmRecord) -> None:
         # the staging directory is private until publish(), which fsyncs the tree
-        (directory / RECORD_FILE).write_bytes(record.to_json())
+        fd = os.open(directory / RECORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(record.to_json())
 
     def publish(self, staging: Path, name: str, point: str) -> None:
         """fsync the staged vTPM and rename it into place (ConflictError if the name exists)."""
