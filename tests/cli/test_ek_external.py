@@ -22,6 +22,8 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_public_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.verifier.service.conftest import Server
 from verifier.ekcert import TrustStore, load_certificates, validate_ek_certificate
@@ -452,3 +454,17 @@ def _free_port() -> int:
     from tests.verifier.service.conftest import free_port
 
     return free_port()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_load_certificate_only_parse_error_escapes(data: bytes) -> None:
+    from vtpm_core.ek_external import load_certificate
+    from vtpm_core.errors import ParseError
+
+    for blob in (data, b"-----BEGIN CERTIFICATE-----\n" + data + b"\n-----END CERTIFICATE-----\n"):
+        try:
+            der = load_certificate(blob, "fuzz")
+        except ParseError:
+            continue
+        assert x509.load_der_x509_certificate(der).public_bytes(Encoding.DER) == der
