@@ -41,7 +41,7 @@ from typing import Any
 
 import requests
 
-from vtpm_core.errors import ConfigError, StateError, VerificationError
+from vtpm_core.errors import ConfigError, StateError, VerificationError, VtpmTrustError
 
 __all__ = ["BOOTLOADER", "KERNEL", "DemoResult", "run_demo", "tamper_pe"]
 
@@ -222,7 +222,14 @@ class _Steps:
         self.n += 1
         t0 = time.monotonic()
         self.echo(f"[{self.n:2d}] {title} ...")
-        yield
+        try:
+            yield
+        except (VtpmTrustError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one line naming the step, never a traceback
+            raise StateError(
+                f"step {self.n} ({title}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
         dt = time.monotonic() - t0
         self.result.timings[title] = dt
         self.echo(f"     done in {dt:.2f} s")

@@ -128,8 +128,8 @@ def _start_until_running(home: Path) -> tuple[subprocess.Popen[str], str]:
         seen.append(line)
         if line.startswith("services running"):
             return proc, "".join(seen)
-    proc.wait(timeout=30)
-    raise AssertionError("demo ended early:\n" + "".join(seen))
+    _, err = proc.communicate(timeout=30)
+    raise AssertionError("demo ended early:\n" + "".join(seen) + err)
 
 
 def test_demo_sigterm_stops_everything(tmp_path: Path) -> None:
