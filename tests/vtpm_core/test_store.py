@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from cryptography import x509
@@ -67,8 +68,8 @@ def test_create_readback_with_tpm2_tools(
             assert _spki(cert.public_key()) == _spki(ek_pem)
             assert Public.parse_tpm2b(record.ek(kind).public).same_key(ek_pem)  # type: ignore[arg-type]
         out = tools.run("tpm2_nvreadpublic").stdout
-    for index, kind in ((0x01C00002, "rsa2048"), (0x01C0000A, "ecc-p256")):
-        block = out.split(f"0x{index:x}:")[1]
+    for nv, kind in ((0x01C00002, "rsa2048"), (0x01C0000A, "ecc-p256")):
+        block = out.split(f"0x{nv:x}:")[1]
         assert re.search(r"value: 0x62072801", block), block
         size = int(re.search(r"size: (\d+)", block).group(1))  # type: ignore[union-attr]
         assert size == len(record.ek(kind).certificate_der or b"")
@@ -118,9 +119,10 @@ def test_wrong_key_names_vtpm_and_key_and_keeps_state(
         other = store.wrap_new(rec.vtpm_id, os.urandom(32))
         store.write_record(store.root / "vtpms" / "vm1", dataclasses.replace(rec, key=other))
         match = rf"vTPM 'vm1': swtpm cannot decrypt its state .*key id '{rec.key.key_id}'"
-    for transport in ("tcp", "qemu"):
+    transports: tuple[Literal["tcp", "qemu"], ...] = ("tcp", "qemu")
+    for transport in transports:
         with pytest.raises(StateError, match=match):
-            store.start("vm1", transport=transport)  # type: ignore[arg-type]
+            store.start("vm1", transport=transport)
     with pytest.raises(StateError, match=match):
         store.start_detached("vm1", port=None)
     assert state.read_bytes() == before
