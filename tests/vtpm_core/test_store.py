@@ -204,3 +204,18 @@ def test_dead_staging_is_cleared_on_open(store: VtpmStore) -> None:
     (stale / "junk").write_bytes(b"x")
     VtpmStore.open(store.root)
     assert not stale.exists()
+
+
+def test_managed_start_for_qemu_and_unix(
+    store: VtpmStore, issuer: SmallIssuer, tmp_path: Path
+) -> None:
+    record = store.create("vm1", issuer=issuer, ek=["ecc-p256"])
+    sockets = tmp_path / "s"
+    with store.running("vm1", transport="qemu", socket_dir=sockets) as tpm:
+        args = tpm.qemu_args()
+        assert args[1] == f"socket,id=chrtpm,path={sockets / 'swtpm.ctrl'}"
+        assert (sockets / "swtpm.ctrl").exists()
+    with store.running("vm1", transport="unix", socket_dir=sockets) as tpm:
+        from vtpm_core.provision import read_nv
+
+        assert read_nv(tpm.esapi(), 0x01C0000A) == record.ek("ecc-p256").certificate_der
