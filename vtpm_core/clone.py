@@ -19,7 +19,7 @@ import uuid
 from typing import TYPE_CHECKING, Literal
 
 from vtpm_core.errors import ConfigError
-from vtpm_core.instance import _preflight
+from vtpm_core.instance import preflight
 from vtpm_core.issuer import EkCertificateIssuer, EkCertificateRequest
 from vtpm_core.record import Origin, VtpmRecord, check_name
 
@@ -78,7 +78,7 @@ def clone(
         name=new,
         vtpm_id=vtpm_id,
         vm_id=vm_id,
-        created_at=src.created_at,
+        created_at=store.now(),
         key=store.wrap_new(vtpm_id, data_key),
         tpm=src.tpm,
         eks=src.eks,
@@ -91,8 +91,8 @@ def clone(
         state_dir.mkdir()
         for fname, content in state.items():
             (state_dir / fname).write_bytes(content)
-        with store._socket_dir(stage / "run") as run:
-            _preflight(state_dir, data_key, run, store.key_context(record))
+        with store.socket_dir(stage / "run") as run:
+            preflight(state_dir, data_key, run, store.key_context(record))
         from vtpm_core._atomic import remove_tree
 
         remove_tree(stage / "run")

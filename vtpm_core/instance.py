@@ -45,6 +45,7 @@ __all__ = [
     "DetachedSwtpm",
     "KeyContext",
     "key_args",
+    "preflight",
     "provisioning_tpm",
     "running_pid",
     "start_detached",
@@ -123,7 +124,7 @@ def _diagnose(log: str, ctx: KeyContext) -> Exception | None:
     return None
 
 
-def _preflight(state_dir: Path, data_key: bytes, run_dir: Path, ctx: KeyContext) -> None:
+def preflight(state_dir: Path, data_key: bytes, run_dir: Path, ctx: KeyContext) -> None:
     """Check that ``data_key`` opens the state, without a TPM2_Startup and without writes.
 
     ``--flags not-need-init --daemon`` makes swtpm initialise libtpms (which
@@ -184,7 +185,7 @@ def start_swtpm(
     run_dir.mkdir(parents=True, exist_ok=True)
     log = Path(log_file) if log_file is not None else run_dir / _LOG_FILE
     if transport == "qemu":
-        _preflight(state_dir, data_key, run_dir, ctx)
+        preflight(state_dir, data_key, run_dir, ctx)
     last: Exception | None = None
     # each attempt needs a fresh pipe: swtpm consumed the previous one
     for _attempt in range(3 if transport == "tcp" else 1):
@@ -337,7 +338,7 @@ def start_detached(
         ctrl.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             ctrl.unlink()
-        _preflight(state_dir, data_key, run_dir, ctx)
+        preflight(state_dir, data_key, run_dir, ctx)
         args = ["--ctrl", f"type=unixio,path={ctrl}"]
         result = DetachedSwtpm(0, "qemu", ctrl_path=ctrl)
     else:

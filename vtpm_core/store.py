@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +51,7 @@ from vtpm_core.instance import (
     STATE_FILE,
     DetachedSwtpm,
     KeyContext,
-    _preflight,
+    preflight,
     provisioning_tpm,
     running_pid,
     start_detached,
@@ -70,7 +70,7 @@ from vtpm_core.record import (
 )
 from vtpm_core.swtpm import SwtpmProcess
 
-__all__ = ["DEFAULT_EKS", "CrashHook", "StoreInfo", "VtpmStore"]
+__all__ = ["DEFAULT_EKS", "CrashHook", "DeleteResult", "StoreInfo", "VtpmStore"]
 
 STORE_FORMAT = "vtpm-trust/store/1"
 DEFAULT_EKS: tuple[str, ...] = tuple(EK_KINDS)  # ("rsa2048", "ecc-p256")
@@ -134,7 +134,14 @@ class VtpmStore:
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: Path, **kwargs: object) -> VtpmStore:
+    def init(
+        cls,
+        root: Path,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        rng: Callable[[int], bytes] = os.urandom,
+        crash_hook: CrashHook = _no_hook,
+    ) -> VtpmStore:
         """Create a store with a local key provider and a fresh key-encryption key."""
         root = Path(root)
         if (root / "store.json").exists():
@@ -142,8 +149,7 @@ class VtpmStore:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sub in ("vtpms", "run", "tmp"):
             (root / sub).mkdir(mode=0o700, exist_ok=True)
-        rng = kwargs.get("rng", os.urandom)
-        LocalKeyProvider.create(root / "keys", rng=rng)  # type: ignore[arg-type]
+        LocalKeyProvider.create(root / "keys", rng=rng)
         atomic_write(
             root / "store.json",
             (
@@ -154,10 +160,17 @@ class VtpmStore:
                 + "\n"
             ).encode(),
         )
-        return cls.open(root, **kwargs)
+        return cls.open(root, clock=clock, rng=rng, crash_hook=crash_hook)
 
     @classmethod
-    def open(cls, root: Path, **kwargs: object) -> VtpmStore:
+    def open(
+        cls,
+        root: Path,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        rng: Callable[[int], bytes] = os.urandom,
+        crash_hook: CrashHook = _no_hook,
+    ) -> VtpmStore:
         """Open an existing store (ConfigError if ``root`` is not one); clears dead staging."""
         root = Path(root)
         try:
@@ -173,8 +186,8 @@ class VtpmStore:
         kp = doc.get("key_provider")
         if not isinstance(kp, dict) or kp.get("kind") != "local":
             raise ConfigError(f"{root}/store.json: unsupported key provider {kp!r}")
-        keys = LocalKeyProvider(root / str(kp.get("path", "keys")))
-        store = cls(root, keys, **kwargs)  # type: ignore[arg-type]
+        keys = LocalKeyProvider(root / str(kp.get("path", "keys")), rng=rng)
+        store = cls(root, keys, clock=clock, rng=rng, crash_hook=crash_hook)
         store._clear_dead_staging()
         return store
 
@@ -285,8 +298,8 @@ class VtpmStore:
             raise ConflictError(f"a vTPM named {name!r} already exists in {self.root}") from None
         self._hook(f"{point}:published")
 
-    def hook(self, point: str) -> None:
-        self._hook(point)
+    def now(self) -> dt.datetime:
+        return self._clock()
 
     def _require_free(self, name: str) -> None:
         if self._dir(name).exists():
@@ -386,7 +399,7 @@ class VtpmStore:
         return [done[n] for n in names]
 
     @contextlib.contextmanager
-    def _socket_dir(self, preferred: Path) -> Iterator[Path]:
+    def socket_dir(self, preferred: Path) -> Iterator[Path]:
         """``preferred`` if a socket path there fits sun_path, else a short private temp dir."""
         if len(str(preferred / "swtpm.ctrl")) <= _SOCKET_PATH_MAX:
             yield preferred
@@ -558,8 +571,8 @@ class VtpmStore:
             state_dir.mkdir()
             for fname, content in backup.state.items():
                 (state_dir / fname).write_bytes(content)
-            with self._socket_dir(stage / "run") as run:
-                _preflight(state_dir, data_key, run, self.key_context(record))
+            with self.socket_dir(stage / "run") as run:
+                preflight(state_dir, data_key, run, self.key_context(record))
             remove_tree(stage / "run")
             self.write_record(stage, record)
             self.publish(stage, record.name, "restore")
@@ -591,9 +604,6 @@ class VtpmStore:
                 continue
             _stop_swtpms_under(entry)
             remove_tree(entry)
-
-    def with_name(self, record: VtpmRecord, name: str) -> VtpmRecord:
-        return replace(record, name=name, raw=b"")
 
 
 class _LockedIssuer:
