@@ -1,0 +1,244 @@
+"""Attest a real VM's guest against the running verifier service (issue 7, "A real VM").
+
+The guest does all TPM work with tpm2-tools (``vtpm_core.vm.GuestChannel``);
+this module is the host-side relay between it and the service's HTTP API
+(docs/service.md):
+
+1. ``POST /v1/attesters`` with the EK certificate our CA put in NV
+   0x01C00002, the EK public and the guest's AK public; the service answers
+   with TPM2_MakeCredential's outputs (TPM 2.0 Part 3, 12.6);
+2. those are converted to the file ``tpm2_makecredential -o`` writes
+   (:meth:`verifier.credential.Credential.to_tpm2_tools`) and the guest runs
+   TPM2_ActivateCredential (Part 3, 12.5); the recovered secret goes to
+   ``POST /v1/attesters/{id}/activation``, which returns the attester token;
+3. ``POST .../challenges`` gives a nonce and the PCR selection the policy
+   needs; the guest quotes with exactly those (TPM2_Quote, Part 3, 18.4);
+4. ``POST .../evidence`` with the quote, signature, the (untrusted) PCR
+   values and the firmware's own event log; the answer is the verdict.
+
+Nothing from the guest is trusted here: the verifier checks it all. The
+host only talks plain HTTP to a verifier on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from verifier.attester import AttesterState
+from verifier.credential import Credential
+from vtpm_core.errors import ConfigError, StateError, TpmError, VtpmTrustError
+from vtpm_core.vm.channel import GuestChannel, validate_selection
+
+__all__ = ["GuestAttestation", "GuestAttestationError", "attest_guest", "guest_attest_steps"]
+
+_TIMEOUT = 30.0
+
+
+class GuestAttestationError(VtpmTrustError):
+    """A step of the guest's attestation failed: the verifier refused it or could not be asked."""
+
+    def __init__(self, step: str, status: int, detail: str) -> None:
+        self.step = step
+        self.status = status
+        self.detail = detail
+        where = f"verifier answered {status}" if status else "verifier unreachable"
+        super().__init__(f"{step}: {where}: {detail}")
+
+
+@dataclass
+class GuestAttestation:
+    """What :func:`attest_guest` did: the state to reuse, the verdict and step timings."""
+
+    state: AttesterState
+    result: dict[str, Any]
+    registered: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attester_id": self.state.attester_id,
+            "registered": self.registered,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            **self.result,
+        }
+
+
+def check_loopback_url(url: str) -> str:
+    """``http://127.0.0.1:PORT`` (or ``[::1]``/``localhost``): the only verifiers we talk to."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or not host or parts.path not in ("", "/"):
+        raise ConfigError(f"verifier URL {url!r}: expected http://127.0.0.1:PORT")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"verifier URL {url!r}: only a loopback verifier is allowed")
+    return url.rstrip("/")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(step: str, doc: dict[str, Any], key: str) -> bytes:
+    value = doc.get(key)
+    try:
+        if not isinstance(value, str):
+            raise ValueError("missing")
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise GuestAttestationError(step, 200, f"answer has no base64 {key!r}") from None
+
+
+def _call(
+    http: requests.Session,
+    step: str,
+    url: str,
+    *,
+    token: str | None = None,
+    body: dict[str, Any] | None = None,
+    method: str = "POST",
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        resp = http.request(method, url, json=body, headers=headers, timeout=_TIMEOUT)
+    except requests.RequestException as exc:
+        raise GuestAttestationError(step, 0, f"cannot reach {url}: {exc}") from None
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if resp.status_code >= 400:
+        detail = doc.get("detail") if isinstance(doc, dict) else None
+        raise GuestAttestationError(step, resp.status_code, str(detail or resp.reason))
+    if not isinstance(doc, dict):
+        raise GuestAttestationError(step, resp.status_code, "the answer is not a JSON object")
+    return doc
+
+
+def _guest(step: str, fn: Callable[[], Any]) -> Any:
+    """Run a guest command; its TpmError names the step."""
+    try:
+        return fn()
+    except TpmError as exc:
+        raise TpmError(f"{step}: the guest failed: {exc}") from exc
+
+
+def _selection_text(step: str, selection: Any) -> str:
+    """The challenge's ``{bank: [pcr, ...]}`` as a tpm2-tools selection."""
+    if not isinstance(selection, dict) or not selection:
+        raise GuestAttestationError(step, 201, "challenge has no pcr_selection")
+    parts = []
+    for bank, pcrs in selection.items():
+        if not isinstance(pcrs, list) or not all(isinstance(p, int) for p in pcrs) or not pcrs:
+            raise GuestAttestationError(step, 201, f"bad PCR list for bank {bank!r}")
+        parts.append(f"{bank}:{','.join(str(p) for p in sorted(pcrs))}")
+    return validate_selection("+".join(parts))
+
+
+def guest_attest_steps(
+    channel: GuestChannel,
+    verifier_url: str,
+    *,
+    admin_token: str | None = None,
+    state: AttesterState | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> GuestAttestation:
+    """:func:`attest_guest` with the details: the attester state to reuse and step timings.
+
+    With ``state`` (from an earlier call in the same boot) registration and
+    activation are skipped: only a new challenge, quote and evidence.
+    ``admin_token`` is sent with the registration (needed only when the
+    verifier must accept an EK without a certificate).
+    """
+    url = check_loopback_url(verifier_url)
+    timings: dict[str, float] = {}
+    registered = False
+    with requests.Session() as http:
+        if state is None or state.verifier != url:
+            t = clock()
+            ident = _guest("hello", channel.hello)
+            if ident.ek_cert_der is None:
+                raise StateError(
+                    "register: the guest's TPM has no EK certificate in NV 0x01C00002 "
+                    "(create the vTPM with `vtpm create`, which has our CA issue it)"
+                )
+            body = {
+                "ek_certificate": _b64(ident.ek_cert_der),
+                "ek_public": _b64(ident.ek_public_tpm2b),
+                "ak_public": _b64(ident.ak_public_tpm2b),
+            }
+            reg = _call(http, "register", f"{url}/v1/attesters", token=admin_token, body=body)
+            attester_id = reg.get("attester_id")
+            if not isinstance(attester_id, str):
+                raise GuestAttestationError("register", 201, "answer has no attester_id")
+            cred = Credential(
+                _unb64("register", reg, "credential_blob"),
+                _unb64("register", reg, "encrypted_secret"),
+            )
+            timings["register"] = clock() - t
+            t = clock()
+            secret = _guest("activate", lambda: channel.activate_credential(cred.to_tpm2_tools()))
+            act = _call(
+                http,
+                "activate",
+                f"{url}/v1/attesters/{attester_id}/activation",
+                body={"secret": _b64(secret)},
+            )
+            token = act.get("token")
+            if not isinstance(token, str):
+                raise GuestAttestationError("activate", 200, "answer has no token")
+            state = AttesterState(url, attester_id, token)
+            registered = True
+            timings["activate"] = clock() - t
+        base = f"{url}/v1/attesters/{state.attester_id}"
+        t = clock()
+        ch = _call(http, "challenge", f"{base}/challenges", token=state.token)
+        nonce = _unb64("challenge", ch, "nonce")
+        selection = _selection_text("challenge", ch.get("pcr_selection"))
+        quote = _guest("quote", lambda: channel.quote(nonce, selection))
+        timings["quote"] = clock() - t
+        t = clock()
+        pcrs = {
+            bank: {str(i): v.hex() for i, v in sorted(values.items())}
+            for bank, values in quote.untrusted_pcr_values().items()
+        }
+        evidence: dict[str, Any] = {
+            "nonce": _b64(nonce),
+            "quote": _b64(quote.message),
+            "signature": _b64(quote.signature),
+            "pcrs": pcrs,
+        }
+        if quote.eventlog:
+            evidence["event_log"] = _b64(quote.eventlog)
+        result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
+        timings["evidence"] = clock() - t
+    return GuestAttestation(state, result, registered, timings)
+
+
+def attest_guest(
+    channel: GuestChannel,
+    verifier_url: str,
+    *,
+    admin_token: str | None = None,
+    state: AttesterState | None = None,
+) -> dict[str, Any]:
+    """Register (unless ``state``), activate, challenge, quote, evidence; return the verdict.
+
+    The returned dict is the service's result (``status``, ``report`` with
+    every failing rule, ``ear``, ``nonce``, ...) plus ``attester_id``.
+    """
+    done = guest_attest_steps(channel, verifier_url, admin_token=admin_token, state=state)
+    return {"attester_id": done.state.attester_id, **done.result}
