@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import hashes
 
-from vtpm_core.errors import VerificationError
+from tests.conftest import Tools
+from vtpm_core.errors import ParseError, VerificationError
 from vtpm_core.tpm import (
     PcrSelection,
     PcrValues,
@@ -18,6 +22,8 @@ from vtpm_core.tpm import (
     hash_name,
     hashlib_new,
 )
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "tpm"
 
 
 def test_selection_wire_round_trip_and_string() -> None:
@@ -90,3 +96,60 @@ def test_hash_helpers_reject_non_hashes(bad: int) -> None:
         digest_size(bad)
     with pytest.raises(ValueError, match="unknown hash algorithm"):
         hash_alg("md5")
+
+
+AK_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
+
+
+@pytest.mark.swtpm
+def test_serialized_file_equals_tpm2_checkquote(tools: Tools, tmp_path: Path) -> None:
+    """Two banks, 17 values (three TPML_DIGEST blocks), read as tpm2_checkquote reads them."""
+    selection = "sha1:0,1,2,16,23+sha256:0,1,2,3,4,5,6,7,8,9,16,23"
+    tools.run("tpm2_pcrextend", "16:sha1=" + "11" * 20 + ",sha256=" + "22" * 32)
+    tools.run("tpm2_pcrextend", "23:sha256=" + "33" * 32)
+    tools.run(
+        "tpm2_createprimary", "-C", "o", "-G", "rsa2048:rsassa-sha256:null",
+        "-a", AK_ATTRS, "-c", "ak.ctx",
+    )  # fmt: skip
+    tools.run("tpm2_readpublic", "-c", "ak.ctx", "-o", "ak.pub")
+    tools.run(
+        "tpm2_quote", "-c", "ak.ctx", "-l", selection, "-q", "abcd",
+        "-m", "q.msg", "-s", "q.sig", "-o", "q.pcrs", "-g", "sha256",
+    )  # fmt: skip
+    out = tools.run(
+        "tpm2_checkquote", "-u", "ak.pub", "-m", "q.msg", "-s", "q.sig",
+        "-f", "q.pcrs", "-g", "sha256", "-q", "abcd",
+    ).stdout  # fmt: skip
+    oracle = {
+        bank: {int(i): int(v).to_bytes(digest_size(hash_alg(bank)), "big") for i, v in p.items()}
+        for bank, p in yaml.safe_load(out)["pcrs"].items()
+    }
+    parsed = PcrValues.from_tpm2_tools((tmp_path / "q.pcrs").read_bytes()).as_mapping()
+    assert parsed == oracle
+    assert sorted(parsed["sha256"]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 23]
+    assert parsed["sha256"][0] == bytes(32) and parsed["sha256"][23] != bytes(32)
+
+
+def _patched_sample(offset: int, fmt: str, value: int) -> bytes:
+    """The sha256:0,1,2,16+sha1:7 sample file with one little-endian field replaced."""
+    data = bytearray((DATA / "swtpm_quote_rsa_rsapss.pcrs").read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    return bytes(data)
+
+
+_SELECTION_FAILURES = [
+    ("fail/pcrs/bank-count", (0, "<I", 17), r"TPML_PCR_SELECTION.count at byte 0: 17 banks"),
+    ("fail/pcrs/bank-unknown", (4, "<H", 0x0099), r"hash at byte 4: unknown bank 0x0099"),
+    ("fail/pcrs/bank-twice", (12, "<H", 0x000B), r"hash at byte 12: bank sha256 twice"),
+    ("fail/pcrs/sizeof-select", (6, "<B", 5), r"sizeofSelect at byte 6: 5 > 4"),
+]
+
+
+@pytest.mark.parametrize(
+    ("patch", "match"),
+    [c[1:] for c in _SELECTION_FAILURES],
+    ids=[c[0] for c in _SELECTION_FAILURES],
+)
+def test_serialized_selection_errors(patch: tuple[int, str, int], match: str) -> None:
+    with pytest.raises(ParseError, match=match):
+        PcrValues.from_tpm2_tools(_patched_sample(*patch))

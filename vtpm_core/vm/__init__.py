@@ -25,7 +25,6 @@ from vtpm_core.vm.esp import (
 from vtpm_core.vm.guest import GuestSession, boot_guest, guest_esp
 from vtpm_core.vm.initramfs import Initramfs, build_initramfs, newc_archive
 from vtpm_core.vm.kernel import DebianKernel, default_cache_dir, fetch_debian_kernel
-from vtpm_core.vm.pcrs_file import parse_pcrs_file
 from vtpm_core.vm.qemu import OvmfFirmware, QemuVm, VmArtifacts, ovmf_firmware
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "measured_load_options",
     "newc_archive",
     "ovmf_firmware",
-    "parse_pcrs_file",
     "sign_efi",
     "validate_selection",
 ]

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vtpm_core.errors import ParseError, TpmError
+from vtpm_core.tpm.pcr import PcrValues
 
 __all__ = [
     "MAX_LINE",
@@ -79,14 +80,12 @@ class GuestQuote:
     selection: str
 
     def untrusted_pcr_values(self) -> dict[str, dict[int, bytes]]:
-        """``{bank: {pcr: value}}`` parsed from ``pcrs_tpm2_tools``.
+        """``{bank: {pcr: value}}`` parsed from ``pcrs_tpm2_tools`` (``PcrValues.from_tpm2_tools``).
 
         Untrusted until a verifier has checked them against the quote's
         pcrDigest and the signature.
         """
-        from vtpm_core.vm.pcrs_file import parse_pcrs_file
-
-        return parse_pcrs_file(self.pcrs_tpm2_tools)
+        return PcrValues.from_tpm2_tools(self.pcrs_tpm2_tools).as_mapping()
 
 
 def validate_selection(selection: str) -> str:
