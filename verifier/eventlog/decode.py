@@ -59,6 +59,7 @@ __all__ = [
     "TaggedEvent",
     "Text",
     "check_event",
+    "check_events_of",
     "decode_event",
 ]
 
@@ -305,40 +306,65 @@ def check_event(
     Never raises for bad event data: a decode failure is reported in
     ``problems`` and leaves ``decoded`` None.
     """
-    problems: list[str] = []
+    return check_events_of(algorithms, uintn_size=uintn_size, limits=limits)(event)
+
+
+def check_events_of(
+    algorithms: tuple[HashAlgorithm, ...],
+    *,
+    uintn_size: int = 2,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Callable[[Event], DataCheck]:
+    """:func:`check_event` for every event of one log: what depends only on the log
+    (which banks this Python can compute) is worked out once."""
+    computable = tuple(a for a in algorithms if a.computable)
+
+    def check(event: Event) -> DataCheck:
+        return _check(event, computable, uintn_size, limits)
+
+    return check
+
+
+def _check(
+    event: Event, computable: tuple[HashAlgorithm, ...], uintn_size: int, limits: Limits
+) -> DataCheck:
+    problems: tuple[str, ...] = ()
     decoded: Decoded | None
     try:
         decoded = decode_event(event, uintn_size=uintn_size, limits=limits)
     except ParseError as exc:
         decoded = None
-        problems.append(f"event data does not decode: {exc}")
+        problems = (f"event data does not decode: {exc}",)
     rules = _CANDIDATES.get(event.event_type)
     if rules is None:  # step 1: the spec does not define digest = H(data)
-        return DataCheck(decoded, None, (), tuple(problems))
-    banks = [
-        (a, event.digests[a.name]) for a in algorithms if a.computable and a.name in event.digests
-    ]
+        return DataCheck(decoded, None, (), problems)
+    digests = event.digests
+    banks = [(a, digests[a.name]) for a in computable if a.name in digests]
     if not banks:
-        problems.append("no computable bank to check the data against")
-        return DataCheck(decoded, None, (), tuple(problems))
+        problems += ("no computable bank to check the data against",)
+        return DataCheck(decoded, None, (), problems)
+    data = event.untrusted_data
     for quirk_id, form in rules:  # step 2
-        for candidate in form(event.untrusted_data, decoded):
-            if all(hmac.compare_digest(a.hash(candidate), digest) for a, digest in banks):  # 3
+        for candidate in form(data, decoded):
+            for a, digest in banks:  # step 3: every bank must match
+                if not hmac.compare_digest(a.hash(candidate), digest):
+                    break
+            else:
                 quirks: tuple[AppliedQuirk, ...] = ()
                 if quirk_id is not None:
                     quirks = (AppliedQuirk(quirk_id, event.index, QUIRKS[quirk_id].summary),)
-                return DataCheck(decoded, True, quirks, tuple(problems), _COVERS[form])
+                return DataCheck(decoded, True, quirks, problems, _COVERS[form])
     if event.event_type == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
         # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
         quirk = AppliedQuirk(
             "ipl-description-only", event.index, QUIRKS["ipl-description-only"].summary
         )
-        return DataCheck(decoded, None, (quirk,), tuple(problems))
-    problems.append(
+        return DataCheck(decoded, None, (quirk,), problems)
+    problems += (
         f"event {event.index} ({event.type_name}, PCR {event.pcr}): data does not hash to "
-        f"its digest ({', '.join(a.name for a, _ in banks)}); decoded data is untrusted"
+        f"its digest ({', '.join(a.name for a, _ in banks)}); decoded data is untrusted",
     )
-    return DataCheck(decoded, False, (), tuple(problems))
+    return DataCheck(decoded, False, (), problems)
 
 
 # --- step 2: what the digest covers, per type -------------------------------------------
@@ -429,6 +455,8 @@ def _printable(d: bytes) -> bool:
 
 def _looks_utf16(d: bytes) -> bool:
     """ASCII-range UTF-16LE; an odd final NUL byte is tolerated (old systemd-boot)."""
+    if len(d) >= 2 and d[1]:
+        return False  # the first high byte is not zero (the common ASCII case)
     if len(d) % 2:
         if d[-1] != 0:
             return False

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from verifier.eventlog.algorithms import HashAlgorithm
-from verifier.eventlog.decode import Decoded, check_event
+from verifier.eventlog.decode import Decoded, check_events_of
 from verifier.eventlog.events import EventType, type_name
 from verifier.eventlog.quirks import AppliedQuirk, summarize
 from vtpm_core.errors import VerificationError
@@ -141,9 +141,10 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
     """Decode and data-check every event. The result is NOT proven by a quote:
     only :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
+    check_event = check_events_of(log.algorithms, uintn_size=uintn)
     out = []
     for event in log.events:
-        check = check_event(event, log.algorithms, uintn_size=uintn)
+        check = check_event(event)
         out.append(
             ReplayedEvent(
                 index=event.index,
@@ -154,7 +155,11 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
                 untrusted_data=event.untrusted_data,
                 untrusted_decoded=check.decoded,
                 data_verified=check.data_verified,
-                warnings=check.problems + tuple(str(q) for q in check.quirks),
+                warnings=(
+                    check.problems + tuple(str(q) for q in check.quirks)
+                    if check.quirks
+                    else check.problems
+                ),
                 quirks=check.quirks,
                 digest_covers=check.digest_covers,
             )
