@@ -102,6 +102,12 @@ def _unb64(step: str, doc: dict[str, Any], key: str) -> bytes:
         raise GuestAttestationError(step, 200, f"answer has no base64 {key!r}") from None
 
 
+def _tpm2b_content(key: str, data: bytes) -> bytes:
+    if len(data) < 2 or int.from_bytes(data[:2], "big") != len(data) - 2:
+        raise GuestAttestationError("register", 201, f"{key} is not a TPM2B ({len(data)} bytes)")
+    return data[2:]
+
+
 def _call(
     http: requests.Session,
     step: str,
@@ -184,9 +190,10 @@ def guest_attest_steps(
             attester_id = reg.get("attester_id")
             if not isinstance(attester_id, str):
                 raise GuestAttestationError("register", 201, "answer has no attester_id")
+            # the service sends TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (size-prefixed)
             cred = Credential(
-                _unb64("register", reg, "credential_blob"),
-                _unb64("register", reg, "encrypted_secret"),
+                _tpm2b_content("credential_blob", _unb64("register", reg, "credential_blob")),
+                _tpm2b_content("encrypted_secret", _unb64("register", reg, "encrypted_secret")),
             )
             timings["register"] = clock() - t
             t = clock()
