@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Any, cast
+from typing import Protocol, cast
 
 __all__ = ["ALGORITHMS", "HashAlgorithm", "algorithm_by_id", "algorithm_by_name"]
 
@@ -45,8 +45,12 @@ class HashAlgorithm:
         return self.hash(pcr + digest)
 
 
+class _Hash(Protocol):
+    def digest(self) -> bytes: ...
+
+
 @lru_cache(maxsize=64)
-def _constructor(hashlib_name: str) -> Callable[[bytes], Any] | None:
+def _constructor(hashlib_name: str) -> Callable[[bytes], _Hash] | None:
     """hashlib's constructor for ``hashlib_name``, or None when this Python lacks it.
 
     Memoised: ``hashlib.new(name)`` looks the name up on every call.
@@ -57,7 +61,7 @@ def _constructor(hashlib_name: str) -> Callable[[bytes], Any] | None:
         return None
     named = getattr(hashlib, hashlib_name, None)
     if callable(named):
-        return cast("Callable[[bytes], Any]", named)
+        return cast("Callable[[bytes], _Hash]", named)
     return partial(hashlib.new, hashlib_name)
 
 
