@@ -38,7 +38,14 @@ from verifier.credential import Credential
 from vtpm_core.errors import ConfigError, StateError, TpmError, VtpmTrustError
 from vtpm_core.vm.channel import GuestChannel, validate_selection
 
-__all__ = ["GuestAttestation", "GuestAttestationError", "attest_guest", "guest_attest_steps"]
+__all__ = [
+    "GuestAttestation",
+    "GuestAttestationError",
+    "assign_policy",
+    "attest_guest",
+    "check_loopback_url",
+    "guest_attest_steps",
+]
 
 _TIMEOUT = 30.0
 
@@ -160,6 +167,7 @@ def guest_attest_steps(
     *,
     admin_token: str | None = None,
     state: AttesterState | None = None,
+    on_registered: Callable[[AttesterState], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> GuestAttestation:
     """:func:`attest_guest` with the details: the attester state to reuse and step timings.
@@ -167,7 +175,8 @@ def guest_attest_steps(
     With ``state`` (from an earlier call in the same boot) registration and
     activation are skipped: only a new challenge, quote and evidence.
     ``admin_token`` is sent with the registration (needed only when the
-    verifier must accept an EK without a certificate).
+    verifier must accept an EK without a certificate). ``on_registered`` runs
+    after a new activation, before the challenge (e.g. to assign a policy).
     """
     url = check_loopback_url(verifier_url)
     timings: dict[str, float] = {}
@@ -210,6 +219,8 @@ def guest_attest_steps(
             state = AttesterState(url, attester_id, token)
             registered = True
             timings["activate"] = clock() - t
+            if on_registered is not None:
+                on_registered(state)
         base = f"{url}/v1/attesters/{state.attester_id}"
         t = clock()
         ch = _call(http, "challenge", f"{base}/challenges", token=state.token)
@@ -233,6 +244,20 @@ def guest_attest_steps(
         result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
         timings["evidence"] = clock() - t
     return GuestAttestation(state, result, registered, timings)
+
+
+def assign_policy(verifier_url: str, admin_token: str, attester_id: str, policy: str) -> None:
+    """``PUT /v1/attesters/{id}/policy`` with the admin token (the policy must exist)."""
+    url = check_loopback_url(verifier_url)
+    with requests.Session() as http:
+        _call(
+            http,
+            "assign policy",
+            f"{url}/v1/attesters/{attester_id}/policy",
+            token=admin_token,
+            body={"policy": policy},
+            method="PUT",
+        )
 
 
 def attest_guest(

@@ -15,18 +15,21 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
+from verifier.attester import AttesterState
+from verifier.guest_attester import GuestAttestation
 from vtpm_core.authenticode import authenticode_digest
-from vtpm_core.errors import ConfigError
+from vtpm_core.errors import ConfigError, VerificationError
 from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
     DEFAULT_CMDLINE,
     PROTOCOL_VERSION,
+    GuestChannel,
     boot_guest,
     guest_esp,
     loader_entry,
@@ -71,10 +74,14 @@ def _vm_boot(
     pcrs: str,
     timeout: float,
     as_json: bool,
+    verifier: str | None = None,
+    token_file: Path | None = None,
+    policy: str | None = None,
 ) -> None:
     if not name or set(name) - _NAME_CHARS or name.startswith("."):
         raise ConfigError(f"bad VM name {name!r} (letters, digits, '.', '_', '-')")
     validate_selection(pcrs)
+    attest = _verifier_step(verifier, token_file, policy)
     loader_entry(cmdline)  # refuse a bad command line before any download or build
     out_dir = out if out is not None else Path.cwd() / f"vm-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +94,7 @@ def _vm_boot(
         nonce = secrets.token_bytes(32)
         quote = session.channel.quote(nonce, pcrs)
         ready = session.channel.ready_after_s
+        verdict = attest(session.channel) if attest is not None else None
     vtpm_source = str(state) if state is not None else f"{store_path} ({name})"
     files = {
         "ek_cert.der": ident.ek_cert_der or b"",
@@ -133,8 +141,14 @@ def _vm_boot(
         "out": str(out_dir),
         "console": str(art.console_log) if art else None,
     }
+    if verdict is not None:
+        (out_dir / "result.json").write_text(json.dumps(verdict.to_json(), indent=1) + "\n")
+        summary["verifier"] = {
+            k: verdict.to_json().get(k) for k in ("attester_id", "status", "policy", "timings")
+        }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        _fail_unless_affirming(verdict)
         return
     sb = "on" if secure_boot else "off"
     click.echo(f"vm {name}: guest ready after {summary['boot_seconds']} s (secure boot {sb})")
@@ -144,6 +158,69 @@ def _vm_boot(
     click.echo(f"  quote over {pcrs}, nonce {nonce.hex()}")
     click.echo(f"  firmware event log: {len(quote.eventlog)} bytes")
     click.echo(f"  written to {out_dir} (check with tpm2_checkquote -u ak.pub -m quote.msg ...)")
+    if verdict is not None:
+        _echo_verdict(verifier or "", verdict)
+        _fail_unless_affirming(verdict)
+
+
+def _verifier_step(
+    verifier: str | None, token_file: Path | None, policy: str | None
+) -> Callable[[GuestChannel], GuestAttestation] | None:
+    """`--verifier`: the guest attests against the running service (checked before booting)."""
+    from verifier.guest_attester import assign_policy, check_loopback_url, guest_attest_steps
+
+    if verifier is None:
+        if token_file is not None or policy is not None:
+            raise ConfigError("--token-file and --policy need --verifier URL")
+        return None
+    url = check_loopback_url(verifier)
+    token: str | None = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc}") from None
+        if not token:
+            raise ConfigError(f"--token-file {token_file}: empty")
+    if policy is not None and token is None:
+        raise ConfigError("--policy needs the admin token (--token-file)")
+
+    def assign(state: AttesterState) -> None:
+        if policy is not None and token is not None:
+            assign_policy(url, token, state.attester_id, policy)
+
+    def run(channel: GuestChannel) -> GuestAttestation:
+        return guest_attest_steps(channel, url, admin_token=token, on_registered=assign)
+
+    return run
+
+
+def _echo_verdict(url: str, verdict: GuestAttestation) -> None:
+    res = verdict.result
+    click.echo(f"verifier {url}: attester {verdict.state.attester_id}")
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in verdict.timings.items())
+    click.echo(f"  {steps}")
+    click.echo(f"  verdict: {res.get('status')} (policy {res.get('policy') or 'none'})")
+    report = res.get("report") or {}
+    for fail in report.get("failures") or ():
+        text = f"  FAIL {fail.get('rule')}: "
+        event = fail.get("event")
+        if isinstance(event, dict):
+            text += f"event {event.get('index')} ({event.get('type')}, PCR {event.get('pcr')}): "
+        text += str(fail.get("message"))
+        if fail.get("expected") is not None or fail.get("actual") is not None:
+            text += f" (expected {fail.get('expected')!r}, got {fail.get('actual')!r})"
+        click.echo(text)
+    for warn in report.get("warnings") or ():
+        click.echo(f"  warning: {warn.get('message') if isinstance(warn, dict) else warn}")
+
+
+def _fail_unless_affirming(verdict: GuestAttestation | None) -> None:
+    if verdict is not None and verdict.result.get("status") != "affirming":
+        raise VerificationError(
+            "verdict",
+            f"the verifier's verdict is {verdict.result.get('status')}, not affirming",
+        )
 
 
 def _vm_build(
@@ -220,6 +297,17 @@ def _register_vm(cli: click.Group) -> None:
     @click.option("--pcrs", default="sha256:0,1,2,3,4,5,6,7,8,9", show_default=True)
     @click.option("--timeout", default=240.0, show_default=True, help="Hard limit, seconds.")
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+    @click.option(
+        "--verifier",
+        metavar="URL",
+        help="Attest against this running verifier (http://127.0.0.1:PORT).",
+    )
+    @click.option(
+        "--token-file",
+        type=_FILE,
+        help="The verifier's admin token (needed for --policy).",
+    )
+    @click.option("--policy", help="Assign this verifier policy to the attester before quoting.")
     def boot(
         name: str,
         kernel: Path | None,
@@ -232,6 +320,9 @@ def _register_vm(cli: click.Group) -> None:
         pcrs: str,
         timeout: float,
         as_json: bool,
+        verifier: str | None,
+        token_file: Path | None,
+        policy: str | None,
     ) -> None:
         """Boot VM NAME with its vTPM, quote its boot PCRs with a fresh nonce, power it off.
 
@@ -243,6 +334,11 @@ def _register_vm(cli: click.Group) -> None:
         values as {bank: {pcr: hex}}, unverified) and eventlog.bin to the
         output directory (default ./vm-NAME), and the serial console to
         run/console.log there.
+
+        With --verifier, the guest also attests against that running verifier
+        (register with the EK certificate, activate, challenge, quote,
+        evidence with the firmware log), the result goes to result.json and
+        the exit status is 1 unless the verdict is affirming.
         """
         _vm_boot(
             name,
@@ -256,6 +352,9 @@ def _register_vm(cli: click.Group) -> None:
             pcrs,
             timeout,
             as_json,
+            verifier,
+            token_file,
+            policy,
         )
 
 

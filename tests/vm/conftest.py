@@ -12,8 +12,10 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
@@ -77,23 +79,60 @@ class ProvisionedVtpm:
 CA_PASSPHRASE = b"vm test CA passphrase"
 
 
-def provision_vtpm(work: Path, name: str = "vm") -> ProvisionedVtpm:
-    """A vTPM in a fresh store, its EK certificates issued by a fresh project CA (in NV)."""
+def provision_vtpm(work: Path, name: str = "vm", *, ca_dir: Path | None = None) -> ProvisionedVtpm:
+    """A vTPM in a fresh store, its EK certificates issued by the project CA (in NV).
+
+    The CA is ``ca_dir`` (made with :data:`CA_PASSPHRASE`) or a fresh one in ``work/ca``.
+    """
     from ca.home import CaHome
     from ca.issuer import LocalCaIssuer
 
-    home = CaHome(work / "ca")
-    home.init(passphrase=CA_PASSPHRASE)
+    if ca_dir is None:
+        ca_dir = work / "ca"
+        CaHome(ca_dir).init(passphrase=CA_PASSPHRASE)
     store = VtpmStore.init(work / "store")
-    with LocalCaIssuer.open(work / "ca", passphrase=CA_PASSPHRASE) as issuer:
+    with LocalCaIssuer.open(ca_dir, passphrase=CA_PASSPHRASE) as issuer:
         store.create(name, issuer=issuer)
-    return ProvisionedVtpm(name, store, work / "ca" / "chain.pem")
+    return ProvisionedVtpm(name, store, ca_dir / "chain.pem")
+
+
+@dataclass(frozen=True)
+class VmVerifier:
+    """`vtpm verifier serve` (gunicorn, SQLite) whose only trust root is the project CA ``ca``."""
+
+    url: str
+    admin: str
+    ca: Path  # the CA home (passphrase CA_PASSPHRASE)
+
+    def put(self, path: str, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.admin}", **kwargs.pop("headers", {})}
+        return requests.put(f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def vm_verifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmVerifier]:
+    from ca.home import CaHome
+    from tests.verifier.service.conftest import Server
+    from verifier.service.config import init_home
+
+    root = tmp_path_factory.mktemp("vm-verifier")
+    CaHome(root / "ca").init(passphrase=CA_PASSPHRASE)
+    home = root / "verifier"
+    admin = init_home(home, verifier_id="vm-test-verifier")
+    shutil.copyfile(root / "ca" / "ca.pem", home / "roots" / "vtpm-ca.pem")
+    server = Server(home, None).start()
+    try:
+        yield VmVerifier(server.url, admin, root / "ca")
+    finally:
+        server.stop()
 
 
 @pytest.fixture
-def vm_vtpm(tmp_path: Path) -> Iterator[tuple[ProvisionedVtpm, SwtpmProcess]]:
-    """A store vTPM (EK certs from our CA) started for QEMU, sockets in a short private dir."""
-    prov = provision_vtpm(tmp_path / "vtpm")
+def vm_vtpm(
+    tmp_path: Path, vm_verifier: VmVerifier
+) -> Iterator[tuple[ProvisionedVtpm, SwtpmProcess]]:
+    """A store vTPM (EK certs from the verifier's CA) started for QEMU, short socket dir."""
+    prov = provision_vtpm(tmp_path / "vtpm", ca_dir=vm_verifier.ca)
     sock_dir = Path(tempfile.mkdtemp(prefix="vtpm-swtpm-"))
     try:
         with prov.store.running(prov.name, transport="qemu", socket_dir=sock_dir) as tpm:

@@ -17,6 +17,7 @@ import os
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
-from tests.vm.conftest import GuestImages, ProvisionedVtpm
+from tests.vm.conftest import GuestImages, ProvisionedVtpm, VmVerifier
 from verifier.credential import make_credential
 from verifier.ekcert import TrustStore, validate_ek_certificate
 from verifier.eventlog import EventLog, EventType
+from verifier.guest_attester import guest_attest_steps
+from verifier.policy import learn_policy
 from verifier.quote import PcrValues, Public, verify_quote
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import VerificationError
 from vtpm_core.swtpm import SwtpmProcess
-from vtpm_core.vm import DEFAULT_CMDLINE, EspImage, QemuVm, measured_load_options
+from vtpm_core.vm import DEFAULT_CMDLINE, EspImage, GuestChannel, QemuVm, measured_load_options
 
 pytestmark = pytest.mark.vm
 
@@ -53,6 +56,7 @@ class Attested:
     log_pcrs: dict[int, bytes]  # tpm2_eventlog's replay, sha256 bank
     eventlog: bytes
     timings: dict[str, float]
+    service: Any = None  # what the `service` step returned (verdicts from the running verifier)
 
 
 def _run(*args: str, cwd: Path) -> str:
@@ -81,7 +85,11 @@ def _digests(event: dict[str, Any], alg: str = "sha256") -> bytes:
 
 
 def boot_and_attest(
-    work: Path, esp: EspImage, prov: ProvisionedVtpm, tpm: SwtpmProcess
+    work: Path,
+    esp: EspImage,
+    prov: ProvisionedVtpm,
+    tpm: SwtpmProcess,
+    service: Callable[[GuestChannel, bytes], Any] | None = None,
 ) -> Attested:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -141,6 +149,10 @@ def boot_and_attest(
             nonce = os.urandom(32)
             quote = chan.quote(nonce, SELECTION)
             t_done = time.monotonic()
+
+            # 5. the same guest attests against the running verifier service
+            served = service(chan, quote.eventlog) if service is not None else None
+            t_service = time.monotonic()
         artifacts = vm.wait(30)
     assert artifacts.returncode == 0, f"QEMU ended with {artifacts.returncode}"
     assert "VTPM-GUEST: POWEROFF" in artifacts.console_text()
@@ -184,11 +196,13 @@ def boot_and_attest(
         events=log["events"],
         log_pcrs=log_pcrs,
         eventlog=quote.eventlog,
+        service=served,
         timings={
             "boot_to_ready": t_ready - t0,
             "hello": t_act - t_ready,
             "activate_x2": t_quote - t_act,
             "quote": t_done - t_quote,
+            "service": t_service - t_done,
             "vm_wall": artifacts.wall_seconds,
         },
     )
@@ -239,36 +253,137 @@ def _secure_boot_var(att: Attested) -> str:
     raise AssertionError("no SecureBoot variable event in PCR7")
 
 
+def files_policy(name: str, esp: EspImage, *, secure_boot: bool, cmdline: str) -> str:
+    """A policy made from the boot files, no boot needed: our Authenticode digests + options."""
+    doc = {
+        "version": 1,
+        "name": name,
+        "secure_boot": secure_boot,
+        "boot_applications": [
+            {
+                "name": "BOOTX64.EFI",
+                "sha256": authenticode_digest(esp.bootloader.read_bytes()).hex(),
+            },
+            {"name": "vmlinuz", "sha256": authenticode_digest(esp.kernel.read_bytes()).hex()},
+        ],
+        "kernel_cmdlines": [{"exact": measured_load_options(cmdline)}],
+    }
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def upload_and_assign(vmv: VmVerifier, attester_id: str, name: str, body: str) -> None:
+    r = vmv.put(
+        f"/v1/policies/{name}", data=body.encode(), headers={"Content-Type": "application/yaml"}
+    )
+    assert r.status_code in (200, 201), r.text
+    r = vmv.put(f"/v1/attesters/{attester_id}/policy", json={"policy": name})
+    assert r.status_code == 200, r.text
+
+
+def _failures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((result.get("report") or {}).get("failures") or [])
+
+
 def test_esp_boot_attests(
-    tmp_path: Path, guest_images: GuestImages, vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess]
+    tmp_path: Path,
+    guest_images: GuestImages,
+    vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess],
+    vm_verifier: VmVerifier,
 ) -> None:
     prov, tpm = vm_vtpm
-    att = boot_and_attest(tmp_path / "run", guest_images.esp(), prov, tpm)
+    esp = guest_images.esp()
+
+    def through_service(chan: GuestChannel, eventlog: bytes) -> dict[str, Any]:
+        # registration (EK cert from our CA in NV), activation, challenge, quote, evidence
+        first = guest_attest_steps(chan, vm_verifier.url)
+        # a policy learned from the firmware's own log, uploaded and assigned ...
+        log = EventLog.parse(eventlog)
+        learned = learn_policy(log.verify(log.replay()), name="vm-learned")
+        upload_and_assign(vm_verifier, first.state.attester_id, "vm-learned", learned.to_yaml())
+        # ... and a new challenge in the same boot is appraised under it
+        second = guest_attest_steps(chan, vm_verifier.url, state=first.state)
+        # the policy made from the boot files (no boot) accepts this boot too
+        body = files_policy("vm-files", esp, secure_boot=False, cmdline=DEFAULT_CMDLINE)
+        upload_and_assign(vm_verifier, first.state.attester_id, "vm-files", body)
+        third = guest_attest_steps(chan, vm_verifier.url, state=first.state)
+        return {"first": first, "learned": learned, "second": second, "third": third}
+
+    att = boot_and_attest(tmp_path / "run", esp, prov, tpm, through_service)
     check_measurements(att)
     assert _secure_boot_var(att) == "00"
     assert not [e for e in att.events if e["EventType"] == "EV_EFI_VARIABLE_AUTHORITY"]
-    print(f"\nesp/plain timings: {att.timings}")
+
+    first, second, third = att.service["first"], att.service["second"], att.service["third"]
+    assert first.registered and not second.registered and not third.registered
+    # without a policy the quote and the log replay pass, but the verdict is only a warning
+    assert first.result["status"] == "warning", first.result
+    assert first.result["policy"] is None and not _failures(first.result)
+    assert second.result["status"] == "affirming", _failures(second.result)
+    assert second.result["policy"] == "vm-learned"
+    assert second.result["nonce"] != first.result["nonce"]
+    learned = att.service["learned"]
+    assert learned.secure_boot is False and learned.kernel_cmdlines
+    assert third.result["status"] == "affirming", _failures(third.result)
+    assert third.result["policy"] == "vm-files"
+    print(f"\nesp/plain timings: {att.timings}; service steps: {second.timings}")
 
 
 def test_secure_boot_attests(
-    tmp_path: Path, guest_images: GuestImages, vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess]
+    tmp_path: Path,
+    guest_images: GuestImages,
+    vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess],
+    vm_verifier: VmVerifier,
 ) -> None:
     prov, tpm = vm_vtpm
-    att = boot_and_attest(tmp_path / "run", guest_images.esp(secure_boot=True), prov, tpm)
+    esp = guest_images.esp(secure_boot=True)
+
+    def through_service(chan: GuestChannel, eventlog: bytes) -> dict[str, Any]:
+        first = guest_attest_steps(chan, vm_verifier.url)
+        body = files_policy("vm-files-sb", esp, secure_boot=True, cmdline=DEFAULT_CMDLINE)
+        upload_and_assign(vm_verifier, first.state.attester_id, "vm-files-sb", body)
+        second = guest_attest_steps(chan, vm_verifier.url, state=first.state)
+        return {"first": first, "second": second}
+
+    att = boot_and_attest(tmp_path / "run", esp, prov, tpm, through_service)
     check_measurements(att)
     assert _secure_boot_var(att) == "01"
     authority = [e for e in att.events if e["EventType"] == "EV_EFI_VARIABLE_AUTHORITY"]
     assert authority and all(e["PCRIndex"] == 7 for e in authority)
+    second = att.service["second"]
+    assert second.result["status"] == "affirming", _failures(second.result)
+    assert second.result["policy"] == "vm-files-sb"
     print(f"\nesp/secure-boot timings: {att.timings}")
 
 
 def test_other_cmdline_changes_pcr9_and_pcr12(
-    tmp_path: Path, guest_images: GuestImages, vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess]
+    tmp_path: Path,
+    guest_images: GuestImages,
+    vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess],
+    vm_verifier: VmVerifier,
 ) -> None:
     prov, tpm = vm_vtpm
-    att = boot_and_attest(tmp_path / "run", guest_images.esp(cmdline=OTHER_CMDLINE), prov, tpm)
+    esp = guest_images.esp(cmdline=OTHER_CMDLINE)
+    # the policy of the plain boot: same files, the default command line
+    plain = files_policy("vm-files", esp, secure_boot=False, cmdline=DEFAULT_CMDLINE)
+
+    def through_service(chan: GuestChannel, eventlog: bytes) -> dict[str, Any]:
+        first = guest_attest_steps(chan, vm_verifier.url)
+        upload_and_assign(vm_verifier, first.state.attester_id, "vm-files", plain)
+        return {"second": guest_attest_steps(chan, vm_verifier.url, state=first.state)}
+
+    att = boot_and_attest(tmp_path / "run", esp, prov, tpm, through_service)
     check_measurements(att)  # the measured options are OTHER_CMDLINE's
     default = (measured_load_options(DEFAULT_CMDLINE) + "\0").encode("utf-16-le")
     default_digest = hashlib.sha256(default).digest()
     assert all(_digests(e) != default_digest for e in att.events if e["PCRIndex"] in (9, 12))
-    print(f"\nesp/other-cmdline timings: {att.timings}")
+
+    # the running verifier says why: the kernel command line rule, with event and values
+    result = att.service["second"].result
+    assert result["status"] == "contraindicated", result
+    failures = _failures(result)
+    assert {f["rule"] for f in failures} == {"kernel_cmdline"}, failures
+    fail = failures[0]
+    assert fail["event"]["type"] == "EV_IPL" and fail["event"]["pcr"] in (8, 9, 12)
+    assert measured_load_options(DEFAULT_CMDLINE) in str(fail["expected"])
+    assert "vtpm.test=other" in str(fail["actual"])
+    print(f"\nesp/other-cmdline timings: {att.timings}; failure: {fail}")
