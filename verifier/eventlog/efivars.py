@@ -47,12 +47,37 @@ class SignatureData:
 
 @dataclass(frozen=True, slots=True)
 class SignatureList:
-    """EFI_SIGNATURE_LIST: the signature type (GUID and its name) and its entries."""
+    """EFI_SIGNATURE_LIST: the signature type (GUID and its name) and its entries.
+
+    ``entries`` holds the EFI_SIGNATURE_DATA array as measured: a whole number
+    of ``signature_size``-byte entries (checked when parsed). The entries are
+    split out on access (``signatures``, ``entry_data``), not when the log is
+    decoded: a dbx carries hundreds that most appraisals only count.
+    """
 
     signature_type: str
     type_name: str | None
     header: bytes
-    signatures: tuple[SignatureData, ...]
+    signature_size: int
+    entries: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.entries) // self.signature_size
+
+    @property
+    def signatures(self) -> tuple[SignatureData, ...]:
+        """Each EFI_SIGNATURE_DATA: its owner GUID and its data."""
+        e, size = self.entries, self.signature_size
+        return tuple(
+            SignatureData(format_guid(e[i : i + 16]), e[i + 16 : i + size])
+            for i in range(0, len(e), size)
+        )
+
+    def entry_data(self) -> tuple[bytes, ...]:
+        """Each entry's SignatureData (without its owner GUID)."""
+        e, size = self.entries, self.signature_size
+        return tuple(e[i + 16 : i + size] for i in range(0, len(e), size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +110,10 @@ class SignatureDatabase:
             if body > r.remaining:
                 raise r.error("SignatureListSize", f"list of {list_size} bytes runs past the data")
             header = r.take(header_size, "SignatureHeader")
-            # body is a whole number of entries and lies inside the data (checked
-            # above): slice the entries directly, no per-entry bounds checks
+            # body is a whole number of sig_size (>= 16) entries inside the data
+            # (checked above): SignatureList splits them when asked
             entries = r.take(body, "Signatures")
-            sigs = tuple(
-                SignatureData(format_guid(entries[i : i + 16]), entries[i + 16 : i + sig_size])
-                for i in range(0, body, sig_size)
-            )
-            lists.append(SignatureList(sig_type, guid_name(sig_type), header, sigs))
+            lists.append(SignatureList(sig_type, guid_name(sig_type), header, sig_size, entries))
         return cls(tuple(lists))
 
 

@@ -33,6 +33,7 @@ from verifier.eventlog.efivars import (
     LoadOption,
     SignatureData,
     SignatureDatabase,
+    SignatureList,
 )
 from verifier.eventlog.parse import SpecIdEvent, StartupLocality
 
@@ -51,6 +52,14 @@ def to_jsonable(value: object) -> Any:
         return {"name": value.name, "alg_id": value.alg_id, "digest_size": value.digest_size}
     if isinstance(value, DevicePath):
         return {"text": value.text, "nodes": [to_jsonable(n) for n in value.nodes]}
+    if isinstance(value, SignatureList):  # its entries are split on access
+        return {
+            "structure": "SignatureList",
+            "signature_type": value.signature_type,
+            "type_name": value.type_name,
+            "header": value.header.hex(),
+            "signatures": [to_jsonable(s) for s in value.signatures],
+        }
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
@@ -114,7 +123,7 @@ def _value_summary(var: EfiVariable) -> str:
     if isinstance(value, SignatureDatabase):
         if not value.lists:
             return "(empty)"
-        count = sum(len(sl.signatures) for sl in value.lists)
+        count = sum(sl.count for sl in value.lists)
         kinds = sorted({sl.type_name or sl.signature_type for sl in value.lists})
         return f"{count} signature(s) in {len(value.lists)} list(s) {', '.join(kinds)}"
     if isinstance(value, SignatureData):

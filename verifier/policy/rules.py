@@ -260,9 +260,9 @@ def _entries(var: EfiVariable, refs: bool = True) -> tuple[int, frozenset[bytes]
     set membership, no constant-time compare needed."""
     if not isinstance(var.value, SignatureDatabase):
         return 0, frozenset()
-    data = [s.data for lst in var.value.lists for s in lst.signatures]
     if not refs:
-        return len(data), frozenset()
+        return sum(lst.count for lst in var.value.lists), frozenset()
+    data = [d for lst in var.value.lists for d in lst.entry_data()]
     return len(data), frozenset(data) | {hashlib.sha256(x).digest() for x in data}
 
 
