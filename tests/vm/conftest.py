@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
+from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
@@ -27,6 +29,7 @@ from vtpm_core.vm import (
     build_initramfs,
     default_cache_dir,
     fetch_debian_kernel,
+    measured_load_options,
 )
 
 
@@ -109,7 +112,7 @@ class VmVerifier:
         return requests.put(f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vm_verifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmVerifier]:
     from ca.home import CaHome
     from tests.verifier.service.conftest import Server
@@ -139,3 +142,35 @@ def vm_vtpm(
             yield prov, tpm
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def files_policy(name: str, esp: EspImage, *, secure_boot: bool, cmdline: str) -> str:
+    """A policy made from the boot files, no boot needed: our Authenticode digests + options."""
+    doc = {
+        "version": 1,
+        "name": name,
+        "secure_boot": secure_boot,
+        "boot_applications": [
+            {
+                "name": "BOOTX64.EFI",
+                "sha256": authenticode_digest(esp.bootloader.read_bytes()).hex(),
+            },
+            {"name": "vmlinuz", "sha256": authenticode_digest(esp.kernel.read_bytes()).hex()},
+        ],
+        "kernel_cmdlines": [{"exact": measured_load_options(cmdline)}],
+    }
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+def upload_policy(vmv: VmVerifier, name: str, body: str) -> None:
+    """PUT /v1/policies/{name} with the YAML body (admin token)."""
+    r = vmv.put(
+        f"/v1/policies/{name}", data=body.encode(), headers={"Content-Type": "application/yaml"}
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+def upload_and_assign(vmv: VmVerifier, attester_id: str, name: str, body: str) -> None:
+    upload_policy(vmv, name, body)
+    r = vmv.put(f"/v1/attesters/{attester_id}/policy", json={"policy": name})
+    assert r.status_code == 200, r.text

@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
-from tests.vm.conftest import GuestImages, ProvisionedVtpm, VmVerifier
+from tests.vm.conftest import (
+    GuestImages,
+    ProvisionedVtpm,
+    VmVerifier,
+    files_policy,
+    upload_and_assign,
+)
 from verifier.credential import make_credential
 from verifier.ekcert import TrustStore, validate_ek_certificate
 from verifier.eventlog import EventLog, EventType
@@ -251,33 +257,6 @@ def _secure_boot_var(att: Attested) -> str:
         if is_var and ev.get("UnicodeName") == "SecureBoot":
             return str(ev.get("VariableData"))
     raise AssertionError("no SecureBoot variable event in PCR7")
-
-
-def files_policy(name: str, esp: EspImage, *, secure_boot: bool, cmdline: str) -> str:
-    """A policy made from the boot files, no boot needed: our Authenticode digests + options."""
-    doc = {
-        "version": 1,
-        "name": name,
-        "secure_boot": secure_boot,
-        "boot_applications": [
-            {
-                "name": "BOOTX64.EFI",
-                "sha256": authenticode_digest(esp.bootloader.read_bytes()).hex(),
-            },
-            {"name": "vmlinuz", "sha256": authenticode_digest(esp.kernel.read_bytes()).hex()},
-        ],
-        "kernel_cmdlines": [{"exact": measured_load_options(cmdline)}],
-    }
-    return str(yaml.safe_dump(doc, sort_keys=False))
-
-
-def upload_and_assign(vmv: VmVerifier, attester_id: str, name: str, body: str) -> None:
-    r = vmv.put(
-        f"/v1/policies/{name}", data=body.encode(), headers={"Content-Type": "application/yaml"}
-    )
-    assert r.status_code in (200, 201), r.text
-    r = vmv.put(f"/v1/attesters/{attester_id}/policy", json={"policy": name})
-    assert r.status_code == 200, r.text
 
 
 def _failures(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.vm.conftest import GuestImages, provision_vtpm
+from tests.vm.conftest import (
+    GuestImages,
+    VmVerifier,
+    files_policy,
+    provision_vtpm,
+    upload_policy,
+)
 from vtpm_cli.main import cli
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.vm import DEFAULT_CMDLINE, measured_load_options
@@ -19,20 +25,36 @@ from vtpm_core.vm import DEFAULT_CMDLINE, measured_load_options
 pytestmark = pytest.mark.vm
 
 
-def test_vm_boot_writes_verifiable_evidence(tmp_path: Path, guest_images: GuestImages) -> None:
-    prov = provision_vtpm(tmp_path / "vtpm", name="cli-test")
+def test_vm_boot_writes_verifiable_evidence(
+    tmp_path: Path, guest_images: GuestImages, vm_verifier: VmVerifier
+) -> None:
+    prov = provision_vtpm(tmp_path / "vtpm", name="cli-test", ca_dir=vm_verifier.ca)
     out = tmp_path / "out"
+    # the policy made from the boot files, uploaded before the boot; --policy assigns it
+    esp = guest_images.esp()
+    upload_policy(
+        vm_verifier,
+        "vm-cli",
+        files_policy("vm-cli", esp, secure_boot=False, cmdline=DEFAULT_CMDLINE),
+    )
+    token = tmp_path / "admin.token"
+    token.write_text(vm_verifier.admin + "\n")
     result = CliRunner().invoke(
         cli,
         [
             "vm", "boot", "cli-test", "--store", str(prov.store.root), "--out", str(out),
             "--kernel", str(guest_images.kernel.vmlinuz),
             "--initrd", str(guest_images.initramfs.path), "--pcrs", "sha256:0,4,7,9",
+            "--verifier", vm_verifier.url, "--token-file", str(token), "--policy", "vm-cli",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "EK certificate (NV 0x01C00002):" in result.output
     assert "none" not in result.output.splitlines()[1]
+    assert "verdict: affirming (policy vm-cli)" in result.output
+    verdict = json.loads((out / "result.json").read_text())
+    assert verdict["status"] == "affirming" and verdict["registered"] is True
+    assert verdict["report"]["failures"] == []
     nonce = (out / "nonce.bin").read_bytes()
     check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
     done = subprocess.run(
@@ -56,8 +78,24 @@ def test_vm_boot_writes_verifiable_evidence(tmp_path: Path, guest_images: GuestI
         (["vm", "boot", "ok", "--pcrs", "sha256:99"], "PCR 99 out of range"),
         (["vm", "boot", "ok", "--pcrs", "sha256:0;poweroff"], "bad PCR selection"),
         (["vm", "boot", "ok", "--cmdline", "a\nb"], "one non-empty line"),
+        (["vm", "boot", "ok", "--verifier", "http://192.0.2.1:80"], "only a loopback verifier"),
+        (["vm", "boot", "ok", "--verifier", "https://127.0.0.1:1"], "expected http://127.0.0.1"),
+        (["vm", "boot", "ok", "--policy", "p"], "need --verifier URL"),
+        (
+            ["vm", "boot", "ok", "--verifier", "http://127.0.0.1:1", "--policy", "p"],
+            "--policy needs the admin token",
+        ),
     ],
-    ids=["fail/name", "fail/pcrs/range", "fail/pcrs/syntax", "fail/cmdline/newline"],
+    ids=[
+        "fail/name",
+        "fail/pcrs/range",
+        "fail/pcrs/syntax",
+        "fail/cmdline/newline",
+        "fail/verifier/not-loopback",
+        "fail/verifier/https",
+        "fail/policy/without-verifier",
+        "fail/policy/without-token",
+    ],
 )
 def test_vm_boot_rejects_bad_arguments(args: list[str], message: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
