@@ -190,6 +190,20 @@ Decoded = (
     | EfiVariable
 )
 
+_TEXT_TYPES = frozenset(
+    {T.EV_ACTION, T.EV_EFI_ACTION, T.EV_S_CRTM_VERSION, T.EV_EFI_HCRTM_EVENT,
+     T.EV_OMIT_BOOT_DEVICE_EVENTS, T.EV_S_CRTM_CONTENTS, T.EV_PLATFORM_CONFIG_FLAGS,
+     T.EV_COMPACT_HASH, T.EV_NONHOST_INFO}
+)  # fmt: skip
+_VARIABLE_TYPES = frozenset(
+    {T.EV_EFI_VARIABLE_DRIVER_CONFIG, T.EV_EFI_VARIABLE_BOOT, T.EV_EFI_VARIABLE_BOOT2,
+     T.EV_EFI_VARIABLE_AUTHORITY}
+)  # fmt: skip
+_IMAGE_TYPES = frozenset(
+    {T.EV_EFI_BOOT_SERVICES_APPLICATION, T.EV_EFI_BOOT_SERVICES_DRIVER,
+     T.EV_EFI_RUNTIME_SERVICES_DRIVER}
+)  # fmt: skip
+
 # Linux EFI stub tags (include/linux/efi.h: INITRD_EVENT_TAG_ID, LOAD_OPTIONS_EVENT_TAG_ID)
 _TAG_NAMES = {0x8F3B22EC: "Linux initrd", 0x8F3B22ED: "Linux load options"}
 
@@ -234,10 +248,8 @@ def decode_event(
                 "EV_SEPARATOR", "event", base, f"separator is {len(d)} bytes, expected 4"
             )
         return Separator(int.from_bytes(d, "little"))
-    if t in (T.EV_ACTION, T.EV_EFI_ACTION, T.EV_S_CRTM_VERSION, T.EV_EFI_HCRTM_EVENT,
-             T.EV_OMIT_BOOT_DEVICE_EVENTS, T.EV_S_CRTM_CONTENTS, T.EV_PLATFORM_CONFIG_FLAGS,
-             T.EV_COMPACT_HASH, T.EV_NONHOST_INFO):  # fmt: skip
-        if t in (T.EV_S_CRTM_CONTENTS,) and len(d) == 16 and not _printable(d):
+    if t in _TEXT_TYPES:
+        if t == T.EV_S_CRTM_CONTENTS and len(d) == 16 and not _printable(d):
             return FirmwareBlob(
                 int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), None
             )
@@ -257,16 +269,14 @@ def decode_event(
         data = r.take(size, "taggedEventData")
         r.expect_end("taggedEventData")
         return TaggedEvent(tag, _TAG_NAMES.get(tag), data)
-    if t in (T.EV_EFI_VARIABLE_DRIVER_CONFIG, T.EV_EFI_VARIABLE_BOOT, T.EV_EFI_VARIABLE_BOOT2,
-             T.EV_EFI_VARIABLE_AUTHORITY):  # fmt: skip
+    if t in _VARIABLE_TYPES:
         return EfiVariable.parse(
             d,
             base=base,
             authority=t == T.EV_EFI_VARIABLE_AUTHORITY,
             max_nodes=limits.max_device_path_nodes,
         )
-    if t in (T.EV_EFI_BOOT_SERVICES_APPLICATION, T.EV_EFI_BOOT_SERVICES_DRIVER,
-             T.EV_EFI_RUNTIME_SERVICES_DRIVER):  # fmt: skip
+    if t in _IMAGE_TYPES:
         return _image_load(d, base, uintn_size, limits)
     if t in (T.EV_EFI_PLATFORM_FIRMWARE_BLOB, T.EV_EFI_PLATFORM_FIRMWARE_BLOB2):
         r = Reader(d, "UEFI_PLATFORM_FIRMWARE_BLOB", base=base)
