@@ -1,0 +1,113 @@
+"""verifier.guest_attester failure paths: a scripted guest and the real verifier (gunicorn).
+
+The success path needs a real VM and is in tests/vm/test_boot.py and
+tests/vm/test_cli.py; here every step that can fail does, with our errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.verifier.service.conftest import Server
+from verifier.attester import AttesterState
+from verifier.guest_attester import GuestAttestationError, attest_guest, check_loopback_url
+from verifier.service.config import init_home
+from vtpm_core.errors import ConfigError, StateError
+from vtpm_core.vm import GuestChannel
+
+B = lambda b: base64.b64encode(b).decode()  # noqa: E731
+EK_PUB = b"\x00\x04ekpk"
+AK_PUB = b"\x00\x03akp"
+AK_NAME = b"\x00\x0b" + bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def verifier_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("guest-attester") / "verifier"
+    init_home(home, verifier_id="guest-attester-test")
+    server = Server(home, None, workers=1).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def guest() -> Iterator[tuple[GuestChannel, socket.socket]]:
+    host, peer = socket.socketpair()
+    chan = GuestChannel(host, command_timeout=2.0)
+    try:
+        yield chan, peer
+    finally:
+        chan._closed = True  # no POWEROFF round trip against a scripted peer
+        host.close()
+        peer.close()
+
+
+def _answer(peer: socket.socket, line: str) -> None:
+    peer.sendall(line.encode() + b"\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://192.0.2.7:8080", "only a loopback verifier"),
+        ("http://verifier.example:8080", "only a loopback verifier"),
+        ("https://127.0.0.1:8443", "expected http://127.0.0.1:PORT"),
+        ("http://127.0.0.1:8080/v1", "expected http://127.0.0.1:PORT"),
+        ("127.0.0.1:8080", "expected http://127.0.0.1:PORT"),
+    ],
+    ids=["fail/url/remote-ip", "fail/url/name", "fail/url/https", "fail/url/path", "fail/url/bare"],
+)
+def test_only_a_loopback_http_verifier(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_loopback_url(url)
+
+
+def test_loopback_urls_accepted() -> None:
+    assert check_loopback_url("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
+    assert check_loopback_url("http://[::1]:5000") == "http://[::1]:5000"
+    assert check_loopback_url("http://localhost:5000") == "http://localhost:5000"
+
+
+def test_fail_guest_without_ek_certificate(
+    guest: tuple[GuestChannel, socket.socket], verifier_url: str
+) -> None:
+    chan, peer = guest
+    _answer(peer, f"OK HELLO - - {B(EK_PUB)} {B(AK_PUB)} {B(AK_NAME)}")
+    with pytest.raises(StateError, match=r"^register: the guest's TPM has no EK certificate"):
+        attest_guest(chan, verifier_url)
+
+
+def test_fail_register_refused_by_the_verifier(
+    guest: tuple[GuestChannel, socket.socket], verifier_url: str
+) -> None:
+    chan, peer = guest
+    _answer(peer, f"OK HELLO {B(b'not a certificate')} - {B(EK_PUB)} {B(AK_PUB)} {B(AK_NAME)}")
+    with pytest.raises(GuestAttestationError, match=r"^register: verifier answered 4\d\d: ") as e:
+        attest_guest(chan, verifier_url)
+    assert e.value.step == "register" and 400 <= e.value.status < 500
+
+
+def test_fail_verifier_unreachable(guest: tuple[GuestChannel, socket.socket]) -> None:
+    chan, peer = guest
+    _answer(peer, f"OK HELLO {B(b'cert')} - {B(EK_PUB)} {B(AK_PUB)} {B(AK_NAME)}")
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(GuestAttestationError, match=r"^register: verifier unreachable: ") as e:
+        attest_guest(chan, f"http://127.0.0.1:{port}")
+    assert e.value.status == 0
+
+
+def test_fail_challenge_with_an_unknown_token(
+    guest: tuple[GuestChannel, socket.socket], verifier_url: str
+) -> None:
+    chan, _peer = guest
+    state = AttesterState(verifier_url, "00000000-0000-0000-0000-000000000000", "not-a-token")
+    with pytest.raises(GuestAttestationError, match=r"^challenge: verifier answered 40[13]: "):
+        attest_guest(chan, verifier_url, state=state)
