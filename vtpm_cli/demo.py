@@ -28,7 +28,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -41,6 +40,7 @@ from typing import Any
 
 import requests
 
+from vtpm_core._process import pid_exists, stop_child, stop_pid
 from vtpm_core.errors import ConfigError, StateError, VerificationError, VtpmTrustError
 
 __all__ = ["BOOTLOADER", "KERNEL", "DemoResult", "run_demo", "tamper_pe"]
@@ -114,27 +114,6 @@ def tamper_pe(pe: bytes) -> bytes:
     raise VerificationError("demo.kernel", "no section with raw data to change")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL: for a process that is not our child."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot (proc(5) stat field 22), or ""."""
     try:
@@ -155,9 +134,9 @@ def _prepare_home(home: Path, echo: Echo) -> None:
                 parts = line.split()
                 if len(parts) == 3 and parts[1].isdigit():
                     pid = int(parts[1])
-                    if _pid_alive(pid) and _start_time(pid) == parts[2]:
+                    if pid_exists(pid) and _start_time(pid) == parts[2]:
                         echo(f"  stopping leftover {parts[0]} (pid {pid}) of a previous run")
-                        _stop_pid(pid)
+                        stop_pid(pid, 10.0, poll=0.05)
         shutil.rmtree(home)
     home.mkdir(parents=True)
     (home / MARKER).write_text("created by `vtpm demo`; deleted and recreated by the next run\n")
@@ -199,13 +178,7 @@ class _Server:
         raise StateError(f"{self.name} did not answer {self.health} within {timeout:.0f} s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, 15)
         self._log_fh.close()
 
 

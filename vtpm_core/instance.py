@@ -26,15 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from vtpm_core._process import stop_child, stop_pid
 from vtpm_core.errors import ConflictError, StateError, TpmError
 from vtpm_core.swtpm import SwtpmProcess, free_tcp_port_pair, swtpm_available
 
@@ -162,7 +161,7 @@ def preflight(state_dir: Path, data_key: bytes, run_dir: Path, ctx: KeyContext) 
         )
     pid = _read_pid(pid_file)
     if pid is not None:
-        _terminate(pid)
+        stop_pid(pid, _STOP_GRACE_S)
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
 
@@ -269,13 +268,7 @@ def provisioning_tpm(
         if r >= 0:
             os.close(r)
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_child(proc, _STOP_GRACE_S)
 
 
 # -- detached (daemon) swtpm for `vtpm start` / `vtpm stop` ----------------------------
@@ -400,34 +393,6 @@ def running_pid(run_dir: Path, state_dir: Path) -> int | None:
     return pid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (reaped later by its parent) counts as gone
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _terminate(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_GRACE_S
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.005)
-
-
 def stop_detached(run_dir: Path, state_dir: Path) -> bool:
     """Stop the detached swtpm of this vTPM (SIGTERM, SIGKILL after 3 s). False if not running."""
     pid = running_pid(run_dir, state_dir)
@@ -435,7 +400,7 @@ def stop_detached(run_dir: Path, state_dir: Path) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (run_dir / _PID_FILE).unlink()
         return False
-    _terminate(pid)
+    stop_pid(pid, _STOP_GRACE_S)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / _PID_FILE).unlink()
     return True

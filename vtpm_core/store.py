@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 from vtpm_core._atomic import atomic_write, fsync_dir, fsync_tree, publish_dir, remove_tree
+from vtpm_core._process import pid_exists, stop_pid
 from vtpm_core.backup import STATE_FILES, Backup
 from vtpm_core.errors import (
     ConfigError,
@@ -81,6 +82,7 @@ REVOCATION_REASON = "cessation-of-operation"
 CrashHook = Callable[[str], None]
 _STAGING = re.compile(r"^(\d+)-[0-9a-f]+$")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
+_STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL (as vtpm_core.instance stops swtpm)
 
 
 _CREATED = Origin("created")
@@ -600,7 +602,7 @@ class VtpmStore:
             return
         for entry in tmp.iterdir():
             m = _STAGING.match(entry.name)
-            if m is None or _pid_alive(int(m.group(1))):
+            if m is None or pid_exists(int(m.group(1))):
                 continue
             _stop_swtpms_under(entry)
             remove_tree(entry)
@@ -624,16 +626,6 @@ class _LockedIssuer:
             self._inner.revoke_ek_certificate(serial, reason)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop_swtpms_under(directory: Path) -> None:
     """Stop swtpm processes whose --tpmstate lies under ``directory`` (orphans of a crash)."""
     needle = f"dir={directory}/".encode()
@@ -649,9 +641,7 @@ def _stop_swtpms_under(directory: Path) -> None:
             and os.path.basename(argv[0]) == b"swtpm"
             and any(a.startswith(needle) for a in argv)
         ):
-            from vtpm_core.instance import _terminate
-
-            _terminate(int(proc.name))
+            stop_pid(int(proc.name), _STOP_GRACE_S)
 
 
 def _shred(directory: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
+from vtpm_core._process import stop_child
 from vtpm_core.errors import TpmError
 
 if TYPE_CHECKING:
@@ -293,13 +294,7 @@ class SwtpmProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_child(proc, _STOP_GRACE_S)
 
 
 # TPM2_GetRandom(8): the smallest command that proves the TPM is up and started.

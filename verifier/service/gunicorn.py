@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vtpm_core._process import pid_exists
+
 __all__ = ["child_exit", "gunicorn_argv", "make_wsgi", "serve"]
 
 _ENV_HOME = "VTPM_VERIFIER_HOME"
@@ -68,12 +70,8 @@ def _purge_stale_metrics(run: Path) -> None:
         pid = d.name.removeprefix("metrics-")
         if not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: existence check only
-        except ProcessLookupError:
+        if not pid_exists(int(pid)):  # someone else's process counts as alive
             shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by someone else
 
 
 def serve(home: Path, bind: str, workers: int, database_url: str | None) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from vtpm_core._process import stop_child
 from vtpm_core.errors import ConfigError, NotFoundError, TpmError
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm.channel import GuestChannel
@@ -224,16 +225,13 @@ class QemuVm:
         proc = self._proc
         if proc is None:
             raise TpmError("VM not started")
-        killed = False
-        if proc.poll() is None:
-            killed = True
-            proc.send_signal(signal.SIGTERM)  # timeout(1) passes it on to QEMU
-            try:
-                proc.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)  # the group start() created
-                proc.wait()
+
+        def kill_group() -> None:  # the group start() created
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        # SIGTERM goes to timeout(1), which passes it on to QEMU
+        killed = stop_child(proc, _STOP_GRACE_S, kill=kill_group)
         wall = time.monotonic() - self._started
         rc = proc.returncode
         if self._sock_dir is not None:
