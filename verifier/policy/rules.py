@@ -25,7 +25,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
 from verifier.eventlog import Text as TextEvent
@@ -216,41 +216,53 @@ def _fail(
     return Failure(rule.id, rule.claim, message, expected, actual, event)
 
 
+def _not_quoted(rule: _Named, message: str, e: ReplayedEvent) -> Failure:
+    return _fail(rule, message, f"PCR {e.pcr} quoted", "not quoted", EventRef.of(e))
+
+
+_D = TypeVar("_D")
+
+
+def _trusted(
+    rule: _Named,
+    evidence: BootEvidence,
+    e: ReplayedEvent,
+    kind: type[_D],
+    what: tuple[str, str],
+    failures: list[Failure],
+) -> _D | None:
+    """``e``'s decoded data if the quote covers its PCR and the data hashes to its digest;
+    else None, with a failure appended (``what``: the uncovered and the mismatch message)."""
+    uncovered, forged = what
+    if not evidence.is_covered(e.pcr):
+        failures.append(_not_quoted(rule, uncovered, e))
+        return None
+    if e.data_verified is not True or not isinstance(e.decoded, kind):
+        failures.append(
+            _fail(rule, forged, "data hashing to the digest", "mismatch", EventRef.of(e))
+        )
+        return None
+    return e.decoded
+
+
 def _variables(
-    evidence: BootEvidence, name: str, rule: str, claim: str
+    evidence: BootEvidence, name: str, rule: _Named
 ) -> tuple[list[tuple[ReplayedEvent, EfiVariable]], list[Failure]]:
     """EV_EFI_VARIABLE_DRIVER_CONFIG events for ``name``: the trusted ones, and failures
     for those that may not be trusted (uncovered PCR, data not matching digest)."""
     good: list[tuple[ReplayedEvent, EfiVariable]] = []
     bad: list[Failure] = []
+    what = (
+        f"{name} is in a PCR the quote does not cover",
+        f"{name} event data does not match its digest (forged?)",
+    )
     for e in evidence.of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
             continue
-        if not evidence.is_covered(e.pcr):
-            bad.append(
-                Failure(
-                    rule,
-                    claim,
-                    f"{name} is in a PCR the quote does not cover",
-                    f"PCR {e.pcr} quoted",
-                    "not quoted",
-                    EventRef.of(e),
-                )
-            )
-        elif e.data_verified is not True or not isinstance(e.decoded, EfiVariable):
-            bad.append(
-                Failure(
-                    rule,
-                    claim,
-                    f"{name} event data does not match its digest (forged?)",
-                    "data hashing to the digest",
-                    "mismatch",
-                    EventRef.of(e),
-                )
-            )
-        else:
-            good.append((e, e.decoded))
+        trusted = _trusted(rule, evidence, e, EfiVariable, what, bad)
+        if trusted is not None:
+            good.append((e, trusted))
     return good, bad
 
 
@@ -278,7 +290,7 @@ class SecureBootRule:
     claim: str = CONFIGURATION
 
     def check(self, evidence: BootEvidence) -> None:
-        good, failures = _variables(evidence, "SecureBoot", self.id, self.claim)
+        good, failures = _variables(evidence, "SecureBoot", self)
         want = "enabled" if self.expected else "disabled"
         for e, var in good:
             on = isinstance(var.value, EfiBoolean) and var.value.enabled
@@ -314,13 +326,7 @@ class BootApplicationsRule:
             banks = evidence.banks_covering(e.pcr)
             if not banks:
                 failures.append(
-                    _fail(
-                        self,
-                        "boot application in a PCR the quote does not cover",
-                        f"PCR {e.pcr} quoted",
-                        "not quoted",
-                        EventRef.of(e),
-                    )
+                    _not_quoted(self, "boot application in a PCR the quote does not cover", e)
                 )
                 continue
             if not any(self._allowed(app, e, banks) for app in self.allowed):
@@ -361,6 +367,16 @@ class BootApplicationsRule:
         return hit
 
 
+_CMDLINE_UNTRUSTED = (
+    "kernel command line in a PCR the quote does not cover",
+    "kernel command line does not match its digest",
+)
+_SCRTM_UNTRUSTED = (
+    "S-CRTM version in a PCR the quote does not cover",
+    "S-CRTM version does not match its digest",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelCmdlineRule:
     """Every measured kernel command line (EV_IPL in PCR 8/9/12) matches an allowed one,
@@ -380,28 +396,8 @@ class KernelCmdlineRule:
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
                 continue
-            if not evidence.is_covered(e.pcr):
-                failures.append(
-                    _fail(
-                        self,
-                        "kernel command line in a PCR the quote does not cover",
-                        f"PCR {e.pcr} quoted",
-                        "not quoted",
-                        EventRef.of(e),
-                    )
-                )
-                continue
-            trusted = e.decoded
-            if e.data_verified is not True or not isinstance(trusted, IplString):
-                failures.append(
-                    _fail(
-                        self,
-                        "kernel command line does not match its digest",
-                        "data hashing to the digest",
-                        "mismatch",
-                        EventRef.of(e),
-                    )
-                )
+            trusted = _trusted(self, evidence, e, IplString, _CMDLINE_UNTRUSTED, failures)
+            if trusted is None:
                 continue
             good += 1
             text = trusted.value.rstrip("\x00")
@@ -434,28 +430,8 @@ class ScrtmVersionRule:
         good = 0
         expected = " or ".join(repr(v) for v in self.allowed)
         for e in evidence.of_type(EventType.EV_S_CRTM_VERSION):
-            if not evidence.is_covered(e.pcr):
-                failures.append(
-                    _fail(
-                        self,
-                        "S-CRTM version in a PCR the quote does not cover",
-                        f"PCR {e.pcr} quoted",
-                        "not quoted",
-                        EventRef.of(e),
-                    )
-                )
-                continue
-            text = e.decoded
-            if e.data_verified is not True or not isinstance(text, TextEvent):
-                failures.append(
-                    _fail(
-                        self,
-                        "S-CRTM version does not match its digest",
-                        "data hashing to the digest",
-                        "mismatch",
-                        EventRef.of(e),
-                    )
-                )
+            text = _trusted(self, evidence, e, TextEvent, _SCRTM_UNTRUSTED, failures)
+            if text is None:
                 continue
             good += 1
             version = text.text.rstrip("\x00")
@@ -507,7 +483,7 @@ class DbRule:
     claim: str = CONFIGURATION
 
     def check(self, evidence: BootEvidence) -> None:
-        good, failures = _variables(evidence, "db", self.id, self.claim)
+        good, failures = _variables(evidence, "db", self)
         if not good and not failures:
             failures.append(_fail(self, "db was not measured", "db", "absent"))
         if good:
@@ -538,7 +514,7 @@ class DbxRule:
     claim: str = CONFIGURATION
 
     def check(self, evidence: BootEvidence) -> None:
-        good, failures = _variables(evidence, "dbx", self.id, self.claim)
+        good, failures = _variables(evidence, "dbx", self)
         if not good and not failures:
             failures.append(_fail(self, "dbx was not measured", "dbx", "absent"))
         if good:
