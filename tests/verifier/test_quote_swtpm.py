@@ -10,15 +10,14 @@ a TPM2_Hash ticket, and a TPM2_Certify attestation (type 0x8017) by the AK.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from tests.conftest import Tools
 from verifier.quote import VerifiedQuote, verify_quote
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 from vtpm_core.swtpm import SwtpmProcess
@@ -43,30 +42,11 @@ PLAIN_SIGNER = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign"
 SIGN_DECRYPT = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign|decrypt"
 
 
-@dataclass
-class QuoteLab:
-    tpm: SwtpmProcess
-    dir: Path
-    log: list[str] = field(default_factory=list)
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            list(args),
-            env=self.tpm.tool_env,
-            cwd=self.dir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        subprocess.run(
-            ["tpm2_flushcontext", "-t"], env=self.tpm.tool_env, capture_output=True, timeout=30
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
-        return result
+class QuoteLab(Tools):
+    """tpm2-tools in one work directory, plus reading its files and tpm2_checkquote."""
 
     def read(self, name: str) -> bytes:
-        return (self.dir / name).read_bytes()
+        return (self.cwd / name).read_bytes()
 
     def checkquote(
         self, ak: str, msg: str, sig: str, pcrs: str | None, hash_alg: str, nonce: bytes
