@@ -45,6 +45,10 @@ SIGN_DECRYPT = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign|decry
 class QuoteLab(Tools):
     """tpm2-tools in one work directory, plus reading its files and tpm2_checkquote."""
 
+    @property
+    def dir(self) -> Path:
+        return self.cwd
+
     def read(self, name: str) -> bytes:
         return (self.cwd / name).read_bytes()
 
