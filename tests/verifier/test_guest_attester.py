@@ -19,7 +19,11 @@ from verifier.service.config import init_home
 from vtpm_core.errors import ConfigError, StateError
 from vtpm_core.vm import GuestChannel
 
-B = lambda b: base64.b64encode(b).decode()  # noqa: E731
+
+def B(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 EK_PUB = b"\x00\x04ekpk"
 AK_PUB = b"\x00\x03akp"
 AK_NAME = b"\x00\x0b" + bytes(range(32))

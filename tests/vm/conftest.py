@@ -22,6 +22,7 @@ from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.store import VtpmStore
 from vtpm_core.swtpm import SwtpmProcess
 from vtpm_core.vm import (
+    DEFAULT_CMDLINE,
     DebianKernel,
     EspImage,
     Initramfs,
@@ -55,13 +56,12 @@ class GuestImages:
     cache: Path
 
     def esp(self, *, secure_boot: bool = False, cmdline: str | None = None) -> EspImage:
-        kwargs = {} if cmdline is None else {"cmdline": cmdline}
         return build_esp(
             self.cache,
             kernel=self.kernel.vmlinuz,
             initrd=self.initramfs.path,
             secure_boot=secure_boot,
-            **kwargs,
+            cmdline=DEFAULT_CMDLINE if cmdline is None else cmdline,
         )
 
 

@@ -253,8 +253,9 @@ def check_measurements(att: Attested) -> None:
 def _secure_boot_var(att: Attested) -> str:
     for e in att.events:
         ev = e.get("Event")
-        is_var = e["EventType"] == "EV_EFI_VARIABLE_DRIVER_CONFIG" and isinstance(ev, dict)
-        if is_var and ev.get("UnicodeName") == "SecureBoot":
+        if e["EventType"] != "EV_EFI_VARIABLE_DRIVER_CONFIG" or not isinstance(ev, dict):
+            continue
+        if ev.get("UnicodeName") == "SecureBoot":
             return str(ev.get("VariableData"))
     raise AssertionError("no SecureBoot variable event in PCR7")
 
