@@ -44,6 +44,7 @@ __all__ = [
     "assign_policy",
     "attest_guest",
     "check_loopback_url",
+    "check_verifier",
     "guest_attest_steps",
 ]
 
@@ -115,6 +116,22 @@ def _tpm2b_content(key: str, data: bytes) -> bytes:
     return data[2:]
 
 
+def _why(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.ConnectionError) and "refused" in str(exc):
+        return "connection refused"
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {_TIMEOUT:.0f} s"
+    return type(exc).__name__
+
+
+def check_verifier(verifier_url: str) -> str:
+    """``GET /healthz`` before booting, so a verifier that is down fails in a second, not later."""
+    url = check_loopback_url(verifier_url)
+    with requests.Session() as http:
+        _call(http, "health", f"{url}/healthz", method="GET")
+    return url
+
+
 def _call(
     http: requests.Session,
     step: str,
@@ -128,7 +145,7 @@ def _call(
     try:
         resp = http.request(method, url, json=body, headers=headers, timeout=_TIMEOUT)
     except requests.RequestException as exc:
-        raise GuestAttestationError(step, 0, f"cannot reach {url}: {exc}") from None
+        raise GuestAttestationError(step, 0, f"cannot reach {url}: {_why(exc)}") from None
     try:
         doc = resp.json()
     except ValueError:

@@ -167,7 +167,12 @@ def _verifier_step(
     verifier: str | None, token_file: Path | None, policy: str | None
 ) -> Callable[[GuestChannel], GuestAttestation] | None:
     """`--verifier`: the guest attests against the running service (checked before booting)."""
-    from verifier.guest_attester import assign_policy, check_loopback_url, guest_attest_steps
+    from verifier.guest_attester import (
+        assign_policy,
+        check_loopback_url,
+        check_verifier,
+        guest_attest_steps,
+    )
 
     if verifier is None:
         if token_file is not None or policy is not None:
@@ -184,6 +189,7 @@ def _verifier_step(
             raise ConfigError(f"--token-file {token_file}: empty")
     if policy is not None and token is None:
         raise ConfigError("--policy needs the admin token (--token-file)")
+    check_verifier(url)
 
     def assign(state: AttesterState) -> None:
         if policy is not None and token is not None:

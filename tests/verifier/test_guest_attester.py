@@ -103,7 +103,9 @@ def test_fail_verifier_unreachable(guest: tuple[GuestChannel, socket.socket]) ->
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(GuestAttestationError, match=r"^register: verifier unreachable: ") as e:
+    with pytest.raises(
+        GuestAttestationError, match=r"^register: verifier unreachable: .*connection refused"
+    ) as e:
         attest_guest(chan, f"http://127.0.0.1:{port}")
     assert e.value.status == 0
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,19 @@ def test_vm_build_prints_the_digests_the_firmware_will_log(guest_images: GuestIm
     )
     options = (measured_load_options(DEFAULT_CMDLINE) + "\0").encode("utf-16-le")
     assert expected["pcr9_pcr12_load_options_sha256"] == hashlib.sha256(options).hexdigest()
+
+
+def test_vm_boot_refuses_a_verifier_that_is_down_before_booting(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    result = CliRunner().invoke(
+        cli,
+        ["vm", "boot", "ok", "--out", str(tmp_path), "--verifier", f"http://127.0.0.1:{port}"],
+    )
+    assert result.exit_code == 1, result.output
+    assert "health: verifier unreachable: " in result.output
+    assert "connection refused" in result.output
+    assert time.monotonic() - t0 < 10  # no VM was started
+    assert not (tmp_path / "run").exists()
