@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ import requests
 from ca.client import HttpCaIssuer
 from ca.home import CaHome
 from ca.issuer import LocalCaIssuer
+from tests._server import free_port, serving
 from tests.ca.conftest import PASSPHRASE
 from vtpm_core.errors import ConflictError, PermissionDeniedError, VerificationError
 from vtpm_core.issuer import EkCertificateRequest
@@ -38,12 +36,6 @@ class Server:
     admin: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("caserve")
@@ -51,42 +43,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home.init(passphrase=PASSPHRASE)
     provisioner = home.add_token("prov", "provisioner")
     admin = home.add_token("adm", "admin")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VTPM_CA_PASSPHRASE=PASSPHRASE.decode())
-    log = (root / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            VTPM,
-            "ca",
-            "serve",
-            "--home",
-            str(home.path),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if requests.get(url + "/v1/ca/chain", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
-            if proc.poll() is not None:
-                raise AssertionError((root / "serve.log").read_text())
-        else:
-            raise AssertionError("vtpm ca serve did not answer")
+    cmd = [VTPM, "ca", "serve", "--home", str(home.path), "--bind", f"127.0.0.1:{port}",
+           "--workers", "2"]  # fmt: skip
+    with serving(cmd, root / "serve.log", url + "/v1/ca/chain", env=env):
         yield Server(url, home.path, provisioner, admin)
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _post(server: Server, path: str, body: object, token: str | None) -> requests.Response:

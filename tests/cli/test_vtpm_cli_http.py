@@ -8,17 +8,13 @@ vTPM; with an admin token it revokes and destroys.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
+from tests._server import serving
 from tests.cli._vtpm_env import VtpmEnv
 from vtpm_core.store import VtpmStore
 
@@ -36,29 +32,11 @@ def served(tmp_path: Path) -> Iterator[tuple[VtpmEnv, str, Path, Path]]:
     prov.write_text(CaHome(env.ca_home).add_token("prov", "provisioner"))
     admin.write_text(CaHome(env.ca_home).add_token("adm", "admin"))
     port = free_tcp_port_pair()
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [VTPM, "ca", "serve", "--home", str(env.ca_home), "--bind", f"127.0.0.1:{port}",
-         "--workers", "1", "--passphrase-file", str(env.passphrase_file)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(400):
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "serve.log").read_text())
-            try:
-                if requests.get(url + "/v1/ca/chain", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise AssertionError("vtpm ca serve did not answer")
+    cmd = [VTPM, "ca", "serve", "--home", str(env.ca_home), "--bind", f"127.0.0.1:{port}",
+           "--workers", "1", "--passphrase-file", str(env.passphrase_file)]  # fmt: skip
+    with serving(cmd, tmp_path / "serve.log", url + "/v1/ca/chain"):
         yield env, url, prov, admin
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_create_clone_delete_over_http(served: tuple[VtpmEnv, str, Path, Path]) -> None:

@@ -14,11 +14,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +26,8 @@ import requests
 import sqlalchemy
 import yaml
 
+from tests._server import STOP_GRACE_S, answers, free_port
+from vtpm_core._process import stop_child
 from vtpm_core.swtpm import SwtpmProcess
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,12 +103,6 @@ def tpm_factory(
         tpm.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Server:
     """One `vtpm verifier serve` process (the gunicorn master after exec)."""
@@ -148,28 +141,15 @@ class Server:
                 self.proc = subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ)
                 )
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                        return self
-                except requests.RequestException:
-                    pass
-                time.sleep(0.1)
+            if answers(self.proc, f"{self.url}/healthz"):
+                return self
             self.stop()
         raise AssertionError(f"verifier did not start: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_child(proc, STOP_GRACE_S)
 
 
 @dataclass
