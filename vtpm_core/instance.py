@@ -141,20 +141,8 @@ def preflight(state_dir: Path, data_key: bytes, run_dir: Path, ctx: KeyContext) 
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     since = _size(log)
-    r = _key_pipe(data_key)
-    try:
-        with open(log, "ab") as logf:
-            rc = subprocess.run(
-                [
-                    "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-                    "--ctrl", f"type=unixio,path={ctrl}", "--flags", "not-need-init",
-                    "--daemon", "--pid", f"file={pid_file}", *key_args(r),
-                ],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(r,),
-                timeout=30, check=False,
-            ).returncode  # fmt: skip
-    finally:
-        os.close(r)
+    args = ["--ctrl", f"type=unixio,path={ctrl}", "--flags", "not-need-init"]
+    rc = _run_daemon(state_dir, args, pid_file, data_key, log)
     if rc != 0:
         raise _diagnose(_log_tail(log, since), ctx) or TpmError(
             f"vTPM {ctx.vtpm!r}: swtpm failed to open its state (exit {rc}); see {log}"
@@ -342,17 +330,7 @@ def start_detached(
         ]  # fmt: skip
         result = DetachedSwtpm(0, "tcp", port=port)
     since = _size(log)
-    r = _key_pipe(data_key)
-    try:
-        with open(log, "ab") as logf:
-            rc = subprocess.run(
-                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}", *args,
-                 "--daemon", "--pid", f"file={pid_file}", *key_args(r)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(r,),
-                timeout=30, check=False,
-            ).returncode  # fmt: skip
-    finally:
-        os.close(r)
+    rc = _run_daemon(state_dir, args, pid_file, data_key, log)
     if rc != 0:
         tail = _log_tail(log, since)
         diagnosed = _diagnose(tail, ctx)
@@ -364,6 +342,24 @@ def start_detached(
     if pid is None:
         raise TpmError(f"vTPM {ctx.vtpm!r}: swtpm started but wrote no PID file ({pid_file})")
     return DetachedSwtpm(pid, result.transport, result.ctrl_path, result.port)
+
+
+def _run_daemon(
+    state_dir: Path, args: list[str], pid_file: Path, data_key: bytes, log: Path
+) -> int:
+    """``swtpm socket --daemon`` on ``state_dir`` with ``args``, the key through a pipe;
+    output appended to ``log``. The exit status of the daemon's parent."""
+    r = _key_pipe(data_key)
+    try:
+        with open(log, "ab") as logf:
+            return subprocess.run(
+                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}", *args,
+                 "--daemon", "--pid", f"file={pid_file}", *key_args(r)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(r,),
+                timeout=30, check=False,
+            ).returncode  # fmt: skip
+    finally:
+        os.close(r)
 
 
 def _read_pid(pid_file: Path) -> int | None:
