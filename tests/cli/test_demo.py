@@ -12,22 +12,13 @@ from pathlib import Path
 import pytest
 
 from vtpm_cli.demo import KERNEL, tamper_pe
+from vtpm_core._process import pid_running
 from vtpm_core.authenticode import authenticode_digest
 from vtpm_core.errors import VerificationError
 
 VTPM = Path(sys.executable).parent / "vtpm"
 
 pytestmark = pytest.mark.swtpm
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not running
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 def _run_demo(home: Path) -> subprocess.CompletedProcess[str]:
@@ -63,9 +54,9 @@ def _assert_demo_output(proc: subprocess.CompletedProcess[str], home: Path) -> N
     for name, pid in pids.items():
         assert f"{name}={pid}" in out
         deadline = time.monotonic() + 5
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(pid), f"{name} (pid {pid}) still running"
+        assert not pid_running(pid), f"{name} (pid {pid}) still running"
     assert (home / "ca-passphrase").stat().st_mode & 0o777 == 0o600
 
 
@@ -138,7 +129,7 @@ def test_demo_sigterm_stops_everything(tmp_path: Path) -> None:
     try:
         assert "verdict: contraindicated" in out
         pids = _pids(home)
-        assert _alive(pids["ca"]) and _alive(pids["verifier"])
+        assert pid_running(pids["ca"]) and pid_running(pids["verifier"])
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     finally:
@@ -148,7 +139,7 @@ def test_demo_sigterm_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert "interrupted; services stopped" in err
     for name, pid in pids.items():
-        assert not _alive(pid), f"{name} (pid {pid}) still running"
+        assert not pid_running(pid), f"{name} (pid {pid}) still running"
 
 
 def test_demo_stops_leftovers_of_a_killed_run(tmp_path: Path) -> None:
@@ -158,15 +149,15 @@ def test_demo_stops_leftovers_of_a_killed_run(tmp_path: Path) -> None:
     proc.kill()  # no clean-up: the servers are left running
     proc.communicate(timeout=30)
     try:
-        assert _alive(left["ca"]) and _alive(left["verifier"])
+        assert pid_running(left["ca"]) and pid_running(left["verifier"])
         again = _run_demo(home)
         assert f"stopping leftover ca (pid {left['ca']}) of a previous run" in again.stdout
         assert f"stopping leftover verifier (pid {left['verifier']})" in again.stdout
         _assert_demo_output(again, home)  # the same home works again (recreated)
         assert _pids(home)["ca"] != left["ca"]
         for name in ("ca", "verifier"):
-            assert not _alive(left[name])
+            assert not pid_running(left[name])
     finally:
         for name in ("ca", "verifier"):
-            if _alive(left[name]):
+            if pid_running(left[name]):
                 os.kill(left[name], 9)

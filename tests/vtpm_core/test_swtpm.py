@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Tools
+from vtpm_core._process import pid_running
 from vtpm_core.errors import TpmError
 from vtpm_core.swtpm import SwtpmProcess
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is gone for our purposes
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -30,7 +20,7 @@ def test_esapi_talks_to_real_swtpm(tmp_path: Path, transport: str) -> None:
         assert len(a) == 16 and a != b
         pid = tpm.pid
         assert pid is not None
-    assert not _alive(pid)
+    assert not pid_running(pid)
 
 
 def test_process_is_stopped_when_body_raises(tmp_path: Path) -> None:
@@ -38,7 +28,7 @@ def test_process_is_stopped_when_body_raises(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"), tpm:
         pid = tpm.pid
         raise RuntimeError("boom")
-    assert pid is not None and not _alive(pid)
+    assert pid is not None and not pid_running(pid)
 
 
 def test_tpm2_tools_reach_the_fixture(tools: Tools) -> None:
