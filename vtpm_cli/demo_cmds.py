@@ -215,7 +215,7 @@ def _echo_verdict(url: str, verdict: GuestAttestation) -> None:
             text += f"event {event.get('index')} ({event.get('type')}, PCR {event.get('pcr')}): "
         text += str(fail.get("message"))
         if fail.get("expected") is not None or fail.get("actual") is not None:
-            text += f" (expected {fail.get('expected')!r}, got {fail.get('actual')!r})"
+            text += f" (expected {fail.get('expected')}, got {fail.get('actual')})"
         click.echo(text)
     for warn in report.get("warnings") or ():
         click.echo(f"  warning: {warn.get('message') if isinstance(warn, dict) else warn}")
