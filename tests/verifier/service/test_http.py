@@ -158,69 +158,30 @@ def test_vtpm_attest_and_check_cli(
     assert f"attester {state.attester_id}: affirming" in att.stdout
 
     junit = tmp_path / "junit.xml"
-    ok = vtpm(
-        "check",
-        "--verifier",
-        service.url,
-        "--attester",
-        state.attester_id,
-        "--token-file",
-        str(token),
-        "--max-age",
-        "10m",
-        "--policy",
-        "golden",
-        "--junit",
-        str(junit),
-        "--json",
-    )
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return vtpm("check", "--verifier", service.url, "--attester", state.attester_id,
+                    "--token-file", str(token), *args)  # fmt: skip
+
+    ok = check("--max-age", "10m", "--policy", "golden", "--junit", str(junit), "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"] is True
     suite = ET.parse(junit).getroot()  # noqa: S314 - our own output
     assert suite.get("tests") == "1" and suite.get("failures") == "0"
 
-    bad = vtpm(
-        "check",
-        "--verifier",
-        service.url,
-        "--attester",
-        state.attester_id,
-        "--token-file",
-        str(token),
-        "--policy",
-        "other",
-        "--junit",
-        str(junit),
-    )
+    bad = check("--policy", "other", "--junit", str(junit))
     assert bad.returncode == 1
     assert "appraised under policy 'golden', not 'other'" in bad.stdout
     failure = ET.parse(junit).getroot().find("testcase/failure")  # noqa: S314
     assert failure is not None and "not 'other'" in (failure.text or "")
 
-    stale = vtpm(
-        "check",
-        "--verifier",
-        service.url,
-        "--attester",
-        state.attester_id,
-        "--token-file",
-        str(token),
-        "--max-age",
-        "0s",
-    )
+    stale = check("--max-age", "0s")
     assert stale.returncode == 1 and "old, more than 0 s" in stale.stdout
     noauth = vtpm("check", "--verifier", service.url, "--attester", state.attester_id)
     assert noauth.returncode == 1 and "401" in noauth.stderr
 
     # --attest-now: attest from inside the VM first, then check a result seconds old
-    now = vtpm(
-        "check",
-        "--verifier",
-        service.url,
-        "--attester",
-        state.attester_id,
-        "--token-file",
-        str(token),
+    now = check(
         "--max-age",
         "30s",
         "--attest-now",
