@@ -69,7 +69,10 @@ def create_app(
     services = make_services(db, config, appraiser, metrics, **kwargs)
     auth = Authenticator(config, db)
 
-    app = Flask("verifier.service")
+    # Explicit paths: Flask would otherwise look the package up on sys.path,
+    # where a directory named "verifier" in the working directory shadows it.
+    here = str(Path(__file__).resolve().parent)
+    app = Flask("verifier.service", root_path=here, instance_path=here)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["vtpm_verifier"] = {"db": db, "services": services, "config": config}

@@ -40,11 +40,16 @@ def child_exit(_server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-def gunicorn_argv(bind: str, workers: int) -> list[str]:
+def gunicorn_argv(bind: str, workers: int, workdir: Path) -> list[str]:
+    # -P and --chdir: a directory named like one of our packages (a verifier
+    # home called "verifier" under the current directory) must not shadow it.
     return [
         sys.executable,
+        "-P",
         "-m",
         "gunicorn",
+        "--chdir",
+        str(workdir),
         "--bind",
         bind,
         "--workers",
@@ -105,4 +110,4 @@ def serve(home: Path, bind: str, workers: int, database_url: str | None) -> None
     env[_ENV_METRICS] = str(metrics_dir)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, gunicorn_argv(bind, workers), env)  # noqa: S606
+    os.execve(sys.executable, gunicorn_argv(bind, workers, run), env)  # noqa: S606
