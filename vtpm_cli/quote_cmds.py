@@ -15,9 +15,13 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from verifier.eventlog import ReplayedLog
+    from verifier.policy import Policy
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
@@ -313,6 +317,12 @@ def _checks_report(
     help="TCG PC Client event log that must replay to the quoted PCRs it covers.",
 )
 @click.option(
+    "--policy",
+    "policy_file",
+    type=_FILE,
+    help="Reference-value policy (YAML/JSON) the replayed log must satisfy; needs --eventlog.",
+)
+@click.option(
     "--ak-attributes-verified",
     is_flag=True,
     help="The AK's TPM attributes were checked elsewhere (needed for a PEM --ak).",
@@ -325,14 +335,24 @@ def verify_quote_command(
     pcrs_file: Path,
     nonce: str,
     eventlog_file: Path | None,
+    policy_file: Path | None,
     ak_attributes_verified: bool,
     as_json: bool,
 ) -> None:
     """Verify a TPM2_Quote made by tpm2_quote (and, with --eventlog, replay the log).
 
     Checks: ak.attributes, quote.signature, quote.magic, quote.type,
-    quote.nonce, quote.pcr_select, quote.pcr_digest, eventlog.replay.
+    quote.nonce, quote.pcr_select, quote.pcr_digest, eventlog.replay and,
+    with --policy, every rule of the policy over the replayed events
+    (all failing rules are reported).
     """
+    policy = None
+    if policy_file is not None:
+        from verifier.policy import Policy
+
+        if eventlog_file is None:
+            raise click.UsageError("--policy needs --eventlog (the policy reads its events)")
+        policy = Policy.load(_read(policy_file))
     expected_nonce = _parse_nonce(nonce)
     ak = _load_ak(ak_file)
     message = _read(message_file)
@@ -344,7 +364,11 @@ def verify_quote_command(
         from verifier.eventlog import EventLog
 
         log = EventLog.parse(_read(eventlog_file))
-    checks = [*QUOTE_CHECKS, *(["eventlog.replay"] if log is not None else [])]
+    checks = [
+        *QUOTE_CHECKS,
+        *(["eventlog.replay"] if log is not None else []),
+        *(["policy"] if policy is not None else []),
+    ]
     skipped = {"ak.attributes"} if ak_attributes_verified else set()
     report: dict[str, Any] = {}
     try:
@@ -364,6 +388,8 @@ def verify_quote_command(
                 "verified": {bank: sorted(pcrs) for bank, pcrs in replayed.verified.items()},
                 "warnings": list(replayed.warnings),
             }
+            if policy is not None:
+                _check_policy(policy, replayed, report)
     except VerificationError as exc:
         if as_json:
             click.echo(
@@ -399,6 +425,32 @@ def verify_quote_command(
         click.echo(f"  event log: {e['events']} events replay to the quoted {covered}")
         for warning in e["warnings"]:
             click.echo(f"  warning: {warning}")
+    if "policy" in report:
+        click.echo(f"  policy: {report['policy']['id']} satisfied")
+
+
+def _check_policy(policy: Policy, replayed: ReplayedLog, report: dict[str, Any]) -> None:
+    """Run every rule of ``policy`` over the replayed, quote-proven events.
+
+    Records each failing rule in ``report["policy"]`` and raises one
+    VerificationError("policy", ...) naming how many failed and the first.
+    """
+    from verifier.policy import BootEvidence, PolicyViolationError, rules_for
+
+    evidence = BootEvidence(replayed.events, replayed.pcrs, replayed.verified)
+    try:
+        rules_for(policy).check(evidence)
+    except PolicyViolationError as exc:
+        report["policy"] = {
+            "id": policy.id,
+            "satisfied": False,
+            "failures": [f.to_json() for f in exc.failures],
+        }
+        first = exc.failures[0] if exc.failures else "unknown rule"
+        raise VerificationError(
+            "policy", f"{len(exc.failures)} rule(s) failed; first: {first}"
+        ) from None
+    report["policy"] = {"id": policy.id, "satisfied": True, "failures": []}
 
 
 def register(cli: click.Group) -> None:

@@ -150,6 +150,20 @@ def test_eventlog_replays_to_the_quote(swtpm: SwtpmProcess, tools: Tools, tmp_pa
     report = json.loads(result.stdout)
     assert report["checks"][-1] == {"check": "eventlog.replay", "status": "passed"}
     assert report["eventlog"]["verified"] == {"sha256": pcrs}
+    # --policy: a policy learned from this boot holds; one from another boot fails
+    # with every failing rule in the report
+    good_policy, other_policy = tmp_path / "good.yaml", tmp_path / "other-policy.yaml"
+    learned = CliRunner().invoke(
+        cli, ["policy", "learn", str(tmp_path / "boot.log"), "-o", str(good_policy)]
+    )
+    assert learned.exit_code == 0, learned.stderr
+    result = CliRunner().invoke(cli, [*argv, "--policy", str(good_policy), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["policy"]["satisfied"] is True
+    assert json.loads(result.stdout)["checks"][-1] == {"check": "policy", "status": "passed"}
+    result = CliRunner().invoke(cli, [*argv[:-2], "--policy", str(good_policy)])
+    assert result.exit_code == 2
+    assert "--policy needs --eventlog" in result.stderr
     # a log of another boot (different command line) does not replay to this quote
     other_log = tmp_path / "other.log"
     with SwtpmProcess(tmp_path / "other-state") as other_tpm:
@@ -164,6 +178,14 @@ def test_eventlog_replays_to_the_quote(swtpm: SwtpmProcess, tools: Tools, tmp_pa
     result = CliRunner().invoke(cli, [*argv[:-1], str(other_log)])
     assert result.exit_code == 1
     assert result.stderr.startswith("invalid: eventlog.replay: ")
+    learned = CliRunner().invoke(cli, ["policy", "learn", str(other_log), "-o", str(other_policy)])
+    assert learned.exit_code == 0, learned.stderr
+    result = CliRunner().invoke(cli, [*argv, "--policy", str(other_policy), "--json"])
+    assert result.exit_code == 1
+    failures = json.loads(result.stdout)["policy"]["failures"]
+    assert [f["rule"] for f in failures] == ["kernel_cmdline"]
+    assert "init=/bin/sh" in failures[0]["expected"]
+    assert result.stderr.startswith("invalid: policy: 1 rule(s) failed; first: kernel_cmdline")
 
 
 def test_installed_script(lab: QuoteLab) -> None:
