@@ -1,6 +1,6 @@
 """Shared fixtures: real swtpm processes, tpm2-tools runs, database URLs.
 
-No TPM is mocked: every fixture that hands out a TPM starts a real swtpm and
+Every TPM here is real: each fixture that hands out a TPM starts a real swtpm and
 stops it (by PID) when the test ends, pass or fail.
 """
 
