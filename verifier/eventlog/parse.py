@@ -318,16 +318,7 @@ def _parse_legacy(data: bytes, offset: int, index: int, limits: Limits) -> Event
     _check_pcr(pcr, "TCG_PCR_EVENT", offset)
     event_type = r.u32("eventType")
     digest = r.take(20, "digest")
-    size_at = r.offset
-    size = r.u32("eventDataSize")
-    if size > limits.max_event_data:
-        raise ParseError(
-            "TCG_PCR_EVENT",
-            "eventDataSize",
-            size_at,
-            f"{size} bytes exceeds the limit of {limits.max_event_data}",
-        )
-    event_data = r.take(size, "event")
+    event_data = _event_data(r, "TCG_PCR_EVENT", "eventDataSize", limits)
     return Event(
         index=index,
         offset=offset,
@@ -433,16 +424,7 @@ def _parse_agile(
             count_at,
             f"event lacks the {', '.join(missing)} digest the Spec ID event lists",
         )
-    size_at = r.offset
-    size = r.u32("eventSize")
-    if size > limits.max_event_data:
-        raise ParseError(
-            "TCG_PCR_EVENT2",
-            "eventSize",
-            size_at,
-            f"{size} bytes exceeds the limit of {limits.max_event_data}",
-        )
-    event_data = r.take(size, "event")
+    event_data = _event_data(r, "TCG_PCR_EVENT2", "eventSize", limits)
     return Event(
         index=index,
         offset=offset,
@@ -478,3 +460,17 @@ def _startup_locality(events: list[Event], agile: bool) -> StartupLocality | Non
         elif event.pcr == 0 and event.event_type != EventType.EV_NO_ACTION:
             pcr0_extended = True
     return found
+
+
+def _event_data(r: Reader, structure: str, size_field: str, limits: Limits) -> bytes:
+    """The size-prefixed event data that ends both record formats, within the size limit."""
+    size_at = r.offset
+    size = r.u32(size_field)
+    if size > limits.max_event_data:
+        raise ParseError(
+            structure,
+            size_field,
+            size_at,
+            f"{size} bytes exceeds the limit of {limits.max_event_data}",
+        )
+    return r.take(size, "event")
