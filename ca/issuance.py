@@ -33,7 +33,7 @@ from ca.der import encode_tlv, read_tlv
 from ca.ek import CertifiableEk
 from ca.keys import SigningKey
 from ca.ledger import CertRecord, Ledger
-from ca.lint import Linter
+from ca.lint import Linter, TbsParts
 from ca.profile import (
     OID_TCG_KP_EK_CERTIFICATE,
     OID_TPM_MANUFACTURER,
@@ -180,6 +180,11 @@ class EkIssuance:
         self._aia = x509.AuthorityInformationAccess(access) if access else None
 
         self._placeholder_signature = b"\x30\x06\x02\x01\x01\x02\x01\x01"
+        # the CA certificate's subject exactly as encoded there (RFC 5280 name chaining)
+        self._issuer_der = TbsParts.of(
+            ca.certificate.public_bytes(serialization.Encoding.DER)
+        ).subject
+        self._chain_pem = ca.chain_pem  # the same bytes in every answer: encoded once
         self._templates: dict[str, _TbsTemplate] = {}
 
     # -- step 1 ----------------------------------------------------------------
@@ -217,7 +222,7 @@ class EkIssuance:
         if record.status == "pending":  # a crash between record and sign: finish it
             record = self._sign_recorded(record)
         assert record.certificate_der is not None
-        return IssueResult(record, record.certificate_der, self.ca.chain_pem, True, kind)
+        return IssueResult(record, record.certificate_der, self._chain_pem, True, kind)
 
     # -- steps 2-4 -------------------------------------------------------------
 
@@ -235,7 +240,7 @@ class EkIssuance:
             cert,
             placeholder,
             request.ek.spki_der,
-            self.ca.certificate.subject,
+            self._issuer_der,
             full=lambda: assemble_certificate(tbs, self._stand_in_sign(tbs)),
         )
         record = CertRecord(
@@ -259,7 +264,7 @@ class EkIssuance:
             return None  # someone else recorded this EK (or, rarely, this serial): re-read
         signed = self._sign_recorded(record)
         assert signed.certificate_der is not None
-        return IssueResult(signed, signed.certificate_der, self.ca.chain_pem, False, "original")
+        return IssueResult(signed, signed.certificate_der, self._chain_pem, False, "original")
 
     def _sign_recorded(self, record: CertRecord) -> CertRecord:
         der = assemble_certificate(record.tbs_der, self.ca.key.sign(record.tbs_der))

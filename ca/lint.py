@@ -27,31 +27,86 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from ca.der import read_tlv
 from vtpm_core.errors import VerificationError
 
-__all__ = ["Linter", "Shape", "pkilint_findings", "shape_of"]
+__all__ = ["Linter", "Shape", "TbsParts", "pkilint_findings", "shape_of", "structural_check"]
 
 Shape = tuple[object, ...]
 
 
-def shape_of(cert: x509.Certificate) -> Shape:
+@dataclass(frozen=True, slots=True)
+class TbsParts:
+    """The top-level DER elements of a certificate's TBSCertificate (RFC 5280 4.1).
+
+    ``extensions`` holds, per extension in order, (extnID DER, critical DER): the
+    critical BOOLEAN exactly as encoded, ``b""`` when it is absent (DEFAULT FALSE).
+    """
+
+    signature_algorithm: bytes
+    issuer: bytes
+    subject: bytes
+    spki: bytes
+    spki_algorithm: bytes
+    extensions: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, certificate_der: bytes) -> TbsParts:
+        """Cut a certificate that cryptography already parsed (so the DER is well-formed)."""
+        try:
+            _, content, _ = read_tlv(certificate_der, 0)
+            _, pos, tbs_end = read_tlv(certificate_der, content)
+            parts = []
+            while pos < tbs_end:
+                tag, _, end = read_tlv(certificate_der, pos)
+                parts.append((tag, pos, end))
+                pos = end
+            if len(parts) < 7 or parts[0][0] != 0xA0:
+                raise ValueError("not a v3 TBSCertificate")
+            cut = [certificate_der[a:b] for _, a, b in parts]
+            _, spki_content, _ = read_tlv(cut[6], 0)
+            _, _, spki_alg_end = read_tlv(cut[6], spki_content)
+            extensions: list[tuple[bytes, bytes]] = []
+            if parts[-1][0] == 0xA3:
+                block = cut[-1]
+                _, seq, _ = read_tlv(block, 0)
+                _, pos, ext_end = read_tlv(block, seq)
+                while pos < ext_end:
+                    _, inner, end = read_tlv(block, pos)
+                    _, _, oid_end = read_tlv(block, inner)
+                    flag_end = read_tlv(block, oid_end)[2] if block[oid_end] == 0x01 else oid_end
+                    extensions.append((block[inner:oid_end], block[oid_end:flag_end]))
+                    pos = end
+        except (ValueError, IndexError) as exc:
+            raise VerificationError("lint.der", f"TBSCertificate does not cut: {exc}") from None
+        return cls(
+            cut[2], cut[3], cut[5], cut[6], cut[6][spki_content:spki_alg_end], tuple(extensions)
+        )
+
+
+def shape_of(cert: x509.Certificate, parts: TbsParts | None = None) -> Shape:
     """What pkilint's verdict depends on beyond the checked per-instance values.
 
     The issuer, the SPKI bytes, the serial range and the validity order are checked on
-    every instance by :func:`structural_check`; the key *type* and the extension layout
-    are the shape.
+    every instance by :func:`structural_check`; the key *type* (the SPKI's
+    AlgorithmIdentifier, which names the curve) and *size* (the SPKI's length, which
+    fixes the RSA modulus size) and the extension layout are the shape.
     """
-    key = cert.public_key()
-    curve = getattr(key, "curve", None)
+    if parts is None:
+        parts = TbsParts.of(cert.public_bytes(serialization.Encoding.DER))
     return (
         cert.version,
-        cert.signature_algorithm_oid.dotted_string,
-        type(key).__name__,
-        curve.name if curve is not None else getattr(key, "key_size", None),
-        len(cert.subject) == 0,
-        tuple((e.oid.dotted_string, e.critical) for e in cert.extensions),
+        parts.signature_algorithm,
+        parts.spki_algorithm,
+        len(parts.spki),
+        parts.subject == _EMPTY_NAME,
+        parts.extensions,
     )
+
+
+_EMPTY_NAME = b"\x30\x00"
 
 
 def pkilint_findings(certificate_der: bytes) -> list[str]:
@@ -82,10 +137,14 @@ def pkilint_findings(certificate_der: bytes) -> list[str]:
     return out
 
 
-def structural_check(cert: x509.Certificate, spki_der: bytes, issuer: x509.Name) -> None:
-    """Per-instance checks (numbered as in the module docstring, step 2)."""
-    from cryptography.hazmat.primitives import serialization
+def structural_check(
+    cert: x509.Certificate, parts: TbsParts, spki_der: bytes, issuer_der: bytes
+) -> None:
+    """Per-instance checks (numbered as in the module docstring, step 2).
 
+    ``parts`` is ``cert``'s TBS cut by :meth:`TbsParts.of`; the SPKI and the issuer
+    are compared as exact DER bytes.
+    """
     if cert.version != x509.Version.v3:
         raise VerificationError("lint.version", f"expected v3, got {cert.version.name}")
     serial = cert.serial_number
@@ -95,15 +154,15 @@ def structural_check(cert: x509.Certificate, spki_der: bytes, issuer: x509.Name)
         )
     if not cert.not_valid_before_utc < cert.not_valid_after_utc:
         raise VerificationError("lint.validity", "notBefore is not before notAfter")
-    got = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if got != spki_der:
+    if parts.spki != spki_der:
         raise VerificationError("lint.spki", "subjectPublicKeyInfo is not exactly the EK key")
-    if cert.issuer != issuer:
+    if parts.issuer != issuer_der:
         raise VerificationError("lint.issuer", "issuer is not the CA's subject")
-    for ext in cert.extensions:  # parsing each value is the check
-        _ = ext.value
+    try:
+        for ext in cert.extensions:  # parsing each value is the check
+            _ = ext.value
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise VerificationError("lint.extensions", f"an extension does not parse: {exc}") from None
 
 
 @dataclass
@@ -119,16 +178,19 @@ class Linter:
         cert: x509.Certificate,
         certificate_der: bytes,
         spki_der: bytes,
-        issuer: x509.Name,
+        issuer: x509.Name | bytes,
         full: Callable[[], bytes] | None = None,
     ) -> None:
         """Raises VerificationError ``lint.*``; ``cert`` is ``certificate_der`` parsed.
 
-        ``full`` makes the same certificate with a real (stand-in) signature for
-        pkilint, when ``certificate_der`` carries a placeholder signature.
+        ``issuer`` is the CA subject (a Name, or its DER). ``full`` makes the same
+        certificate with a real (stand-in) signature for pkilint, when
+        ``certificate_der`` carries a placeholder signature.
         """
-        structural_check(cert, spki_der, issuer)
-        shape = shape_of(cert)
+        issuer_der = issuer if isinstance(issuer, bytes) else issuer.public_bytes()
+        parts = TbsParts.of(certificate_der)
+        structural_check(cert, parts, spki_der, issuer_der)
+        shape = shape_of(cert, parts)
         with self._lock:
             known = shape in self._passed
         if known and self.mode == "shape":
