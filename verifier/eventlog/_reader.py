@@ -76,6 +76,19 @@ class Reader:
     def u64(self, field: str) -> int:
         return self._int(8, field)
 
+    def char16z(self, field: str) -> bytes:
+        """CHAR16s up to a NUL CHAR16 (consumed, not returned): what reading 2 bytes at
+        a time until b"\\x00\\x00" reads, with the same error when there is none."""
+        data, start = self._data, self._pos
+        at = data.find(b"\x00\x00", start)
+        while at >= 0 and (at - start) % 2:
+            at = data.find(b"\x00\x00", at + 1)
+        if at < 0:
+            self._pos = start + (len(data) - start) // 2 * 2  # every whole CHAR16 read
+            self._short(2, field)
+        self._pos = at + 2
+        return data[start:at]
+
     def rest(self) -> bytes:
         out = self._data[self._pos :]
         self._pos = len(self._data)

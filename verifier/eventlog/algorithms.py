@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Protocol, cast
 
-__all__ = ["ALGORITHMS", "HashAlgorithm", "algorithm_by_id", "algorithm_by_name"]
+__all__ = ["ALGORITHMS", "Hash", "HashAlgorithm", "algorithm_by_id", "algorithm_by_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +40,28 @@ class HashAlgorithm:
             return hashlib.new(self.hashlib_name, data).digest()  # raises ValueError
         return new(data).digest()
 
+    @property
+    def new(self) -> Callable[[bytes], Hash]:
+        """hashlib's constructor for this algorithm, for loops that hash many times:
+        ``alg.new(data).digest() == alg.hash(data)``. ValueError if not computable."""
+        new = None if self.hashlib_name is None else _constructor(self.hashlib_name)
+        if new is None:
+            raise ValueError(f"{self.name} cannot be computed")
+        return new
+
     def extend(self, pcr: bytes, digest: bytes) -> bytes:
         """PCR_new = H(PCR_old || digest) (TPM 2.0 Part 1 §17.3)."""
         return self.hash(pcr + digest)
 
 
-class _Hash(Protocol):
+class Hash(Protocol):
+    """What hashlib's constructors return, as far as PCR arithmetic needs it."""
+
     def digest(self) -> bytes: ...
 
 
 @lru_cache(maxsize=64)
-def _constructor(hashlib_name: str) -> Callable[[bytes], _Hash] | None:
+def _constructor(hashlib_name: str) -> Callable[[bytes], Hash] | None:
     """hashlib's constructor for ``hashlib_name``, or None when this Python lacks it.
 
     Memoised: ``hashlib.new(name)`` looks the name up on every call.
@@ -61,7 +72,7 @@ def _constructor(hashlib_name: str) -> Callable[[bytes], _Hash] | None:
         return None
     named = getattr(hashlib, hashlib_name, None)
     if callable(named):
-        return cast("Callable[[bytes], _Hash]", named)
+        return cast("Callable[[bytes], Hash]", named)
     return partial(hashlib.new, hashlib_name)
 
 

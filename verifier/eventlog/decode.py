@@ -23,12 +23,13 @@ The check (step numbers are cited below):
 
 from __future__ import annotations
 
+import enum
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from verifier.eventlog._reader import Reader
-from verifier.eventlog.algorithms import HashAlgorithm
+from verifier.eventlog.algorithms import Hash, HashAlgorithm
 from verifier.eventlog.devicepath import DevicePath
 from verifier.eventlog.efivars import EfiVariable
 from verifier.eventlog.events import EventType as T
@@ -45,6 +46,8 @@ from verifier.eventlog.quirks import QUIRKS, AppliedQuirk
 from vtpm_core.errors import ParseError
 
 __all__ = [
+    "PENDING",
+    "CheckOutcome",
     "DataCheck",
     "Decoded",
     "FirmwareBlob",
@@ -55,12 +58,16 @@ __all__ = [
     "ImageLoad",
     "IplString",
     "NoActionEvent",
+    "Pending",
     "Separator",
     "TaggedEvent",
     "Text",
     "check_event",
     "check_events_of",
+    "checker",
+    "decode_deferred",
     "decode_event",
+    "ipl_kind",
 ]
 
 
@@ -225,6 +232,35 @@ class DataCheck:
     digest_covers: str | None = None
 
 
+class Pending(enum.Enum):
+    """Marks decoded data not worked out yet (see :func:`decode_deferred`)."""
+
+    PENDING = "pending"
+
+
+PENDING = Pending.PENDING
+
+# Types whose decoder reads nothing but the data, never raises and whose digest
+# check never reads the decoded value: a replayed log decodes them when asked.
+_DEFERRED = _TEXT_TYPES | {T.EV_POST_CODE, T.EV_IPL}
+
+
+def decode_deferred(event_type: int, data: bytes) -> Decoded:
+    """What :func:`decode_event` returns for an event of a type in ``_DEFERRED``;
+    never raises."""
+    if event_type == T.EV_IPL:
+        return _ipl(data)
+    if (
+        (event_type == T.EV_POST_CODE or event_type == T.EV_S_CRTM_CONTENTS)
+        and len(data) == 16
+        and not _printable(data)
+    ):
+        return FirmwareBlob(
+            int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little"), None
+        )
+    return _text(data)
+
+
 def decode_event(
     event: Event, *, uintn_size: int = 2, limits: Limits = DEFAULT_LIMITS
 ) -> Decoded | None:
@@ -233,8 +269,10 @@ def decode_event(
     Raises ParseError (offsets within the whole log) on malformed data.
     """
     d = event.untrusted_data
-    base = event.data_offset
     t = event.event_type
+    if t in _DEFERRED:
+        return decode_deferred(t, d)
+    base = event.data_offset
     if t == T.EV_NO_ACTION:
         if d.startswith(SPEC_ID_03):
             return SpecIdEvent.parse(d, base=base, limits=limits)
@@ -248,20 +286,6 @@ def decode_event(
                 "EV_SEPARATOR", "event", base, f"separator is {len(d)} bytes, expected 4"
             )
         return Separator(int.from_bytes(d, "little"))
-    if t in _TEXT_TYPES:
-        if t == T.EV_S_CRTM_CONTENTS and len(d) == 16 and not _printable(d):
-            return FirmwareBlob(
-                int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), None
-            )
-        return _text(d)
-    if t == T.EV_POST_CODE:
-        if len(d) == 16 and not _printable(d):
-            return FirmwareBlob(
-                int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), None
-            )
-        return _text(d)
-    if t == T.EV_IPL:
-        return _ipl(d)
     if t == T.EV_EVENT_TAG:
         r = Reader(d, "TCG_PCClientTaggedEvent", base=base)
         tag = r.u32("taggedEventID")
@@ -327,54 +351,91 @@ def check_events_of(
 ) -> Callable[[Event], DataCheck]:
     """:func:`check_event` for every event of one log: what depends only on the log
     (which banks this Python can compute) is worked out once."""
-    computable = tuple(a for a in algorithms if a.computable)
+    check = checker(algorithms, uintn_size=uintn_size, limits=limits, defer=False)
 
-    def check(event: Event) -> DataCheck:
-        return _check(event, computable, uintn_size, limits)
+    def check_one(event: Event) -> DataCheck:
+        decoded, verified, quirks, problems, covers = check(event)
+        assert decoded is not PENDING  # defer=False decodes every event
+        return DataCheck(decoded, verified, quirks, problems, covers)
+
+    return check_one
+
+
+CheckOutcome = tuple[
+    "Decoded | Pending | None", bool | None, tuple[AppliedQuirk, ...], tuple[str, ...], str | None
+]
+"""(decoded, data_verified, quirks, problems, digest_covers): a DataCheck without the object."""
+
+
+def checker(
+    algorithms: tuple[HashAlgorithm, ...],
+    *,
+    uintn_size: int = 2,
+    limits: Limits = DEFAULT_LIMITS,
+    defer: bool = False,
+) -> Callable[[Event], CheckOutcome]:
+    """The check of steps 1-3 for the events of one log, as a plain tuple.
+
+    ``defer``: leave ``decoded`` as PENDING for the types whose decoder never
+    fails and whose check does not need it (strings, IPL, POST codes);
+    :func:`decode_deferred` gives the value when someone reads it. Every other
+    type is decoded here, so a decode failure is always among the problems.
+    """
+    banks = tuple((a.name, a.new) for a in algorithms if a.computable)
+    single = banks[0] if len(banks) == 1 else None
+    compare = hmac.compare_digest
+    no_quirks: tuple[AppliedQuirk, ...] = ()
+    deferred, plans, whole = _DEFERRED, _PLANS, _whole
+
+    def check(event: Event) -> CheckOutcome:
+        t = event.event_type
+        data = event.untrusted_data
+        problems: tuple[str, ...] = ()
+        decoded: Decoded | Pending | None
+        if t in deferred:
+            decoded = PENDING if defer else decode_deferred(t, data)
+        else:
+            try:
+                decoded = decode_event(event, uintn_size=uintn_size, limits=limits)
+            except ParseError as exc:
+                decoded = None
+                problems = (f"event data does not decode: {exc}",)
+        plan = plans.get(t)
+        if plan is None:  # step 1: the spec does not define digest = H(data)
+            return decoded, None, no_quirks, problems, None
+        digests = event.digests
+        pairs: tuple[tuple[Callable[[bytes], Hash], bytes], ...]
+        if single is not None:
+            digest = digests.get(single[0])
+            pairs = () if digest is None else ((single[1], digest),)
+        else:
+            pairs = tuple((new, digests[name]) for name, new in banks if name in digests)
+        if not pairs:
+            problems += ("no computable bank to check the data against",)
+            return decoded, None, no_quirks, problems, None
+        plain = None if decoded is PENDING else decoded
+        for quirk_id, form, covers, summary in plan:  # step 2
+            for candidate in (data,) if form is whole else form(data, plain):
+                for new, digest in pairs:  # step 3: every bank must match
+                    if not compare(new(candidate).digest(), digest):
+                        break
+                else:
+                    quirks = no_quirks
+                    if quirk_id is not None:
+                        quirks = (AppliedQuirk(quirk_id, event.index, summary),)
+                    return decoded, True, quirks, problems, covers
+        if t == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
+            # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
+            quirk = AppliedQuirk("ipl-description-only", event.index, _IPL_DESCRIPTION_ONLY)
+            return decoded, None, (quirk,), problems, None
+        problems += (
+            f"event {event.index} ({event.type_name}, PCR {event.pcr}): data does not hash "
+            f"to its digest ({', '.join(name for name, _ in banks if name in digests)}); "
+            "decoded data is untrusted",
+        )
+        return decoded, False, no_quirks, problems, None
 
     return check
-
-
-def _check(
-    event: Event, computable: tuple[HashAlgorithm, ...], uintn_size: int, limits: Limits
-) -> DataCheck:
-    problems: tuple[str, ...] = ()
-    decoded: Decoded | None
-    try:
-        decoded = decode_event(event, uintn_size=uintn_size, limits=limits)
-    except ParseError as exc:
-        decoded = None
-        problems = (f"event data does not decode: {exc}",)
-    rules = _CANDIDATES.get(event.event_type)
-    if rules is None:  # step 1: the spec does not define digest = H(data)
-        return DataCheck(decoded, None, (), problems)
-    digests = event.digests
-    banks = [(a, digests[a.name]) for a in computable if a.name in digests]
-    if not banks:
-        problems += ("no computable bank to check the data against",)
-        return DataCheck(decoded, None, (), problems)
-    data = event.untrusted_data
-    for quirk_id, form in rules:  # step 2
-        for candidate in form(data, decoded):
-            for a, digest in banks:  # step 3: every bank must match
-                if not hmac.compare_digest(a.hash(candidate), digest):
-                    break
-            else:
-                quirks: tuple[AppliedQuirk, ...] = ()
-                if quirk_id is not None:
-                    quirks = (AppliedQuirk(quirk_id, event.index, QUIRKS[quirk_id].summary),)
-                return DataCheck(decoded, True, quirks, problems, _COVERS[form])
-    if event.event_type == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
-        # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
-        quirk = AppliedQuirk(
-            "ipl-description-only", event.index, QUIRKS["ipl-description-only"].summary
-        )
-        return DataCheck(decoded, None, (quirk,), problems)
-    problems += (
-        f"event {event.index} ({event.type_name}, PCR {event.pcr}): data does not hash to "
-        f"its digest ({', '.join(a.name for a, _ in banks)}); decoded data is untrusted",
-    )
-    return DataCheck(decoded, False, (), problems)
 
 
 # --- step 2: what the digest covers, per type -------------------------------------------
@@ -452,6 +513,13 @@ _CANDIDATES: dict[int, tuple[tuple[str | None, _Form], ...]] = {
     ),
 }
 
+# Per type: (quirk id, form, what a match proves, the quirk's summary), in order.
+_PLANS: dict[int, tuple[tuple[str | None, _Form, str, str], ...]] = {
+    t: tuple((q, f, _COVERS[f], "" if q is None else QUIRKS[q].summary) for q, f in forms)
+    for t, forms in _CANDIDATES.items()
+}
+_IPL_DESCRIPTION_ONLY = QUIRKS["ipl-description-only"].summary
+
 # --- decoders -----------------------------------------------------------------------------
 
 
@@ -485,19 +553,41 @@ def _text(d: bytes) -> Text:
     return Text(d.rstrip(b"\x00").decode("utf-8", errors="replace"), "utf-8")
 
 
+_IPL_PREFIXES = (("grub_cmd: ", "grub_cmd"), ("grub_cmd ", "grub_cmd"),
+                 ("kernel_cmdline: ", "kernel_cmdline"),
+                 ("grub_kernel_cmdline ", "kernel_cmdline"))  # fmt: skip
+_IPL_BYTE_PREFIXES = tuple((p.encode(), k) for p, k in _IPL_PREFIXES)
+
+
 def _ipl(d: bytes) -> IplString:
     text = _text(d)
     kind, value = "string", text.text
     if text.encoding == "utf-16-le":
         kind = "load_options"
     else:
-        for prefix, k in (("grub_cmd: ", "grub_cmd"), ("grub_cmd ", "grub_cmd"),
-                          ("kernel_cmdline: ", "kernel_cmdline"),
-                          ("grub_kernel_cmdline ", "kernel_cmdline")):  # fmt: skip
+        for prefix, k in _IPL_PREFIXES:
             if text.text.startswith(prefix):
                 kind, value = k, text.text[len(prefix) :]
                 break
     return IplString(text.text, text.encoding, kind, value)
+
+
+def ipl_kind(d: bytes) -> str:
+    """``kind`` of the IplString that EV_IPL data ``d`` decodes to, without decoding it
+    (for rules that only read some kinds).
+
+    The labels are ASCII and a UTF-8 decode with replacement turns ASCII bytes,
+    and only them, into the same ASCII characters: the decoded text starts with a
+    label exactly when the bytes do.
+    """
+    if _looks_utf16(d) and not _printable(d):
+        return "load_options"
+    if len(d) == 16 and not _printable(d):
+        return "string"  # a GUID's text form starts with a hex digit, never a label
+    for prefix, kind in _IPL_BYTE_PREFIXES:
+        if d.startswith(prefix):
+            return kind
+    return "string"
 
 
 def _short_description(r: Reader) -> str:

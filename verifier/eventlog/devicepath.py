@@ -9,10 +9,12 @@ nodes we do not render show as ``Path(type,subtype,hex)`` per §10.6.1.6.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.guids import format_guid
+from vtpm_core.errors import ParseError
 
 __all__ = ["DevicePath", "DevicePathNode"]
 
@@ -56,22 +58,45 @@ class DevicePath:
         A missing End node is accepted at the exact end of the data (some
         firmware omits it); a node running past the data is a ParseError.
         """
-        r = Reader(data, "EFI_DEVICE_PATH_PROTOCOL", base=base)
         nodes: list[DevicePathNode] = []
-        while r.remaining:
+        pos, end = 0, len(data)
+        while pos < end:
             if len(nodes) >= max_nodes:
-                raise r.error("Type", f"more than {max_nodes} device path nodes")
-            at = r.offset
-            node_type = r.u8("Type")
-            subtype = r.u8("SubType")
-            length = r.u16("Length")
-            if length < 4:
-                raise r.error("Length", f"node length {length} is below the 4-byte header", at=at)
-            body = r.take(length - 4, "data")
+                raise ParseError(
+                    _STRUCTURE, "Type", base + pos, f"more than {max_nodes} device path nodes"
+                )
+            if pos + 4 > end:
+                raise _bad_node(data, pos, base)
+            node_type, subtype, length = _HEADER.unpack_from(data, pos)
+            if length < 4 or pos + length > end:
+                raise _bad_node(data, pos, base)
+            body = data[pos + 4 : pos + length]
+            pos += length
             if node_type == END_TYPE and subtype == END_ENTIRE:
                 break
             nodes.append(DevicePathNode(node_type, subtype, body, _text(node_type, subtype, body)))
         return cls(tuple(nodes), data)
+
+
+_STRUCTURE = "EFI_DEVICE_PATH_PROTOCOL"
+_HEADER = struct.Struct("<BBH")
+
+
+def _bad_node(data: bytes, pos: int, base: int) -> ParseError:
+    """The error for the node at ``pos``, which is short or too long: read it field by
+    field to say which field and where."""
+    r = Reader(data, _STRUCTURE, base=base, start=pos)
+    try:
+        at = r.offset
+        r.u8("Type")
+        r.u8("SubType")
+        length = r.u16("Length")
+        if length < 4:
+            return r.error("Length", f"node length {length} is below the 4-byte header", at=at)
+        r.take(length - 4, "data")
+    except ParseError as exc:
+        return exc
+    raise AssertionError(f"device path node at {pos} is well formed")  # pragma: no cover
 
 
 def _u(data: bytes, start: int, size: int) -> int:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from verifier.eventlog._reader import Reader
@@ -88,33 +89,61 @@ class SignatureDatabase:
 
     @classmethod
     def parse(cls, data: bytes, *, base: int = 0) -> SignatureDatabase:
-        r = Reader(data, "EFI_SIGNATURE_LIST", base=base)
         lists: list[SignatureList] = []
-        while r.remaining:
-            at = r.offset
-            sig_type = format_guid(r.take(16, "SignatureType"))
-            list_size = r.u32("SignatureListSize")
-            header_size = r.u32("SignatureHeaderSize")
-            sig_size = r.u32("SignatureSize")
-            body = list_size - 28 - header_size
-            if list_size < 28 or body < 0:
-                raise r.error("SignatureListSize", f"{list_size} is too small", at=at + 16)
-            if sig_size < 16:
-                raise r.error("SignatureSize", f"{sig_size} is below the 16-byte owner GUID")
-            if body % sig_size:
-                raise r.error(
-                    "SignatureSize",
-                    f"{body} bytes of signatures are not a multiple of {sig_size}",
-                    at=at + 24,
-                )
-            if body > r.remaining:
-                raise r.error("SignatureListSize", f"list of {list_size} bytes runs past the data")
-            header = r.take(header_size, "SignatureHeader")
-            # body is a whole number of sig_size (>= 16) entries inside the data
-            # (checked above): SignatureList splits them when asked
-            entries = r.take(body, "Signatures")
-            lists.append(SignatureList(sig_type, guid_name(sig_type), header, sig_size, entries))
+        pos, end = 0, len(data)
+        while pos < end:
+            if pos + 28 <= end:
+                raw_type, list_size, header_size, sig_size = _LIST_HEADER.unpack_from(data, pos)
+                body = list_size - 28 - header_size
+                stop = pos + list_size
+                if body >= 0 and sig_size >= 16 and not body % sig_size and stop <= end:
+                    sig_type = format_guid(raw_type)
+                    start = stop - body  # (list_size >= 28 + header_size: body >= 0)
+                    lists.append(
+                        SignatureList(
+                            sig_type,
+                            guid_name(sig_type),
+                            data[pos + 28 : start],
+                            sig_size,
+                            data[start:stop],
+                        )
+                    )
+                    pos = stop
+                    continue
+            r = Reader(data, "EFI_SIGNATURE_LIST", base=base, start=pos)
+            lists.append(_signature_list(r))  # raises, saying which field and where
+            pos = r.pos
         return cls(tuple(lists))
+
+
+_LIST_HEADER = struct.Struct("<16sIII")
+
+
+def _signature_list(r: Reader) -> SignatureList:
+    """One EFI_SIGNATURE_LIST, field by field (the error names the bad one)."""
+    at = r.offset
+    sig_type = format_guid(r.take(16, "SignatureType"))
+    list_size = r.u32("SignatureListSize")
+    header_size = r.u32("SignatureHeaderSize")
+    sig_size = r.u32("SignatureSize")
+    body = list_size - 28 - header_size
+    if list_size < 28 or body < 0:
+        raise r.error("SignatureListSize", f"{list_size} is too small", at=at + 16)
+    if sig_size < 16:
+        raise r.error("SignatureSize", f"{sig_size} is below the 16-byte owner GUID")
+    if body % sig_size:
+        raise r.error(
+            "SignatureSize",
+            f"{body} bytes of signatures are not a multiple of {sig_size}",
+            at=at + 24,
+        )
+    if body > r.remaining:
+        raise r.error("SignatureListSize", f"list of {list_size} bytes runs past the data")
+    header = r.take(header_size, "SignatureHeader")
+    # body is a whole number of sig_size (>= 16) entries inside the data
+    # (checked above): SignatureList splits them when asked
+    entries = r.take(body, "Signatures")
+    return SignatureList(sig_type, guid_name(sig_type), header, sig_size, entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +164,7 @@ class LoadOption:
         r = Reader(data, "EFI_LOAD_OPTION", base=base)
         attributes = r.u32("Attributes")
         path_len = r.u16("FilePathListLength")
-        chars: list[bytes] = []
-        while True:
-            ch = r.take(2, "Description")
-            if ch == b"\x00\x00":
-                break
-            chars.append(ch)
-        description = b"".join(chars).decode("utf-16-le", errors="replace")
+        description = r.char16z("Description").decode("utf-16-le", errors="replace")
         path_at = r.offset
         path = DevicePath.parse(r.take(path_len, "FilePathList"), base=path_at, max_nodes=max_nodes)
         return cls(attributes, description, path, r.rest())
@@ -201,6 +224,16 @@ class EfiVariable:
     def parse(
         cls, raw: bytes, *, base: int = 0, authority: bool = False, max_nodes: int = 256
     ) -> EfiVariable:
+        size = len(raw)
+        if size >= 32:
+            guid_raw, name_len, data_len = _VARIABLE_HEADER.unpack_from(raw)
+            data_at = 32 + 2 * name_len
+            if name_len <= (size - 32) // 2 and data_at + data_len <= size:
+                name = raw[32:data_at].decode("utf-16-le", errors="replace").rstrip("\x00")
+                data = raw[data_at : data_at + data_len]
+                value = _decode_value(name, data, base + data_at, authority, max_nodes)
+                return cls(format_guid(guid_raw), name, data, value, raw[data_at + data_len :], raw)
+        # short or inconsistent: read it field by field to say which field and where
         r = Reader(raw, "UEFI_VARIABLE_DATA", base=base)
         guid = format_guid(r.take(16, "VariableName"))
         name_len = r.u64("UnicodeNameLength")
@@ -214,6 +247,9 @@ class EfiVariable:
         trailing = r.rest()
         value = _decode_value(name, data, data_at, authority, max_nodes)
         return cls(guid, name, data, value, trailing, raw)
+
+
+_VARIABLE_HEADER = struct.Struct("<16sQQ")
 
 
 def _decode_value(

@@ -231,35 +231,14 @@ class EventLog:
             algorithms = (_SHA1,)
             fmt = "sha1-legacy"
         offset = len(first.raw)
-        padding = _padding_starts(data)
-        by_id = {a.alg_id: a for a in algorithms}
-        while offset < len(data):
-            if _is_padding(data, offset, padding):
-                quirks.append(
-                    AppliedQuirk(
-                        "log-trailing-padding",
-                        None,
-                        f"{len(data) - offset} bytes of 0x{data[offset]:02x} after the last "
-                        f"event at byte {offset} ignored",
-                    )
-                )
-                break
-            if len(events) >= limits.max_events:
-                raise ParseError(
-                    "TCG_PCR_EVENT2" if spec_id else "TCG_PCR_EVENT",
-                    "pcrIndex",
-                    offset,
-                    f"more than {limits.max_events} events",
-                )
-            if spec_id is not None:
-                event = _parse_agile_fast(data, offset, len(events), by_id, limits) or _parse_agile(
-                    data, offset, len(events), algorithms, limits
-                )
+        if spec_id is not None:
+            if _agile_records(data, offset, events, algorithms, limits, quirks):
+                startup = _startup_locality(events, True)
             else:
-                event = _parse_legacy(data, offset, len(events), limits)
-            events.append(event)
-            offset += len(event.raw)
-        startup = _startup_locality(events, spec_id is not None)
+                startup = None  # (no StartupLocality event: nothing to check)
+        else:
+            _legacy_records(data, offset, events, limits, quirks)
+            startup = _startup_locality(events, False)
         return cls(
             format=fmt,
             banks=tuple(a.name for a in algorithms),
@@ -304,6 +283,107 @@ def _padding_starts(data: bytes) -> dict[int, int]:
 def _is_padding(data: bytes, offset: int, starts: dict[int, int]) -> bool:
     start = starts.get(data[offset])
     return start is not None and offset >= start and len(data) - offset >= MIN_PADDING
+
+
+def _padding_quirk(data: bytes, offset: int) -> AppliedQuirk:
+    return AppliedQuirk(
+        "log-trailing-padding",
+        None,
+        f"{len(data) - offset} bytes of 0x{data[offset]:02x} after the last "
+        f"event at byte {offset} ignored",
+    )
+
+
+def _too_many(structure: str, offset: int, limits: Limits) -> ParseError:
+    return ParseError(structure, "pcrIndex", offset, f"more than {limits.max_events} events")
+
+
+def _legacy_records(
+    data: bytes, offset: int, events: list[Event], limits: Limits, quirks: list[AppliedQuirk]
+) -> None:
+    """The TCG_PCR_EVENTs after the first, up to the end of ``data`` or its padding."""
+    padding = _padding_starts(data)
+    while offset < len(data):
+        if _is_padding(data, offset, padding):
+            quirks.append(_padding_quirk(data, offset))
+            break
+        if len(events) >= limits.max_events:
+            raise _too_many("TCG_PCR_EVENT", offset, limits)
+        event = _parse_legacy(data, offset, len(events), limits)
+        events.append(event)
+        offset += len(event.raw)
+
+
+def _agile_records(
+    data: bytes,
+    offset: int,
+    events: list[Event],
+    algorithms: tuple[HashAlgorithm, ...],
+    limits: Limits,
+    quirks: list[AppliedQuirk],
+) -> bool:
+    """The TCG_PCR_EVENT2s after the Spec ID event, up to the end of ``data`` or its
+    padding. Returns whether any is a StartupLocality event (for _startup_locality).
+
+    The usual record lists every bank once, in the Spec ID event's order: one
+    struct reads its whole header. Any other record goes to _parse_agile_fast,
+    then to _parse_agile, which reports what is wrong with it.
+    """
+    end = len(data)
+    padding = _padding_starts(data)
+    pad_from = min(padding.values())  # _is_padding is False before both runs start
+    by_id = {a.alg_id: a for a in algorithms}
+    header = struct.Struct("<III" + "".join(f"H{a.digest_size}s" for a in algorithms) + "I")
+    header_size = header.size
+    unpack = header.unpack_from
+    alg_ids = tuple(a.alg_id for a in algorithms)
+    names = tuple(a.name for a in algorithms)
+    layout_ok = len(algorithms) <= limits.max_digests_per_event
+    banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
+    no_action = EventType.EV_NO_ACTION
+    startup = False
+    index = len(events)
+    while offset < end:
+        if offset >= pad_from and _is_padding(data, offset, padding):
+            quirks.append(_padding_quirk(data, offset))
+            break
+        if index >= max_events:
+            raise _too_many("TCG_PCR_EVENT2", offset, limits)
+        event = None
+        if layout_ok and offset + header_size <= end:
+            fields = unpack(data, offset)
+            pcr, event_type, count, size = fields[0], fields[1], fields[2], fields[-1]
+            stop = offset + header_size + size
+            if (
+                pcr <= MAX_PCR
+                and count == banks
+                and size <= max_data
+                and stop <= end
+                and fields[3:-1:2] == alg_ids
+            ):
+                event = Event(
+                    index,
+                    offset,
+                    pcr,
+                    event_type,
+                    MappingProxyType(
+                        {names[0]: fields[4]}
+                        if banks == 1
+                        else dict(zip(names, fields[4:-1:2], strict=True))
+                    ),
+                    data[stop - size : stop],
+                    data[offset:stop],
+                )
+        if event is None:
+            event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
+                data, offset, index, algorithms, limits
+            )
+        if event.event_type == no_action and not startup:
+            startup = event.is_startup_locality
+        events.append(event)
+        index += 1
+        offset += len(event.raw)
+    return startup
 
 
 def _check_pcr(pcr: int, structure: str, offset: int) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from verifier.eventlog.algorithms import HashAlgorithm
-from verifier.eventlog.decode import Decoded, check_events_of
+from verifier.eventlog.decode import PENDING, Decoded, Pending, checker, decode_deferred
 from verifier.eventlog.events import EventType, type_name
 from verifier.eventlog.quirks import AppliedQuirk, summarize
 from vtpm_core.errors import VerificationError
@@ -48,21 +48,25 @@ def replay_events(
     value is whatever the platform reset them to, which the log cannot tell).
     """
     out: PcrBanks = {}
+    no_action = EventType.EV_NO_ACTION
     for alg in algorithms:
         if not alg.computable:
             continue
+        new, bank = alg.new, alg.name  # PCR := H(PCR || digest), as alg.extend
         zero = bytes(alg.digest_size)
         pcrs: dict[int, bytes] = {}
         if startup_locality is not None:
             pcrs[0] = zero[:-1] + bytes([startup_locality.locality])
+        get = pcrs.get
         for event in events:
-            if event.event_type == EventType.EV_NO_ACTION:
+            if event.event_type == no_action:
                 continue  # PFP §10.4.1: never extended
-            digest = event.digests.get(alg.name)
+            digest = event.digests.get(bank)
             if digest is None:  # cannot happen for a parsed log: every event has every bank
                 continue
-            pcrs[event.pcr] = alg.extend(pcrs.get(event.pcr, zero), digest)
-        out[alg.name] = dict(sorted(pcrs.items()))
+            pcr = event.pcr
+            pcrs[pcr] = new(get(pcr, zero) + digest).digest()
+        out[bank] = dict(sorted(pcrs.items()))
     return out
 
 
@@ -70,7 +74,7 @@ def replay_log(log: EventLog) -> PcrBanks:
     return replay_events(log.events, log.algorithms, log.startup_locality)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ReplayedEvent:
     """An event whose digests are proven by the quote.
 
@@ -81,7 +85,12 @@ class ReplayedEvent:
     (an image, a firmware volume), so the data is only a description.
     ``digest_covers`` says what part of the data a True proves: for
     EV_EFI_VARIABLE_BOOT only VariableData (not the variable name), for GRUB
-    strings only the text after the label.
+    strings only the text after the label. ``problems``: why the data is not
+    trusted or does not decode; ``warnings`` adds the quirks applied.
+
+    Strings (EV_IPL, EV_EFI_ACTION, ...) are decoded when ``untrusted_decoded``
+    is first read: their decoder cannot fail and their digest check does not
+    need it. Every other type was decoded when the log was checked.
     """
 
     index: int
@@ -90,15 +99,32 @@ class ReplayedEvent:
     event_type: int
     digests: Mapping[str, bytes]
     untrusted_data: bytes
-    untrusted_decoded: Decoded | None
     data_verified: bool | None
-    warnings: tuple[str, ...]
+    problems: tuple[str, ...]
     quirks: tuple[AppliedQuirk, ...]
     digest_covers: str | None = None
+    _decoded: Decoded | Pending | None = field(default=PENDING, compare=False)
+
+    @property
+    def untrusted_decoded(self) -> Decoded | None:
+        """Decoded data, whether or not the digest proves it (display only, unless
+        ``data_verified`` is True)."""
+        decoded = self._decoded
+        if decoded is PENDING:
+            decoded = decode_deferred(self.event_type, self.untrusted_data)
+            object.__setattr__(self, "_decoded", decoded)  # a pure function of the data
+        return decoded
 
     @property
     def type_name(self) -> str:
         return type_name(self.event_type)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """``problems``, then each quirk applied."""
+        if not self.quirks:
+            return self.problems
+        return self.problems + tuple(str(q) for q in self.quirks)
 
     @property
     def decoded(self) -> Decoded | None:
@@ -109,6 +135,16 @@ class ReplayedEvent:
     def verified_data(self) -> bytes | None:
         """The raw event data when its digest proves it, else None."""
         return self.untrusted_data if self.data_verified else None
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayedEvent(index={self.index!r}, offset={self.offset!r}, pcr={self.pcr!r}, "
+            f"event_type={self.event_type!r}, digests={self.digests!r}, "
+            f"untrusted_data={self.untrusted_data!r}, "
+            f"untrusted_decoded={self.untrusted_decoded!r}, "
+            f"data_verified={self.data_verified!r}, problems={self.problems!r}, "
+            f"quirks={self.quirks!r}, digest_covers={self.digest_covers!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,27 +177,24 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
     """Decode and data-check every event. The result is NOT proven by a quote:
     only :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
-    check_event = check_events_of(log.algorithms, uintn_size=uintn)
+    check = checker(log.algorithms, uintn_size=uintn, defer=True)
+    new = ReplayedEvent
     out = []
     for event in log.events:
-        check = check_event(event)
+        decoded, verified, quirks, problems, covers = check(event)
         out.append(
-            ReplayedEvent(
-                index=event.index,
-                offset=event.offset,
-                pcr=event.pcr,
-                event_type=event.event_type,
-                digests=event.digests,
-                untrusted_data=event.untrusted_data,
-                untrusted_decoded=check.decoded,
-                data_verified=check.data_verified,
-                warnings=(
-                    check.problems + tuple(str(q) for q in check.quirks)
-                    if check.quirks
-                    else check.problems
-                ),
-                quirks=check.quirks,
-                digest_covers=check.digest_covers,
+            new(
+                event.index,
+                event.offset,
+                event.pcr,
+                event.event_type,
+                event.digests,
+                event.untrusted_data,
+                verified,
+                problems,
+                quirks,
+                covers,
+                decoded,
             )
         )
     return tuple(out)
@@ -212,7 +245,8 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
     quirks = log.quirks + tuple(q for e in events for q in e.quirks)
     warnings = list(summarize(quirks))
     for e in events:
-        warnings.extend(w for w in e.warnings if not w.startswith("quirk "))
+        if e.problems:
+            warnings.extend(e.problems)
     return ReplayedLog(
         format=log.format,
         banks=log.banks,

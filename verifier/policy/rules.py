@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
 from verifier.eventlog import Text as TextEvent
+from verifier.eventlog.decode import ipl_kind
 from verifier.eventlog.events import EventType
 from verifier.policy.schema import BootApplication, CmdlinePattern, DbPolicy, DbxPolicy, Policy
 from vtpm_core.errors import ConfigError, VerificationError
@@ -391,8 +392,8 @@ class KernelCmdlineRule:
         good = 0
         expected = " or ".join(c.describe() for c in self.allowed)
         for e in evidence.of_type(EventType.EV_IPL):
-            if e.pcr not in _CMDLINE_PCRS:
-                continue
+            if e.pcr not in _CMDLINE_PCRS or ipl_kind(e.untrusted_data) not in _CMDLINE_KINDS:
+                continue  # (GRUB's commands, file names: not decoded at all)
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
                 continue
