@@ -186,6 +186,8 @@ class EkIssuance:
         ).subject
         self._chain_pem = ca.chain_pem  # the same bytes in every answer: encoded once
         self._templates: dict[str, _TbsTemplate] = {}
+        defaults = (profile.default_manufacturer, profile.default_model, profile.default_version)
+        self._default_san = (defaults, self._encode_san(defaults))
 
     # -- step 1 ----------------------------------------------------------------
 
@@ -328,7 +330,6 @@ class EkIssuance:
         once per EK key kind from a certificate made by :meth:`build`; the per-
         certificate parts are encoded here. tests/ca pin ``build_tbs == build``'s TBS.
         """
-        p = self.profile
         t = self._template(request.ek)
         identity = VmIdentity.build(
             request.vm_id, request.vm_name, request.vtpm_instance_id, request.created_at or now
@@ -338,18 +339,10 @@ class EkIssuance:
         _, _, alg_end = read_tlv(spki, content)
         _, bits, bits_end = read_tlv(spki, alg_end)
         ski = hashlib.sha1(spki[bits + 1 : bits_end]).digest()  # noqa: S324 - RFC 5280 4.2.1.2 (1)
-        rdns = b"".join(
-            encode_tlv(0x31, encode_tlv(0x30, oid + encode_tlv(0x0C, value.encode())))
-            for oid, value in (
-                (_OID_MANUFACTURER, request.tpm_manufacturer or p.default_manufacturer),
-                (_OID_MODEL, request.tpm_model or p.default_model),
-                (_OID_VERSION, request.tpm_version or p.default_version),
-            )
-        )
-        san = encode_tlv(0x30, encode_tlv(0xA4, encode_tlv(0x30, rdns)))
+        san = self._san(request)
         per_cert = {
             "2.5.29.14": _extension(_OID_SKI, False, encode_tlv(0x04, ski)),
-            "2.5.29.17": _extension(_OID_SAN, len(p.subject) == 0, san),
+            "2.5.29.17": san,
             VM_IDENTITY_OID: _extension(_OID_VM_IDENTITY, False, identity.raw),
         }
         extensions = b"".join(per_cert.get(oid, der) for oid, der in t.extensions)
@@ -364,6 +357,26 @@ class EkIssuance:
             + encode_tlv(0xA3, encode_tlv(0x30, extensions))
         )
         return encode_tlv(0x30, body)
+
+    def _san(self, request: IssueRequest) -> bytes:
+        """The subjectAltName Extension DER: the TPM attributes as a directoryName."""
+        p = self.profile
+        values = (
+            request.tpm_manufacturer or p.default_manufacturer,
+            request.tpm_model or p.default_model,
+            request.tpm_version or p.default_version,
+        )
+        if values == self._default_san[0]:  # the profile's defaults: encoded once
+            return self._default_san[1]
+        return self._encode_san(values)
+
+    def _encode_san(self, values: tuple[str, str, str]) -> bytes:
+        rdns = b"".join(
+            encode_tlv(0x31, encode_tlv(0x30, oid + encode_tlv(0x0C, value.encode())))
+            for oid, value in zip(_SAN_OIDS, values, strict=True)
+        )
+        san = encode_tlv(0x30, encode_tlv(0xA4, encode_tlv(0x30, rdns)))
+        return _extension(_OID_SAN, len(self.profile.subject) == 0, san)
 
     def serial(self) -> int:
         # RFC 5280 4.1.2.2: positive, <= 20 octets; the top bit is set so every serial
@@ -467,6 +480,7 @@ _OID_MANUFACTURER = _oid(OID_TPM_MANUFACTURER.dotted_string)
 _OID_MODEL = _oid(OID_TPM_MODEL.dotted_string)
 _OID_VERSION = _oid(OID_TPM_VERSION.dotted_string)
 _OID_SKI = _oid("2.5.29.14")
+_SAN_OIDS = (_OID_MANUFACTURER, _OID_MODEL, _OID_VERSION)
 _OID_SAN = _oid("2.5.29.17")
 _OID_VM_IDENTITY = _oid(VM_IDENTITY_OID)
 
@@ -478,11 +492,14 @@ def _extension(oid: bytes, critical: bool, value: bytes) -> bytes:
 
 
 def _time(when: dt.datetime) -> bytes:
-    # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on
-    when = when.astimezone(dt.UTC)
+    # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on (YYMMDDHHMMSSZ
+    # or YYYYMMDDHHMMSSZ; formatted by hand, strftime costs 3x as much)
+    if when.tzinfo is not dt.UTC:
+        when = when.astimezone(dt.UTC)
+    rest = f"{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}{when.second:02d}Z"
     if when.year < 2050:
-        return encode_tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
-    return encode_tlv(0x18, when.strftime("%Y%m%d%H%M%SZ").encode())
+        return b"\x17\x0d" + f"{when.year % 100:02d}{rest}".encode()
+    return b"\x18\x0f" + f"{when.year:04d}{rest}".encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -287,17 +287,19 @@ def test_bare_pem_only_when_allowed_and_recorded(
 
 @pytest.mark.parametrize("kind", ["ek-rsa", "ek-ecc"])
 @pytest.mark.parametrize("years", [1, 40])  # UTCTime and (from 2050) GeneralizedTime
+@pytest.mark.parametrize("model", [None, "model"])  # the profile's SAN (encoded once), another
 def test_spliced_tbs_equals_cryptography_builder(
-    opened: OpenedCa, tpm_keys: dict[str, bytes], kind: str, years: int
+    opened: OpenedCa, tpm_keys: dict[str, bytes], kind: str, years: int, model: str | None
 ) -> None:
     """The hot path splices DER; cryptography's builder is the reference it must equal."""
     from cryptography import x509 as cx509
 
     ek = CertifiableEk.load(tpm_keys[kind], allow_bare_key=False)
     request = IssueRequest(
-        ek=ek, vm_id=VM, vm_name="ü" * 200, vtpm_instance_id="i", tpm_model="model", created_at=T0
+        ek=ek, vm_id=VM, vm_name="ü" * 200, vtpm_instance_id="i", tpm_model=model, created_at=T0
     )
-    after = T0 + dt.timedelta(days=365 * years)
+    # validity given in another time zone: the certificate says the same instant in UTC
+    after = (T0 + dt.timedelta(days=365 * years)).astimezone(dt.timezone(dt.timedelta(hours=-7)))
     serial = (1 << 126) | 12345
     reference = cx509.load_der_x509_certificate(
         opened.issuance.build(request, T0, T0, after, serial)

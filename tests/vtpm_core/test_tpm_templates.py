@@ -116,3 +116,28 @@ def test_require_ek_template_names_the_first_mismatch(public: Public, message: s
     assert match_ek_template(public) is None
     with pytest.raises(VerificationError, match=r"^ek.template: not a TCG EK: " + message):
         require_ek_template(public)
+
+
+@pytest.mark.parametrize("tid", list(EK_TEMPLATES))
+def test_wire_prefix_is_libtss2_mu_marshalling(tid: str) -> None:
+    """``wire_prefix`` (our encoding) is byte-for-byte what libtss2-mu marshals, and only
+    ``unique`` follows it: what the CA's byte comparison relies on."""
+    t = EK_TEMPLATES[tid]
+    area = t.public_template()[2:]  # tpm2-tss's marshaller
+    assert area.startswith(t.wire_prefix)
+    unique = area[len(t.wire_prefix) :]
+    if t.key_type == TpmAlg.RSA:
+        assert unique == t.unique_size.to_bytes(2, "big") + bytes(t.unique_size)
+    else:
+        assert unique == 2 * (t.unique_size.to_bytes(2, "big") + bytes(t.unique_size))
+
+
+def test_match_needs_the_bytes_and_the_fields() -> None:
+    """A value whose fields were changed but whose raw bytes were not: the fields decide;
+    raw bytes of another template: the bytes decide. Either alone is not a match."""
+    forged_fields = dataclasses.replace(L1, name_alg=TpmAlg.SHA1)
+    assert forged_fields.raw.startswith(EK_TEMPLATES["L-1"].wire_prefix)
+    assert match_ek_template(forged_fields) is None
+    forged_raw = dataclasses.replace(L1, raw=b"\x00\x23" + L1.raw[2:])  # type ECC
+    assert match_ek_template(forged_raw) is None
+    assert match_ek_template(L1) == EK_TEMPLATES["L-1"]

@@ -6,12 +6,17 @@ becomes a ParseError naming the structure, field and byte offset.
 
 from __future__ import annotations
 
+import enum
+import struct
 from collections.abc import Callable
 from typing import TypeVar
 
 from vtpm_core.errors import ParseError
 
 E = TypeVar("E")
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 
 
 class Reader:
@@ -40,25 +45,52 @@ class Reader:
     def u8(self, field: str) -> int:
         return self.take(1, field)[0]
 
+    # u16/u32/tpm2b/enum are on every parse's path: they read in place (no slice)
+    # and build the field names of their messages only when they fail.
     def u16(self, field: str) -> int:
-        return int.from_bytes(self.take(2, field), "big")
+        pos = self.pos
+        if pos + 2 > len(self.data):
+            raise self.fail(field, f"truncated: need 2 bytes, {len(self.data) - pos} left")
+        self.pos = pos + 2
+        value: int = _U16.unpack_from(self.data, pos)[0]
+        return value
 
     def u32(self, field: str) -> int:
-        return int.from_bytes(self.take(4, field), "big")
+        pos = self.pos
+        if pos + 4 > len(self.data):
+            raise self.fail(field, f"truncated: need 4 bytes, {len(self.data) - pos} left")
+        self.pos = pos + 4
+        value: int = _U32.unpack_from(self.data, pos)[0]
+        return value
 
     def u64(self, field: str) -> int:
         return int.from_bytes(self.take(8, field), "big")
 
     def tpm2b(self, field: str, max_size: int | None = None) -> bytes:
         start = self.pos
-        size = self.u16(f"{field}.size")
+        if start + 2 > len(self.data):
+            raise self.fail(
+                f"{field}.size", f"truncated: need 2 bytes, {len(self.data) - start} left"
+            )
+        size: int = _U16.unpack_from(self.data, start)[0]
         if max_size is not None and size > max_size:
             raise self.fail(f"{field}.size", f"{size} bytes, at most {max_size}", start)
-        return self.take(size, f"{field}.buffer")
+        self.pos = start + 2
+        if start + 2 + size > len(self.data):
+            raise self.fail(
+                f"{field}.buffer",
+                f"truncated: need {size} bytes, {len(self.data) - start - 2} left",
+            )
+        self.pos = start + 2 + size
+        return self.data[start + 2 : start + 2 + size]
 
     def enum(self, convert: Callable[[int], E], field: str, width: int = 2) -> E:
         start = self.pos
         value = self.u16(field) if width == 2 else self.u32(field)
+        if isinstance(convert, enum.EnumMeta):  # a dict lookup, not the Enum call protocol
+            member = convert._value2member_map_.get(value)
+            if member is not None:
+                return member  # type: ignore[return-value]
         try:
             return convert(value)
         except ValueError:

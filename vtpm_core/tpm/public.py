@@ -6,9 +6,11 @@ TPM 2.0 Library Part 2 (rev 1.59): 8.3 TPMA_OBJECT, 11.1.7 TPMT_SYM_DEF_OBJECT,
 12.2.5 TPM2B_PUBLIC. Part 1, 16: an object's Name is nameAlg || H(TPMT_PUBLIC).
 
 ``Public.parse`` frames every field itself (so errors name the field and byte
-offset) and then has tpm2-pytss unmarshal the same bytes as a second reader
-(``_marshal.check``); both must agree on the length. The parsed value keeps the
-exact bytes in ``raw``; ``name()`` hashes those bytes, never a re-encoding.
+offset) and then, unless the caller passes ``cross_check=False``, has tpm2-pytss
+unmarshal the same bytes as a second reader (``_marshal.check``); both must
+agree on the length and the re-encoding. The parsed value keeps the exact bytes
+in ``raw``; ``name()`` hashes those bytes, never a re-encoding. Who may turn the
+cross-check off, and why: docs/tpm-structures.md, "The tpm2-tss cross-check".
 """
 
 from __future__ import annotations
@@ -201,16 +203,20 @@ class Public:
     # -- parsing ---------------------------------------------------------
 
     @classmethod
-    def parse(cls, data: bytes) -> Public:
-        """A TPMT_PUBLIC that must fill ``data`` exactly."""
+    def parse(cls, data: bytes, *, cross_check: bool = True) -> Public:
+        """A TPMT_PUBLIC that must fill ``data`` exactly.
+
+        ``cross_check``: also have libtss2-mu read it (``_marshal.check``).
+        """
         r = Reader(data, "TPMT_PUBLIC")
         public = cls._read(r)
         r.end()
-        _marshal.check("TPMT_PUBLIC", public.raw)
+        if cross_check:
+            _marshal.check("TPMT_PUBLIC", public.raw)
         return public
 
     @classmethod
-    def parse_tpm2b(cls, data: bytes) -> Public:
+    def parse_tpm2b(cls, data: bytes, *, cross_check: bool = True) -> Public:
         """A TPM2B_PUBLIC (u16 size || TPMT_PUBLIC) that must fill ``data`` exactly."""
         r = Reader(data, "TPM2B_PUBLIC")
         size = r.u16("size")
@@ -221,25 +227,29 @@ class Public:
         inner = Reader(r.take(size, "publicArea"), "TPMT_PUBLIC", base=2)
         public = cls._read(inner)
         inner.end()
-        _marshal.check("TPMT_PUBLIC", public.raw)
+        if cross_check:
+            _marshal.check("TPMT_PUBLIC", public.raw)
         return public
 
     @classmethod
-    def load(cls, data: bytes) -> Public:
+    def load(cls, data: bytes, *, cross_check: bool = True) -> Public:
         """TPM2B_PUBLIC (``tpm2_createek -u``, ``tpm2_createak -u``, ``tpm2_readpublic -o``),
-        a bare TPMT_PUBLIC, or a PEM public key (``-f pem``; gives ``from_pem=True``)."""
+        a bare TPMT_PUBLIC, or a PEM public key (``-f pem``; gives ``from_pem=True``).
+
+        ``cross_check`` as for :meth:`parse` (a PEM key is read by cryptography alone).
+        """
         if data.lstrip()[:10] == b"-----BEGIN":
             return cls.load_pem(data)
         if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
             try:
-                return cls.parse_tpm2b(data)
+                return cls.parse_tpm2b(data, cross_check=cross_check)
             except ParseError as error:
                 # a bare TPMT_PUBLIC can start with its own length by chance (ECC: 0x0023)
                 try:
-                    return cls.parse(data)
+                    return cls.parse(data, cross_check=cross_check)
                 except ParseError:
                     raise error from None
-        return cls.parse(data)
+        return cls.parse(data, cross_check=cross_check)
 
     @classmethod
     def load_pem(cls, data: bytes) -> Public:

@@ -16,6 +16,7 @@ there (the public key). Everything else must be byte-for-byte the template's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -78,6 +79,25 @@ class EkTemplate:
     cert_nv_index: int
     nonce_nv_index: int | None  # low range only
     template_nv_index: int
+    # TPMT_PUBLIC wire bytes of everything before ``unique`` (Part 2, 12.2.4); equal to
+    # libtss2-mu's marshalling of the template (tests/vtpm_core/test_tpm_templates.py)
+    wire_prefix: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prefix = (
+            self.key_type.to_bytes(2, "big")
+            + self.name_alg.to_bytes(2, "big")
+            + int(self.attributes).to_bytes(4, "big")
+            + len(self.auth_policy).to_bytes(2, "big")
+            + self.auth_policy
+            + self.symmetric.to_bytes()
+            + TpmAlg.NULL.to_bytes(2, "big")  # scheme
+        )
+        if self.key_type == TpmAlg.RSA:
+            prefix += self.key_bits.to_bytes(2, "big") + bytes(4)  # keyBits, exponent 0
+        else:
+            prefix += self.curve.to_bytes(2, "big") + TpmAlg.NULL.to_bytes(2, "big")  # kdf
+        object.__setattr__(self, "wire_prefix", prefix)
 
     @property
     def description(self) -> str:
@@ -234,9 +254,16 @@ def match_ek_template(public: Public) -> EkTemplate | None:
     scheme, key size / curve, exponent and (ECC) KDF equal the template's.
     Not checked: the unique field (the key the TPM derived) and whether the
     key came from an endorsement hierarchy at all (only a certificate says so).
+
+    Two checks must both hold: ``public.raw`` starts with the template's
+    ``wire_prefix`` (the exact bytes before ``unique``, as libtss2-mu marshals the
+    template), and every field above equals the template's (``mismatch``).
     """
+    if public.from_pem:
+        return None
+    raw = public.raw
     for template in EK_TEMPLATES.values():
-        if template.mismatch(public) is None:
+        if raw.startswith(template.wire_prefix) and template.mismatch(public) is None:
             return template
     return None
 
