@@ -93,6 +93,8 @@ class VmIdentity:
         if created_at.tzinfo is None:
             raise ValueError("created_at must be timezone-aware")
         when = created_at.astimezone(dt.UTC).replace(microsecond=0)
+        if when.year < 1000:  # asn1crypto (the decoder) cannot write such a GeneralizedTime
+            raise ValueError("created_at before the year 1000")
         for name, text in (("vmName", vm_name), ("vtpmInstanceId", vtpm_instance_id)):
             if len(text) > _MAX_TEXT:
                 raise ValueError(f"{name} longer than {_MAX_TEXT} characters")
@@ -103,7 +105,11 @@ class VmIdentity:
             _tlv(0x0C, str(vm_id).encode())
             + _tlv(0x0C, vm_name.encode())
             + _tlv(0x0C, vtpm_instance_id.encode())
-            + _tlv(0x18, when.strftime("%Y%m%d%H%M%SZ").encode()),
+            + _tlv(
+                0x18,
+                f"{when.year:04d}{when.month:02d}{when.day:02d}"
+                f"{when.hour:02d}{when.minute:02d}{when.second:02d}Z".encode(),
+            ),
         )
         return cls(vm_id, vm_name, vtpm_instance_id, when, der)
 
@@ -111,7 +117,10 @@ class VmIdentity:
     def parse(cls, data: bytes) -> VmIdentity:
         """Decode the extension value (the DER inside extnValue's OCTET STRING).
 
-        Raises :class:`ParseError` for anything but exactly one DER VmIdentity.
+        Raises :class:`ParseError` for anything but exactly one DER VmIdentity in the
+        form :meth:`build` writes (lower-case hyphenated vmId, whole-second UTC
+        createdAt, texts of at most 1024 characters), so ``build`` of the parsed
+        fields gives back exactly ``data``.
         """
         try:
             value = _VmIdentityAsn1.load(bytes(data), strict=True)
@@ -119,14 +128,25 @@ class VmIdentity:
             vm_name = value["vm_name"].native
             instance = value["vtpm_instance_id"].native
             created = value["created_at"].native
+            # re-encoding is the DER check; asn1crypto raises ValueError for a time it
+            # cannot encode (no "Z": a local time)
+            der_again = value.dump(force=True)
         except (ValueError, TypeError) as exc:
             raise ParseError("VmIdentity", "der", 0, f"not a DER VmIdentity: {exc}") from exc
         try:
             vm_id = uuid.UUID(vm_id_text)
         except ValueError as exc:
             raise ParseError("VmIdentity", "vmId", 0, f"not a UUID: {vm_id_text!r}") from exc
-        if value.dump(force=True) != bytes(data):
+        if vm_id_text != str(vm_id):  # not "{...}", "urn:uuid:", upper case or bare hex
+            raise ParseError(
+                "VmIdentity", "vmId", 0, f"not a lower-case hyphenated UUID: {vm_id_text!r}"
+            )
+        if der_again != bytes(data):
             raise ParseError("VmIdentity", "der", 0, "not in DER form")
+        if not isinstance(created, dt.datetime) or created.microsecond:
+            raise ParseError("VmIdentity", "createdAt", 0, "not whole seconds in UTC")
+        if len(vm_name) > _MAX_TEXT or len(instance) > _MAX_TEXT:
+            raise ParseError("VmIdentity", "vmName", 0, f"longer than {_MAX_TEXT} characters")
         return cls(vm_id, vm_name, instance, created, bytes(data))
 
     def to_bytes(self) -> bytes:
