@@ -4,6 +4,7 @@ several threads (each its own connection) race for the same EK; revocation is co
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +127,56 @@ def test_default_ledger_is_sqlite_in_home(ca_home: CaHome) -> None:
         assert ca.ledger.engine.url.database == str(Path(ca_home.path) / "ledger.db")
     finally:
         ca.close()
+
+
+def test_issued_record_is_what_the_ledger_holds(ledger_ca: OpenedCa) -> None:
+    """The IssueResult's record (built field by field on the hot path) equals the row."""
+    (ek,) = _eks(1)
+    result = ledger_ca.issuance.issue(IssueRequest(ek=ek, vm_id=uuid.uuid4(), vm_name="r"))
+    assert result.record == ledger_ca.ledger.get(result.record.serial)
+    assert result.record.status == "issued"
+    assert result.record.certificate_der == result.certificate_der
+
+
+def test_broken_hot_connection_is_replaced(ledger_ca: OpenedCa) -> None:
+    """A write on a failed connection is a StateError; the next write reconnects."""
+    from vtpm_core.errors import StateError
+
+    first, second = _eks(2)
+    ledger_ca.issuance.issue(IssueRequest(ek=first, vm_id=uuid.uuid4()))
+    _, raw = ledger_ca.ledger._local.raw
+    raw.dbapi_connection.close()  # under the ledger's feet
+    with pytest.raises(StateError, match="ledger unavailable"):
+        ledger_ca.issuance.issue(IssueRequest(ek=second, vm_id=uuid.uuid4()))
+    result = ledger_ca.issuance.issue(IssueRequest(ek=second, vm_id=uuid.uuid4()))
+    assert ledger_ca.ledger.get(result.record.serial).status == "issued"
+
+
+def test_sqlite_checkpoints_off_the_request_thread(
+    ca_home: CaHome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issuance writes wake the checkpointer thread; it moves the WAL into the
+    database file, and close() stops it."""
+    from ca import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_CHECKPOINT_EVERY", 4)
+    ca = ca_home.open(passphrase=PASSPHRASE)
+    try:
+        for ek in _eks(6):  # 12 commits: the thread is woken 3 times
+            ca.issuance.issue(IssueRequest(ek=ek, vm_id=uuid.uuid4()))
+        checkpointer = ca.ledger._checkpointer
+        assert checkpointer is not None and checkpointer._thread.is_alive()
+        deadline = time.monotonic() + 30
+        while checkpointer.completed == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert checkpointer.completed >= 1
+        serials = [r.serial for r in ca.ledger.all_records()]
+        assert len(serials) == 6
+    finally:
+        ca.close()
+    assert not checkpointer._thread.is_alive()
+    reopened = ca_home.open(passphrase=PASSPHRASE)
+    try:
+        assert sorted(r.serial for r in reopened.ledger.all_records()) == sorted(serials)
+    finally:
+        reopened.close()
