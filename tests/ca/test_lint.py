@@ -105,3 +105,60 @@ def test_lint_every_mode_issues(tmp_path: Path) -> None:
             assert result.record.status == "issued"
     finally:
         ca.close()
+
+
+def _with_ski_value(value: bytes) -> tuple[x509.Certificate, bytes, bytes]:
+    """A certificate of _cert()'s shape whose subjectKeyIdentifier extnValue is ``value``."""
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .serial_number((1 << 100) + 11)
+        .issuer_name(ISSUER)
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ek")]))
+        .public_key(ek)
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(CA_KEY.public_key()), critical=False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.14"), value), critical=False
+        )
+        .sign(CA_KEY, hashes.SHA256())
+    )
+    spki = ek.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return cert, cert.public_bytes(serialization.Encoding.DER), spki
+
+
+def test_extensions_equal_to_the_reference_or_parsed() -> None:
+    """After the first certificate of a shape, extensions byte-equal to its are not parsed
+    again; a differing subjectKeyIdentifier must be an OCTET STRING, and anything else
+    that differs sends the whole set through cryptography's parser."""
+    linter = Linter("shape")
+    linter.check(*_cert(), ISSUER)
+    linter.check(*_with_ski_value(b"\x04\x03abc"), ISSUER)  # another, well-formed SKI
+    for bad in (b"\x05\x00", b"\x04\x05abc", b"\x04\x81\x01a", b""):
+        with pytest.raises(VerificationError, match=r"lint\.extensions"):
+            linter.check(*_with_ski_value(bad), ISSUER)
+    # another AKI (differs from the reference's): parsed by cryptography, and fine
+    other_ca = ec.generate_private_key(ec.SECP256R1()).public_key()
+    cert, _der, spki = _cert()
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(other_ca)
+    rebuilt = (
+        x509.CertificateBuilder()
+        .serial_number(cert.serial_number)
+        .issuer_name(ISSUER)
+        .subject_name(cert.subject)
+        .public_key(cert.public_key())
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(aki, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(cert.public_key()), critical=False)
+        .sign(CA_KEY, hashes.SHA256())
+    )
+    linter.check(rebuilt, rebuilt.public_bytes(serialization.Encoding.DER), spki, ISSUER)
+    assert len(linter._passed) == 1
