@@ -122,6 +122,10 @@ def assemble_certificate(tbs: bytes, signature: bytes) -> bytes:
     return encode_tlv(0x30, tbs + tbs[pos:alg_end] + encode_tlv(0x03, b"\x00" + signature))
 
 
+def _assemble(tbs: bytes, alg: bytes, signature: bytes) -> bytes:
+    return encode_tlv(0x30, tbs + alg + encode_tlv(0x03, b"\x00" + signature))
+
+
 class EkIssuance:
     """The issuing service. Thread-safe as far as its parts are (the ledger and the key)."""
 
@@ -235,7 +239,10 @@ class EkIssuance:
         tbs = self.build_tbs(request, now, not_before, not_after, serial)
         # The lint parses a certificate: the TBS with a placeholder signature (nothing
         # checks it; pkilint gets a stand-in-signed one, see _lint_certificate).
-        placeholder = assemble_certificate(tbs, self._placeholder_signature)
+        # the TBS's signature field is the template's AlgorithmIdentifier: no need to
+        # read it back out of the TBS (assemble_certificate does, for any TBS)
+        alg = self._template(request.ek).signature_algorithm
+        placeholder = _assemble(tbs, alg, self._placeholder_signature)
         cert = x509.load_der_x509_certificate(placeholder)
         self.linter.check(
             cert,
@@ -263,12 +270,17 @@ class EkIssuance:
         )
         if not self.ledger.reserve(record, now):
             return None  # someone else recorded this EK (or, rarely, this serial): re-read
-        signed = self._sign_recorded(record)
+        signed = self._sign_recorded(record, alg)
         assert signed.certificate_der is not None
         return IssueResult(signed, signed.certificate_der, self._chain_pem, False, "original")
 
-    def _sign_recorded(self, record: CertRecord) -> CertRecord:
-        der = assemble_certificate(record.tbs_der, self.ca.key.sign(record.tbs_der))
+    def _sign_recorded(self, record: CertRecord, alg: bytes | None = None) -> CertRecord:
+        """Sign ``record``'s TBS; ``alg``: its signature AlgorithmIdentifier, if known."""
+        signature = self.ca.key.sign(record.tbs_der)
+        if alg is None:
+            der = assemble_certificate(record.tbs_der, signature)
+        else:
+            der = _assemble(record.tbs_der, alg, signature)
         if self.ca.key.signs_remotely:
             # A token could sign with another key than the certificate's: check each
             # signature. A file key was matched with ca.pem when the CA was opened.

@@ -10,11 +10,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ca.ek import CertifiableEk
 from ca.home import CaHome
 from ca.issuance import IssueRequest
-from ca.lint import Linter
+from ca.lint import Linter, TbsParts
 from tests.ca.conftest import PASSPHRASE
 from vtpm_core.errors import VerificationError
 
@@ -162,3 +164,35 @@ def test_extensions_equal_to_the_reference_or_parsed() -> None:
     )
     linter.check(rebuilt, rebuilt.public_bytes(serialization.Encoding.DER), spki, ISSUER)
     assert len(linter._passed) == 1
+
+
+def test_tbs_parts_agree_with_cryptography() -> None:
+    from asn1crypto import core as asn1
+
+    cert, der, spki = _cert()
+    parts = TbsParts.of(der)
+    assert parts.spki == spki
+    assert parts.issuer == ISSUER.public_bytes()
+    got = [(asn1.ObjectIdentifier.load(oid).dotted, flag != b"") for oid, flag in parts.extensions]
+    assert got == [(e.oid.dotted_string, e.critical) for e in cert.extensions]
+    for ext, value in zip(cert.extensions, parts.extension_values, strict=True):
+        assert ext.value.public_bytes() == value
+
+
+_SAMPLE_DER = _cert()[1]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_tbs_parts_of_mutated_der_is_a_value_or_lint_der(data: st.DataObject) -> None:
+    der = _SAMPLE_DER
+    at = data.draw(st.integers(0, len(der) - 1))
+    insert = data.draw(st.binary(max_size=3))
+    cut = data.draw(st.integers(0, 3))
+    mutated = der[:at] + insert + der[at + cut :]
+    check = "lint.der"
+    try:
+        TbsParts.of(mutated)
+    except VerificationError as exc:
+        check = exc.check
+    assert check == "lint.der"
