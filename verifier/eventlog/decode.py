@@ -241,15 +241,18 @@ class Pending(enum.Enum):
 PENDING = Pending.PENDING
 
 # Types whose decoder reads nothing but the data, never raises and whose digest
-# check never reads the decoded value: a replayed log decodes them when asked.
+# check never reads the decoded value: a replayed log decodes them when asked
+# (so are separators of the right size: only a wrong size fails to decode).
 _DEFERRED = _TEXT_TYPES | {T.EV_POST_CODE, T.EV_IPL}
 
 
 def decode_deferred(event_type: int, data: bytes) -> Decoded:
-    """What :func:`decode_event` returns for an event of a type in ``_DEFERRED``;
-    never raises."""
+    """What :func:`decode_event` returns for an event of a type in ``_DEFERRED``, or
+    a 4-byte EV_SEPARATOR; never raises."""
     if event_type == T.EV_IPL:
         return _ipl(data)
+    if event_type == T.EV_SEPARATOR and len(data) == 4:
+        return Separator(int.from_bytes(data, "little"))
     if (
         (event_type == T.EV_POST_CODE or event_type == T.EV_S_CRTM_CONTENTS)
         and len(data) == 16
@@ -361,6 +364,8 @@ def check_events_of(
     return check_one
 
 
+_Pairs = tuple[tuple[Callable[[bytes], Hash], bytes], ...]  # (hash constructor, digest)
+
 CheckOutcome = tuple[
     "Decoded | Pending | None", bool | None, tuple[AppliedQuirk, ...], tuple[str, ...], str | None
 ]
@@ -382,17 +387,25 @@ def checker(
     type is decoded here, so a decode failure is always among the problems.
     """
     banks = tuple((a.name, a.new) for a in algorithms if a.computable)
-    single = banks[0] if len(banks) == 1 else None
+    one_bank = banks[0] if len(banks) == 1 else None
     compare = hmac.compare_digest
     no_quirks: tuple[AppliedQuirk, ...] = ()
-    deferred, plans, whole = _DEFERRED, _PLANS, _whole
+    deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
+    hints: dict[int, tuple[int, int]] = {}  # type -> (form, candidate) that matched last
+
+    def proves(candidate: bytes, pairs: _Pairs) -> bool:
+        # step 3: every bank must match (a loop: all() would cost a generator per call)
+        for new, digest in pairs:  # noqa: SIM110
+            if not compare(new(candidate).digest(), digest):
+                return False
+        return True
 
     def check(event: Event) -> CheckOutcome:
         t = event.event_type
         data = event.untrusted_data
         problems: tuple[str, ...] = ()
         decoded: Decoded | Pending | None
-        if t in deferred:
+        if t in deferred or (t == separator and len(data) == 4):
             decoded = PENDING if defer else decode_deferred(t, data)
         else:
             try:
@@ -404,26 +417,53 @@ def checker(
         if plan is None:  # step 1: the spec does not define digest = H(data)
             return decoded, None, no_quirks, problems, None
         digests = event.digests
-        pairs: tuple[tuple[Callable[[bytes], Hash], bytes], ...]
-        if single is not None:
-            digest = digests.get(single[0])
-            pairs = () if digest is None else ((single[1], digest),)
+        pairs: _Pairs
+        if one_bank is not None:
+            digest = digests.get(one_bank[0])
+            pairs = () if digest is None else ((one_bank[1], digest),)
         else:
             pairs = tuple((new, digests[name]) for name, new in banks if name in digests)
         if not pairs:
             problems += ("no computable bank to check the data against",)
             return decoded, None, no_quirks, problems, None
         plain = None if decoded is PENDING else decoded
-        for quirk_id, form, covers, summary in plan:  # step 2
-            for candidate in (data,) if form is whole else form(data, plain):
-                for new, digest in pairs:  # step 3: every bank must match
-                    if not compare(new(candidate).digest(), digest):
-                        break
-                else:
+        hint = hints.get(t)
+        if hint is not None:
+            # The candidate that proved the last event of this type, first: a log's
+            # GRUB measures every command the same way. It can only win where the
+            # in-order search below would not if it and an earlier, different
+            # candidate hash to the same digests in every bank (a collision).
+            k, j = hint
+            earlier: list[bytes] = []
+            for _, form, _, _ in plan[:k]:
+                earlier.extend((data,) if form is whole else form(data, plain))
+            quirk_id, form, covers, summary = plan[k]
+            candidates = (data,) if form is whole else form(data, plain)
+            if j < len(candidates):
+                candidate = candidates[j]
+                earlier.extend(candidates[:j])
+                if candidate not in earlier and proves(candidate, pairs):
                     quirks = no_quirks
                     if quirk_id is not None:
                         quirks = (AppliedQuirk(quirk_id, event.index, summary),)
                     return decoded, True, quirks, problems, covers
+        for k, (quirk_id, form, covers, summary) in enumerate(plan):  # step 2
+            if form is whole:
+                if proves(data, pairs):
+                    if k:
+                        hints[t] = (k, 0)
+                    quirks = no_quirks
+                    if quirk_id is not None:
+                        quirks = (AppliedQuirk(quirk_id, event.index, summary),)
+                    return decoded, True, quirks, problems, covers
+            else:
+                for j, candidate in enumerate(form(data, plain)):
+                    if proves(candidate, pairs):
+                        hints[t] = (k, j)
+                        quirks = no_quirks
+                        if quirk_id is not None:
+                            quirks = (AppliedQuirk(quirk_id, event.index, summary),)
+                        return decoded, True, quirks, problems, covers
         if t == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
             # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
             quirk = AppliedQuirk("ipl-description-only", event.index, _IPL_DESCRIPTION_ONLY)
@@ -464,6 +504,8 @@ def _after_label(labels: tuple[bytes, ...]) -> _Form:
     versions differ on whether the NUL is measured)."""
 
     def form(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+        if not data.startswith(labels):
+            return ()
         for label in labels:
             if data.startswith(label):
                 body = data[len(label) :]
@@ -557,6 +599,7 @@ _IPL_PREFIXES = (("grub_cmd: ", "grub_cmd"), ("grub_cmd ", "grub_cmd"),
                  ("kernel_cmdline: ", "kernel_cmdline"),
                  ("grub_kernel_cmdline ", "kernel_cmdline"))  # fmt: skip
 _IPL_BYTE_PREFIXES = tuple((p.encode(), k) for p, k in _IPL_PREFIXES)
+_IPL_LABELS = tuple(p for p, _ in _IPL_BYTE_PREFIXES)
 
 
 def _ipl(d: bytes) -> IplString:
@@ -580,9 +623,9 @@ def ipl_kind(d: bytes) -> str:
     and only them, into the same ASCII characters: the decoded text starts with a
     label exactly when the bytes do.
     """
-    if _looks_utf16(d) and not _printable(d):
-        return "load_options"
-    if len(d) == 16 and not _printable(d):
+    if not (len(d) >= 2 and d[1]) and _looks_utf16(d) and not _printable(d):
+        return "load_options"  # (a non-zero second byte is never UTF-16 text)
+    if not d.startswith(_IPL_LABELS) or (len(d) == 16 and not _printable(d)):
         return "string"  # a GUID's text form starts with a hex digit, never a label
     for prefix, kind in _IPL_BYTE_PREFIXES:
         if d.startswith(prefix):

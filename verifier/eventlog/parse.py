@@ -140,7 +140,7 @@ class StartupLocality:
         return cls(locality)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: _event() fills __dict__ in one step
 class Event:
     """One log record, as read: nothing about it has been checked yet.
 
@@ -285,6 +285,38 @@ def _is_padding(data: bytes, offset: int, starts: dict[int, int]) -> bool:
     return start is not None and offset >= start and len(data) - offset >= MIN_PADDING
 
 
+def _event(
+    index: int,
+    offset: int,
+    pcr: int,
+    event_type: int,
+    digests: Mapping[str, bytes],
+    untrusted_data: bytes,
+    raw: bytes,
+) -> Event:
+    """``Event(...)``, for the parse loop: the same frozen object, built without the
+    dataclass ``__init__``'s one ``object.__setattr__`` call per field."""
+    event: Event = _new_object(Event)
+    _set_attribute(
+        event,
+        "__dict__",
+        {
+            "index": index,
+            "offset": offset,
+            "pcr": pcr,
+            "event_type": event_type,
+            "digests": digests,
+            "untrusted_data": untrusted_data,
+            "raw": raw,
+        },
+    )
+    return event
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
 def _padding_quirk(data: bytes, offset: int) -> AppliedQuirk:
     return AppliedQuirk(
         "log-trailing-padding",
@@ -341,6 +373,7 @@ def _agile_records(
     layout_ok = len(algorithms) <= limits.max_digests_per_event
     banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
     no_action = EventType.EV_NO_ACTION
+    new, fill = _new_object, _set_attribute
     startup = False
     index = len(events)
     while offset < end:
@@ -349,7 +382,7 @@ def _agile_records(
             break
         if index >= max_events:
             raise _too_many("TCG_PCR_EVENT2", offset, limits)
-        event = None
+        event: Event | None = None
         if layout_ok and offset + header_size <= end:
             fields = unpack(data, offset)
             pcr, event_type, count, size = fields[0], fields[1], fields[2], fields[-1]
@@ -359,20 +392,25 @@ def _agile_records(
                 and count == banks
                 and size <= max_data
                 and stop <= end
-                and fields[3:-1:2] == alg_ids
+                and (fields[3] == alg_ids[0] if banks == 1 else fields[3:-1:2] == alg_ids)
             ):
-                event = Event(
-                    index,
-                    offset,
-                    pcr,
-                    event_type,
-                    MappingProxyType(
-                        {names[0]: fields[4]}
-                        if banks == 1
-                        else dict(zip(names, fields[4:-1:2], strict=True))
-                    ),
-                    data[stop - size : stop],
-                    data[offset:stop],
+                event = new(Event)  # _event(...), inlined: this loop runs for every record
+                fill(
+                    event,
+                    "__dict__",
+                    {
+                        "index": index,
+                        "offset": offset,
+                        "pcr": pcr,
+                        "event_type": event_type,
+                        "digests": MappingProxyType(
+                            {names[0]: fields[4]}
+                            if banks == 1
+                            else dict(zip(names, fields[4:-1:2], strict=True))
+                        ),
+                        "untrusted_data": data[stop - size : stop],
+                        "raw": data[offset:stop],
+                    },
                 )
         if event is None:
             event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
@@ -450,14 +488,14 @@ def _parse_agile_fast(
     stop = pos + 4 + size
     if size > limits.max_event_data or stop > end:
         return None
-    return Event(
-        index=index,
-        offset=offset,
-        pcr=pcr,
-        event_type=event_type,
-        digests=MappingProxyType(digests),
-        untrusted_data=data[pos + 4 : stop],
-        raw=data[offset:stop],
+    return _event(
+        index,
+        offset,
+        pcr,
+        event_type,
+        MappingProxyType(digests),
+        data[pos + 4 : stop],
+        data[offset:stop],
     )
 
 

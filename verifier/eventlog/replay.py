@@ -74,7 +74,7 @@ def replay_log(log: EventLog) -> PcrBanks:
     return replay_events(log.events, log.algorithms, log.startup_locality)
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@dataclass(frozen=True, repr=False)  # no slots: _check_events fills __dict__ in one step
 class ReplayedEvent:
     """An event whose digests are proven by the quote.
 
@@ -178,25 +178,30 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
     only :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     check = checker(log.algorithms, uintn_size=uintn, defer=True)
-    new = ReplayedEvent
+    new, fill = object.__new__, object.__setattr__
     out = []
     for event in log.events:
         decoded, verified, quirks, problems, covers = check(event)
-        out.append(
-            new(
-                event.index,
-                event.offset,
-                event.pcr,
-                event.event_type,
-                event.digests,
-                event.untrusted_data,
-                verified,
-                problems,
-                quirks,
-                covers,
-                decoded,
-            )
+        # ReplayedEvent(...) without the frozen __init__'s setattr per field
+        replayed: ReplayedEvent = new(ReplayedEvent)
+        fill(
+            replayed,
+            "__dict__",
+            {
+                "index": event.index,
+                "offset": event.offset,
+                "pcr": event.pcr,
+                "event_type": event.event_type,
+                "digests": event.digests,
+                "untrusted_data": event.untrusted_data,
+                "data_verified": verified,
+                "problems": problems,
+                "quirks": quirks,
+                "digest_covers": covers,
+                "_decoded": decoded,
+            },
         )
+        out.append(replayed)
     return tuple(out)
 
 

@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -295,6 +295,12 @@ class Policy:
     db: DbPolicy | None
     dbx: DbxPolicy | None
     pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] | None
+    _digest: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the policy's identity, worked out once: every appraisal reports its id
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "_digest", hashlib.sha256(canonical.encode()).digest())
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -443,8 +449,7 @@ class Policy:
     @property
     def digest(self) -> bytes:
         """SHA-256 of the canonical JSON form: two policies with equal rules share it."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).digest()
+        return self._digest
 
     @property
     def id(self) -> str:
