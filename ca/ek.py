@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from vtpm_core.errors import VerificationError
 from vtpm_core.tpm.public import Public
+from vtpm_core.tpm.templates import read_ek_tpm2b, require_ek_template
 
 __all__ = ["CertifiableEk"]
 
@@ -45,9 +46,18 @@ class CertifiableEk:
         key without ``allow_bare_key``.
         """
         # No libtss2-mu second read here (docs/tpm-structures.md, "The tpm2-tss
-        # cross-check"): the EK template check below requires every byte before
+        # cross-check"): the EK template check requires every byte before
         # ``unique`` to equal the template's, whose encoding the tests pin to
         # libtss2-mu's marshalling, and cryptography validates the point in ``unique``.
+        # A TPM2B_PUBLIC made from a template (every real EK) is read by comparing
+        # those bytes (read_ek_tpm2b); anything else goes through the full parser.
+        fast = read_ek_tpm2b(data)
+        if fast is not None:
+            public, ek_template = fast
+            key = public.public_key()
+            return cls.from_key(
+                key, template=ek_template.id, name=public.name().hex(), raw=bytes(data)
+            )
         public = Public.load(data, cross_check=False)
         key = public.public_key()
         if public.from_pem:
@@ -59,8 +69,6 @@ class CertifiableEk:
                 )
             template, name = "bare-pem", None
         else:
-            from vtpm_core.tpm.templates import require_ek_template
-
             template = str(require_ek_template(public).id)
             name = public.name().hex()
         return cls.from_key(key, template=template, name=name, raw=bytes(data))

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from ca.ek import CertifiableEk
 from vtpm_core.errors import ParseError, VerificationError
-from vtpm_core.tpm import EK_TEMPLATES, Public, _marshal, match_ek_template
+from vtpm_core.tpm import EK_TEMPLATES, Public, TpmAlg, _marshal, match_ek_template
+from vtpm_core.tpm.templates import read_ek_tpm2b
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "tpm"
 SAMPLES = {
@@ -107,3 +108,48 @@ def test_cross_check_is_on_by_default() -> None:
         assert len(calls) == 3
     with contextlib.suppress(ParseError):
         Public.load(sample[:-1], cross_check=False)
+
+
+def _full(data: bytes) -> tuple[Public, str] | None:
+    try:
+        public = Public.parse_tpm2b(data)
+    except ParseError:
+        return None
+    template = match_ek_template(public)
+    return (public, template.id) if template is not None else None
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fast_ek_read_equals_the_full_parse(name: str, data: Any) -> None:
+    """read_ek_tpm2b gives exactly parse_tpm2b's value and match_ek_template's template,
+    or None (never a value the full path would refuse or read differently)."""
+    mutated = data.draw(_mutations(SAMPLES[name]))
+    fast = read_ek_tpm2b(mutated)
+    if fast is None:
+        return
+    public, template = fast
+    assert _full(mutated) == (public, template.id)
+
+
+@pytest.mark.parametrize("tid", list(EK_TEMPLATES))
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_fast_ek_read_of_every_template(tid: str, data: Any) -> None:
+    """Each template with a unique of any size up to the bounds (and one over)."""
+    template = EK_TEMPLATES[tid]
+    limit = 512 if template.key_type == TpmAlg.RSA else 128
+    sizes = [data.draw(st.integers(0, limit + 1)) for _ in range(1 if limit == 512 else 2)]
+    area = template.wire_prefix + b"".join(n.to_bytes(2, "big") + bytes(n) for n in sizes)
+    tpm2b = len(area).to_bytes(2, "big") + area
+    fast = read_ek_tpm2b(tpm2b)
+    if max(sizes) > limit:
+        assert fast is None
+        with pytest.raises(ParseError):
+            Public.parse_tpm2b(tpm2b)
+        return
+    assert fast is not None
+    assert _full(tpm2b) == (fast[0], tid)
+    assert read_ek_tpm2b(tpm2b + b"\x00") is None
+    assert read_ek_tpm2b(tpm2b[:-1]) is None

@@ -43,6 +43,7 @@ from vtpm_core.tpm.templates import (
     EK_TEMPLATES,
     EkTemplate,
     match_ek_template,
+    read_ek_tpm2b,
     require_ek_template,
 )
 
@@ -76,5 +77,6 @@ __all__ = [
     "hash_name",
     "hashlib_new",
     "match_ek_template",
+    "read_ek_tpm2b",
     "require_ek_template",
 ]

@@ -26,6 +26,7 @@ from vtpm_core.tpm import _marshal
 from vtpm_core.tpm.algorithms import EccCurve, TpmAlg
 from vtpm_core.tpm.public import (
     EccParameters,
+    EccPoint,
     ObjectAttributes,
     Public,
     RsaParameters,
@@ -39,6 +40,7 @@ __all__ = [
     "POLICY_A_SHA256",
     "EkTemplate",
     "match_ek_template",
+    "read_ek_tpm2b",
     "require_ek_template",
 ]
 
@@ -82,6 +84,10 @@ class EkTemplate:
     # TPMT_PUBLIC wire bytes of everything before ``unique`` (Part 2, 12.2.4); equal to
     # libtss2-mu's marshalling of the template (tests/vtpm_core/test_tpm_templates.py)
     wire_prefix: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    # the parameters a TPMT_PUBLIC made from this template parses to
+    parameters: RsaParameters | EccParameters = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         prefix = (
@@ -98,6 +104,14 @@ class EkTemplate:
         else:
             prefix += self.curve.to_bytes(2, "big") + TpmAlg.NULL.to_bytes(2, "big")  # kdf
         object.__setattr__(self, "wire_prefix", prefix)
+        parameters: RsaParameters | EccParameters
+        if self.key_type == TpmAlg.RSA:
+            parameters = RsaParameters(self.symmetric, TpmAlg.NULL, TpmAlg.NULL, self.key_bits, 0)
+        else:
+            parameters = EccParameters(
+                self.symmetric, TpmAlg.NULL, TpmAlg.NULL, self.curve, TpmAlg.NULL, TpmAlg.NULL
+            )
+        object.__setattr__(self, "parameters", parameters)
 
     @property
     def description(self) -> str:
@@ -245,6 +259,54 @@ EK_TEMPLATES: Mapping[str, EkTemplate] = MappingProxyType(
         )
     }
 )
+
+
+_MAX_UNIQUE = {TpmAlg.RSA: 512, TpmAlg.ECC: 128}  # as Public's parser bounds them
+
+
+def read_ek_tpm2b(data: bytes) -> tuple[Public, EkTemplate] | None:
+    """A TPM2B_PUBLIC that is byte-for-byte an EK template up to ``unique``, read fast.
+
+    Returns the ``Public`` that ``Public.parse_tpm2b(data)`` would give and its
+    template, when ``data`` is a TPM2B whose TPMT_PUBLIC starts with one
+    template's ``wire_prefix`` and continues with exactly the template's
+    ``unique`` layout (one TPM2B for RSA, two for ECC, within the parser's
+    bounds) and nothing after; None for anything else (the caller then runs the
+    full parser, which gives the errors). The fields are the template's: the
+    prefix bytes encode exactly them (tests compare with ``parse_tpm2b`` on
+    real and mutated EKs). No libtss2-mu read: see docs/tpm-structures.md.
+    """
+    if len(data) < 2 or int.from_bytes(data[:2], "big") != len(data) - 2:
+        return None
+    area = data[2:]
+    for template in EK_TEMPLATES.values():
+        prefix = template.wire_prefix
+        if not area.startswith(prefix):
+            continue
+        pos = len(prefix)
+        fields = []
+        for _ in range(1 if template.key_type == TpmAlg.RSA else 2):
+            if pos + 2 > len(area):
+                return None
+            size = int.from_bytes(area[pos : pos + 2], "big")
+            if size > _MAX_UNIQUE[template.key_type] or pos + 2 + size > len(area):
+                return None
+            fields.append(area[pos + 2 : pos + 2 + size])
+            pos += 2 + size
+        if pos != len(area):
+            return None
+        unique: bytes | EccPoint = fields[0] if len(fields) == 1 else EccPoint(*fields)
+        public = Public(
+            template.key_type,
+            template.name_alg,
+            template.attributes,
+            template.auth_policy,
+            template.parameters,
+            unique,
+            area,
+        )
+        return public, template
+    return None
 
 
 def match_ek_template(public: Public) -> EkTemplate | None:
