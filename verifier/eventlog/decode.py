@@ -623,6 +623,8 @@ def ipl_kind(d: bytes) -> str:
     and only them, into the same ASCII characters: the decoded text starts with a
     label exactly when the bytes do.
     """
+    if len(d) >= 2 and d[1] and not d.startswith(_IPL_LABELS):
+        return "string"  # the usual case: ASCII, no label
     if not (len(d) >= 2 and d[1]) and _looks_utf16(d) and not _printable(d):
         return "load_options"  # (a non-zero second byte is never UTF-16 text)
     if not d.startswith(_IPL_LABELS) or (len(d) == 16 and not _printable(d)):

@@ -22,14 +22,27 @@ END_TYPE = 0x7F
 END_ENTIRE = 0xFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class DevicePathNode:
-    """One node: its type, subtype, node data (after the header) and text form."""
+    """One node: its type, subtype, node data (after the header) and text form.
+
+    ``text`` is rendered when read (it never fails): a verifier that only
+    checks digests never formats the paths of the images it appraises.
+    """
 
     type: int
     subtype: int
     data: bytes
-    text: str
+
+    @property
+    def text(self) -> str:
+        return _text(self.type, self.subtype, self.data)
+
+    def __repr__(self) -> str:
+        return (
+            f"DevicePathNode(type={self.type!r}, subtype={self.subtype!r}, "
+            f"data={self.data!r}, text={self.text!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +87,7 @@ class DevicePath:
             pos += length
             if node_type == END_TYPE and subtype == END_ENTIRE:
                 break
-            nodes.append(DevicePathNode(node_type, subtype, body, _text(node_type, subtype, body)))
+            nodes.append(DevicePathNode(node_type, subtype, body))
         return cls(tuple(nodes), data)
 
 

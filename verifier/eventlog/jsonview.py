@@ -25,7 +25,7 @@ from verifier.eventlog.decode import (
     TaggedEvent,
     Text,
 )
-from verifier.eventlog.devicepath import DevicePath
+from verifier.eventlog.devicepath import DevicePath, DevicePathNode
 from verifier.eventlog.efivars import (
     BootOrder,
     EfiBoolean,
@@ -52,6 +52,14 @@ def to_jsonable(value: object) -> Any:
         return {"name": value.name, "alg_id": value.alg_id, "digest_size": value.digest_size}
     if isinstance(value, DevicePath):
         return {"text": value.text, "nodes": [to_jsonable(n) for n in value.nodes]}
+    if isinstance(value, DevicePathNode):  # its text is a property, rendered on access
+        return {
+            "structure": "DevicePathNode",
+            "type": value.type,
+            "subtype": value.subtype,
+            "data": value.data.hex(),
+            "text": value.text,
+        }
     if isinstance(value, SignatureList):  # its entries are split on access
         return {
             "structure": "SignatureList",
