@@ -8,6 +8,12 @@
 Tokens travel as ``Authorization: Bearer <token>`` (RFC 6750, section 2.1) and
 are stored only as SHA-256 digests. A missing or unknown token is 401; a known
 token without the right role (or for another attester) is 403.
+
+The two hot routes (challenge, evidence) do not look an attester token up on
+its own: :meth:`Authenticator.classify` recognises the admin and reader tokens
+from the configuration, and the service compares any other token's digest with
+the attester row it reads anyway (constant time). Only a mismatch pays for the
+full lookup, which then says 401 or 403 exactly as :meth:`authenticate` does.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from verifier.service.errors import AuthenticationError
 from verifier.service.models import Attester
 from vtpm_core.errors import PermissionDeniedError
 
-__all__ = ["Authenticator", "Principal", "Role"]
+__all__ = ["AttesterToken", "Authenticator", "Principal", "Role"]
 
 _BY_TOKEN = select(Attester.id).where(Attester.token_sha256 == bindparam("t"))
 
@@ -58,6 +64,17 @@ class Principal:
             raise PermissionDeniedError("an attester token only acts for its own attester")
 
 
+@dataclass(frozen=True, slots=True)
+class AttesterToken:
+    """A token that is neither the admin's nor a reader's: at best one attester's.
+
+    Not yet looked up; whoever reads the attester's row compares ``sha256``
+    with its ``token_sha256``.
+    """
+
+    sha256: str
+
+
 class Authenticator:
     """Maps an Authorization header to a :class:`Principal` (or raises 401)."""
 
@@ -66,7 +83,8 @@ class Authenticator:
         self._readers = config.reader_token_sha256
         self._db = db
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def classify(self, authorization: str | None) -> Principal | AttesterToken:
+        """The admin or a reader principal (no database), or the digest of any other token."""
         if not authorization:
             raise AuthenticationError("missing Authorization: Bearer token")
         scheme, _, token = authorization.partition(" ")
@@ -79,8 +97,14 @@ class Authenticator:
         # compare against every reader token, so timing does not say which matched
         if sum(hmac.compare_digest(digest, r) for r in self._readers):
             return Principal(Role.READER)
+        return AttesterToken(digest)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        found = self.classify(authorization)
+        if isinstance(found, Principal):
+            return found
         with self._db.read_connection() as conn:
-            attester_id = conn.execute(_BY_TOKEN, {"t": digest}).scalar()
+            attester_id = conn.execute(_BY_TOKEN, {"t": found.sha256}).scalar()
         if attester_id is None:
             raise AuthenticationError("unknown token")
         return Principal(Role.ATTESTER, attester_id)

@@ -31,6 +31,7 @@ __all__ = [
     "AuthenticationError",
     "ExpiredError",
     "Problem",
+    "TokenMismatchError",
     "install_error_handler",
     "problem_for",
 ]
@@ -40,6 +41,14 @@ _log = logging.getLogger("verifier.service")
 
 class AuthenticationError(PermissionDeniedError):
     """No credentials, or credentials that match nobody (401, not 403)."""
+
+
+class TokenMismatchError(AuthenticationError):
+    """A hot path found that the presented token is not the attester's own.
+
+    The route answers it by authenticating the token in full (401 unknown, 403
+    another attester's); left uncaught it is a 401: fail closed.
+    """
 
 
 class ExpiredError(ConflictError):

@@ -23,6 +23,9 @@ __all__ = ["child_exit", "gunicorn_argv", "make_wsgi", "serve"]
 _ENV_HOME = "VTPM_VERIFIER_HOME"
 _ENV_DB = "VTPM_VERIFIER_DB"
 _ENV_METRICS = "PROMETHEUS_MULTIPROC_DIR"
+# tmpfs for gunicorn's worker heartbeat files (made with mkstemp and unlinked
+# at once, gunicorn/workers/workertmp.py): nothing predictable is created there
+_HEARTBEAT_DIR = "/dev/shm"  # noqa: S108
 
 
 def make_wsgi() -> Any:
@@ -54,13 +57,20 @@ def gunicorn_argv(bind: str, workers: int, workdir: Path) -> list[str]:
         bind,
         "--workers",
         str(workers),
+        # gthread for HTTP/1.1 keep-alive (sync workers close every connection);
+        # one thread: more threads in a worker only contend for its GIL
         "--worker-class",
-        "sync",
+        "gthread",
+        "--threads",
+        "1",
         "--config",
         "python:verifier.service.gunicorn",
         "--access-logfile",
         "-" if os.environ.get("VTPM_VERIFIER_ACCESS_LOG") else "/dev/null",
         "--no-control-socket",
+        # the heartbeat file is touched on every loop of every worker: on a
+        # disk-backed /tmp that is a journaled metadata write each time
+        *(["--worker-tmp-dir", _HEARTBEAT_DIR] if os.path.isdir(_HEARTBEAT_DIR) else []),
         "--graceful-timeout",
         "5",
         "verifier.service.gunicorn:make_wsgi()",

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from verifier.service.auth import Authenticator, Principal, Role
+from verifier.service.auth import AttesterToken, Authenticator, Principal, Role
 from verifier.service.messages import (
     ActivationRequest,
     EvidenceRequest,
@@ -95,16 +95,35 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
         req = ActivationRequest.parse(_body("ActivationRequest"))
         return _json(services.attesters.activate(attester_id, req))
 
+    # The two hot routes: an attester token is checked against the attester's
+    # row by the service (auth.py). Any failure (a token mismatch, a bad body,
+    # an unknown attester or nonce) is answered after the full authentication,
+    # so a caller without the right token learns nothing else (401/403 first).
+
     @bp.post("/v1/attesters/<attester_id>/challenges")
     def challenge(attester_id: str) -> Response:
-        _principal(auth).require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
-        return _json(services.evidence.challenge(attester_id), 201)
+        cred = auth.classify(request.headers.get("Authorization"))
+        if isinstance(cred, Principal):
+            cred.require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
+        token = cred.sha256 if isinstance(cred, AttesterToken) else None
+        try:
+            return _json(services.evidence.challenge(attester_id, token_sha256=token), 201)
+        except Exception:
+            _principal(auth).require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
+            raise
 
     @bp.post("/v1/attesters/<attester_id>/evidence")
     def evidence(attester_id: str) -> Response:
-        _principal(auth).require(Role.ATTESTER, attester_id=attester_id)
-        req = EvidenceRequest.parse(_body("EvidenceRequest"))
-        return _json(services.evidence.submit(attester_id, req))
+        cred = auth.classify(request.headers.get("Authorization"))
+        if isinstance(cred, Principal):
+            cred.require(Role.ATTESTER, attester_id=attester_id)  # never passes: 403
+            raise AssertionError("unreachable")
+        try:
+            req = EvidenceRequest.parse(_body("EvidenceRequest"))
+            return _json(services.evidence.submit(attester_id, req, token_sha256=cred.sha256))
+        except Exception:
+            _principal(auth).require(Role.ATTESTER, attester_id=attester_id)
+            raise
 
     @bp.get("/v1/attesters/<attester_id>/results")
     def results(attester_id: str) -> Response:

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from verifier.service.config import ServiceConfig, hash_token, new_token
-from verifier.service.db import Database
-from verifier.service.errors import ExpiredError
+from verifier.service.db import Database, RawConnection
+from verifier.service.errors import ExpiredError, TokenMismatchError
 from verifier.service.messages import (
     ActivationRequest,
     EvidenceRequest,
@@ -51,7 +51,6 @@ from verifier.service.models import (
     Nonce,
     Policy,
     Result,
-    UtcDateTime,
 )
 from verifier.service.ports import Appraisal, Appraiser
 from vtpm_core.errors import ConflictError, NotFoundError, PermissionDeniedError, StateError
@@ -77,64 +76,71 @@ FLAG_RESTART_BACK = "restart-count-regressed"
 FLAG_CLOCK_BACK = "clock-regressed"
 
 
-# Hot-path statements are built once, with bind parameters: building SQLAlchemy
-# expressions per request costs more than executing them.
+# Hot-path SQL (challenge, evidence), run by the driver on a bare connection
+# (db.RawConnection): SQLAlchemy's per-statement machinery cost more than the
+# statements. The attester's token digest comes with the row every hot path
+# reads anyway; no separate token lookup.
 _CHALLENGE_READ = (
-    select(Attester.activated_at, Policy.name, Policy.body)
-    .select_from(Attester)
-    .outerjoin(Assignment, Assignment.attester_id == Attester.id)
-    .outerjoin(Policy, Policy.name == Assignment.policy_name)
-    .where(Attester.id == bindparam("aid"))
+    "SELECT a.activated_at, a.token_sha256, p.name, p.body FROM attesters a"
+    " LEFT JOIN assignments s ON s.attester_id = a.id"
+    " LEFT JOIN policies p ON p.name = s.policy_name"
+    " WHERE a.id = :aid"
 )
-_NONCE_INSERT = insert(Nonce)
-_NONCE_PURGE = delete(Nonce).where(
-    Nonce.attester_id == bindparam("aid"), Nonce.expires_at < bindparam("now")
+_NONCE_INSERT = (
+    "INSERT INTO nonces (nonce, attester_id, pcr_selection, policy_name, created_at,"
+    " expires_at, used, used_at)"
+    " VALUES (:nonce, :aid, :sel, :policy, :now, :expires, :false, NULL)"
 )
+_NONCE_PURGE = "DELETE FROM nonces WHERE attester_id = :aid AND expires_at < :now"
 _SUBMIT_READ = (
-    select(
-        Attester.activated_at,
-        Attester.ak_public,
-        Attester.ak_name,
-        Nonce.attester_id,
-        Nonce.used,
-        Nonce.expires_at,
-        Nonce.pcr_selection,
-        Nonce.policy_name,
-        Policy.body,
-        Policy.sha256,
-    )
-    .select_from(Attester)
-    .outerjoin(Nonce, Nonce.nonce == bindparam("n"))
-    .outerjoin(Policy, Policy.name == Nonce.policy_name)
-    .where(Attester.id == bindparam("aid"))
+    "SELECT a.activated_at, a.token_sha256, a.ak_public, a.ak_name,"
+    " n.attester_id, n.used, n.expires_at, n.pcr_selection, n.policy_name, p.body, p.sha256"
+    " FROM attesters a"
+    " LEFT JOIN nonces n ON n.nonce = :n"
+    " LEFT JOIN policies p ON p.name = n.policy_name"
+    " WHERE a.id = :aid"
 )
 # the single-use rule: exactly one transaction can match this row
 _NONCE_CONSUME = (
-    update(Nonce)
-    .where(
-        Nonce.nonce == bindparam("n"),
-        Nonce.attester_id == bindparam("aid"),
-        Nonce.used.is_(False),
-        Nonce.expires_at > bindparam("now"),
-    )
-    .values(used=True, used_at=bindparam("used_at", type_=UtcDateTime()))
+    "UPDATE nonces SET used = :true, used_at = :now"
+    " WHERE nonce = :n AND attester_id = :aid AND used = :false AND expires_at > :now"
 )
-_ATTESTER_LOCK = (
-    select(
-        Attester.vm_id,
-        Attester.flags,
-        Attester.status,
-        Attester.reset_count,
-        Attester.restart_count,
-        Attester.clock,
-    )
-    .where(Attester.id == bindparam("aid"))
-    .with_for_update()
+_ATTESTER_MARKS = (
+    "SELECT flags, status, reset_count, restart_count, clock FROM attesters WHERE id = :aid"
 )
-_RESULT_INSERT = insert(Result).returning(Result.id)
-_NONCE_STATE = select(Nonce.attester_id, Nonce.used, Nonce.expires_at).where(
-    Nonce.nonce == bindparam("n")
+# PostgreSQL: one round trip each. The UPDATE's row lock makes a concurrent
+# consumer of the same nonce wait and then re-check "used = false" (no row);
+# FOR UPDATE OF a serialises evidence of one attester for the lineage marks.
+_CONSUME_AND_LOCK_PG = (
+    "WITH c AS (UPDATE nonces SET used = :true, used_at = :now"
+    " WHERE nonce = :n AND attester_id = :aid AND used = :false AND expires_at > :now"
+    " RETURNING attester_id)"
+    " SELECT a.flags, a.status, a.reset_count, a.restart_count, a.clock"
+    " FROM attesters a JOIN c ON c.attester_id = a.id FOR UPDATE OF a"
 )
+_RESULT_INSERT = (
+    "INSERT INTO results (attester_id, created_at, status, policy_name, nonce, report, ear)"
+    " VALUES (:aid, :now, :status, :policy, :n, :report, :ear) RETURNING id"
+)
+_ATTESTER_AFTER = (
+    "UPDATE attesters SET latest_result_id = :rid, flags = :flags, status = :astatus,"
+    " reset_count = :r, restart_count = :s, clock = :k WHERE id = :aid"
+)
+_RESULT_AND_ATTESTER_PG = (
+    "WITH r AS (INSERT INTO results (attester_id, created_at, status, policy_name, nonce,"
+    " report, ear) VALUES (:aid, :now, :status, :policy, :n, :report, :ear) RETURNING id)"
+    " UPDATE attesters SET latest_result_id = (SELECT id FROM r), flags = :flags,"
+    " status = :astatus, reset_count = :r, restart_count = :s, clock = :k WHERE id = :aid"
+    " RETURNING latest_result_id"
+)
+_NONCE_STATE = "SELECT attester_id, used, expires_at FROM nonces WHERE nonce = :n"
+
+
+def _token_ok(presented: str | None, stored: str | None) -> bool:
+    """``presented`` None: the caller is already authorised (the admin)."""
+    if presented is None:
+        return True
+    return stored is not None and hmac.compare_digest(presented, stored)
 
 
 def utc_now() -> datetime:
@@ -353,16 +359,24 @@ class EvidenceService:
     clock: Clock = utc_now
     random: Random = secrets.token_bytes
 
-    def challenge(self, attester_id: str) -> dict[str, Any]:
-        """A fresh nonce bound to the attester, and the PCR selection its policy needs."""
+    def challenge(self, attester_id: str, *, token_sha256: str | None = None) -> dict[str, Any]:
+        """A fresh nonce bound to the attester, and the PCR selection its policy needs.
+
+        ``token_sha256``: the caller's token digest, which must be the attester's
+        (None: an admin, already authorised).
+        """
         now = self.clock()
         nonce = self.random(_NONCE_BYTES)
-        with self.db.transaction() as session:
-            conn = session.connection()
-            row = conn.execute(_CHALLENGE_READ, {"aid": attester_id}).first()
-            if row is None:
+        expires = now + timedelta(seconds=self.config.nonce_lifetime_s)
+        # Two statements, each its own transaction: the nonce row stands alone,
+        # and an attester deleted in between fails the insert's foreign key.
+        with self.db.raw() as conn:
+            row = conn.one(_CHALLENGE_READ, {"aid": attester_id})
+            if row is None or not _token_ok(token_sha256, row[1]):
+                if token_sha256 is not None:
+                    raise TokenMismatchError("the token is not this attester's")
                 raise NotFoundError(f"attester {attester_id!r} is not registered")
-            activated_at, policy_name, policy_body = row
+            activated_at, _token, policy_name, policy_body = row
             if activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated yet")
             selection = (
@@ -370,146 +384,180 @@ class EvidenceService:
                 if policy_body is not None
                 else self.config.default_pcr_selection
             )
-            if nonce[-1] < 8:
-                # housekeeping on ~1 in 32 challenges (the nonce's last byte is
-                # uniform): this attester's expired nonces are of no use any more
-                conn.execute(_NONCE_PURGE, {"aid": attester_id, "now": now})
-            expires = now + timedelta(seconds=self.config.nonce_lifetime_s)
-            conn.execute(
-                _NONCE_INSERT,
-                {
-                    "nonce": nonce.hex(),
-                    "attester_id": attester_id,
-                    "pcr_selection": {bank: list(pcrs) for bank, pcrs in selection.items()},
-                    "policy_name": policy_name,
-                    "created_at": now,
-                    "expires_at": expires,
-                    "used": False,
-                    "used_at": None,
-                },
-            )
+            pcr_selection = {bank: list(pcrs) for bank, pcrs in selection.items()}
+            with conn.writing():
+                if nonce[-1] < 8:
+                    # housekeeping on ~1 in 32 challenges (the nonce's last byte is
+                    # uniform): this attester's expired nonces are of no use any more
+                    conn.run(_NONCE_PURGE, {"aid": attester_id, "now": conn.ts(now)})
+                try:
+                    conn.run(
+                        _NONCE_INSERT,
+                        {
+                            "nonce": nonce.hex(),
+                            "aid": attester_id,
+                            "sel": conn.json_in(pcr_selection),
+                            "policy": policy_name,
+                            "now": conn.ts(now),
+                            "expires": conn.ts(expires),
+                            "false": False,
+                        },
+                    )
+                except self.db.integrity_error:
+                    raise NotFoundError(f"attester {attester_id!r} is not registered") from None
         self.metrics.challenges.inc()
         return {
             "nonce": _b64(nonce),
             "expires_at": _iso(expires),
-            "pcr_selection": {bank: list(pcrs) for bank, pcrs in selection.items()},
+            "pcr_selection": pcr_selection,
             "policy": policy_name,
         }
 
-    def _nonce_problem(self, conn: Connection, attester_id: str, nonce_hex: str) -> Exception:
-        row = conn.execute(_NONCE_STATE, {"n": nonce_hex}).first()
-        if row is None or not hmac.compare_digest(row.attester_id, attester_id):
+    @staticmethod
+    def _nonce_problem(conn: RawConnection, attester_id: str, nonce_hex: str) -> Exception:
+        row = conn.one(_NONCE_STATE, {"n": nonce_hex})
+        if row is None or not hmac.compare_digest(row[0], attester_id):
             return NotFoundError("unknown nonce: not issued to this attester (or already purged)")
-        if row.used:
+        if row[1]:
             return ConflictError("nonce already used: each challenge answers once")
-        return ExpiredError(f"nonce expired at {_iso(row.expires_at)}")
+        return ExpiredError(f"nonce expired at {_iso(conn.from_ts(row[2]))}")
 
-    def submit(self, attester_id: str, evidence: EvidenceRequest) -> dict[str, Any]:
-        """Steps 1-3 of evidence; returns the stored result (with its EAR)."""
+    def _consume(
+        self, conn: RawConnection, attester_id: str, nonce_hex: str, now: datetime
+    ) -> tuple[Any, ...]:
+        """Consume the nonce (the single-use rule) and lock the attester: its flags,
+        status and clock high-water marks. Inside the write transaction."""
+        params = {"n": nonce_hex, "aid": attester_id, "now": conn.ts(now)}
+        params.update(true=True, false=False)
+        if conn.sqlite:
+            row = None
+            if conn.run(_NONCE_CONSUME, params) == 1:
+                row = conn.one(_ATTESTER_MARKS, params)
+        else:
+            row = conn.one(_CONSUME_AND_LOCK_PG, params)
+        if row is None:
+            # consumed by a concurrent submission, expired meanwhile, or the
+            # attester (and with it its nonces) deleted since the read
+            self.metrics.nonce_rejections.inc()
+            raise self._nonce_problem(conn, attester_id, nonce_hex)
+        return row
+
+    def submit(
+        self, attester_id: str, evidence: EvidenceRequest, *, token_sha256: str | None = None
+    ) -> dict[str, Any]:
+        """Steps 1-3 of evidence; returns the stored result (with its EAR).
+
+        ``token_sha256``: the caller's token digest, which must be the attester's
+        (None: already authorised by the caller).
+        """
         now = self.clock()
         nonce_hex = evidence.nonce.hex()
-        with self.db.read_connection() as rconn:
-            row = rconn.execute(_SUBMIT_READ, {"n": nonce_hex, "aid": attester_id}).first()
-            if row is None:
+        with self.db.raw() as conn:
+            row = conn.one(_SUBMIT_READ, {"n": nonce_hex, "aid": attester_id})
+            if row is None or not _token_ok(token_sha256, row[1]):
+                if token_sha256 is not None:
+                    raise TokenMismatchError("the token is not this attester's")
                 raise NotFoundError(f"attester {attester_id!r} is not registered")
-            if row.activated_at is None:
+            (activated_at, _token, ak_public, ak_name, nonce_owner, used, expires_at) = row[:7]
+            pcr_selection, policy_name, policy_body, policy_sha = row[7:]
+            if activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated: no evidence accepted")
             if (
-                row.used is None
-                or row.used
-                or row.expires_at <= now
-                or not hmac.compare_digest(row[3], attester_id)
+                used is None
+                or used
+                or conn.from_ts(expires_at) <= now  # type: ignore[operator]
+                or not hmac.compare_digest(nonce_owner, attester_id)
             ):
-                raise self._nonce_problem(rconn, attester_id, nonce_hex)
-            selection = {bank: tuple(p) for bank, p in row.pcr_selection.items()}
-            policy_name, policy_body, policy_sha = row.policy_name, row.body, row.sha256
-            ak_public, ak_name = row.ak_public, row.ak_name
-        if policy_name is not None and policy_body is None:
-            raise ConflictError(f"policy {policy_name!r} was deleted after the challenge")
-
-        # step 2: CPU-only work, no lock held
-        with self.metrics.appraisal_seconds.time():
-            appraisal = self.appraiser.appraise(
-                ak_public=ak_public,
-                nonce=evidence.nonce,
-                evidence=evidence,
-                selection=selection,
-                policy_body=policy_body,
-            )
-        new_flags: list[dict[str, Any]] = []
-        if evidence.ak_public is not None:
-            presented = _ak_name_of(self.appraiser, evidence.ak_public)
-            if not hmac.compare_digest(presented, ak_name):
-                new_flags.append(
-                    _flag(
-                        FLAG_AK_SWAPPED,
-                        f"evidence names AK {presented[:16]}..., activated AK is {ak_name[:16]}...",
-                        now,
-                    )
-                )
-
-        # step 3: one transaction for every write
-        with self.db.transaction() as session:
-            conn = session.connection()
-            consumed = conn.execute(
-                _NONCE_CONSUME, {"n": nonce_hex, "aid": attester_id, "now": now, "used_at": now}
-            )
-            if consumed.rowcount != 1:
-                self.metrics.nonce_rejections.inc()
                 raise self._nonce_problem(conn, attester_id, nonce_hex)
-            att = conn.execute(_ATTESTER_LOCK, {"aid": attester_id}).one()
-            lineage_flags, marks = _lineage(
-                (att.reset_count, att.restart_count, att.clock), appraisal, now
-            )
-            new_flags += lineage_flags
-            flags = [*att.flags, *new_flags]
-            status = "contraindicated" if flags else appraisal.status
-            report = {
-                "status": status,
-                "appraisal_status": appraisal.status,
-                "quote_verified": appraisal.quote_verified,
-                "failures": list(appraisal.failures),
-                "warnings": list(appraisal.warnings),
-                "flags": flags,
-                "new_flags": new_flags,
-                "trust_vector": appraisal.trust_vector,
-                "policy": policy_name,
-                "policy_id": appraisal.policy_id,
-                "policy_sha256": policy_sha,
-                "clock": None
-                if appraisal.clock is None
-                else {
-                    "clock": appraisal.clock.clock,
-                    "reset_count": appraisal.clock.reset_count,
-                    "restart_count": appraisal.clock.restart_count,
-                    "safe": appraisal.clock.safe,
-                },
-            }
-            ear = self.appraiser.sign_result(
-                appraisal,
-                status=status,
-                nonce=evidence.nonce,
-                attester_id=attester_id,
-                flags=flags,
-            )
-            result_id = conn.execute(
-                _RESULT_INSERT,
-                {
-                    "attester_id": attester_id,
-                    "created_at": now,
+            selection = {bank: tuple(p) for bank, p in conn.json_out(pcr_selection).items()}
+            if policy_name is not None and policy_body is None:
+                raise ConflictError(f"policy {policy_name!r} was deleted after the challenge")
+            ak_public = bytes(ak_public)
+
+            # step 2: CPU-only work, no lock held
+            with self.metrics.appraisal_seconds.time():
+                appraisal = self.appraiser.appraise(
+                    ak_public=ak_public,
+                    nonce=evidence.nonce,
+                    evidence=evidence,
+                    selection=selection,
+                    policy_body=policy_body,
+                )
+            new_flags: list[dict[str, Any]] = []
+            if evidence.ak_public is not None:
+                presented = _ak_name_of(self.appraiser, evidence.ak_public)
+                if not hmac.compare_digest(presented, ak_name):
+                    new_flags.append(
+                        _flag(
+                            FLAG_AK_SWAPPED,
+                            f"evidence names AK {presented[:16]}..., "
+                            f"activated AK is {ak_name[:16]}...",
+                            now,
+                        )
+                    )
+
+            # step 3: one transaction for every write
+            with conn.write():
+                marks_row = self._consume(conn, attester_id, nonce_hex, now)
+                old_flags, old_status, *old_marks = marks_row
+                lineage_flags, marks = _lineage(
+                    (old_marks[0], old_marks[1], old_marks[2]), appraisal, now
+                )
+                new_flags += lineage_flags
+                flags = [*conn.json_out(old_flags), *new_flags]
+                status = "contraindicated" if flags else appraisal.status
+                report = {
                     "status": status,
-                    "policy_name": policy_name,
-                    "nonce": nonce_hex,
-                    "report": report,
+                    "appraisal_status": appraisal.status,
+                    "quote_verified": appraisal.quote_verified,
+                    "failures": list(appraisal.failures),
+                    "warnings": list(appraisal.warnings),
+                    "flags": flags,
+                    "new_flags": new_flags,
+                    "trust_vector": appraisal.trust_vector,
+                    "policy": policy_name,
+                    "policy_id": appraisal.policy_id,
+                    "policy_sha256": policy_sha,
+                    "clock": None
+                    if appraisal.clock is None
+                    else {
+                        "clock": appraisal.clock.clock,
+                        "reset_count": appraisal.clock.reset_count,
+                        "restart_count": appraisal.clock.restart_count,
+                        "safe": appraisal.clock.safe,
+                    },
+                }
+                ear = self.appraiser.sign_result(
+                    appraisal,
+                    status=status,
+                    nonce=evidence.nonce,
+                    attester_id=attester_id,
+                    flags=flags,
+                )
+                if marks is None:
+                    marks = (old_marks[0], old_marks[1], old_marks[2])
+                values = {
+                    "aid": attester_id,
+                    "now": conn.ts(now),
+                    "status": status,
+                    "policy": policy_name,
+                    "n": nonce_hex,
+                    "report": conn.json_in(report),
                     "ear": ear,
-                },
-            ).scalar_one()
-            changes: dict[str, Any] = {"latest_result_id": result_id}
-            if new_flags:
-                changes.update(flags=flags, status="flagged")
-            if marks is not None:
-                changes.update(reset_count=marks[0], restart_count=marks[1], clock=marks[2])
-            conn.execute(update(Attester).where(Attester.id == attester_id).values(**changes))
+                    "flags": conn.json_in(flags),
+                    "astatus": "flagged" if new_flags else old_status,
+                    "r": marks[0],
+                    "s": marks[1],
+                    "k": marks[2],
+                }
+                if conn.sqlite:
+                    inserted = conn.one(_RESULT_INSERT, values)
+                    assert inserted is not None
+                    conn.run(_ATTESTER_AFTER, {**values, "rid": inserted[0]})
+                else:
+                    inserted = conn.one(_RESULT_AND_ATTESTER_PG, values)
+                    assert inserted is not None
+                result_id = int(inserted[0])
         self.metrics.results.labels(status=status).inc()
         return {
             "id": result_id,
