@@ -42,7 +42,7 @@ from verifier.eventlog.parse import (
     SpecIdEvent,
     StartupLocality,
 )
-from verifier.eventlog.quirks import QUIRKS, AppliedQuirk
+from verifier.eventlog.quirks import QUIRKS, AppliedQuirk, applied_quirk
 from vtpm_core.errors import ParseError
 
 __all__ = [
@@ -391,7 +391,9 @@ def checker(
     compare = hmac.compare_digest
     no_quirks: tuple[AppliedQuirk, ...] = ()
     deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
-    hints: dict[int, tuple[int, int]] = {}  # type -> (form, candidate) that matched last
+    # type -> the quirk form and candidate that proved its last event
+    hints: dict[int, tuple[_Form, int, str, str, str]] = {}
+    hintable, quirk = _HINTABLE, applied_quirk
 
     def proves(candidate: bytes, pairs: _Pairs) -> bool:
         # step 3: every bank must match (a loop: all() would cost a generator per call)
@@ -430,44 +432,42 @@ def checker(
         hint = hints.get(t)
         if hint is not None:
             # The candidate that proved the last event of this type, first: a log's
-            # GRUB measures every command the same way. It can only win where the
-            # in-order search below would not if it and an earlier, different
-            # candidate hash to the same digests in every bank (a collision).
-            k, j = hint
-            earlier: list[bytes] = []
-            for _, form, _, _ in plan[:k]:
-                earlier.extend((data,) if form is whole else form(data, plain))
-            quirk_id, form, covers, summary = plan[k]
-            candidates = (data,) if form is whole else form(data, plain)
+            # GRUB measures every command the same way. Only forms after nothing but
+            # the whole data are hinted, and the candidate must differ from the data
+            # and from the form's earlier candidates: it wins where the in-order
+            # search below would not only if two different byte strings hash to the
+            # same digests in every bank (a collision).
+            hinted, j, hinted_quirk, hinted_covers, hinted_summary = hint
+            candidates = hinted(data, plain)
             if j < len(candidates):
                 candidate = candidates[j]
-                earlier.extend(candidates[:j])
-                if candidate not in earlier and proves(candidate, pairs):
-                    quirks = no_quirks
-                    if quirk_id is not None:
-                        quirks = (AppliedQuirk(quirk_id, event.index, summary),)
-                    return decoded, True, quirks, problems, covers
+                if (
+                    candidate != data
+                    and candidate not in candidates[:j]
+                    and proves(candidate, pairs)
+                ):
+                    applied = quirk(hinted_quirk, event.index, hinted_summary)
+                    return decoded, True, (applied,), problems, hinted_covers
         for k, (quirk_id, form, covers, summary) in enumerate(plan):  # step 2
             if form is whole:
                 if proves(data, pairs):
-                    if k:
-                        hints[t] = (k, 0)
                     quirks = no_quirks
                     if quirk_id is not None:
-                        quirks = (AppliedQuirk(quirk_id, event.index, summary),)
+                        quirks = (quirk(quirk_id, event.index, summary),)
                     return decoded, True, quirks, problems, covers
             else:
                 for j, candidate in enumerate(form(data, plain)):
                     if proves(candidate, pairs):
-                        hints[t] = (k, j)
+                        if quirk_id is not None and k in hintable[t]:
+                            hints[t] = (form, j, quirk_id, covers, summary)
                         quirks = no_quirks
                         if quirk_id is not None:
-                            quirks = (AppliedQuirk(quirk_id, event.index, summary),)
+                            quirks = (quirk(quirk_id, event.index, summary),)
                         return decoded, True, quirks, problems, covers
         if t == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
             # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
-            quirk = AppliedQuirk("ipl-description-only", event.index, _IPL_DESCRIPTION_ONLY)
-            return decoded, None, (quirk,), problems, None
+            description = quirk("ipl-description-only", event.index, _IPL_DESCRIPTION_ONLY)
+            return decoded, None, (description,), problems, None
         problems += (
             f"event {event.index} ({event.type_name}, PCR {event.pcr}): data does not hash "
             f"to its digest ({', '.join(name for name, _ in banks if name in digests)}); "
@@ -561,6 +561,16 @@ _PLANS: dict[int, tuple[tuple[str | None, _Form, str, str], ...]] = {
     for t, forms in _CANDIDATES.items()
 }
 _IPL_DESCRIPTION_ONLY = QUIRKS["ipl-description-only"].summary
+# Per type: the plan positions of quirk forms preceded only by whole-data forms
+# (the only ones the checker tries first from a hint).
+_HINTABLE: dict[int, frozenset[int]] = {
+    t: frozenset(
+        k
+        for k, (q, f, _, _) in enumerate(plan)
+        if q is not None and f is not _whole and all(g is _whole for _, g, _, _ in plan[:k])
+    )
+    for t, plan in _PLANS.items()
+}
 
 # --- decoders -----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "summarize"]
+__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "applied_quirk", "summarize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ class Quirk:
     seen_in: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: applied_quirk() fills __dict__ in one step
 class AppliedQuirk:
     """One application of a quirk: which, where (event index or None) and detail."""
 
@@ -37,6 +37,16 @@ class AppliedQuirk:
     def __str__(self) -> str:
         where = f"event {self.event_index}" if self.event_index is not None else "log"
         return f"quirk {self.quirk_id} applied to {where}: {self.detail}"
+
+
+def applied_quirk(quirk_id: str, event_index: int | None, detail: str) -> AppliedQuirk:
+    """``AppliedQuirk(...)`` for the digest check's loop, without the frozen
+    ``__init__``'s setattr per field (the same object)."""
+    applied: AppliedQuirk = object.__new__(AppliedQuirk)
+    object.__setattr__(
+        applied, "__dict__", {"quirk_id": quirk_id, "event_index": event_index, "detail": detail}
+    )
+    return applied
 
 
 _TABLE = (
