@@ -151,8 +151,9 @@ class RawConnection:
     a BEGIN before every read.
 
     The first statement on a checked-out connection that finds it disconnected
-    (a restarted PostgreSQL) is retried once on a fresh connection: nothing
-    was done on the old one, and the hot pool skips the pre-ping round trip.
+    (a restarted PostgreSQL) is retried once on a fresh connection, after the
+    hot pool is replaced: nothing was done on the old one, and the hot pool
+    skips the pre-ping round trip.
     """
 
     __slots__ = ("_conn", "_db", "_fairy", "_fresh", "_in_tx", "sqlite")
@@ -177,6 +178,8 @@ class RawConnection:
                 raise
             self._fresh = False
             self._fairy.close()
+            # the database went away: every pooled connection is as dead as this one
+            self._db.hot_engine.dispose()
             self._fairy = self._db.hot_engine.raw_connection()
             self._conn = self._fairy.dbapi_connection
             return self._conn.execute(stmt, params)

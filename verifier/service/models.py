@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -65,6 +66,10 @@ class Attester(Base):
     """One registered (EK, AK, VM) triple; ``status`` says whether it may attest."""
 
     __tablename__ = "attesters"
+    # one attester per EK and VM id ("no VM id" counts as one value): migration 0002
+    __table_args__ = (
+        Index("uq_attesters_ek_vm", "ek_fingerprint", text("coalesce(vm_id, '')"), unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     vm_id: Mapped[str | None] = mapped_column(String(255))

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from verifier.service.config import ServiceConfig, hash_token, new_token
@@ -52,7 +53,7 @@ from verifier.service.models import (
     Policy,
     Result,
 )
-from verifier.service.ports import Appraisal, Appraiser
+from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
 from vtpm_core.errors import ConflictError, NotFoundError, PermissionDeniedError, StateError
 
 __all__ = [
@@ -67,6 +68,7 @@ Clock = Callable[[], datetime]
 Random = Callable[[int], bytes]
 
 _NONCE_BYTES = 32
+_REGISTRATION_LOCK = 0x7654_5247  # advisory-lock namespace ("vtRG") for registrations
 _ACTIVATION_ATTEMPTS = 5
 # Lineage flags (issue 6, "Identity and lineage"); each makes results contraindicated.
 FLAG_EK_SHARED = "ek-shared"
@@ -225,7 +227,35 @@ class AttesterService:
         secret = self.random(32)
         credential = self.appraiser.make_credential(checked.ek_public, checked.ak_name, secret)
         now = self.clock()
+        try:
+            attester_id, status, expires_at = self._store_registration(checked, vm_id, secret, now)
+        except IntegrityError:
+            # a concurrent registration of the same EK and VM id inserted first
+            # (the unique index, migration 0002): this one now finds its row
+            attester_id, status, expires_at = self._store_registration(checked, vm_id, secret, now)
+        return {
+            "attester_id": attester_id,
+            "status": status,
+            "credential_blob": _b64(credential.credential_blob),
+            "encrypted_secret": _b64(credential.encrypted_secret),
+            "activation_expires_at": _iso(expires_at),
+        }
+
+    def _store_registration(
+        self, checked: CheckedRegistration, vm_id: str | None, secret: bytes, now: datetime
+    ) -> tuple[str, str, datetime]:
+        """Steps 2-3 in one transaction: the attester row (new, or the one this EK and
+        VM id already have), ek-shared flags, and the pending activation."""
         with self.db.transaction() as session:
+            if self.db.dialect == "postgresql":
+                # registrations of one EK one at a time: the FOR UPDATE below
+                # locks nothing while no attester holds the EK yet, and two
+                # first registrations under different VM ids must see each
+                # other to flag "ek-shared" (SQLite: BEGIN IMMEDIATE already)
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(:ns, :k)"),
+                    {"ns": _REGISTRATION_LOCK, "k": int(checked.ek_fingerprint[:7], 16)},
+                )
             same_ek = list(
                 session.scalars(
                     select(Attester)
@@ -268,15 +298,7 @@ class AttesterService:
             challenge.ak_name = checked.ak_name.hex()
             challenge.expires_at = now + timedelta(seconds=self.config.activation_lifetime_s)
             challenge.attempts = 0
-            attester_id = attester.id
-            status = attester.status
-        return {
-            "attester_id": attester_id,
-            "status": status,
-            "credential_blob": _b64(credential.credential_blob),
-            "encrypted_secret": _b64(credential.encrypted_secret),
-            "activation_expires_at": _iso(challenge.expires_at),
-        }
+            return attester.id, attester.status, challenge.expires_at
 
     def activate(self, attester_id: str, request: ActivationRequest) -> dict[str, Any]:
         """Compare the returned secret; on success issue the attester's token (shown once)."""

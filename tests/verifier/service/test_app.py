@@ -3,6 +3,7 @@ errors become problem JSON without internals, configuration is checked."""
 
 from __future__ import annotations
 
+import datetime
 import re
 from pathlib import Path
 
@@ -101,3 +102,68 @@ def test_bad_config_is_refused(app_home: Path, change: dict[str, object], patter
 def test_init_refuses_to_overwrite(app_home: Path) -> None:
     with pytest.raises(ConfigError, match="already exists"):
         init_home(app_home)
+
+
+def _attester_row(aid: str, vm_id: str | None) -> dict[str, object]:
+    now = datetime.datetime.now(datetime.UTC)
+    return {
+        "id": aid,
+        "vm_id": vm_id,
+        "ek_fingerprint": "ab" * 32,
+        "ek_public": b"ek",
+        "ek_certificate": None,
+        "identity": {},
+        "ak_public": b"ak",
+        "ak_name": "00",
+        "status": "active",
+        "flags": [],
+        "created_at": now,
+    }
+
+
+def test_one_attester_per_ek_and_vm_id(tmp_path: Path) -> None:
+    """Migration 0002: a second row for one EK and VM id is refused by the database itself
+    (no VM id counts as one value); other VM ids of the same EK are allowed."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from verifier.service.db import Database, upgrade
+    from verifier.service.models import Attester
+
+    db = Database(f"sqlite:///{tmp_path / 'v.db'}")
+    try:
+        upgrade(db.engine)
+        with db.engine.begin() as conn:
+            conn.execute(insert(Attester), [_attester_row("a", None), _attester_row("b", "vm")])
+        for aid, vm_id in (("c", None), ("d", "vm")):
+            with pytest.raises(IntegrityError), db.engine.begin() as conn:
+                conn.execute(insert(Attester), [_attester_row(aid, vm_id)])
+        with db.engine.begin() as conn:
+            conn.execute(insert(Attester), [_attester_row("e", "other-vm")])
+    finally:
+        db.dispose()
+
+
+def test_migration_0002_refuses_existing_duplicates(tmp_path: Path) -> None:
+    """Duplicates left by the old registration race stop the migration, named; nothing is
+    deleted or merged behind the operator's back."""
+    from alembic import command
+    from sqlalchemy import insert
+
+    from verifier.service.db import Database, _alembic_config, upgrade
+    from verifier.service.models import Attester
+
+    db = Database(f"sqlite:///{tmp_path / 'v.db'}")
+    try:
+        cfg = _alembic_config()
+        with db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.execute(insert(Attester), [_attester_row("a", "vm"), _attester_row("b", "vm")])
+        with pytest.raises(RuntimeError, match=r"registered twice.*VM 'vm': 2"):
+            upgrade(db.engine)
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM attesters WHERE id = 'b'")
+        upgrade(db.engine)  # and now it goes through
+    finally:
+        db.dispose()

@@ -641,3 +641,149 @@ def test_vm_identity_from_the_ek_certificate(service: Service, tpm_factory: TpmF
         view = service.call("GET", f"/v1/attesters/{r.json()['attester_id']}", service.admin).json()
         assert view["status"] == "flagged"
         assert view["flags"][0]["flag"] == "ek-shared"
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "pattern"),
+    [
+        pytest.param("challenge-unknown-token", 401, "unknown token", id="challenge/unknown-token"),
+        pytest.param("challenge-reader", 403, "needs a attester/admin", id="challenge/reader"),
+        pytest.param("challenge-other", 403, "only acts for its own", id="challenge/other"),
+        pytest.param(
+            "challenge-other-unknown-id", 403, "only acts for its own", id="challenge/no-attester"
+        ),
+        pytest.param("challenge-admin-unknown-id", 404, "not registered", id="challenge/admin-404"),
+        pytest.param("evidence-unknown-token-bad-body", 401, "unknown token", id="evidence/401"),
+        pytest.param("evidence-other-bad-body", 403, "only acts for its own", id="evidence/403"),
+        pytest.param(
+            "evidence-other-unknown-id", 403, "only acts for its own", id="evidence/no-id"
+        ),
+        pytest.param("evidence-reader", 403, "needs a attester token", id="evidence/reader"),
+    ],
+)
+def test_hot_routes_authenticate_before_anything_else(
+    service: Service,
+    plain: dict[str, Any],
+    booted: dict[str, Any],
+    case: str,
+    status: int,
+    pattern: str,
+) -> None:
+    """Challenge and evidence check an attester token against the attester's row (no lookup
+    of their own); whatever else is wrong, a bad token is still a 401/403, never a 400/404."""
+    mine, other = plain["state"], booted["state"]
+    aid, nobody = mine.attester_id, str(uuid.uuid4())
+    challenges, evidence = f"/v1/attesters/{aid}/challenges", f"/v1/attesters/{aid}/evidence"
+    if case == "challenge-unknown-token":
+        resp = service.call("POST", challenges, "not-a-token")
+    elif case == "challenge-reader":
+        resp = service.call("POST", challenges, service.reader)
+    elif case == "challenge-other":
+        resp = service.call("POST", challenges, other.token)
+    elif case == "challenge-other-unknown-id":
+        resp = service.call("POST", f"/v1/attesters/{nobody}/challenges", other.token)
+    elif case == "challenge-admin-unknown-id":
+        resp = service.call("POST", f"/v1/attesters/{nobody}/challenges", service.admin)
+    elif case == "evidence-unknown-token-bad-body":
+        resp = service.call("POST", evidence, "not-a-token", data=b'{"nonce": ')
+    elif case == "evidence-other-bad-body":
+        resp = service.call("POST", evidence, other.token, data=b'{"nonce": ')
+    elif case == "evidence-other-unknown-id":
+        resp = service.call("POST", f"/v1/attesters/{nobody}/evidence", other.token, json={})
+    elif case == "evidence-reader":
+        resp = service.call("POST", evidence, service.reader, json={})
+    else:  # pragma: no cover
+        raise AssertionError(case)
+    problem(resp, status, pattern)
+    # the admin may ask a challenge for any attester (no attester token involved)
+    ok = service.call("POST", challenges, service.admin)
+    assert ok.status_code == 201, ok.text
+
+
+def _registration_body(tpm: SwtpmProcess, vm_id: str) -> bytes:
+    with TpmAttester.open(tpm.endpoint.tcti) as att:
+        _, ek_public = att.ek()
+        _, ak_public = att.ak()
+        cert = att.ek_certificate()
+    return json.dumps(
+        {
+            "ek_certificate": b64(cert),
+            "ek_public": b64(ek_public),
+            "ak_public": b64(ak_public),
+            "vm_id": vm_id,
+        }
+    ).encode()
+
+
+def _register_concurrently(service: Service, bodies: list[bytes]) -> list[requests.Response]:
+    def post(body: bytes) -> requests.Response:
+        return requests.post(
+            f"{service.url}/v1/attesters",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+def test_concurrent_registrations_make_one_attester(
+    service: Service, tpm_factory: TpmFactory
+) -> None:
+    """One EK and VM id registered 12 times at once: one attester (unique index, migration
+    0002, and the registration retried onto the row that won), activatable."""
+    tpm = tpm_factory()
+    vm_id = f"vm-race-{uuid.uuid4().hex[:8]}"
+    answers = _register_concurrently(service, [_registration_body(tpm, vm_id)] * 12)
+    assert [r.status_code for r in answers] == [201] * 12, [r.text for r in answers]
+    assert len({r.json()["attester_id"] for r in answers}) == 1
+    listed = service.call("GET", "/v1/attesters", service.admin).json()["attesters"]
+    assert [a["vm_id"] for a in listed].count(vm_id) == 1
+    # registering again (the last challenge counts) still activates and attests
+    state = register(service, tpm, vm_id=vm_id)
+    assert state.attester_id == answers[0].json()["attester_id"]
+    assert attest(service, tpm, state)["status"] in ("warning", "affirming")
+
+
+def test_concurrent_first_registrations_under_two_vm_ids_flag_both(
+    service: Service, tpm_factory: TpmFactory
+) -> None:
+    """The same EK registered at once under two VM ids (a copied vTPM racing itself): both
+    attesters exist and both are flagged ek-shared (registrations of one EK serialised)."""
+    for _round in range(3):
+        tpm = tpm_factory()
+        tag = uuid.uuid4().hex[:8]
+        bodies = [_registration_body(tpm, f"vm-{tag}-a"), _registration_body(tpm, f"vm-{tag}-b")]
+        answers = _register_concurrently(service, bodies * 3)
+        assert [r.status_code for r in answers] == [201] * 6, [r.text for r in answers]
+        ids = {r.json()["attester_id"] for r in answers}
+        assert len(ids) == 2
+        for aid in ids:
+            view = service.call("GET", f"/v1/attesters/{aid}", service.admin).json()
+            assert view["status"] == "flagged", view
+            assert [f["flag"] for f in view["flags"]] == ["ek-shared"]
+
+
+def test_hot_paths_survive_dropped_database_connections(
+    service: Service, plain: dict[str, Any]
+) -> None:
+    """PostgreSQL closes every connection of the service (as a restart would): the next
+    attestations succeed (the hot pool has no pre-ping; its first statement retries once)."""
+    if service.backend != "postgres":
+        pytest.skip("SQLite has no server connections to drop")
+    import sqlalchemy
+
+    assert service.db_url is not None
+    engine = sqlalchemy.create_engine(service.db_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            dropped = conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar()
+    finally:
+        engine.dispose()
+    assert dropped and dropped >= 1
+    for _ in range(4):  # both workers, challenge and evidence each
+        assert attest(service, plain["tpm"], plain["state"])["status"] in ("warning", "affirming")
