@@ -173,15 +173,24 @@ class ReplayedLog:
         return tuple(e for e in self.events if e.pcr == pcr)
 
 
-def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
-    """Decode and data-check every event. The result is NOT proven by a quote:
-    only :func:`verify_log` may hand these out inside a ReplayedLog."""
+def _check_events(
+    log: EventLog,
+) -> tuple[tuple[ReplayedEvent, ...], list[AppliedQuirk], list[str]]:
+    """Decode and data-check every event; also every quirk applied and every
+    problem, in event order. The result is NOT proven by a quote: only
+    :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     check = checker(log.algorithms, uintn_size=uintn, defer=True)
     new, fill = object.__new__, object.__setattr__
     out = []
+    all_quirks: list[AppliedQuirk] = []
+    all_problems: list[str] = []
     for event in log.events:
         decoded, verified, quirks, problems, covers = check(event)
+        if quirks:
+            all_quirks.extend(quirks)
+        if problems:
+            all_problems.extend(problems)
         # ReplayedEvent(...) without the frozen __init__'s setattr per field
         replayed: ReplayedEvent = new(ReplayedEvent)
         fill(
@@ -202,7 +211,7 @@ def _check_events(log: EventLog) -> tuple[ReplayedEvent, ...]:
             },
         )
         out.append(replayed)
-    return tuple(out)
+    return tuple(out), all_quirks, all_problems
 
 
 def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> ReplayedLog:
@@ -246,12 +255,9 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             "eventlog.replay",
             f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
         )
-    events = _check_events(log)  # step 4
-    quirks = log.quirks + tuple(q for e in events for q in e.quirks)
-    warnings = list(summarize(quirks))
-    for e in events:
-        if e.problems:
-            warnings.extend(e.problems)
+    events, applied, problems = _check_events(log)  # step 4
+    quirks = log.quirks + tuple(applied)
+    warnings = [*summarize(quirks), *problems]
     return ReplayedLog(
         format=log.format,
         banks=log.banks,

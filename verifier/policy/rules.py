@@ -127,7 +127,11 @@ class BootEvidence:
     def __post_init__(self) -> None:
         index: dict[int, list[ReplayedEvent]] = {}
         for e in self.events:
-            index.setdefault(e.event_type, []).append(e)
+            t = e.event_type
+            if t in index:  # (setdefault would build a list per event)
+                index[t].append(e)
+            else:
+                index[t] = [e]
         object.__setattr__(self, "by_type", {t: tuple(v) for t, v in index.items()})
 
     def of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
