@@ -316,13 +316,11 @@ class Ledger:
             except IntegrityError:
                 return False
         text, names = sql
-        params = []
-        for name in names:
-            value = values[name]
-            processor = self._processors.get(name)
-            params.append(
-                processor(value) if processor is not None and value is not None else value
-            )
+        processors = self._processors
+        params = [
+            value if value is None or name not in processors else processors[name](value)
+            for name, value in ((name, values[name]) for name in names)
+        ]
         dbapi = self.engine.dialect.dbapi
         assert dbapi is not None
         raw = self._hot_connection()
