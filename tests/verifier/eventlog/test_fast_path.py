@@ -1,0 +1,226 @@
+"""The appraisal fast path (issue 5) gives what the straightforward path gives.
+
+verify() decodes strings and 4-byte separators on first read, tries a hinted
+GRUB form first, and builds Event/ReplayedEvent/AppliedQuirk by filling their
+__dict__; parse reads the usual record header with one struct. Each test
+compares with the plain functions (decode_event, check_event, the dataclass
+constructors) on the corpus and on built logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.verifier.eventlog import _build
+from verifier.appraisal import appraise_log
+from verifier.eventlog import (
+    AppliedQuirk,
+    DevicePath,
+    Event,
+    EventLog,
+    EventType,
+    ImageLoad,
+    IplString,
+    ReplayedEvent,
+    check_event,
+    decode_event,
+)
+from verifier.eventlog.decode import _ipl, ipl_kind
+from verifier.eventlog.jsonview import to_jsonable
+from verifier.policy import learn_policy
+from vtpm_core.errors import ParseError
+
+T = EventType
+
+
+def _corpus_logs(eventlogs: Path) -> list[EventLog]:
+    logs = []
+    for path in sorted(eventlogs.glob("*.bin")):
+        try:
+            logs.append(EventLog.parse(path.read_bytes()))
+        except ParseError:
+            continue  # (a deliberately broken sample)
+    return logs
+
+
+def _decode(event: Event, uintn: int) -> object:
+    try:
+        return decode_event(event, uintn_size=uintn)
+    except ParseError:
+        return None
+
+
+def test_replayed_events_equal_the_plain_check_on_every_corpus_log(eventlogs: Path) -> None:
+    """Every field, the lazily decoded value included, is what check_event says."""
+    logs = _corpus_logs(eventlogs)
+    assert len(logs) >= 15
+    for log in logs:
+        uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
+        replayed = log.verify(log.replay())
+        for event, got in zip(log.events, replayed.events, strict=True):
+            want = check_event(event, log.algorithms, uintn_size=uintn)
+            assert got.untrusted_decoded == want.decoded == _decode(event, uintn)
+            assert (got.data_verified, got.quirks, got.digest_covers) == (
+                want.data_verified,
+                want.quirks,
+                want.digest_covers,
+            ), f"{log.format} event {event.index}"
+            assert got.warnings == (*want.problems, *(str(q) for q in want.quirks))
+            assert (got.index, got.pcr, got.event_type, got.untrusted_data) == (
+                event.index,
+                event.pcr,
+                event.event_type,
+                event.untrusted_data,
+            )
+
+
+def test_fast_built_objects_equal_constructed_ones(load_log) -> None:  # type: ignore[no-untyped-def]
+    log = load_log("vm_rhel9_qemu_ovmf_secureboot_keylime.bin")
+    for event in log.events:
+        assert event == Event(**{f.name: getattr(event, f.name) for f in dataclasses.fields(Event)})
+    replayed = log.verify(log.replay())
+    for e in replayed.events:
+        fields = {f.name: getattr(e, f.name) for f in dataclasses.fields(ReplayedEvent)}
+        rebuilt = ReplayedEvent(**fields)
+        assert rebuilt == e
+        assert rebuilt.untrusted_decoded == e.untrusted_decoded
+        assert repr(rebuilt) == repr(e)
+        for q in e.quirks:
+            assert q == AppliedQuirk(q.quirk_id, q.event_index, q.detail)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        replayed.events[40].pcr = 1  # type: ignore[misc]
+
+
+def test_malformed_event_whose_digest_matches_still_warns() -> None:
+    """Deferred decoding must never hide a decode failure: these types are decoded
+    during verify, and their problem is in the event's and the result's warnings."""
+    bad_variable = b"\x01" * 16 + struct.pack("<QQ", 50, 0)  # name runs past the data
+    raw = _build.log(
+        _build.event2(7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, bad_variable),
+        _build.event2(7, T.EV_SEPARATOR, b"\x00" * 5),  # a separator is 4 bytes
+        _build.event2(4, T.EV_EFI_BOOT_SERVICES_APPLICATION, b"\x00" * 7),  # short image
+        _build.event2(8, T.EV_IPL, b"grub_cmd: linux /vmlinuz\x00", digest_of=b"linux /vmlinuz"),
+    )
+    log = EventLog.parse(raw)
+    replayed = log.verify(log.replay())
+    variable, separator, image, ipl = replayed.events[1:]
+    assert variable.data_verified is True and variable.decoded is None
+    assert separator.data_verified is True and separator.decoded is None
+    assert image.data_verified is None and image.decoded is None
+    for e, structure in (
+        (variable, "UEFI_VARIABLE_DATA.UnicodeNameLength"),
+        (separator, "EV_SEPARATOR.event"),
+        (image, "UEFI_IMAGE_LOAD_EVENT.ImageLocationInMemory"),
+    ):
+        assert len(e.problems) == 1
+        assert e.problems[0].startswith(f"event data does not decode: {structure} at byte ")
+        assert e.problems[0] in replayed.warnings
+    assert ipl.problems == () and isinstance(ipl.decoded, IplString)
+    policy = learn_policy(replayed, name="t")
+    result = appraise_log(raw, policy)
+    for e in (variable, separator, image):
+        assert e.problems[0] in result.warnings
+
+
+def test_hinted_grub_form_names_the_same_quirk_as_the_in_order_search() -> None:
+    """One log mixing both GRUB conventions (with and without the NUL measured),
+    kernel command lines, file names and a forged command: each event gets exactly
+    what check_event (no hint) gives it."""
+    events = [
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set a=1\x00", digest_of=b"set a=1"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set b=2\x00", digest_of=b"set b=2"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set c=3\x00", digest_of=b"set c=3\x00"),
+        _build.event2(9, T.EV_IPL, b"/boot/grub2/grub.cfg\x00", digest_of=b"file contents"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set d=4\x00", digest_of=b"set d=4"),
+        _build.event2(8, T.EV_IPL, b"kernel_cmdline: ro quiet\x00", digest_of=b"ro quiet"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set e=5\x00", digest_of=b"set e=5"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set f=6\x00", digest_of=b"set f=6 forged"),
+        _build.event2(8, T.EV_IPL, b"grub_cmd: set g=7\x00"),  # the whole data, as the spec says
+    ]
+    log = EventLog.parse(_build.log(*events))
+    replayed = log.verify(log.replay())
+    got = [(e.data_verified, e.quirks, e.digest_covers, e.problems) for e in replayed.events]
+    want = [
+        (c.data_verified, c.quirks, c.digest_covers, c.problems)
+        for c in (check_event(e, log.algorithms) for e in log.events)
+    ]
+    assert got == want
+    ids = [tuple(q.quirk_id for q in e.quirks) for e in replayed.events[1:]]
+    assert ids == [
+        ("grub-command-string",),
+        ("grub-command-string",),
+        ("grub-command-string",),
+        ("ipl-description-only",),
+        ("grub-command-string",),
+        ("grub-kernel-cmdline-string",),
+        ("grub-command-string",),
+        (),
+        (),
+    ]
+    assert replayed.events[8].data_verified is False
+    assert replayed.events[9].data_verified is True
+
+
+@given(st.binary(max_size=40))
+def test_ipl_kind_is_the_decoded_kind(data: bytes) -> None:
+    assert ipl_kind(data) == _ipl(data).kind
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"grub_cmd: x\x00",
+        b"grub_cmd x",
+        b"kernel_cmdline: ro\x00",
+        b"grub_kernel_cmdline ro",
+        b"grub_cmd: \x01\x02\x03\x04\x05",  # 16 bytes, not printable: a GUID
+        "kernel_cmdline: x".encode("utf-16-le"),
+        "ro quiet\x00".encode("utf-16-le"),
+        b"kernel_cmdline: \xff\xfe",
+        b"",
+        b"g",
+    ],
+)
+def test_ipl_kind_on_the_edges(data: bytes) -> None:
+    assert ipl_kind(data) == _ipl(data).kind
+
+
+def test_agile_records_with_banks_out_of_spec_id_order_still_parse() -> None:
+    """The one-struct header read expects the Spec ID order; any other order goes
+    through the field-by-field parser and gives the same events."""
+    data = b"hello\x00"
+    in_order = _build.event2(1, T.EV_EFI_ACTION, data)
+    # swap the two TPMT_HA entries: sha256 first, then sha1
+    head, rest = in_order[:12], in_order[12:]
+    sha1, sha256 = rest[: 2 + 20], rest[2 + 20 : 2 + 20 + 2 + 32]
+    swapped = head + sha256 + sha1 + rest[2 + 20 + 2 + 32 :]
+    a = EventLog.parse(_build.log(in_order)).events[1]
+    b = EventLog.parse(_build.log(swapped)).events[1]
+    assert dict(a.digests) == dict(b.digests)
+    assert list(b.digests) == ["sha256", "sha1"]  # as the record lists them
+    assert (a.untrusted_data, a.pcr, a.event_type) == (b.untrusted_data, b.pcr, b.event_type)
+
+
+def test_device_path_node_text_is_rendered_on_read(load_log) -> None:  # type: ignore[no-untyped-def]
+    log = load_log("vm_rhel9_qemu_ovmf_secureboot_keylime.bin")
+    replayed = log.verify(log.replay())
+    paths = [
+        e.decoded.device_path
+        for e in replayed.events
+        if e.event_type == T.EV_EFI_BOOT_SERVICES_APPLICATION
+        and isinstance(e.decoded, ImageLoad)
+        and e.decoded.device_path is not None
+    ]
+    assert len(paths) >= 2 and all(isinstance(p, DevicePath) for p in paths)
+    for path in paths:
+        view = to_jsonable(path)
+        assert view["text"] == "/".join(n["text"] for n in view["nodes"])
+        for node, shown in zip(path.nodes, view["nodes"], strict=True):
+            assert list(shown) == ["structure", "type", "subtype", "data", "text"]
+            assert shown["text"] == node.text and f"text={node.text!r}" in repr(node)
