@@ -174,9 +174,10 @@ class FileSigningKey:
         return self.private_key.public_key()
 
     def sign(self, data: bytes) -> bytes:
-        if isinstance(self.private_key, rsa.RSAPrivateKey):
-            return self.private_key.sign(data, padding.PKCS1v15(), self.hash_algorithm)
-        return self.private_key.sign(data, ec.ECDSA(self.hash_algorithm))
+        key = self.private_key
+        if isinstance(key, ec.EllipticCurvePrivateKey):  # the common case first
+            return key.sign(data, ec.ECDSA(self.hash_algorithm))
+        return key.sign(data, padding.PKCS1v15(), self.hash_algorithm)
 
     @property
     def signs_remotely(self) -> bool:

@@ -287,6 +287,10 @@ class Ledger:
         raw = self.engine.raw_connection()
         raw.detach()
         if self._sqlite:
+            # autocommit: each statement is its own transaction (what _write wants)
+            # without the module's implicit BEGIN and the separate COMMIT
+            connection: Any = raw.dbapi_connection
+            connection.isolation_level = None
             # the checkpointer thread checkpoints for this connection; its own automatic
             # checkpoint stays as a backstop should that thread fall behind
             cursor = raw.cursor()
