@@ -11,9 +11,11 @@ One run prints, for 1, 8 and 32 concurrent clients and each database:
 - "in-process": LibraryAppraiser.appraise on the same evidence in one process
   (no HTTP, no database): the ceiling.
 
-Clients run as 4 processes x threads; everything shares this 2-core machine
-(clients, swtpm, gunicorn, PostgreSQL), so the numbers are a lower bound for
-a dedicated verifier host.
+Clients run as 4 processes x threads, each thread one keep-alive HTTP/1.1
+connection (http.client, bodies encoded beforehand); everything shares this
+2-core machine (clients, swtpm, gunicorn, PostgreSQL), so the numbers are a
+lower bound for a dedicated verifier host. Server-only evidence is submitted
+oldest first (TPM clocks only grow), so attesters stay unflagged.
 
 Run: .venv/bin/python bench/http_attest.py [--seconds 4] [--clients 1,8,32]
 """
@@ -50,6 +52,7 @@ from verifier.service.config import init_home, load_config  # noqa: E402
 
 POSTGRES = os.environ.get("VTPM_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROCS = 4
+TARGET = 500  # full attestations/s (issue 6)
 
 
 def b64(d: bytes) -> str:
@@ -396,7 +399,21 @@ def main() -> None:
             f"\nin-process appraisal (quote + PCR policy, RSA-2048 AK, no HTTP/DB): "
             f"{ceiling:.0f}/s on one core"
         )
-        print("target: >= 500 attestations/s")
+        print(
+            "clients: 4 processes x threads, one keep-alive http.client connection each;"
+            " server: gunicorn 2 workers (gthread, 1 thread)"
+        )
+        for backend in opts.backends.split(","):
+            cells = [
+                (c[3]["per_s"], c[1]) for c in rows if c[0] == backend and c[2] == "server-only"
+            ]
+            if cells:
+                best, at = max(cells)
+                verdict = "met" if best >= TARGET else "not met"
+                print(
+                    f"target: >= {TARGET} attestations/s: {verdict} on {backend} "
+                    f"(best server-only {best:.1f}/s with {at} clients)"
+                )
     finally:
         for p in procs:
             p.stop()

@@ -65,14 +65,15 @@ def gunicorn_argv(bind: str, workers: int, workdir: Path) -> list[str]:
         "1",
         "--config",
         "python:verifier.service.gunicorn",
-        "--access-logfile",
-        "-" if os.environ.get("VTPM_VERIFIER_ACCESS_LOG") else "/dev/null",
         "--no-control-socket",
         # the heartbeat file is touched on every loop of every worker: on a
         # disk-backed /tmp that is a journaled metadata write each time
         *(["--worker-tmp-dir", _HEARTBEAT_DIR] if os.path.isdir(_HEARTBEAT_DIR) else []),
         "--graceful-timeout",
         "5",
+        # no access log unless asked for: gunicorn formats every line even
+        # when it goes to /dev/null (~70 us a request)
+        *(["--access-logfile", "-"] if os.environ.get("VTPM_VERIFIER_ACCESS_LOG") else []),
         "verifier.service.gunicorn:make_wsgi()",
     ]
 
