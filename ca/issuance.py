@@ -359,7 +359,7 @@ class EkIssuance:
         ski = hashlib.sha1(spki[bits + 1 : bits_end]).digest()  # noqa: S324 - RFC 5280 4.2.1.2 (1)
         san = self._san(request)
         per_cert = {
-            "2.5.29.14": _extension(_OID_SKI, False, encode_tlv(0x04, ski)),
+            "2.5.29.14": _SKI_EXTENSION_PREFIX + ski,  # = _extension(_OID_SKI, False, 04 14 ski)
             "2.5.29.17": san,
             VM_IDENTITY_OID: _extension(_OID_VM_IDENTITY, False, identity.raw),
         }
@@ -369,7 +369,7 @@ class EkIssuance:
             + encode_tlv(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))
             + t.signature_algorithm
             + t.issuer
-            + encode_tlv(0x30, _time(not_before) + _time(not_after))
+            + encode_tlv(0x30, _time(not_before) + _time(not_after))  # 30-34 bytes: short form
             + t.subject
             + spki
             + encode_tlv(0xA3, encode_tlv(0x30, extensions))
@@ -499,6 +499,8 @@ _OID_MODEL = _oid(OID_TPM_MODEL.dotted_string)
 _OID_VERSION = _oid(OID_TPM_VERSION.dotted_string)
 _OID_SKI = _oid("2.5.29.14")
 _SAN_OIDS = (_OID_MANUFACTURER, _OID_MODEL, _OID_VERSION)
+# Extension { extnID subjectKeyIdentifier, extnValue OCTET STRING { OCTET STRING (20) } }
+_SKI_EXTENSION_PREFIX = b"\x30\x1d" + _OID_SKI + b"\x04\x16\x04\x14"
 _OID_SAN = _oid("2.5.29.17")
 _OID_VM_IDENTITY = _oid(VM_IDENTITY_OID)
 
