@@ -88,9 +88,10 @@ class ReplayedEvent:
     strings only the text after the label. ``problems``: why the data is not
     trusted or does not decode; ``warnings`` adds the quirks applied.
 
-    Strings (EV_IPL, EV_EFI_ACTION, ...) are decoded when ``untrusted_decoded``
-    is first read: their decoder cannot fail and their digest check does not
-    need it. Every other type was decoded when the log was checked.
+    Strings (EV_IPL, EV_EFI_ACTION, ...), EV_POST_CODE and 4-byte separators
+    are decoded when ``untrusted_decoded`` is first read: their decoder cannot
+    fail and their digest check does not need it. Every other type was
+    decoded when the log was checked, so its decode problem is in ``problems``.
     """
 
     index: int
