@@ -16,7 +16,10 @@ The check (step numbers are cited below):
    something the log does not contain: ``data_verified`` is None.
 2. The spec-defined form is tried first; then the quirk forms from
    :mod:`verifier.eventlog.quirks` for that type. A quirk that matches is
-   recorded; nothing matches -> ``data_verified`` False.
+   recorded; nothing matches -> ``data_verified`` False. (Within one log,
+   the GRUB label form that proved the previous event of a type is tried
+   before the others: only a hash collision could make that name another
+   form than the in-order search, see ``checker``.)
 3. A candidate matches only if it hashes to the event's digest in EVERY bank
    this Python can compute (a forger must collide all of them).
 """
