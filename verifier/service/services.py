@@ -526,7 +526,13 @@ class EvidenceService:
                     (old_marks[0], old_marks[1], old_marks[2]), appraisal, now
                 )
                 new_flags += lineage_flags
-                flags = [*conn.json_out(old_flags), *new_flags]
+                known = conn.json_out(old_flags)
+                flags = [*known, *new_flags]  # this result's: the attester's and today's
+                # the attester keeps the first flag of each kind: a flagged attester
+                # repeating a regression cannot grow its row (and every later
+                # result and EAR) without bound; each result still names its own
+                seen = {f.get("flag") for f in known}
+                kept = [*known, *(f for f in new_flags if f["flag"] not in seen)]
                 status = "contraindicated" if flags else appraisal.status
                 report = {
                     "status": status,
@@ -566,7 +572,7 @@ class EvidenceService:
                     "n": nonce_hex,
                     "report": conn.json_in(report),
                     "ear": ear,
-                    "flags": conn.json_in(flags),
+                    "flags": conn.json_in(kept),
                     "astatus": "flagged" if new_flags else old_status,
                     "r": marks[0],
                     "s": marks[1],

@@ -529,6 +529,17 @@ def test_lineage_snapshot_revert(service: Service, ek_ca, tmp_path: Path) -> Non
     assert [f["rule"] for f in sub.failures] == ["lineage.reset-count-regressed"]
     view = service.call("GET", f"/v1/attesters/{s.attester_id}", service.reader).json()
     assert view["status"] == "flagged"
+    # reverted once more: flagged again in that result, but the attester keeps
+    # one flag of each kind (its row, and every later EAR, does not grow per request)
+    shutil.rmtree(state_dir)
+    shutil.copytree(snapshot, state_dir)
+    with SwtpmProcess(state_dir) as tpm:
+        again = attest(service, tpm, s)
+    assert again["status"] == "contraindicated"
+    assert [f["flag"] for f in again["report"]["new_flags"]] == ["reset-count-regressed"]
+    assert [f["flag"] for f in again["report"]["flags"]] == ["reset-count-regressed"] * 2
+    view = service.call("GET", f"/v1/attesters/{s.attester_id}", service.reader).json()
+    assert [f["flag"] for f in view["flags"]] == ["reset-count-regressed"]
 
 
 def test_concurrent_submissions_of_one_nonce(service: Service, plain: dict[str, Any]) -> None:
