@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.algorithms import Hash, HashAlgorithm
-from verifier.eventlog.devicepath import DevicePath
-from verifier.eventlog.efivars import EfiVariable
+from verifier.eventlog.devicepath import DevicePath, device_path_ok
+from verifier.eventlog.efivars import EfiVariable, variable_frame
 from verifier.eventlog.events import EventType as T
 from verifier.eventlog.guids import format_guid, guid_name
 from verifier.eventlog.limits import DEFAULT_LIMITS, Limits
@@ -60,6 +60,7 @@ __all__ = [
     "HandoffTables",
     "ImageLoad",
     "IplString",
+    "LazyDecode",
     "NoActionEvent",
     "Pending",
     "Separator",
@@ -267,6 +268,21 @@ def decode_deferred(event_type: int, data: bytes) -> Decoded:
     return _text(data)
 
 
+class LazyDecode:
+    """Marks an event whose data was checked to decode (see ``_FRAMES``) but not decoded
+    yet: :meth:`decode` gives what :func:`decode_event` gives, and cannot fail."""
+
+    __slots__ = ("base", "limits", "uintn_size")
+
+    def __init__(self, base: int, uintn_size: int, limits: Limits) -> None:
+        self.base = base
+        self.uintn_size = uintn_size
+        self.limits = limits
+
+    def decode(self, event_type: int, data: bytes) -> Decoded | None:
+        return _decode_data(event_type, data, self.base, self.uintn_size, self.limits)
+
+
 def decode_event(
     event: Event, *, uintn_size: int = 2, limits: Limits = DEFAULT_LIMITS
 ) -> Decoded | None:
@@ -274,11 +290,15 @@ def decode_event(
 
     Raises ParseError (offsets within the whole log) on malformed data.
     """
-    d = event.untrusted_data
-    t = event.event_type
+    return _decode_data(
+        event.event_type, event.untrusted_data, event.data_offset, uintn_size, limits
+    )
+
+
+def _decode_data(t: int, d: bytes, base: int, uintn_size: int, limits: Limits) -> Decoded | None:
+    """:func:`decode_event` for data ``d`` of type ``t`` found at byte ``base`` of the log."""
     if t in _DEFERRED:
         return decode_deferred(t, d)
-    base = event.data_offset
     if t == T.EV_NO_ACTION:
         if d.startswith(SPEC_ID_03):
             return SpecIdEvent.parse(d, base=base, limits=limits)
@@ -361,7 +381,8 @@ def check_events_of(
 
     def check_one(event: Event) -> DataCheck:
         decoded, verified, quirks, problems, covers = check(event)
-        assert decoded is not PENDING  # defer=False decodes every event
+        # defer=False decodes every event
+        assert decoded is not PENDING and not isinstance(decoded, LazyDecode)
         return DataCheck(decoded, verified, quirks, problems, covers)
 
     return check_one
@@ -370,7 +391,11 @@ def check_events_of(
 _Pairs = tuple[tuple[Callable[[bytes], Hash], bytes], ...]  # (hash constructor, digest)
 
 CheckOutcome = tuple[
-    "Decoded | Pending | None", bool | None, tuple[AppliedQuirk, ...], tuple[str, ...], str | None
+    "Decoded | Pending | LazyDecode | None",
+    bool | None,
+    tuple[AppliedQuirk, ...],
+    tuple[str, ...],
+    str | None,
 ]
 """(decoded, data_verified, quirks, problems, digest_covers): a DataCheck without the object."""
 
@@ -386,10 +411,16 @@ def checker(
 
     ``defer``: leave ``decoded`` as PENDING for the types whose decoder never
     fails and whose check does not need it (strings, IPL, POST codes);
-    :func:`decode_deferred` gives the value when someone reads it. Every other
-    type is decoded here, so a decode failure is always among the problems.
+    :func:`decode_deferred` gives the value when someone reads it. The types in
+    ``_FRAMES`` (variables, images, blobs, tags, GPT) are framed instead: a walk
+    over their lengths that builds nothing says whether the decoder would
+    succeed (and where VariableData lies, for the check). If so, ``decoded`` is
+    a :class:`LazyDecode`; if not, the event is decoded here, so its decode
+    failure is among the problems exactly as without ``defer``.
     """
     banks = tuple((a.name, a.new) for a in algorithms if a.computable)
+    frames = _FRAMES if defer else {}
+    max_nodes = limits.max_device_path_nodes
     one_bank = banks[0] if len(banks) == 1 else None
     compare = hmac.compare_digest
     no_quirks: tuple[AppliedQuirk, ...] = ()
@@ -409,15 +440,23 @@ def checker(
         t = event.event_type
         data = event.untrusted_data
         problems: tuple[str, ...] = ()
-        decoded: Decoded | Pending | None
+        decoded: Decoded | Pending | LazyDecode | None
+        plain: Decoded | _Frame | None  # what the forms read
         if t in deferred or (t == separator and len(data) == 4):
-            decoded = PENDING if defer else decode_deferred(t, data)
+            plain = None if defer else decode_deferred(t, data)
+            decoded = PENDING if defer else plain
         else:
-            try:
-                decoded = decode_event(event, uintn_size=uintn_size, limits=limits)
-            except ParseError as exc:
-                decoded = None
-                problems = (f"event data does not decode: {exc}",)
+            frame = frames.get(t)
+            plain = None if frame is None else frame(data, uintn_size, max_nodes)
+            if plain is not None:
+                decoded = LazyDecode(event.data_offset, uintn_size, limits)
+            else:
+                full: Decoded | None = None
+                try:
+                    full = decode_event(event, uintn_size=uintn_size, limits=limits)
+                except ParseError as exc:
+                    problems = (f"event data does not decode: {exc}",)
+                decoded = plain = full
         plan = plans.get(t)
         if plan is None:  # step 1: the spec does not define digest = H(data)
             return decoded, None, no_quirks, problems, None
@@ -431,7 +470,6 @@ def checker(
         if not pairs:
             problems += ("no computable bank to check the data against",)
             return decoded, None, no_quirks, problems, None
-        plain = None if decoded is PENDING else decoded
         hint = hints.get(t)
         if hint is not None:
             # The candidate that proved the last event of this type, first: a log's
@@ -483,30 +521,40 @@ def checker(
 
 # --- step 2: what the digest covers, per type -------------------------------------------
 
-_Form = Callable[[bytes, "Decoded | None"], tuple[bytes, ...]]
+_Frame = tuple[int, int]
+"""(start, end) of the part of the data a framed event's decoder reads as its payload
+(VariableData for a variable): what the checker knows of a framed, undecoded event."""
+
+_Form = Callable[[bytes, "Decoded | _Frame | None"], tuple[bytes, ...]]
 
 
-def _whole(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+def _whole(data: bytes, decoded: Decoded | _Frame | None) -> tuple[bytes, ...]:
     return (data,)
 
 
-def _variable_data(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
-    return (decoded.data,) if isinstance(decoded, EfiVariable) else ()
+def _variable_data(data: bytes, decoded: Decoded | _Frame | None) -> tuple[bytes, ...]:
+    if isinstance(decoded, EfiVariable):
+        return (decoded.data,)
+    if isinstance(decoded, tuple):  # framed: VariableData is data[start:end]
+        return (data[decoded[0] : decoded[1]],)
+    return ()
 
 
-def _drop_last_byte(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+def _drop_last_byte(data: bytes, decoded: Decoded | _Frame | None) -> tuple[bytes, ...]:
     # only when the unhashed byte lies outside UEFI_VARIABLE_DATA: every
     # decoded field must stay inside the proven bytes
-    if isinstance(decoded, EfiVariable) and decoded.trailing:
-        return (data[:-1],)
-    return ()
+    if isinstance(decoded, EfiVariable):
+        trailing = bool(decoded.trailing)
+    else:  # framed: bytes after VariableData's end are EfiVariable.trailing
+        trailing = isinstance(decoded, tuple) and decoded[1] < len(data)
+    return (data[:-1],) if trailing else ()
 
 
 def _after_label(labels: tuple[bytes, ...]) -> _Form:
     """The text after GRUB's label, with and without its terminating NUL (GRUB
     versions differ on whether the NUL is measured)."""
 
-    def form(data: bytes, decoded: Decoded | None) -> tuple[bytes, ...]:
+    def form(data: bytes, decoded: Decoded | _Frame | None) -> tuple[bytes, ...]:
         if not data.startswith(labels):
             return ()
         for label in labels:
@@ -695,3 +743,74 @@ def _gpt(d: bytes, base: int) -> GptEvent:
             )
         )
     return GptEvent(disk_guid, tuple(parts))
+
+
+# --- framing: would the decoder succeed? (checker(defer=True)) ---------------------------
+# Each returns the _Frame when the decoder of its type, given the same data, uintn size and
+# device path node limit, returns; None when it raises. tests/verifier/eventlog/
+# test_fast_path.py compares each with its decoder on the corpus and on mutated data.
+
+
+def _frame_variable(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    return variable_frame(d, max_nodes=max_nodes)
+
+
+def _frame_authority(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    return variable_frame(d, authority=True, max_nodes=max_nodes)
+
+
+def _frame_image(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    """_image_load: a u64 and three UINTNs, then LengthOfDevicePath bytes of device path
+    (bytes after it are not read)."""
+    width = 8 if uintn_size == 2 else 4
+    at = 8 + 3 * width
+    if len(d) < at:
+        return None
+    end = at + int.from_bytes(d[at - width : at], "little")
+    if end > len(d) or (end > at and not device_path_ok(d[at:end], max_nodes)):
+        return None
+    return at, end
+
+
+def _frame_blob(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    return (0, 16) if len(d) == 16 else None  # BlobBase, BlobLength, nothing after
+
+
+def _frame_blob2(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    # BlobDescriptionSize u8, BlobDescription, BlobBase, BlobLength, nothing after
+    return (0, len(d)) if d and len(d) == 1 + d[0] + 16 else None
+
+
+def _frame_tag(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    # taggedEventID, taggedEventDataSize, that many bytes, nothing after
+    return (8, len(d)) if len(d) >= 8 and len(d) == 8 + int.from_bytes(d[4:8], "little") else None
+
+
+def _frame_gpt(d: bytes, uintn_size: int, max_nodes: int) -> _Frame | None:
+    """_gpt: a 92-byte header (longer if HeaderSize says so), NumberOfPartitions, then
+    that many entries of SizeOfPartitionEntry (>= 128) bytes that must fit."""
+    if len(d) < 92:
+        return None
+    at = max(92, int.from_bytes(d[12:16], "little")) + 8
+    if at > len(d):
+        return None
+    entry_size = int.from_bytes(d[84:88], "little")
+    count = int.from_bytes(d[at - 8 : at], "little")
+    if entry_size < 128 or count > (len(d) - at) // entry_size:
+        return None
+    return at, len(d)
+
+
+_FRAMES: dict[int, Callable[[bytes, int, int], _Frame | None]] = {
+    T.EV_EFI_VARIABLE_DRIVER_CONFIG: _frame_variable,
+    T.EV_EFI_VARIABLE_BOOT: _frame_variable,
+    T.EV_EFI_VARIABLE_BOOT2: _frame_variable,
+    T.EV_EFI_VARIABLE_AUTHORITY: _frame_authority,
+    T.EV_EFI_BOOT_SERVICES_APPLICATION: _frame_image,
+    T.EV_EFI_BOOT_SERVICES_DRIVER: _frame_image,
+    T.EV_EFI_RUNTIME_SERVICES_DRIVER: _frame_image,
+    T.EV_EFI_PLATFORM_FIRMWARE_BLOB: _frame_blob,
+    T.EV_EFI_PLATFORM_FIRMWARE_BLOB2: _frame_blob2,
+    T.EV_EVENT_TAG: _frame_tag,
+    T.EV_EFI_GPT_EVENT: _frame_gpt,
+}

@@ -16,7 +16,7 @@ from verifier.eventlog._reader import Reader
 from verifier.eventlog.guids import format_guid
 from vtpm_core.errors import ParseError
 
-__all__ = ["DevicePath", "DevicePathNode"]
+__all__ = ["DevicePath", "DevicePathNode", "device_path_ok"]
 
 END_TYPE = 0x7F
 END_ENTIRE = 0xFF
@@ -93,6 +93,24 @@ class DevicePath:
 
 _STRUCTURE = "EFI_DEVICE_PATH_PROTOCOL"
 _HEADER = struct.Struct("<BBH")
+
+
+def device_path_ok(data: bytes, max_nodes: int = 256) -> bool:
+    """True exactly when ``DevicePath.parse(data, max_nodes=max_nodes)`` returns: the
+    same walk over the node headers, building nothing (the appraisal path's check)."""
+    pos, end, count = 0, len(data), 0
+    unpack = _HEADER.unpack_from
+    while pos < end:
+        if count >= max_nodes or pos + 4 > end:
+            return False
+        node_type, subtype, length = unpack(data, pos)
+        if length < 4 or pos + length > end:
+            return False
+        pos += length
+        if node_type == END_TYPE and subtype == END_ENTIRE:
+            break
+        count += 1
+    return True
 
 
 def _bad_node(data: bytes, pos: int, base: int) -> ParseError:

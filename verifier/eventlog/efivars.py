@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from verifier.eventlog._reader import Reader
-from verifier.eventlog.devicepath import DevicePath
+from verifier.eventlog.devicepath import DevicePath, device_path_ok
 from verifier.eventlog.guids import format_guid, guid_name
 from vtpm_core.errors import ParseError
 
@@ -28,6 +28,8 @@ __all__ = [
     "SignatureDatabase",
     "SignatureList",
     "VariableValue",
+    "variable_frame",
+    "variable_name",
 ]
 
 SIGNATURE_DATABASES = frozenset(
@@ -289,3 +291,84 @@ def _decode_value(
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
+# --- the appraisal path's check: what parse() would say, without building anything ------
+
+
+def variable_frame(
+    raw: bytes, *, authority: bool = False, max_nodes: int = 256
+) -> tuple[int, int] | None:
+    """Where VariableData lies in ``raw`` (start, end) when ``EfiVariable.parse`` with
+    these arguments returns; None when it would raise (or might: the caller then
+    parses, which says why). Builds no object: a verifier that only checks the digest
+    parses the variable when a rule reads it.
+    """
+    size = len(raw)
+    if size < 32:
+        return None
+    _, name_len, data_len = _VARIABLE_HEADER.unpack_from(raw)
+    data_at = 32 + 2 * name_len
+    data_end = data_at + data_len
+    if name_len > (size - 32) // 2 or data_end > size:
+        return None  # (parse's header check, the fast path's and the field reader's)
+    if authority:
+        return data_at, data_end  # _decode_value never raises for an authority
+    name = raw[32:data_at].decode("utf-16-le", errors="replace").rstrip("\x00")
+    if name in SIGNATURE_DATABASES:
+        ok = _signature_database_ok(raw, data_at, data_end)
+    elif name in BOOLEANS:
+        ok = data_len <= 1
+    elif name == "BootOrder":
+        ok = not data_len % 2
+    elif len(name) == 8 and name.startswith(("Boot", "Driver", "SysPrep")) and _is_hex(name[-4:]):
+        ok = _load_option_ok(raw[data_at:data_end], max_nodes)
+    else:
+        ok = True  # not decoded
+    return (data_at, data_end) if ok else None
+
+
+def variable_name(raw: bytes) -> str | None:
+    """The ``name`` of the EfiVariable that ``raw`` parses to (None if its header does
+    not parse), without parsing the rest (for rules that look for one variable)."""
+    size = len(raw)
+    if size < 32:
+        return None
+    _, name_len, data_len = _VARIABLE_HEADER.unpack_from(raw)
+    data_at = 32 + 2 * name_len
+    if name_len > (size - 32) // 2 or data_at + data_len > size:
+        return None
+    return raw[32:data_at].decode("utf-16-le", errors="replace").rstrip("\x00")
+
+
+def _signature_database_ok(raw: bytes, pos: int, end: int) -> bool:
+    """SignatureDatabase.parse(raw[pos:end]) returns: every list passes its fast-path
+    test (a list that fails it is one the field-by-field reader rejects)."""
+    unpack = _LIST_HEADER.unpack_from
+    while pos < end:
+        if pos + 28 > end:
+            return False
+        _, list_size, header_size, sig_size = unpack(raw, pos)
+        body = list_size - 28 - header_size
+        stop = pos + list_size
+        if body < 0 or sig_size < 16 or body % sig_size or stop > end:
+            return False
+        pos = stop
+    return True
+
+
+def _load_option_ok(data: bytes, max_nodes: int) -> bool:
+    """LoadOption.parse(data) returns: Attributes, FilePathListLength, a NUL-terminated
+    Description, then a FilePathList that fits and whose nodes are well formed."""
+    if len(data) < 6:
+        return False
+    path_len = int.from_bytes(data[4:6], "little")
+    at = data.find(b"\x00\x00", 6)
+    while at >= 0 and (at - 6) % 2:
+        at = data.find(b"\x00\x00", at + 1)
+    if at < 0:
+        return False
+    start = at + 2
+    if start + path_len > len(data):
+        return False
+    return device_path_ok(data[start : start + path_len], max_nodes)

@@ -21,7 +21,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from verifier.eventlog.algorithms import HashAlgorithm
-from verifier.eventlog.decode import PENDING, Decoded, Pending, checker, decode_deferred
+from verifier.eventlog.decode import (
+    PENDING,
+    Decoded,
+    LazyDecode,
+    Pending,
+    checker,
+    decode_deferred,
+)
 from verifier.eventlog.events import EventType, type_name
 from verifier.eventlog.quirks import AppliedQuirk, summarize
 from vtpm_core.errors import VerificationError
@@ -90,8 +97,11 @@ class ReplayedEvent:
 
     Strings (EV_IPL, EV_EFI_ACTION, ...), EV_POST_CODE and 4-byte separators
     are decoded when ``untrusted_decoded`` is first read: their decoder cannot
-    fail and their digest check does not need it. Every other type was
-    decoded when the log was checked, so its decode problem is in ``problems``.
+    fail and their digest check does not need it. Variables, images, firmware
+    blobs, tags and GPT events were framed when the log was checked (their
+    lengths walked, nothing built): those that frame are decoded on first read
+    too (which cannot fail then), the others were decoded then, so a decode
+    problem is always in ``problems``.
     """
 
     index: int
@@ -104,7 +114,7 @@ class ReplayedEvent:
     problems: tuple[str, ...]
     quirks: tuple[AppliedQuirk, ...]
     digest_covers: str | None = None
-    _decoded: Decoded | Pending | None = field(default=PENDING, compare=False)
+    _decoded: Decoded | Pending | LazyDecode | None = field(default=PENDING, compare=False)
 
     @property
     def untrusted_decoded(self) -> Decoded | None:
@@ -114,7 +124,10 @@ class ReplayedEvent:
         if decoded is PENDING:
             decoded = decode_deferred(self.event_type, self.untrusted_data)
             object.__setattr__(self, "_decoded", decoded)  # a pure function of the data
-        return decoded
+        elif type(decoded) is LazyDecode:
+            decoded = decoded.decode(self.event_type, self.untrusted_data)
+            object.__setattr__(self, "_decoded", decoded)
+        return decoded  # type: ignore[return-value]
 
     @property
     def type_name(self) -> str:

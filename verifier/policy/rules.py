@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
 from verifier.eventlog import Text as TextEvent
 from verifier.eventlog.decode import ipl_kind
+from verifier.eventlog.efivars import variable_name
 from verifier.eventlog.events import EventType
 from verifier.policy.schema import BootApplication, CmdlinePattern, DbPolicy, DbxPolicy, Policy
 from vtpm_core.errors import ConfigError, VerificationError
@@ -262,6 +263,8 @@ def _variables(
         f"{name} event data does not match its digest (forged?)",
     )
     for e in evidence.of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
+        if variable_name(e.untrusted_data) != name:
+            continue  # (another variable: not decoded at all)
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
             continue
