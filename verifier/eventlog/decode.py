@@ -49,6 +49,7 @@ from verifier.eventlog.quirks import QUIRKS, AppliedQuirk, applied_quirk
 from vtpm_core.errors import ParseError
 
 __all__ = [
+    "IPL_BYTE_PREFIXES",
     "PENDING",
     "CheckOutcome",
     "DataCheck",
@@ -428,6 +429,7 @@ def checker(
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
     hintable, quirk = _HINTABLE, applied_quirk
+    new_object, set_attribute = object.__new__, object.__setattr__
 
     def proves(candidate: bytes, pairs: _Pairs) -> bool:
         # step 3: every bank must match (a loop: all() would cost a generator per call)
@@ -485,9 +487,22 @@ def checker(
                 if (
                     candidate != data
                     and candidate not in candidates[:j]
-                    and proves(candidate, pairs)
+                    and (
+                        compare(one_bank[1](candidate).digest(), pairs[0][1])  # proves(), inlined
+                        if one_bank is not None
+                        else proves(candidate, pairs)
+                    )
                 ):
-                    applied = quirk(hinted_quirk, event.index, hinted_summary)
+                    applied: AppliedQuirk = new_object(AppliedQuirk)  # quirk(...), inlined
+                    set_attribute(
+                        applied,
+                        "__dict__",
+                        {
+                            "quirk_id": hinted_quirk,
+                            "event_index": event.index,
+                            "detail": hinted_summary,
+                        },
+                    )
                     return decoded, True, (applied,), problems, hinted_covers
         for k, (quirk_id, form, covers, summary) in enumerate(plan):  # step 2
             if form is whole:
@@ -659,8 +674,9 @@ def _text(d: bytes) -> Text:
 _IPL_PREFIXES = (("grub_cmd: ", "grub_cmd"), ("grub_cmd ", "grub_cmd"),
                  ("kernel_cmdline: ", "kernel_cmdline"),
                  ("grub_kernel_cmdline ", "kernel_cmdline"))  # fmt: skip
-_IPL_BYTE_PREFIXES = tuple((p.encode(), k) for p, k in _IPL_PREFIXES)
-_IPL_LABELS = tuple(p for p, _ in _IPL_BYTE_PREFIXES)
+IPL_BYTE_PREFIXES = tuple((p.encode(), k) for p, k in _IPL_PREFIXES)
+"""(label, kind) for each GRUB label an EV_IPL string may start with."""
+_IPL_LABELS = tuple(p for p, _ in IPL_BYTE_PREFIXES)
 
 
 def _ipl(d: bytes) -> IplString:
@@ -690,7 +706,7 @@ def ipl_kind(d: bytes) -> str:
         return "load_options"  # (a non-zero second byte is never UTF-16 text)
     if not d.startswith(_IPL_LABELS) or (len(d) == 16 and not _printable(d)):
         return "string"  # a GUID's text form starts with a hex digit, never a label
-    for prefix, kind in _IPL_BYTE_PREFIXES:
+    for prefix, kind in IPL_BYTE_PREFIXES:
         if d.startswith(prefix):
             return kind
     return "string"

@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar
 
 from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
 from verifier.eventlog import Text as TextEvent
-from verifier.eventlog.decode import ipl_kind
+from verifier.eventlog.decode import IPL_BYTE_PREFIXES, ipl_kind
 from verifier.eventlog.efivars import variable_name
 from verifier.eventlog.events import EventType
 from verifier.policy.schema import BootApplication, CmdlinePattern, DbPolicy, DbxPolicy, Policy
@@ -58,6 +58,7 @@ EXECUTABLES = "executables"
 
 _CMDLINE_PCRS = frozenset({8, 9, 12})
 _CMDLINE_KINDS = frozenset({"kernel_cmdline", "load_options"})
+_CMDLINE_LABELS = tuple(p for p, kind in IPL_BYTE_PREFIXES if kind == "kernel_cmdline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +386,13 @@ _SCRTM_UNTRUSTED = (
 )
 
 
+def _never_cmdline(data: bytes) -> bool:
+    """True for EV_IPL data whose kind is neither kernel_cmdline nor load_options, on
+    sight: ASCII (a non-zero second byte; UTF-16 load options have a zero one) that
+    starts with no command line label (GRUB's commands, file names)."""
+    return len(data) >= 2 and data[1] != 0 and not data.startswith(_CMDLINE_LABELS)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelCmdlineRule:
     """Every measured kernel command line (EV_IPL in PCR 8/9/12) matches an allowed one,
@@ -399,8 +407,11 @@ class KernelCmdlineRule:
         good = 0
         expected = " or ".join(c.describe() for c in self.allowed)
         for e in evidence.of_type(EventType.EV_IPL):
-            if e.pcr not in _CMDLINE_PCRS or ipl_kind(e.untrusted_data) not in _CMDLINE_KINDS:
-                continue  # (GRUB's commands, file names: not decoded at all)
+            data = e.untrusted_data
+            if e.pcr not in _CMDLINE_PCRS or _never_cmdline(data):
+                continue
+            if ipl_kind(data) not in _CMDLINE_KINDS:
+                continue  # (not decoded at all)
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
                 continue

@@ -34,6 +34,7 @@ from verifier.eventlog import (
 from verifier.eventlog.decode import _ipl, ipl_kind
 from verifier.eventlog.jsonview import to_jsonable
 from verifier.policy import learn_policy
+from verifier.policy.rules import _never_cmdline
 from vtpm_core.errors import ParseError
 
 T = EventType
@@ -170,6 +171,16 @@ def test_hinted_grub_form_names_the_same_quirk_as_the_in_order_search() -> None:
 @given(st.binary(max_size=40))
 def test_ipl_kind_is_the_decoded_kind(data: bytes) -> None:
     assert ipl_kind(data) == _ipl(data).kind
+
+
+@given(
+    st.sampled_from([b"", b"kernel_cmdline: ", b"grub_kernel_cmdline ", b"grub_cmd: ", b"k"]),
+    st.binary(max_size=40),
+)
+def test_the_cmdline_rule_skips_only_what_is_no_command_line(label: bytes, body: bytes) -> None:
+    for data in (label + body, (label.decode() + body.hex()).encode("utf-16-le")):
+        if _never_cmdline(data):
+            assert _ipl(data).kind not in ("kernel_cmdline", "load_options")
 
 
 @pytest.mark.parametrize(
