@@ -144,7 +144,7 @@ def test_broken_hot_connection_is_replaced(ledger_ca: OpenedCa) -> None:
 
     first, second = _eks(2)
     ledger_ca.issuance.issue(IssueRequest(ek=first, vm_id=uuid.uuid4()))
-    _, raw = ledger_ca.ledger._local.raw
+    _, raw, _, _ = ledger_ca.ledger._local.raw
     raw.dbapi_connection.close()  # under the ledger's feet
     with pytest.raises(StateError, match="ledger unavailable"):
         ledger_ca.issuance.issue(IssueRequest(ek=second, vm_id=uuid.uuid4()))
