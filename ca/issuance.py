@@ -357,22 +357,25 @@ class EkIssuance:
         _, _, alg_end = read_tlv(spki, content)
         _, bits, bits_end = read_tlv(spki, alg_end)
         ski = hashlib.sha1(spki[bits + 1 : bits_end]).digest()  # noqa: S324 - RFC 5280 4.2.1.2 (1)
-        san = self._san(request)
-        per_cert = {
-            "2.5.29.14": _SKI_EXTENSION_PREFIX + ski,  # = _extension(_OID_SKI, False, 04 14 ski)
-            "2.5.29.17": san,
-            VM_IDENTITY_OID: _extension(_OID_VM_IDENTITY, False, identity.raw),
-        }
-        extensions = b"".join(per_cert.get(oid, der) for oid, der in t.extensions)
-        body = (
-            b"\xa0\x03\x02\x01\x02"
-            + encode_tlv(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))
-            + t.signature_algorithm
-            + t.issuer
-            + encode_tlv(0x30, _time(not_before) + _time(not_after))  # 30-34 bytes: short form
-            + t.subject
-            + spki
-            + encode_tlv(0xA3, encode_tlv(0x30, extensions))
+        # the template's extensions with the per-certificate ones put in their slots
+        extensions = list(t.extension_parts)
+        extensions[t.ski_slot] = _SKI_EXTENSION_PREFIX + ski  # = _extension(_OID_SKI, ...)
+        extensions[t.san_slot] = self._san(request)
+        extensions[t.vm_identity_slot] = _extension(_OID_VM_IDENTITY, False, identity.raw)
+        block = b"".join(extensions)
+        serial_der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # < 0x80 bytes
+        body = b"".join(
+            (
+                b"\xa0\x03\x02\x01\x02\x02",
+                bytes((len(serial_der),)),
+                serial_der,
+                t.signature_algorithm,
+                t.issuer,
+                _validity(not_before, not_after),
+                t.subject,
+                spki,
+                encode_tlv(0xA3, encode_tlv(0x30, block)),
+            )
         )
         return encode_tlv(0x30, body)
 
@@ -516,10 +519,19 @@ def _time(when: dt.datetime) -> bytes:
     # or YYYYMMDDHHMMSSZ; formatted by hand, strftime costs 3x as much)
     if when.tzinfo is not dt.UTC:
         when = when.astimezone(dt.UTC)
-    rest = f"{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}{when.second:02d}Z"
     if when.year < 2050:
-        return b"\x17\x0d" + f"{when.year % 100:02d}{rest}".encode()
-    return b"\x18\x0f" + f"{when.year:04d}{rest}".encode()
+        return b"\x17\x0d%02d%02d%02d%02d%02d%02dZ" % (
+            when.year % 100, when.month, when.day, when.hour, when.minute, when.second
+        )  # fmt: skip
+    return b"\x18\x0f%04d%02d%02d%02d%02d%02dZ" % (
+        when.year, when.month, when.day, when.hour, when.minute, when.second
+    )  # fmt: skip
+
+
+def _validity(not_before: dt.datetime, not_after: dt.datetime) -> bytes:
+    """Validity ::= SEQUENCE { notBefore Time, notAfter Time } (30-34 bytes: short form)."""
+    first, second = _time(not_before), _time(not_after)
+    return bytes((0x30, len(first) + len(second))) + first + second
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +542,11 @@ class _TbsTemplate:
     issuer: bytes
     subject: bytes
     extensions: tuple[tuple[str, bytes], ...]  # (dotted OID, whole Extension DER), in order
+    extension_parts: tuple[bytes, ...]  # the Extension DERs alone
+    # where the per-certificate extensions go in extension_parts
+    ski_slot: int
+    san_slot: int
+    vm_identity_slot: int
 
     @classmethod
     def from_reference(cls, tbs: bytes) -> _TbsTemplate:
@@ -553,4 +570,19 @@ class _TbsTemplate:
             extensions.append((dotted, cut[7][pos:end]))
             pos = end
             del oid_start
-        return cls(cut[2], cut[3], cut[5], tuple(extensions))
+        oids = [dotted for dotted, _ in extensions]
+        try:
+            slots = [oids.index(oid) for oid in ("2.5.29.14", "2.5.29.17", VM_IDENTITY_OID)]
+        except ValueError:
+            raise StateError("reference TBSCertificate lacks a per-certificate extension") from None
+        ski, san, vm_identity = slots
+        return cls(
+            cut[2],
+            cut[3],
+            cut[5],
+            tuple(extensions),
+            tuple(der for _, der in extensions),
+            ski,
+            san,
+            vm_identity,
+        )

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from asn1crypto import core, x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ca.ek import CertifiableEk
 from ca.home import CaHome, OpenedCa
@@ -305,3 +307,57 @@ def test_spliced_tbs_equals_cryptography_builder(
         opened.issuance.build(request, T0, T0, after, serial)
     ).tbs_certificate_bytes
     assert opened.issuance.build_tbs(request, T0, T0, after, serial) == reference
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
+_WHEN = st.datetimes(
+    min_value=dt.datetime(1950, 1, 1),
+    max_value=dt.datetime(2200, 12, 31),
+    timezones=st.just(dt.UTC),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    vm_id=st.uuids(),
+    vm_name=_TEXT,
+    instance=_TEXT,
+    model=st.none() | st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
+    created=_WHEN,
+    not_before=_WHEN,
+    days=st.integers(min_value=1, max_value=40_000),
+    serial_bits=st.integers(min_value=64, max_value=158),
+    serial_low=st.integers(min_value=0),
+)
+def test_spliced_tbs_equals_builder_for_any_values(
+    opened: OpenedCa,
+    tpm_keys: dict[str, bytes],
+    vm_id: uuid.UUID,
+    vm_name: str,
+    instance: str,
+    model: str | None,
+    created: dt.datetime,
+    not_before: dt.datetime,
+    days: int,
+    serial_bits: int,
+    serial_low: int,
+) -> None:
+    """build_tbs (spliced bytes, hand-formatted times) == cryptography's builder, for
+    random VM identities, SAN strings, validity dates (UTCTime and GeneralizedTime) and
+    serials."""
+    from cryptography import x509 as cx509
+
+    ek = CertifiableEk.load(tpm_keys["ek-ecc"], allow_bare_key=False)
+    request = IssueRequest(
+        ek=ek, vm_id=vm_id, vm_name=vm_name, vtpm_instance_id=instance, tpm_model=model,
+        created_at=created,
+    )  # fmt: skip
+    not_before = not_before.replace(microsecond=0)
+    not_after = not_before + dt.timedelta(days=days)
+    serial = (1 << serial_bits) | (serial_low % (1 << serial_bits))
+    reference = cx509.load_der_x509_certificate(
+        opened.issuance.build(request, created, not_before, not_after, serial)
+    ).tbs_certificate_bytes
+    assert opened.issuance.build_tbs(request, created, not_before, not_after, serial) == reference
