@@ -92,12 +92,15 @@ class VmIdentity:
         """Encode; ``created_at`` must be timezone-aware and is truncated to seconds."""
         if created_at.tzinfo is None:
             raise ValueError("created_at must be timezone-aware")
-        when = created_at.astimezone(dt.UTC).replace(microsecond=0)
+        when = created_at if created_at.tzinfo is dt.UTC else created_at.astimezone(dt.UTC)
+        if when.microsecond:
+            when = when.replace(microsecond=0)
         if when.year < 1000:  # asn1crypto (the decoder) cannot write such a GeneralizedTime
             raise ValueError("created_at before the year 1000")
-        for name, text in (("vmName", vm_name), ("vtpmInstanceId", vtpm_instance_id)):
-            if len(text) > _MAX_TEXT:
-                raise ValueError(f"{name} longer than {_MAX_TEXT} characters")
+        if len(vm_name) > _MAX_TEXT:
+            raise ValueError(f"vmName longer than {_MAX_TEXT} characters")
+        if len(vtpm_instance_id) > _MAX_TEXT:
+            raise ValueError(f"vtpmInstanceId longer than {_MAX_TEXT} characters")
         # Hand-written DER (the decoder below is asn1crypto, so the two cross-check in tests);
         # built on every issuance, where asn1crypto's encoder cost ~90 us.
         der = _tlv(
@@ -105,11 +108,8 @@ class VmIdentity:
             _tlv(0x0C, str(vm_id).encode())
             + _tlv(0x0C, vm_name.encode())
             + _tlv(0x0C, vtpm_instance_id.encode())
-            + _tlv(
-                0x18,
-                f"{when.year:04d}{when.month:02d}{when.day:02d}"
-                f"{when.hour:02d}{when.minute:02d}{when.second:02d}Z".encode(),
-            ),
+            + b"\x18\x0f%04d%02d%02d%02d%02d%02dZ"
+            % (when.year, when.month, when.day, when.hour, when.minute, when.second),
         )
         return cls(vm_id, vm_name, vtpm_instance_id, when, der)
 
