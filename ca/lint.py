@@ -65,9 +65,15 @@ class TbsParts:
             _, content, _ = read_tlv(certificate_der, 0)
             _, pos, tbs_end = read_tlv(certificate_der, content)
             parts = []
-            while pos < tbs_end:
-                tag, _, end = read_tlv(certificate_der, pos)
-                parts.append((tag, pos, end))
+            while pos < tbs_end:  # read_tlv inlined for the short forms
+                size = certificate_der[pos + 1]
+                if size < 0x80:
+                    end = pos + 2 + size
+                else:
+                    _, _, end = read_tlv(certificate_der, pos)
+                if end > tbs_end:
+                    raise ValueError("a TBSCertificate element runs past its end")
+                parts.append((certificate_der[pos], pos, end))
                 pos = end
             if len(parts) < 7 or parts[0][0] != 0xA0:
                 raise ValueError("not a v3 TBSCertificate")
