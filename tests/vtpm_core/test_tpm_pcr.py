@@ -88,6 +88,23 @@ def test_hash_helpers(alg: TpmAlg, name: str, size: int, crypto: type) -> None:
     assert isinstance(cryptography_hash(alg), crypto)
 
 
+def test_hashlib_new_equals_hashlib_by_name() -> None:
+    """The constructor table gives what hashlib.new(name) gives, for the enum and its int;
+    hashes hashlib lacks (SM3) still say so."""
+    from vtpm_core.tpm.algorithms import HASH_ALGS
+
+    for alg, (name, size) in HASH_ALGS.items():
+        try:
+            expected = hashlib.new(name, b"abc").digest()
+        except ValueError:
+            with pytest.raises(ValueError, match="not available in hashlib"):
+                hashlib_new(alg)
+            continue
+        for key in (alg, int(alg)):
+            h = hashlib_new(key, b"abc")
+            assert (h.name, h.digest_size, h.digest()) == (name, size, expected)
+
+
 @pytest.mark.parametrize("bad", [TpmAlg.RSA, 0x9999])
 def test_hash_helpers_reject_non_hashes(bad: int) -> None:
     with pytest.raises(ValueError, match="hash algorithm"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -150,11 +151,23 @@ def digest_size(alg: int) -> int:
 
 def hashlib_new(alg: int, data: bytes = b"") -> hashlib._Hash:
     """A hashlib object for a TPM hash algorithm; ValueError if hashlib lacks it (e.g. SM3)."""
+    constructor = _HASHLIB_CONSTRUCTORS.get(alg)
+    if constructor is not None:  # hashlib.sha256(data) is hashlib.new("sha256", data)
+        return constructor(data)
     name = hash_name(alg)
     try:
         return hashlib.new(name, data)
     except ValueError:
         raise ValueError(f"hash algorithm {name} is not available in hashlib") from None
+
+
+# hashlib's named constructors, by TPM_ALG_ID (an int looks up an IntEnum key); the
+# enum conversion and hashlib.new's name lookup cost more than hashing a TPM Name
+_HASHLIB_CONSTRUCTORS: dict[int, Callable[[bytes], hashlib._Hash]] = {
+    alg: getattr(hashlib, name)
+    for alg, (name, _) in HASH_ALGS.items()
+    if callable(getattr(hashlib, name, None))
+}
 
 
 def cryptography_hash(alg: int) -> hashes.HashAlgorithm:
