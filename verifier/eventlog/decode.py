@@ -429,7 +429,6 @@ def checker(
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
     hintable, quirk = _HINTABLE, applied_quirk
-    new_object, set_attribute = object.__new__, object.__setattr__
 
     def proves(candidate: bytes, pairs: _Pairs) -> bool:
         # step 3: every bank must match (a loop: all() would cost a generator per call)
@@ -493,16 +492,7 @@ def checker(
                         else proves(candidate, pairs)
                     )
                 ):
-                    applied: AppliedQuirk = new_object(AppliedQuirk)  # quirk(...), inlined
-                    set_attribute(
-                        applied,
-                        "__dict__",
-                        {
-                            "quirk_id": hinted_quirk,
-                            "event_index": event.index,
-                            "detail": hinted_summary,
-                        },
-                    )
+                    applied = quirk(hinted_quirk, event.index, hinted_summary)
                     return decoded, True, (applied,), problems, hinted_covers
         for k, (quirk_id, form, covers, summary) in enumerate(plan):  # step 2
             if form is whole:

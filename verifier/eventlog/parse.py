@@ -21,6 +21,7 @@ does not check: any digest. :class:`EventLog` is unverified; call
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class StartupLocality:
         return cls(locality)
 
 
-@dataclass(frozen=True)  # no slots: _event() fills __dict__ in one step
+@dataclass(frozen=True, slots=True)  # slots: one GC-counted object, not two
 class Event:
     """One log record, as read: nothing about it has been checked yet.
 
@@ -297,24 +298,21 @@ def _event(
     """``Event(...)``, for the parse loop: the same frozen object, built without the
     dataclass ``__init__``'s one ``object.__setattr__`` call per field."""
     event: Event = _new_object(Event)
-    _set_attribute(
-        event,
-        "__dict__",
-        {
-            "index": index,
-            "offset": offset,
-            "pcr": pcr,
-            "event_type": event_type,
-            "digests": digests,
-            "untrusted_data": untrusted_data,
-            "raw": raw,
-        },
-    )
+    set_index, set_offset, set_pcr, set_type, set_digests, set_data, set_raw = _EVENT_SLOTS
+    set_index(event, index)
+    set_offset(event, offset)
+    set_pcr(event, pcr)
+    set_type(event, event_type)
+    set_digests(event, digests)
+    set_data(event, untrusted_data)
+    set_raw(event, raw)
     return event
 
 
 _new_object = object.__new__
-_set_attribute = object.__setattr__
+_EVENT_SLOTS = tuple(Event.__dict__[f.name].__set__ for f in dataclasses.fields(Event))
+"""Each field's slot setter, in field order: ``Event(...)`` without the frozen
+``__init__``'s ``object.__setattr__`` per field."""
 
 
 def _padding_quirk(data: bytes, offset: int) -> AppliedQuirk:
@@ -373,7 +371,8 @@ def _agile_records(
     layout_ok = len(algorithms) <= limits.max_digests_per_event
     banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
     no_action = EventType.EV_NO_ACTION
-    new, fill = _new_object, _set_attribute
+    new = _new_object
+    set_index, set_offset, set_pcr, set_type, set_digests, set_data, set_raw = _EVENT_SLOTS
     startup = False
     index = len(events)
     while offset < end:
@@ -395,23 +394,20 @@ def _agile_records(
                 and (fields[3] == alg_ids[0] if banks == 1 else fields[3:-1:2] == alg_ids)
             ):
                 event = new(Event)  # _event(...), inlined: this loop runs for every record
-                fill(
+                set_index(event, index)
+                set_offset(event, offset)
+                set_pcr(event, pcr)
+                set_type(event, event_type)
+                set_digests(
                     event,
-                    "__dict__",
-                    {
-                        "index": index,
-                        "offset": offset,
-                        "pcr": pcr,
-                        "event_type": event_type,
-                        "digests": MappingProxyType(
-                            {names[0]: fields[4]}
-                            if banks == 1
-                            else dict(zip(names, fields[4:-1:2], strict=True))
-                        ),
-                        "untrusted_data": data[stop - size : stop],
-                        "raw": data[offset:stop],
-                    },
+                    MappingProxyType(
+                        {names[0]: fields[4]}
+                        if banks == 1
+                        else dict(zip(names, fields[4:-1:2], strict=True))
+                    ),
                 )
+                set_data(event, data[stop - size : stop])
+                set_raw(event, data[offset:stop])
         if event is None:
             event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
                 data, offset, index, algorithms, limits

@@ -26,7 +26,7 @@ class Quirk:
     seen_in: str
 
 
-@dataclass(frozen=True)  # no slots: applied_quirk() fills __dict__ in one step
+@dataclass(frozen=True, slots=True)  # slots: one GC-counted object per quirk, not two
 class AppliedQuirk:
     """One application of a quirk: which, where (event index or None) and detail."""
 
@@ -41,12 +41,18 @@ class AppliedQuirk:
 
 def applied_quirk(quirk_id: str, event_index: int | None, detail: str) -> AppliedQuirk:
     """``AppliedQuirk(...)`` for the digest check's loop, without the frozen
-    ``__init__``'s setattr per field (the same object)."""
-    applied: AppliedQuirk = object.__new__(AppliedQuirk)
-    object.__setattr__(
-        applied, "__dict__", {"quirk_id": quirk_id, "event_index": event_index, "detail": detail}
-    )
+    ``__init__``'s setattr per field (the same object: its slots, set directly)."""
+    applied: AppliedQuirk = _new_object(AppliedQuirk)
+    _set_quirk_id(applied, quirk_id)
+    _set_event_index(applied, event_index)
+    _set_detail(applied, detail)
     return applied
+
+
+_new_object = object.__new__
+_set_quirk_id = AppliedQuirk.__dict__["quirk_id"].__set__
+_set_event_index = AppliedQuirk.__dict__["event_index"].__set__
+_set_detail = AppliedQuirk.__dict__["detail"].__set__
 
 
 _TABLE = (

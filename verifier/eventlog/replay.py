@@ -14,6 +14,7 @@ does not (``decoded`` is None then; ``untrusted_decoded`` keeps it).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def replay_log(log: EventLog) -> PcrBanks:
     return replay_events(log.events, log.algorithms, log.startup_locality)
 
 
-@dataclass(frozen=True, repr=False)  # no slots: _check_events fills __dict__ in one step
+@dataclass(frozen=True, repr=False, slots=True)  # slots: one GC-counted object, not two
 class ReplayedEvent:
     """An event whose digests are proven by the quote.
 
@@ -187,6 +188,12 @@ class ReplayedLog:
         return tuple(e for e in self.events if e.pcr == pcr)
 
 
+_REPLAYED_EVENT_SLOTS = tuple(
+    ReplayedEvent.__dict__[f.name].__set__ for f in dataclasses.fields(ReplayedEvent)
+)
+"""Each field's slot setter, in field order (what ``_check_events`` fills)."""
+
+
 def _check_events(
     log: EventLog,
 ) -> tuple[tuple[ReplayedEvent, ...], list[AppliedQuirk], list[str]]:
@@ -195,7 +202,20 @@ def _check_events(
     :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     check = checker(log.algorithms, uintn_size=uintn, defer=True)
-    new, fill = object.__new__, object.__setattr__
+    new = object.__new__
+    (
+        set_index,
+        set_offset,
+        set_pcr,
+        set_type,
+        set_digests,
+        set_data,
+        set_verified,
+        set_problems,
+        set_quirks,
+        set_covers,
+        set_decoded,
+    ) = _REPLAYED_EVENT_SLOTS
     out = []
     all_quirks: list[AppliedQuirk] = []
     all_problems: list[str] = []
@@ -205,25 +225,19 @@ def _check_events(
             all_quirks.extend(quirks)
         if problems:
             all_problems.extend(problems)
-        # ReplayedEvent(...) without the frozen __init__'s setattr per field
+        # ReplayedEvent(...) without the frozen __init__'s object.__setattr__ per field
         replayed: ReplayedEvent = new(ReplayedEvent)
-        fill(
-            replayed,
-            "__dict__",
-            {
-                "index": event.index,
-                "offset": event.offset,
-                "pcr": event.pcr,
-                "event_type": event.event_type,
-                "digests": event.digests,
-                "untrusted_data": event.untrusted_data,
-                "data_verified": verified,
-                "problems": problems,
-                "quirks": quirks,
-                "digest_covers": covers,
-                "_decoded": decoded,
-            },
-        )
+        set_index(replayed, event.index)
+        set_offset(replayed, event.offset)
+        set_pcr(replayed, event.pcr)
+        set_type(replayed, event.event_type)
+        set_digests(replayed, event.digests)
+        set_data(replayed, event.untrusted_data)
+        set_verified(replayed, verified)
+        set_problems(replayed, problems)
+        set_quirks(replayed, quirks)
+        set_covers(replayed, covers)
+        set_decoded(replayed, decoded)
         out.append(replayed)
     return tuple(out), all_quirks, all_problems
 

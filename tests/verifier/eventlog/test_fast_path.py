@@ -1,8 +1,8 @@
 """The appraisal fast path (issue 5) gives what the straightforward path gives.
 
 verify() decodes strings and 4-byte separators on first read, tries a hinted
-GRUB form first, and builds Event/ReplayedEvent/AppliedQuirk by filling their
-__dict__; parse reads the usual record header with one struct. Each test
+GRUB form first, and builds Event/ReplayedEvent/AppliedQuirk by setting their
+slots directly; parse reads the usual record header with one struct. Each test
 compares with the plain functions (decode_event, check_event, the dataclass
 constructors) on the corpus and on built logs.
 """
@@ -96,6 +96,11 @@ def test_fast_built_objects_equal_constructed_ones(load_log) -> None:  # type: i
             assert q == AppliedQuirk(q.quirk_id, q.event_index, q.detail)
     with pytest.raises(dataclasses.FrozenInstanceError):
         replayed.events[40].pcr = 1  # type: ignore[misc]
+    # slotted: one GC-counted object each, so an appraisal stays under the
+    # collector's first threshold (the slot setters must fill every field)
+    assert not hasattr(log.events[0], "__dict__")
+    assert not hasattr(replayed.events[0], "__dict__")
+    assert not hasattr(replayed.quirks[0], "__dict__")
 
 
 def test_malformed_event_whose_digest_matches_still_warns() -> None:
