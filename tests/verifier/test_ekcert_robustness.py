@@ -25,9 +25,21 @@ def test_random_bytes(data: bytes) -> None:
         CertificateRevocationList.parse(data)
 
 
+def test_every_value_of_a_tag_byte_in_the_tpm_specification_attribute() -> None:
+    # Hypothesis found byte 484 = 7 (a UTF8String's tag turned ObjectDescriptor):
+    # asn1crypto then raised AttributeError out of check_ek_profile. Every value
+    # of that byte, not just the one found, must give a result or a checked error.
+    for value in range(256):
+        _mutated_cert_is_handled(484, value)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.integers(0, len(SEED) - 1), st.integers(0, 255))
 def test_single_byte_mutations_of_a_real_cert(position: int, value: int) -> None:
+    _mutated_cert_is_handled(position, value)
+
+
+def _mutated_cert_is_handled(position: int, value: int) -> None:
     data = bytearray(SEED)
     data[position] = value
     try:

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from verifier.ekcert.parse import ParsedCertificate
+from verifier.ekcert.parse import ASN1_ERRORS, ParsedCertificate
 from vtpm_core.errors import ParseError
 
 __all__ = ["VmIdentityExtension", "read_vm_identity"]
@@ -53,6 +53,6 @@ def read_vm_identity(cert: ParsedCertificate) -> VmIdentityExtension | None:
         decoded = schema.VmIdentity.parse(ext.value)
     except ParseError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except ASN1_ERRORS as exc:
         raise ParseError("VmIdentity", "value", 0, str(exc)) from None
     return VmIdentityExtension(oid, ext.critical, ext.value, decoded)

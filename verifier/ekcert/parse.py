@@ -178,13 +178,15 @@ def _load_public_key(
     return None, algorithm
 
 
-_ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+# What asn1crypto raises on hostile DER (AttributeError included: a mutated tag can
+# turn a field into a type without .native). Every lenient decode catches all of them.
+ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
 
 
 def _optional(getter: Any, what: str) -> Any:
     try:
         return getter()
-    except _ASN1_ERRORS as exc:
+    except ASN1_ERRORS as exc:
         raise ParseError("Certificate", what, 0, f"malformed extension: {exc}") from None
 
 
@@ -238,7 +240,7 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         )
         issuer_text = issuer_obj.human_friendly
         subject_text = subject_obj.human_friendly
-    except _ASN1_ERRORS as exc:
+    except ASN1_ERRORS as exc:
         raise ParseError("Certificate", "tbsCertificate", 0, f"unreadable: {exc}") from None
     if inner_alg != sig_alg_der:
         # RFC 5280 §4.1.1.2: the two must be identical
@@ -254,7 +256,7 @@ def parse_certificate(data: bytes) -> ParsedCertificate:
         )
     try:
         public_key, key_algorithm = _load_public_key(spki, spki_der)
-    except _ASN1_ERRORS as exc:
+    except ASN1_ERRORS as exc:
         raise ParseError("Certificate", "subjectPublicKeyInfo", 0, f"unreadable: {exc}") from None
     ski = _optional(lambda: cert.key_identifier, "subjectKeyIdentifier")
     aki = _optional(lambda: cert.authority_key_identifier, "authorityKeyIdentifier")
@@ -329,7 +331,7 @@ def verify_signature(
         raise VerificationError(check, "the issuer's public key type is not supported")
     try:
         hash_name = signature_hash_name(algorithm_oid, parameters)
-    except (ValueError, TypeError, KeyError) as exc:
+    except ASN1_ERRORS as exc:
         raise VerificationError(check, f"bad RSASSA-PSS parameters: {exc}") from None
     if hash_name not in _HASHES:
         raise VerificationError(check, f"unsupported signature hash {hash_name}")

@@ -22,7 +22,7 @@ from asn1crypto import core as asn1_core
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from verifier.ekcert.parse import ParsedCertificate
+from verifier.ekcert.parse import ASN1_ERRORS, ParsedCertificate
 from vtpm_core.errors import VerificationError
 
 __all__ = [
@@ -93,7 +93,7 @@ def _san_attributes(cert: ParsedCertificate) -> dict[str, str]:
                         if not isinstance(value, str):
                             raise ValueError(f"{oid} is not a string")
                         found[_TPM_ATTRIBUTES[oid]] = value
-    except (ValueError, TypeError, KeyError) as exc:
+    except ASN1_ERRORS as exc:
         raise VerificationError("ek.profile.san", f"unreadable subjectAltName: {exc}") from None
     return found
 
@@ -114,7 +114,7 @@ def _tpm_specification(cert: ParsedCertificate) -> TpmSpecification | None:
                 if isinstance(family, bytes):
                     family = family.decode("utf-8")
                 return TpmSpecification(str(family), int(spec[1].native), int(spec[2].native))
-    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+    except ASN1_ERRORS:  # UnicodeDecodeError is a ValueError
         return None  # informative only; never a reason to trust or refuse
     return None
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from asn1crypto import crl as asn1_crl
 
 from verifier.ekcert.normalize import read_der_tlv
-from verifier.ekcert.parse import ParsedCertificate, names_equal, verify_signature
+from verifier.ekcert.parse import ASN1_ERRORS, ParsedCertificate, names_equal, verify_signature
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 __all__ = ["CertificateRevocationList", "RevocationStatus", "check_revocation"]
@@ -94,7 +94,7 @@ class CertificateRevocationList:
                     signature_parameters=None if params.native is None else params.dump(),
                     signature=crl["signature"].native,
                 )
-        except (ValueError, TypeError, KeyError) as exc:
+        except ASN1_ERRORS as exc:
             raise ParseError("CRL", "tbsCertList", 0, f"unreadable: {exc}") from None
 
     @classmethod
