@@ -776,13 +776,16 @@ def test_concurrent_first_registrations_under_two_vm_ids_flag_both(
             assert [f["flag"] for f in view["flags"]] == ["ek-shared"]
 
 
+# PostgreSQL only: SQLite has no server connections to drop
+@pytest.mark.parametrize(
+    "service", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_hot_paths_survive_dropped_database_connections(
     service: Service, plain: dict[str, Any]
 ) -> None:
     """PostgreSQL closes every connection of the service (as a restart would): the next
     attestations succeed (the hot pool has no pre-ping; its first statement retries once)."""
-    if service.backend != "postgres":
-        pytest.skip("SQLite has no server connections to drop")
+    assert service.backend == "postgres"
     import sqlalchemy
 
     assert service.db_url is not None
