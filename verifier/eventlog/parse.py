@@ -21,13 +21,13 @@ does not check: any digest. :class:`EventLog` is unverified; call
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
+from verifier.eventlog._frozen import unfrozen_twin
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.algorithms import HashAlgorithm, algorithm_by_id
 from verifier.eventlog.events import EventType, type_name
@@ -297,22 +297,22 @@ def _event(
 ) -> Event:
     """``Event(...)``, for the parse loop: the same frozen object, built without the
     dataclass ``__init__``'s one ``object.__setattr__`` call per field."""
-    event: Event = _new_object(Event)
-    set_index, set_offset, set_pcr, set_type, set_digests, set_data, set_raw = _EVENT_SLOTS
-    set_index(event, index)
-    set_offset(event, offset)
-    set_pcr(event, pcr)
-    set_type(event, event_type)
-    set_digests(event, digests)
-    set_data(event, untrusted_data)
-    set_raw(event, raw)
-    return event
+    event = _new_object(_UnfrozenEvent)
+    event.index = index
+    event.offset = offset
+    event.pcr = pcr
+    event.event_type = event_type
+    event.digests = digests
+    event.untrusted_data = untrusted_data
+    event.raw = raw
+    event.__class__ = Event
+    return event  # type: ignore[no-any-return]
 
 
 _new_object = object.__new__
-_EVENT_SLOTS = tuple(Event.__dict__[f.name].__set__ for f in dataclasses.fields(Event))
-"""Each field's slot setter, in field order: ``Event(...)`` without the frozen
-``__init__``'s ``object.__setattr__`` per field."""
+_UnfrozenEvent = unfrozen_twin(Event)
+"""Event's slots without its frozen ``__setattr__``: ``Event(...)`` without the
+``__init__``'s ``object.__setattr__`` per field (see verifier/eventlog/_frozen.py)."""
 
 
 def _padding_quirk(data: bytes, offset: int) -> AppliedQuirk:
@@ -371,8 +371,7 @@ def _agile_records(
     layout_ok = len(algorithms) <= limits.max_digests_per_event
     banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
     no_action = EventType.EV_NO_ACTION
-    new = _new_object
-    set_index, set_offset, set_pcr, set_type, set_digests, set_data, set_raw = _EVENT_SLOTS
+    new, unfrozen, frozen = _new_object, _UnfrozenEvent, Event
     startup = False
     index = len(events)
     while offset < end:
@@ -393,21 +392,21 @@ def _agile_records(
                 and stop <= end
                 and (fields[3] == alg_ids[0] if banks == 1 else fields[3:-1:2] == alg_ids)
             ):
-                event = new(Event)  # _event(...), inlined: this loop runs for every record
-                set_index(event, index)
-                set_offset(event, offset)
-                set_pcr(event, pcr)
-                set_type(event, event_type)
-                set_digests(
-                    event,
-                    MappingProxyType(
-                        {names[0]: fields[4]}
-                        if banks == 1
-                        else dict(zip(names, fields[4:-1:2], strict=True))
-                    ),
+                # _event(...), inlined: this loop runs for every record
+                built = new(unfrozen)
+                built.index = index
+                built.offset = offset
+                built.pcr = pcr
+                built.event_type = event_type
+                built.digests = MappingProxyType(
+                    {names[0]: fields[4]}
+                    if banks == 1
+                    else dict(zip(names, fields[4:-1:2], strict=True))
                 )
-                set_data(event, data[stop - size : stop])
-                set_raw(event, data[offset:stop])
+                built.untrusted_data = data[stop - size : stop]
+                built.raw = data[offset:stop]
+                built.__class__ = frozen
+                event = built
         if event is None:
             event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
                 data, offset, index, algorithms, limits

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from verifier.eventlog._frozen import unfrozen_twin
+
 __all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "applied_quirk", "summarize"]
 
 
@@ -42,17 +44,16 @@ class AppliedQuirk:
 def applied_quirk(quirk_id: str, event_index: int | None, detail: str) -> AppliedQuirk:
     """``AppliedQuirk(...)`` for the digest check's loop, without the frozen
     ``__init__``'s setattr per field (the same object: its slots, set directly)."""
-    applied: AppliedQuirk = _new_object(AppliedQuirk)
-    _set_quirk_id(applied, quirk_id)
-    _set_event_index(applied, event_index)
-    _set_detail(applied, detail)
-    return applied
+    applied = _new_object(_UnfrozenAppliedQuirk)
+    applied.quirk_id = quirk_id
+    applied.event_index = event_index
+    applied.detail = detail
+    applied.__class__ = AppliedQuirk
+    return applied  # type: ignore[no-any-return]
 
 
 _new_object = object.__new__
-_set_quirk_id = AppliedQuirk.__dict__["quirk_id"].__set__
-_set_event_index = AppliedQuirk.__dict__["event_index"].__set__
-_set_detail = AppliedQuirk.__dict__["detail"].__set__
+_UnfrozenAppliedQuirk = unfrozen_twin(AppliedQuirk)
 
 
 _TABLE = (

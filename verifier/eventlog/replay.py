@@ -14,13 +14,13 @@ does not (``decoded`` is None then; ``untrusted_decoded`` keeps it).
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from verifier.eventlog._frozen import unfrozen_twin
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import (
     PENDING,
@@ -188,10 +188,8 @@ class ReplayedLog:
         return tuple(e for e in self.events if e.pcr == pcr)
 
 
-_REPLAYED_EVENT_SLOTS = tuple(
-    ReplayedEvent.__dict__[f.name].__set__ for f in dataclasses.fields(ReplayedEvent)
-)
-"""Each field's slot setter, in field order (what ``_check_events`` fills)."""
+_UnfrozenReplayedEvent = unfrozen_twin(ReplayedEvent)
+"""ReplayedEvent's slots without its frozen ``__setattr__`` (what ``_check_events`` fills)."""
 
 
 def _check_events(
@@ -202,20 +200,7 @@ def _check_events(
     :func:`verify_log` may hand these out inside a ReplayedLog."""
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     check = checker(log.algorithms, uintn_size=uintn, defer=True)
-    new = object.__new__
-    (
-        set_index,
-        set_offset,
-        set_pcr,
-        set_type,
-        set_digests,
-        set_data,
-        set_verified,
-        set_problems,
-        set_quirks,
-        set_covers,
-        set_decoded,
-    ) = _REPLAYED_EVENT_SLOTS
+    new, unfrozen, replayed_event = object.__new__, _UnfrozenReplayedEvent, ReplayedEvent
     out = []
     all_quirks: list[AppliedQuirk] = []
     all_problems: list[str] = []
@@ -225,19 +210,20 @@ def _check_events(
             all_quirks.extend(quirks)
         if problems:
             all_problems.extend(problems)
-        # ReplayedEvent(...) without the frozen __init__'s object.__setattr__ per field
-        replayed: ReplayedEvent = new(ReplayedEvent)
-        set_index(replayed, event.index)
-        set_offset(replayed, event.offset)
-        set_pcr(replayed, event.pcr)
-        set_type(replayed, event.event_type)
-        set_digests(replayed, event.digests)
-        set_data(replayed, event.untrusted_data)
-        set_verified(replayed, verified)
-        set_problems(replayed, problems)
-        set_quirks(replayed, quirks)
-        set_covers(replayed, covers)
-        set_decoded(replayed, decoded)
+        # ReplayedEvent(...): plain attribute stores, then the frozen class (see _frozen)
+        replayed = new(unfrozen)
+        replayed.index = event.index
+        replayed.offset = event.offset
+        replayed.pcr = event.pcr
+        replayed.event_type = event.event_type
+        replayed.digests = event.digests
+        replayed.untrusted_data = event.untrusted_data
+        replayed.data_verified = verified
+        replayed.problems = problems
+        replayed.quirks = quirks
+        replayed.digest_covers = covers
+        replayed._decoded = decoded
+        replayed.__class__ = replayed_event
         out.append(replayed)
     return tuple(out), all_quirks, all_problems
 
