@@ -118,8 +118,10 @@ def summarize(applied: Iterable[AppliedQuirk]) -> tuple[str, ...]:
     for q in applied:
         if q.event_index is None:
             lines.append(str(q))
+        elif q.quirk_id in per_event:  # (setdefault would build a list per quirk)
+            per_event[q.quirk_id].append(q.event_index)
         else:
-            per_event.setdefault(q.quirk_id, []).append(q.event_index)
+            per_event[q.quirk_id] = [q.event_index]
     for quirk_id, indices in per_event.items():
         lines.append(
             f"quirk {quirk_id} applied to {len(indices)} event(s): events {_ranges(indices)}"
