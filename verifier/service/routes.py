@@ -6,6 +6,8 @@ go to the one handler in :mod:`verifier.service.errors`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -58,6 +60,17 @@ def _limit() -> int:
     return int(raw)
 
 
+@contextmanager
+def _authentication_first(auth: Authenticator, attester_id: str, *roles: Role) -> Iterator[None]:
+    """On any failure inside, run the full authentication first: a caller without
+    the right token gets its 401/403, never what else was wrong (hot routes)."""
+    try:
+        yield
+    except Exception:
+        _principal(auth).require(*roles, attester_id=attester_id)
+        raise
+
+
 def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     from verifier.service.messages import RegistrationRequest
 
@@ -106,11 +119,8 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
         if isinstance(cred, Principal):
             cred.require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
         token = cred.sha256 if isinstance(cred, AttesterToken) else None
-        try:
+        with _authentication_first(auth, attester_id, Role.ATTESTER, Role.ADMIN):
             return _json(services.evidence.challenge(attester_id, token_sha256=token), 201)
-        except Exception:
-            _principal(auth).require(Role.ATTESTER, Role.ADMIN, attester_id=attester_id)
-            raise
 
     @bp.post("/v1/attesters/<attester_id>/evidence")
     def evidence(attester_id: str) -> Response:
@@ -118,12 +128,9 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
         if isinstance(cred, Principal):
             cred.require(Role.ATTESTER, attester_id=attester_id)  # never passes: 403
             raise AssertionError("unreachable")
-        try:
+        with _authentication_first(auth, attester_id, Role.ATTESTER):
             req = EvidenceRequest.parse(_body("EvidenceRequest"))
             return _json(services.evidence.submit(attester_id, req, token_sha256=cred.sha256))
-        except Exception:
-            _principal(auth).require(Role.ATTESTER, attester_id=attester_id)
-            raise
 
     @bp.get("/v1/attesters/<attester_id>/results")
     def results(attester_id: str) -> Response:
