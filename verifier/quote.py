@@ -92,6 +92,10 @@ _NAMES = {
     ObjectAttributes.RESTRICTED: "restricted",
     ObjectAttributes.SIGN_ENCRYPT: "sign",
 }
+# the same masks as plain ints (IntFlag arithmetic builds a flag object per operation);
+# the flags are distinct bits, so the sum is their union
+_REQUIRED = sum(int(flag) for flag in _NAMES)
+_DECRYPT = int(ObjectAttributes.DECRYPT)
 
 AkKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -111,17 +115,19 @@ class VerifiedQuote:
 
 def check_ak_attributes(ak: Public) -> None:
     """Step 1: raise VerificationError("ak.attributes") unless ``ak`` is a proper AK."""
-    attributes = ak.attributes
+    attributes = int(ak.attributes)
+    if attributes & _REQUIRED == _REQUIRED and not attributes & _DECRYPT:
+        return  # the common case; the checks below say what is wrong
     missing = [name for flag, name in _NAMES.items() if not attributes & flag]
     if missing:
         raise VerificationError(
             "ak.attributes",
-            f"AK lacks {', '.join(missing)} (attributes 0x{int(attributes):08x}):"
+            f"AK lacks {', '.join(missing)} (attributes 0x{attributes:08x}):"
             " a non-restricted key can sign forged quotes",
         )
-    if attributes & ObjectAttributes.DECRYPT:
+    if attributes & _DECRYPT:
         raise VerificationError(
-            "ak.attributes", f"AK is also a decryption key (attributes 0x{int(attributes):08x})"
+            "ak.attributes", f"AK is also a decryption key (attributes 0x{attributes:08x})"
         )
 
 
@@ -184,7 +190,7 @@ def verify_quote(
         raise VerificationError("quote.nonce", f"nonce mismatch ({detail})")
     # step 6
     quoted = quote_info.pcr_select
-    if quoted.as_sets() != pcrs.selection.as_sets():
+    if quoted.as_sets() != pcrs.as_sets():
         raise VerificationError(
             "quote.pcr_select",
             f"the quote selects {quoted}, the PCR values supplied are {pcrs.selection}",

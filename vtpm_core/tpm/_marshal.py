@@ -9,37 +9,87 @@ with tpm2-tss's marshaller.
 
 from __future__ import annotations
 
-from typing import Any
-
 from vtpm_core.errors import ParseError
 
 __all__ = ["check", "marshal_public"]
 
 
-def _types() -> dict[str, Any]:
-    from tpm2_pytss import types
+_STRUCTURES = ("TPMT_PUBLIC", "TPMS_ATTEST", "TPMT_SIGNATURE", "TPML_PCR_SELECTION")
+_MARSHAL_BUFFER = 4096  # what tpm2-pytss's TPM_OBJECT.marshal gives the marshaller
 
-    return {
-        "TPMT_PUBLIC": types.TPMT_PUBLIC,
-        "TPMS_ATTEST": types.TPMS_ATTEST,
-        "TPMT_SIGNATURE": types.TPMT_SIGNATURE,
-        "TPML_PCR_SELECTION": types.TPML_PCR_SELECTION,
-    }
+
+class _Mu:
+    """libtss2-mu's Unmarshal/Marshal pair of one structure, looked up once.
+
+    tpm2-pytss's ``TYPE.unmarshal(data)`` and ``value.marshal()`` call these same
+    two C functions; going through them costs ~4x the C calls themselves (a
+    wrapper object per call, ``getattr(lib, name)``, ``ffi.typeof``), so
+    ``check`` calls them directly with the same arguments: a zeroed C struct
+    to unmarshal into, and a 4096-byte buffer to marshal back into.
+    """
+
+    __slots__ = ("ffi", "marshal", "pointer", "unmarshal")
+
+    def __init__(self, structure: str) -> None:
+        from tpm2_pytss._libtpm2_pytss import ffi, lib
+
+        self.ffi = ffi
+        self.pointer = f"{structure} *"
+        self.unmarshal = getattr(lib, f"Tss2_MU_{structure}_Unmarshal")
+        self.marshal = getattr(lib, f"Tss2_MU_{structure}_Marshal")
+
+
+_MU: dict[str, _Mu] = {}
+
+
+def _mu(structure: str) -> _Mu:
+    mu = _MU.get(structure)
+    if mu is None:
+        if structure not in _STRUCTURES:
+            raise KeyError(structure)
+        mu = _MU[structure] = _Mu(structure)
+    return mu
+
+
+def _rejects(structure: str, rc: int) -> ParseError:
+    from tpm2_pytss import TSS2_Exception  # what tpm2-pytss raises for this rc
+
+    return ParseError(structure, "tpm2-tss", 0, f"libtss2-mu rejects it: {TSS2_Exception(rc)}")
 
 
 def check(structure: str, data: bytes) -> None:
-    """Raise ParseError unless tpm2-tss reads ``data`` as exactly one ``structure``."""
-    cls = _types()[structure]
+    """Raise ParseError unless tpm2-tss reads ``data`` as exactly one ``structure``.
+
+    1. libtss2-mu unmarshals ``data`` (it refuses what it cannot read);
+    2. it marshals the value back;
+    3. it read exactly ``len(data)`` bytes;
+    4. the re-encoding is ``data`` byte for byte.
+    """
+    mu = _mu(structure)
+    ffi = mu.ffi
+    data = bytes(data)
     try:
-        value, used = cls.unmarshal(bytes(data))
-        again = bytes(value.marshal())
-    except Exception as exc:  # TSS2_Exception, cffi errors: never let them escape
+        value = ffi.new(mu.pointer)
+        offset = ffi.new("size_t *")
+        rc = mu.unmarshal(data, len(data), offset, value)  # step 1
+        if rc:
+            raise _rejects(structure, rc)
+        used = offset[0]
+        buffer = ffi.new("uint8_t[]", _MARSHAL_BUFFER)
+        offset = ffi.new("size_t *")
+        rc = mu.marshal(value, buffer, _MARSHAL_BUFFER, offset)  # step 2
+        if rc:
+            raise _rejects(structure, rc)
+        again = ffi.buffer(buffer, offset[0])[:]
+    except ParseError:
+        raise
+    except Exception as exc:  # cffi errors: never let them escape
         raise ParseError(structure, "tpm2-tss", 0, f"libtss2-mu rejects it: {exc}") from None
-    if used != len(data):
+    if used != len(data):  # step 3
         raise ParseError(
             structure, "tpm2-tss", used, f"libtss2-mu read {used} of {len(data)} bytes"
         )
-    if again != bytes(data):
+    if again != data:  # step 4
         raise ParseError(structure, "tpm2-tss", 0, "libtss2-mu does not re-encode it identically")
 
 

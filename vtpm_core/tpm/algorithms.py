@@ -118,7 +118,17 @@ _CURVES: dict[EccCurve, type[ec.EllipticCurve]] = {
 }
 
 
+# the same lookups for an int or TpmAlg, the hot path (a TpmAlg key hashes as its
+# int); anything else, and any miss, takes the checked path and its exact error
+_HASH_MEMBERS: dict[int, TpmAlg] = {int(alg): alg for alg in HASH_ALGS}
+_HASH_NAMES: dict[int, str] = {int(alg): name for alg, (name, _) in HASH_ALGS.items()}
+_HASH_SIZES: dict[int, int] = {int(alg): size for alg, (_, size) in HASH_ALGS.items()}
+
+
 def _hash(alg: int) -> TpmAlg:
+    member = _HASH_MEMBERS.get(alg) if type(alg) in (int, TpmAlg) else None
+    if member is not None:
+        return member
     try:
         tpm_alg = TpmAlg(alg)
     except ValueError:
@@ -130,11 +140,16 @@ def _hash(alg: int) -> TpmAlg:
 
 def hash_name(alg: int) -> str:
     """hashlib-style name of a TPM hash algorithm ("sha1", "sha256", ...); ValueError if unknown."""
-    return HASH_ALGS[_hash(alg)][0]
+    name = _HASH_NAMES.get(alg) if type(alg) in (int, TpmAlg) else None
+    return name if name is not None else HASH_ALGS[_hash(alg)][0]
 
 
 def hash_alg(name: str) -> TpmAlg:
     """TPM_ALG_ID of a hash name ("sha256", "SHA-256", "sha3_256"); ValueError if unknown."""
+    if type(name) is str:  # a canonical name is its own normal form
+        alg = _BY_NAME.get(name)
+        if alg is not None:
+            return alg
     key = name.strip().lower().replace("-", "")
     if key not in _BY_NAME and key.startswith("sha3") and key[4:].lstrip("_") in _SHA3_SIZES:
         key = "sha3_" + key[4:].lstrip("_")  # "SHA3-256" -> "sha3_256"
@@ -146,7 +161,8 @@ def hash_alg(name: str) -> TpmAlg:
 
 def digest_size(alg: int) -> int:
     """Digest size in bytes of a TPM hash algorithm; ValueError if unknown."""
-    return HASH_ALGS[_hash(alg)][1]
+    size = _HASH_SIZES.get(alg) if type(alg) in (int, TpmAlg) else None
+    return size if size is not None else HASH_ALGS[_hash(alg)][1]
 
 
 def hashlib_new(alg: int, data: bytes = b"") -> hashlib._Hash:

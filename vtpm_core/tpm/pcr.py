@@ -148,8 +148,12 @@ class PcrSelection:
         return text or "(none)"
 
 
+# the set bits of each byte value, lowest first (TPMS_PCR_SELECT: bit j of byte i is PCR 8i+j)
+_BITS = tuple(tuple(j for j in range(8) if byte >> j & 1) for byte in range(256))
+
+
 def _indices(bitmap: bytes) -> tuple[int, ...]:
-    return tuple(8 * i + j for i, byte in enumerate(bitmap) for j in range(8) if byte >> j & 1)
+    return tuple(8 * i + j for i, byte in enumerate(bitmap) if byte for j in _BITS[byte])
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +196,10 @@ class PcrValues:
         banks = sorted(self.values, key=hash_alg)
         return PcrSelection(tuple((hash_alg(b), tuple(self.values[b])) for b in banks))
 
+    def as_sets(self) -> dict[str, frozenset[int]]:
+        """``self.selection.as_sets()``, without building the selection."""
+        return {hash_name(hash_alg(b)): frozenset(p) for b, p in self.values.items() if p}
+
     def as_mapping(self) -> dict[str, dict[int, bytes]]:
         return {bank: dict(pcrs) for bank, pcrs in self.values.items()}
 
@@ -211,12 +219,24 @@ class PcrValues:
         return PcrValues(out)
 
     def digest(self, selection: PcrSelection, hash_alg_: TpmAlg | str) -> bytes:
-        """H(values in selection order), as TPM2_Quote computes pcrDigest (Part 3, 18.4)."""
+        """H(values in selection order), as TPM2_Quote computes pcrDigest (Part 3, 18.4).
+
+        VerificationError("pcr.values") if a selected PCR has no value, as ``value``.
+        """
         alg = hash_alg(hash_alg_) if isinstance(hash_alg_, str) else hash_alg_
         h = hashlib_new(alg)
+        empty: Mapping[int, bytes] = {}
         for bank, pcrs in selection.banks:
+            if not pcrs:
+                continue
+            name = hash_name(bank)
+            values = self.values.get(name, empty)
             for p in pcrs:
-                h.update(self.value(bank, p))
+                try:
+                    value = values[p]
+                except KeyError:
+                    raise VerificationError("pcr.values", f"no value for {name}:{p}") from None
+                h.update(value)
         return h.digest()
 
     def to_json(self) -> dict[str, dict[str, str]]:

@@ -16,7 +16,7 @@ cross-check off, and why: docs/tpm-structures.md, "The tpm2-tss cross-check".
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -199,6 +199,16 @@ class Public:
     unique: bytes | EccPoint  # RSA modulus, or the ECC point
     raw: bytes
     from_pem: bool = False
+    # public_key()'s answer, made on first use: it depends only on the fields above,
+    # and building it (for ECC, checking the point is on the curve) costs more than
+    # verifying a quote's RSA signature. Not part of equality, repr or __init__.
+    _key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __getstate__(self) -> list[object]:
+        """Pickle state: the fields, without the cached key (not picklable; rebuilt on use)."""
+        return [None if f.name == "_key" else getattr(self, f.name) for f in fields(self)]
 
     # -- parsing ---------------------------------------------------------
 
@@ -382,7 +392,17 @@ class Public:
         return cryptography_curve(self.parameters.curve).key_size
 
     def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-        """The key as a ``cryptography`` object; ParseError if unique is not a valid key."""
+        """The key as a ``cryptography`` object; ParseError if unique is not a valid key.
+
+        Built once per ``Public`` (a refused key is refused again on every call).
+        """
+        key = self._key
+        if key is None:
+            key = self._make_public_key()
+            object.__setattr__(self, "_key", key)
+        return key
+
+    def _make_public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
         structure = "PEM" if self.from_pem else "TPMT_PUBLIC"
         if isinstance(self.parameters, RsaParameters):
             assert isinstance(self.unique, bytes)
