@@ -172,9 +172,8 @@ def _evaluate(
         policy.rules.check(evidence)
     except PolicyViolationError as exc:
         failures = exc.failures
-    for e in evidence.events:
-        if e.data_verified is False:
-            warnings.append(f"{EventRef.of(e)}: data does not match its digest (not trusted)")
+    for e in evidence.data_mismatches:
+        warnings.append(f"{EventRef.of(e)}: data does not match its digest (not trusted)")
     vector = _vector(policy.claims, failures, identity)
     return _result(policy, vector, failures, tuple(dict.fromkeys(warnings)), quote, replayed)
 
@@ -248,7 +247,7 @@ def _steps_2_3(
     replay: _Replayer,
 ) -> AppraisalResult:
     covered: Mapping[str, frozenset[int]] = {}
-    events: tuple[Any, ...] = ()
+    events: ReplayedLog | tuple[()] = ()
     warnings: list[str] = []
     replayed: ReplayedLog | None = None
     # step 2
@@ -257,7 +256,7 @@ def _steps_2_3(
             replayed = replay(log, quoted)
         except VerificationError as exc:
             return _failed_before_policy(policy, exc.check, str(exc), EXECUTABLES, summary)
-        events = replayed.events
+        events = replayed
         covered = replayed.verified
         warnings.extend(replayed.warnings)
     else:
@@ -396,5 +395,5 @@ def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
     parsed = log if isinstance(log, EventLog) else EventLog.parse(log)
     replayed = parsed.verify(parsed.replay())
     warnings = ["offline check: no quote proves this log came from a TPM", *replayed.warnings]
-    evidence = BootEvidence(replayed.events, replayed.pcrs, replayed.verified)
+    evidence = BootEvidence(replayed, replayed.pcrs, replayed.verified)
     return _evaluate(_Compiled.of(policy), evidence, Ar4si.NO_CLAIM, warnings, None, replayed)

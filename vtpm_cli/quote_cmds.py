@@ -437,7 +437,7 @@ def _check_policy(policy: Policy, replayed: ReplayedLog, report: dict[str, Any])
     """
     from verifier.policy import BootEvidence, PolicyViolationError, rules_for
 
-    evidence = BootEvidence(replayed.events, replayed.pcrs, replayed.verified)
+    evidence = BootEvidence(replayed, replayed.pcrs, replayed.verified)
     try:
         rules_for(policy).check(evidence)
     except PolicyViolationError as exc:

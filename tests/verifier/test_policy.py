@@ -391,3 +391,38 @@ def test_events_in_unquoted_pcrs_never_satisfy() -> None:
     assert failures[0].event is not None and failures[0].event.pcr == 12
     # everything else the quote covers passes
     assert {f.rule for f in info.value.failures} == {"kernel_cmdline"}
+
+
+def test_rules_read_a_replayed_log_as_they_read_its_events() -> None:
+    """BootEvidence over a ReplayedLog (events built as rules read them) and over the
+    same log's events give the same failures, for every corpus log against a policy
+    learned from another boot (so that rules fail and name events)."""
+    from verifier.policy import rules_for
+
+    logs = []
+    for path in sorted((CORPUS_ROOT / "eventlogs").glob("*.bin")):
+        with contextlib.suppress(ParseError):
+            logs.append(EventLog.parse(path.read_bytes()))
+    policies = []
+    for log in logs:
+        with contextlib.suppress(ConfigError):
+            policies.append(rules_for(learn_policy(log.verify(log.replay()), name="x")))
+    assert len(logs) >= 15 and len(policies) >= 10
+    compared = 0
+    for log, rules in zip(logs, policies[1:] + policies[:1], strict=False):
+        outcomes = []
+        for lazy in (True, False):
+            replayed = log.verify(log.replay())
+            events = replayed if lazy else replayed.events
+            evidence = BootEvidence(events, replayed.pcrs, replayed.verified)
+            assert evidence.data_mismatches == tuple(
+                e for e in replayed.events if e.data_verified is False
+            )
+            try:
+                rules.check(evidence)
+                outcomes.append(())
+            except PolicyViolationError as exc:
+                outcomes.append(exc.failures)
+        assert outcomes[0] == outcomes[1]
+        compared += bool(outcomes[0])
+    assert compared >= 10

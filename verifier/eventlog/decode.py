@@ -27,6 +27,7 @@ The check (step numbers are cited below):
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ __all__ = [
     "IPL_BYTE_PREFIXES",
     "PENDING",
     "CheckOutcome",
+    "CheckedEvents",
     "DataCheck",
     "Decoded",
     "FirmwareBlob",
@@ -67,6 +69,7 @@ __all__ = [
     "Separator",
     "TaggedEvent",
     "Text",
+    "check_all",
     "check_event",
     "check_events_of",
     "checker",
@@ -389,6 +392,7 @@ def check_events_of(
     return check_one
 
 
+_sha256 = hashlib.sha256
 _Pairs = tuple[tuple[Callable[[bytes], Hash], bytes], ...]  # (hash constructor, digest)
 
 CheckOutcome = tuple[
@@ -572,8 +576,11 @@ def _after_label(labels: tuple[bytes, ...]) -> _Form:
 
 
 _IPL_DESCRIPTION_PCRS = frozenset({9, 14})
-_GRUB_CMD = _after_label((b"grub_cmd: ", b"grub_cmd "))
-_GRUB_CMDLINE = _after_label((b"kernel_cmdline: ", b"grub_kernel_cmdline "))
+_GRUB_CMD_LABELS = (b"grub_cmd: ", b"grub_cmd ")
+_GRUB_CMDLINE_LABELS = (b"kernel_cmdline: ", b"grub_kernel_cmdline ")
+_GRUB_CMD = _after_label(_GRUB_CMD_LABELS)
+_GRUB_CMDLINE = _after_label(_GRUB_CMDLINE_LABELS)
+_FORM_LABELS = {_GRUB_CMD: _GRUB_CMD_LABELS, _GRUB_CMDLINE: _GRUB_CMDLINE_LABELS}
 
 _COVERS: dict[_Form, str] = {
     _whole: "all of the event data",
@@ -627,6 +634,7 @@ _HINTABLE: dict[int, frozenset[int]] = {
     )
     for t, plan in _PLANS.items()
 }
+
 
 # --- decoders -----------------------------------------------------------------------------
 
@@ -820,3 +828,221 @@ _FRAMES: dict[int, Callable[[bytes, int, int], _Frame | None]] = {
     T.EV_EVENT_TAG: _frame_tag,
     T.EV_EFI_GPT_EVENT: _frame_gpt,
 }
+
+# --- every event of a log at once (what verify_log runs) ----------------------------------
+
+
+class CheckedEvents:
+    """:func:`checker`'s outcome for every event of one log, column by column.
+
+    Position ``i`` of each list is event ``i`` (``Event.index``). ``quirks[i]`` is the
+    tuple of quirks applied, or, from the one-bank paths of :func:`check_all`, the id of
+    the one quirk applied (its detail is the quirk's summary: see ``materialized_quirks``).
+    ``applied``: quirk id -> the events it was applied to, in order of first application
+    (what ``quirks.summarize`` groups); ``mismatched``: the events whose data is proven
+    not to be what was measured; ``problems``: every problem, in event order.
+    """
+
+    __slots__ = (
+        "applied",
+        "by_type",
+        "covers",
+        "decoded",
+        "mismatched",
+        "problems",
+        "problems_of",
+        "quirks",
+        "verified",
+    )
+
+    def __init__(self) -> None:
+        self.decoded: list[Decoded | Pending | LazyDecode | None] = []
+        self.verified: list[bool | None] = []
+        self.quirks: list[tuple[AppliedQuirk, ...] | str] = []
+        self.problems_of: list[tuple[str, ...]] = []
+        self.covers: list[str | None] = []
+        self.by_type: dict[int, list[int]] = {}
+        self.applied: dict[str, list[int]] = {}
+        self.mismatched: list[int] = []
+        self.problems: list[str] = []
+
+    def materialized_quirks(self, index: int) -> tuple[AppliedQuirk, ...]:
+        quirks = self.quirks[index]
+        if type(quirks) is str:
+            return (applied_quirk(quirks, index, QUIRKS[quirks].summary),)
+        return quirks  # type: ignore[return-value]
+
+
+# One bank, the usual case: check_all inlines these paths, each giving exactly what
+# checker's would; anything else (a mismatch, a frame that fails, several banks) goes to
+# checker. Deferred types whose digest is not of their data, and the deferred types (and
+# 4-byte separators) whose plan starts with the whole data:
+_DEFERRED_UNCHECKED = _DEFERRED - _PLANS.keys()
+_DEFERRED_WHOLE = frozenset(
+    t for t in _DEFERRED if t in _PLANS and _PLANS[t][0][1] is _whole and t != T.EV_IPL
+)
+# Framed types: the first form of their plan (its quirk id is None: the spec's own form).
+_FRAMED_FIRST: dict[int, tuple[_Form, str] | None] = {
+    t: None if t not in _PLANS else (_PLANS[t][0][1], _PLANS[t][0][2]) for t in _FRAMES
+}
+if any(plan[0][0] is not None for plan in _PLANS.values()):
+    raise TypeError("a plan must start with the spec's own form (no quirk)")
+# EV_IPL: GRUB's labels, the quirk each form applies and what a match proves. The labels
+# are those of _GRUB_CMD and _GRUB_CMDLINE, in their order; no data starts with two of them.
+_GRUB_LABELS = tuple(
+    (label, quirk_id, covers)
+    for quirk_id, form, covers, _ in _PLANS[T.EV_IPL][1:]
+    for label in _FORM_LABELS[form]
+)
+_WHOLE_COVERS = _COVERS[_whole]
+
+
+def check_all(
+    events: tuple[Event, ...],
+    algorithms: tuple[HashAlgorithm, ...],
+    *,
+    uintn_size: int = 2,
+    spec_id: SpecIdEvent | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> CheckedEvents:
+    """``checker(algorithms, defer=True)`` over ``events`` (one log's, all of them, in
+    order), as columns. ``spec_id``: the log's, already parsed from event 0's data.
+
+    With one computable bank, the usual events take an inlined path that gives the
+    checker's outcome without its generic search: a GRUB label's forms are tried before
+    the whole data, the one (with or without the NUL) that proved the last GRUB string
+    first (as the checker's hint does: only a hash collision could tell the orders
+    apart), the other forms in the checker's order; event 0's Spec ID event is
+    the one parse read (the same bytes, read by the same function with no tighter limit).
+    """
+    check = checker(algorithms, uintn_size=uintn_size, limits=limits, defer=True)
+    computable = [a for a in algorithms if a.computable]
+    one_bank = len(computable) == 1
+    # (with several banks, or none, only the general path runs: bank and new go unused)
+    bank, new = (computable[0].name, computable[0].new) if computable else ("", _sha256)
+    out = CheckedEvents()
+    decoded_l, verified_l, quirks_l = out.decoded, out.verified, out.quirks
+    problems_l, covers_l, by_type, applied = out.problems_of, out.covers, out.by_type, out.applied
+    compare = hmac.compare_digest
+    no_quirks: tuple[AppliedQuirk, ...] = ()
+    no_problems: tuple[str, ...] = ()
+    pending, lazy = PENDING, LazyDecode
+    unchecked, whole_types, framed, frames = (
+        _DEFERRED_UNCHECKED,
+        _DEFERRED_WHOLE,
+        _FRAMED_FIRST,
+        _FRAMES,
+    )
+    ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
+    grub_labels, whole_covers = _GRUB_LABELS, _WHOLE_COVERS
+    description_pcrs = _IPL_DESCRIPTION_PCRS
+    max_nodes = limits.max_device_path_nodes
+    spec_ok = spec_id is not None and len(spec_id.algorithms) <= limits.max_digests_per_event
+    without_nul = False  # whether the last GRUB string was measured without its NUL
+    for event in events:
+        t = event.event_type
+        index = event.index
+        if t in by_type:  # (setdefault would build a list per event)
+            by_type[t].append(index)
+        else:
+            by_type[t] = [index]
+        if one_bank:
+            data = event.untrusted_data
+            decoded: Decoded | Pending | LazyDecode | None = pending
+            general = False  # True: leave this event to the checker's general path
+            verified: bool | None = None
+            quirk: str | None = None
+            covers: str | None = None
+            if t in unchecked:
+                pass
+            elif t in whole_types or (t == separator and len(data) == 4):
+                digest = event.digests.get(bank)
+                if digest is None or not compare(new(data).digest(), digest):
+                    general = True  # (the checker says why)
+                else:
+                    verified, covers = True, whole_covers
+            elif t == ipl:
+                digest = event.digests.get(bank)
+                if digest is None:
+                    general = True
+                else:
+                    for label, label_quirk, label_covers in grub_labels:
+                        if data.startswith(label):
+                            body = data[len(label) :]
+                            if not body.endswith(b"\x00"):
+                                if compare(new(body).digest(), digest):
+                                    verified, quirk, covers = True, label_quirk, label_covers
+                            else:  # GRUB builds differ on the NUL: the last one's way first
+                                first, second = (
+                                    (body[:-1], body) if without_nul else (body, body[:-1])
+                                )
+                                if compare(new(first).digest(), digest):
+                                    verified, quirk, covers = True, label_quirk, label_covers
+                                elif compare(new(second).digest(), digest):
+                                    verified, quirk, covers = True, label_quirk, label_covers
+                                    without_nul = not without_nul
+                            break
+                    if verified is None:
+                        if compare(new(data).digest(), digest):
+                            verified, covers = True, whole_covers
+                        elif event.pcr in description_pcrs:
+                            quirk = "ipl-description-only"
+                        else:
+                            general = True
+            elif t in framed:
+                frame = frames[t](data, uintn_size, max_nodes)
+                if frame is None:
+                    general = True
+                else:
+                    decoded = lazy(event.data_offset, uintn_size, limits)
+                    spec_form = framed[t]
+                    if spec_form is not None:
+                        form, first_covers = spec_form
+                        digest = event.digests.get(bank)
+                        candidates = form(data, frame)
+                        if (
+                            digest is not None
+                            and candidates
+                            and compare(new(candidates[0]).digest(), digest)
+                        ):
+                            verified, covers = True, first_covers
+                        else:
+                            general = True
+            elif t == no_action and index == 0 and spec_id is not None and spec_ok:
+                if data == spec_id.raw:
+                    decoded = spec_id
+                else:
+                    general = True
+            else:
+                general = True
+            if not general:
+                decoded_l.append(decoded)
+                verified_l.append(verified)
+                problems_l.append(no_problems)
+                covers_l.append(covers)
+                if quirk is None:
+                    quirks_l.append(no_quirks)
+                else:
+                    quirks_l.append(quirk)
+                    if quirk in applied:
+                        applied[quirk].append(index)
+                    else:
+                        applied[quirk] = [index]
+                continue
+        # the general path: checker's own search
+        decoded, verified, quirks, problems, covers = check(event)
+        decoded_l.append(decoded)
+        verified_l.append(verified)
+        quirks_l.append(quirks)
+        problems_l.append(problems)
+        covers_l.append(covers)
+        for q in quirks:
+            if q.quirk_id in applied:
+                applied[q.quirk_id].append(index)
+            else:
+                applied[q.quirk_id] = [index]
+        if problems:
+            out.problems.extend(problems)
+        if verified is False:
+            out.mismatched.append(index)
+    return out

@@ -16,7 +16,7 @@ from types import MappingProxyType
 
 from verifier.eventlog._frozen import unfrozen_twin
 
-__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "applied_quirk", "summarize"]
+__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "applied_quirk", "summarize", "summarize_applied"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +113,24 @@ QUIRKS: Mapping[str, Quirk] = MappingProxyType({q.id: q for q in _TABLE})
 def summarize(applied: Iterable[AppliedQuirk]) -> tuple[str, ...]:
     """One line per quirk: event-level ones grouped ("applied to 49 event(s): events 28-75, 79"),
     log-level ones as they are."""
-    lines: list[str] = []
+    log_level: list[AppliedQuirk] = []
     per_event: dict[str, list[int]] = {}
     for q in applied:
         if q.event_index is None:
-            lines.append(str(q))
+            log_level.append(q)
         elif q.quirk_id in per_event:  # (setdefault would build a list per quirk)
             per_event[q.quirk_id].append(q.event_index)
         else:
             per_event[q.quirk_id] = [q.event_index]
+    return summarize_applied(log_level, per_event)
+
+
+def summarize_applied(
+    log_level: Iterable[AppliedQuirk], per_event: Mapping[str, list[int]]
+) -> tuple[str, ...]:
+    """:func:`summarize`, given the log-level quirks and, per quirk id in order of first
+    application, the events it was applied to."""
+    lines = [str(q) for q in log_level]
     for quirk_id, indices in per_event.items():
         lines.append(
             f"quirk {quirk_id} applied to {len(indices)} event(s): events {_ranges(indices)}"

@@ -24,14 +24,15 @@ from verifier.eventlog._frozen import unfrozen_twin
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import (
     PENDING,
+    CheckedEvents,
     Decoded,
     LazyDecode,
     Pending,
-    checker,
+    check_all,
     decode_deferred,
 )
 from verifier.eventlog.events import EventType, type_name
-from verifier.eventlog.quirks import AppliedQuirk, summarize
+from verifier.eventlog.quirks import AppliedQuirk, summarize_applied
 from vtpm_core.errors import VerificationError
 
 if TYPE_CHECKING:
@@ -162,70 +163,146 @@ class ReplayedEvent:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class ReplayedLog:
     """A log whose replay matched the quoted PCRs. The only log type policy sees.
 
     ``pcrs``: replayed values; ``verified``: bank -> the PCR indices that were
     compared with the quote (policy must not rely on others); ``warnings``:
     quirks applied and events whose data does not match its digest.
+
+    Immutable. Its :class:`ReplayedEvent` objects are built when first read
+    (``events``, ``event``, ``events_of_type``, ...), each once: an appraisal
+    reads a few of a log's events, and building the others would be most of
+    its cost. Only :func:`verify_log` makes one.
     """
+
+    __slots__ = (
+        "_built",
+        "_checked",
+        "_log_events",
+        "_log_quirks",
+        "banks",
+        "format",
+        "pcrs",
+        "spec_id",
+        "startup_locality",
+        "verified",
+        "warnings",
+    )
 
     format: str
     banks: tuple[str, ...]
     spec_id: SpecIdEvent | None
-    events: tuple[ReplayedEvent, ...]
     pcrs: Mapping[str, Mapping[int, bytes]]
     verified: Mapping[str, frozenset[int]]
-    quirks: tuple[AppliedQuirk, ...]
     warnings: tuple[str, ...]
-    startup_locality: StartupLocality | None = None
+    startup_locality: StartupLocality | None
+    _log_events: tuple[Event, ...]
+    _log_quirks: tuple[AppliedQuirk, ...]
+    _checked: CheckedEvents
+    _built: list[ReplayedEvent | None]
+
+    def __init__(
+        self,
+        log: EventLog,
+        checked: CheckedEvents,
+        pcrs: Mapping[str, Mapping[int, bytes]],
+        verified: Mapping[str, frozenset[int]],
+        warnings: tuple[str, ...],
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "format", log.format)
+        setattr_(self, "banks", log.banks)
+        setattr_(self, "spec_id", log.spec_id)
+        setattr_(self, "pcrs", pcrs)
+        setattr_(self, "verified", verified)
+        setattr_(self, "warnings", warnings)
+        setattr_(self, "startup_locality", log.startup_locality)
+        setattr_(self, "_log_events", log.events)
+        setattr_(self, "_log_quirks", log.quirks)
+        setattr_(self, "_checked", checked)
+        setattr_(self, "_built", [None] * len(log.events))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ReplayedLog is immutable (cannot set {name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"ReplayedLog is immutable (cannot delete {name})")
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayedLog(format={self.format!r}, banks={self.banks!r}, "
+            f"events={len(self._log_events)}, verified={dict(self.verified)!r}, "
+            f"warnings={self.warnings!r})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._log_events)
+
+    def event(self, index: int) -> ReplayedEvent:
+        """Event ``index`` (its position in the log, the header record being 0)."""
+        built = self._built[index]
+        if built is None:
+            built = self._built[index] = _replayed_event(
+                self._log_events[index], self._checked, index
+            )
+        return built
+
+    @property
+    def events(self) -> tuple[ReplayedEvent, ...]:
+        event = self.event
+        return tuple(event(i) for i in range(len(self._log_events)))
+
+    @property
+    def quirks(self) -> tuple[AppliedQuirk, ...]:
+        """Every quirk applied: the log's own (e.g. padding), then each event's, in order."""
+        quirks = self._checked.materialized_quirks
+        return self._log_quirks + tuple(q for i in range(len(self._log_events)) for q in quirks(i))
 
     def events_of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
-        return tuple(e for e in self.events if e.event_type == event_type)
+        event = self.event
+        return tuple(event(i) for i in self._checked.by_type.get(event_type, ()))
 
     def events_in_pcr(self, pcr: int) -> tuple[ReplayedEvent, ...]:
-        return tuple(e for e in self.events if e.pcr == pcr)
+        event = self.event
+        return tuple(event(e.index) for e in self._log_events if e.pcr == pcr)
+
+    def unverified_events(self, event_type: int) -> tuple[Event, ...]:
+        """The events of ``event_type`` as parsed, NOTHING about their data proven: for a
+        rule to pass over events on sight of their raw data before reading them through
+        :meth:`event` (which says what the digest proves)."""
+        events = self._log_events
+        return tuple(events[i] for i in self._checked.by_type.get(event_type, ()))
+
+    @property
+    def data_mismatches(self) -> tuple[ReplayedEvent, ...]:
+        """The events whose data is proven NOT to be what was measured."""
+        event = self.event
+        return tuple(event(i) for i in self._checked.mismatched)
 
 
 _UnfrozenReplayedEvent = unfrozen_twin(ReplayedEvent)
-"""ReplayedEvent's slots without its frozen ``__setattr__`` (what ``_check_events`` fills)."""
+"""ReplayedEvent's slots without its frozen ``__setattr__`` (what ``_replayed_event`` fills)."""
+_new_object = object.__new__
 
 
-def _check_events(
-    log: EventLog,
-) -> tuple[tuple[ReplayedEvent, ...], list[AppliedQuirk], list[str]]:
-    """Decode and data-check every event; also every quirk applied and every
-    problem, in event order. The result is NOT proven by a quote: only
-    :func:`verify_log` may hand these out inside a ReplayedLog."""
-    uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
-    check = checker(log.algorithms, uintn_size=uintn, defer=True)
-    new, unfrozen, replayed_event = object.__new__, _UnfrozenReplayedEvent, ReplayedEvent
-    out = []
-    all_quirks: list[AppliedQuirk] = []
-    all_problems: list[str] = []
-    for event in log.events:
-        decoded, verified, quirks, problems, covers = check(event)
-        if quirks:
-            all_quirks.extend(quirks)
-        if problems:
-            all_problems.extend(problems)
-        # ReplayedEvent(...): plain attribute stores, then the frozen class (see _frozen)
-        replayed = new(unfrozen)
-        replayed.index = event.index
-        replayed.offset = event.offset
-        replayed.pcr = event.pcr
-        replayed.event_type = event.event_type
-        replayed.digests = event.digests
-        replayed.untrusted_data = event.untrusted_data
-        replayed.data_verified = verified
-        replayed.problems = problems
-        replayed.quirks = quirks
-        replayed.digest_covers = covers
-        replayed._decoded = decoded
-        replayed.__class__ = replayed_event
-        out.append(replayed)
-    return tuple(out), all_quirks, all_problems
+def _replayed_event(event: Event, checked: CheckedEvents, i: int) -> ReplayedEvent:
+    """``ReplayedEvent(...)`` from the parsed event and its check: plain attribute stores,
+    then the frozen class (see verifier/eventlog/_frozen.py)."""
+    replayed = _new_object(_UnfrozenReplayedEvent)
+    replayed.index = event.index
+    replayed.offset = event.offset
+    replayed.pcr = event.pcr
+    replayed.event_type = event.event_type
+    replayed.digests = event.digests
+    replayed.untrusted_data = event.untrusted_data
+    replayed.data_verified = checked.verified[i]
+    replayed.problems = checked.problems_of[i]
+    replayed.quirks = checked.materialized_quirks(i)
+    replayed.digest_covers = checked.covers[i]
+    replayed._decoded = checked.decoded[i]
+    replayed.__class__ = ReplayedEvent
+    return replayed  # type: ignore[no-any-return]
 
 
 def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> ReplayedLog:
@@ -269,19 +346,15 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             "eventlog.replay",
             f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
         )
-    events, applied, problems = _check_events(log)  # step 4
-    quirks = log.quirks + tuple(applied)
-    warnings = [*summarize(quirks), *problems]
+    uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
+    checked = check_all(log.events, log.algorithms, uintn_size=uintn, spec_id=log.spec_id)
+    warnings = (*summarize_applied(log.quirks, checked.applied), *checked.problems)  # step 4
     return ReplayedLog(
-        format=log.format,
-        banks=log.banks,
-        spec_id=log.spec_id,
-        events=events,
-        pcrs=MappingProxyType({b: MappingProxyType(v) for b, v in replayed.items()}),
-        verified=MappingProxyType(verified),
-        quirks=quirks,
-        warnings=tuple(warnings),
-        startup_locality=log.startup_locality,
+        log,
+        checked,
+        MappingProxyType({b: MappingProxyType(v) for b, v in replayed.items()}),
+        MappingProxyType(verified),
+        warnings,
     )
 
 

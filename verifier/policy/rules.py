@@ -24,10 +24,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from verifier.eventlog import EfiBoolean, EfiVariable, IplString, ReplayedEvent, SignatureDatabase
+from verifier.eventlog import (
+    EfiBoolean,
+    EfiVariable,
+    Event,
+    IplString,
+    ReplayedEvent,
+    ReplayedLog,
+    SignatureDatabase,
+)
 from verifier.eventlog import Text as TextEvent
 from verifier.eventlog.decode import IPL_BYTE_PREFIXES, ipl_kind
 from verifier.eventlog.efivars import variable_name
@@ -112,32 +120,77 @@ class PolicyViolationError(VerificationError):
         super().__init__("policy", "; ".join(str(f) for f in failures))
 
 
-@dataclass(frozen=True, slots=True)
 class BootEvidence:
     """What rules read: replayed events plus the PCR values a quote proved.
 
     ``covered``: bank -> PCR indices whose replay matched the quote; ``pcrs``:
     the quoted values (bank -> index -> value). Build it only from a
-    ReplayedLog (``log.verify(pcrs)``) and a verified quote.
+    ReplayedLog (``log.verify(pcrs)``), or its events, and a verified quote.
+    Immutable. From a ReplayedLog, events are built only as rules read them.
     """
 
-    events: tuple[ReplayedEvent, ...]
+    __slots__ = ("_by_index", "_by_type", "_log", "covered", "pcrs")
+
     pcrs: Mapping[str, Mapping[int, bytes]]
     covered: Mapping[str, frozenset[int]]
-    by_type: Mapping[int, tuple[ReplayedEvent, ...]] = field(init=False, repr=False)
+    _log: ReplayedLog | None
+    _by_type: dict[int, tuple[ReplayedEvent, ...]]
+    _by_index: dict[int, ReplayedEvent]
 
-    def __post_init__(self) -> None:
-        index: dict[int, list[ReplayedEvent]] = {}
-        for e in self.events:
-            t = e.event_type
-            if t in index:  # (setdefault would build a list per event)
-                index[t].append(e)
-            else:
-                index[t] = [e]
-        object.__setattr__(self, "by_type", {t: tuple(v) for t, v in index.items()})
+    def __init__(
+        self,
+        events: ReplayedLog | tuple[ReplayedEvent, ...],
+        pcrs: Mapping[str, Mapping[int, bytes]],
+        covered: Mapping[str, frozenset[int]],
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "pcrs", pcrs)
+        setattr_(self, "covered", covered)
+        by_type: dict[int, list[ReplayedEvent]] = {}
+        if isinstance(events, ReplayedLog):
+            setattr_(self, "_log", events)
+            events = ()
+        else:
+            setattr_(self, "_log", None)
+        for e in events:
+            by_type.setdefault(e.event_type, []).append(e)
+        setattr_(self, "_by_type", {t: tuple(v) for t, v in by_type.items()})
+        setattr_(self, "_by_index", {e.index: e for e in events})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"BootEvidence is immutable (cannot set {name})")
+
+    @property
+    def events(self) -> tuple[ReplayedEvent, ...]:
+        if self._log is not None:
+            return self._log.events
+        return tuple(self._by_index.values())
 
     def of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
-        return self.by_type.get(event_type, ())
+        if self._log is not None:
+            return self._log.events_of_type(event_type)
+        return self._by_type.get(event_type, ())
+
+    def unverified_of_type(self, event_type: int) -> tuple[Event | ReplayedEvent, ...]:
+        """The events of ``event_type`` with their raw data, NOTHING about it proven: to
+        pass over events on sight (a GRUB command is no kernel command line) before
+        reading the others through :meth:`event`."""
+        if self._log is not None:
+            return self._log.unverified_events(event_type)
+        return self._by_type.get(event_type, ())
+
+    def event(self, index: int) -> ReplayedEvent:
+        """Event ``index`` of the log, as replayed (what its digest proves)."""
+        if self._log is not None:
+            return self._log.event(index)
+        return self._by_index[index]
+
+    @property
+    def data_mismatches(self) -> tuple[ReplayedEvent, ...]:
+        """The events whose data is proven NOT to be what was measured."""
+        if self._log is not None:
+            return self._log.data_mismatches
+        return tuple(e for e in self._by_index.values() if e.data_verified is False)
 
     def is_covered(self, pcr: int) -> bool:
         return any(pcr in s for s in self.covered.values())
@@ -263,9 +316,10 @@ def _variables(
         f"{name} is in a PCR the quote does not cover",
         f"{name} event data does not match its digest (forged?)",
     )
-    for e in evidence.of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
-        if variable_name(e.untrusted_data) != name:
+    for raw in evidence.unverified_of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
+        if variable_name(raw.untrusted_data) != name:
             continue  # (another variable: not decoded at all)
+        e = evidence.event(raw.index)
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
             continue
@@ -406,12 +460,13 @@ class KernelCmdlineRule:
         failures: list[Failure] = []
         good = 0
         expected = " or ".join(c.describe() for c in self.allowed)
-        for e in evidence.of_type(EventType.EV_IPL):
-            data = e.untrusted_data
-            if e.pcr not in _CMDLINE_PCRS or _never_cmdline(data):
+        for raw in evidence.unverified_of_type(EventType.EV_IPL):
+            data = raw.untrusted_data
+            if raw.pcr not in _CMDLINE_PCRS or _never_cmdline(data):
                 continue
             if ipl_kind(data) not in _CMDLINE_KINDS:
                 continue  # (not decoded at all)
+            e = evidence.event(raw.index)
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
                 continue

@@ -129,15 +129,24 @@ def test_unfrozen_twin_refuses_classes_whose_layout_it_cannot_match() -> None:
     assert built == Slotted(1, "x") and type(built) is Slotted
 
 
-def test_malformed_event_whose_digest_matches_still_warns() -> None:
+BANKS = pytest.mark.parametrize(
+    "banks", [("sha1", "sha256"), ("sha256",)], ids=["two banks", "one bank (inlined)"]
+)
+
+
+@BANKS
+def test_malformed_event_whose_digest_matches_still_warns(banks: tuple[str, ...]) -> None:
     """Deferred decoding must never hide a decode failure: these types are decoded
     during verify, and their problem is in the event's and the result's warnings."""
     bad_variable = b"\x01" * 16 + struct.pack("<QQ", 50, 0)  # name runs past the data
     raw = _build.log(
-        _build.event2(7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, bad_variable),
-        _build.event2(7, T.EV_SEPARATOR, b"\x00" * 5),  # a separator is 4 bytes
-        _build.event2(4, T.EV_EFI_BOOT_SERVICES_APPLICATION, b"\x00" * 7),  # short image
-        _build.event2(8, T.EV_IPL, b"grub_cmd: linux /vmlinuz\x00", digest_of=b"linux /vmlinuz"),
+        _build.event2(7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, bad_variable, banks),
+        _build.event2(7, T.EV_SEPARATOR, b"\x00" * 5, banks),  # a separator is 4 bytes
+        _build.event2(4, T.EV_EFI_BOOT_SERVICES_APPLICATION, b"\x00" * 7, banks),  # short image
+        _build.event2(
+            8, T.EV_IPL, b"grub_cmd: linux /vmlinuz\x00", banks, digest_of=b"linux /vmlinuz"
+        ),
+        banks=banks,
     )
     log = EventLog.parse(raw)
     replayed = log.verify(log.replay())
@@ -160,22 +169,26 @@ def test_malformed_event_whose_digest_matches_still_warns() -> None:
         assert e.problems[0] in result.warnings
 
 
-def test_hinted_grub_form_names_the_same_quirk_as_the_in_order_search() -> None:
+@BANKS
+def test_hinted_grub_form_names_the_same_quirk_as_the_in_order_search(
+    banks: tuple[str, ...],
+) -> None:
     """One log mixing both GRUB conventions (with and without the NUL measured),
     kernel command lines, file names and a forged command: each event gets exactly
-    what check_event (no hint) gives it."""
+    what check_event (no hint, no inlined path) gives it."""
+    ipl = T.EV_IPL
     events = [
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set a=1\x00", digest_of=b"set a=1"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set b=2\x00", digest_of=b"set b=2"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set c=3\x00", digest_of=b"set c=3\x00"),
-        _build.event2(9, T.EV_IPL, b"/boot/grub2/grub.cfg\x00", digest_of=b"file contents"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set d=4\x00", digest_of=b"set d=4"),
-        _build.event2(8, T.EV_IPL, b"kernel_cmdline: ro quiet\x00", digest_of=b"ro quiet"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set e=5\x00", digest_of=b"set e=5"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set f=6\x00", digest_of=b"set f=6 forged"),
-        _build.event2(8, T.EV_IPL, b"grub_cmd: set g=7\x00"),  # the whole data, as the spec says
+        _build.event2(8, ipl, b"grub_cmd: set a=1\x00", banks, digest_of=b"set a=1"),
+        _build.event2(8, ipl, b"grub_cmd: set b=2\x00", banks, digest_of=b"set b=2"),
+        _build.event2(8, ipl, b"grub_cmd: set c=3\x00", banks, digest_of=b"set c=3\x00"),
+        _build.event2(9, ipl, b"/boot/grub2/grub.cfg\x00", banks, digest_of=b"file contents"),
+        _build.event2(8, ipl, b"grub_cmd: set d=4\x00", banks, digest_of=b"set d=4"),
+        _build.event2(8, ipl, b"kernel_cmdline: ro quiet\x00", banks, digest_of=b"ro quiet"),
+        _build.event2(8, ipl, b"grub_cmd: set e=5\x00", banks, digest_of=b"set e=5"),
+        _build.event2(8, ipl, b"grub_cmd: set f=6\x00", banks, digest_of=b"set f=6 forged"),
+        _build.event2(8, ipl, b"grub_cmd: set g=7\x00", banks),  # the whole data, per the spec
     ]
-    log = EventLog.parse(_build.log(*events))
+    log = EventLog.parse(_build.log(*events, banks=banks))
     replayed = log.verify(log.replay())
     got = [(e.data_verified, e.quirks, e.digest_covers, e.problems) for e in replayed.events]
     want = [
@@ -266,3 +279,75 @@ def test_device_path_node_text_is_rendered_on_read(load_log) -> None:  # type: i
         for node, shown in zip(path.nodes, view["nodes"], strict=True):
             assert list(shown) == ["structure", "type", "subtype", "data", "text"]
             assert shown["text"] == node.text and f"text={node.text!r}" in repr(node)
+
+
+@BANKS
+def test_every_inlined_type_and_its_failure_gives_what_check_event_gives(
+    banks: tuple[str, ...],
+) -> None:
+    """Each type check_all inlines for one bank, matching and forged, plus the kinds it
+    leaves to the checker; and the replayed log built lazily from it."""
+    var = b"\x61\xdf\xe4\x8b\xca\x93\xd2\x11\xaa\x0d\x00\xe0\x98\x03\x2b\x8c"
+    secure_boot = var + struct.pack("<QQ", 10, 1) + "SecureBoot".encode("utf-16-le") + b"\x01"
+    boot_var = var + struct.pack("<QQ", 9, 2) + "BootOrder".encode("utf-16-le") + b"\x01\x00"
+    image = struct.pack("<QQQQ", 0, 0, 0, 0)
+    cases = [
+        (0, T.EV_S_CRTM_VERSION, b"1.0\x00", None),
+        (0, T.EV_S_CRTM_VERSION, b"1.0\x00", b"2.0\x00"),
+        (1, T.EV_PLATFORM_CONFIG_FLAGS, b"flags", b"other"),
+        (5, T.EV_EFI_ACTION, b"Calling EFI Application from Boot Option", None),
+        (5, T.EV_EFI_ACTION, b"Calling EFI Application from Boot Option", b"forged"),
+        (7, T.EV_SEPARATOR, b"\x00" * 4, None),
+        (7, T.EV_SEPARATOR, b"\xff" * 4, b"\x00" * 4),
+        (7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, secure_boot, None),
+        (7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, secure_boot, secure_boot[:-1] + b"\x00"),
+        (1, T.EV_EFI_VARIABLE_BOOT, boot_var, boot_var[-2:]),
+        (1, T.EV_EFI_VARIABLE_BOOT, boot_var, None),  # the quirk form: the whole structure
+        (1, T.EV_EFI_VARIABLE_BOOT, boot_var, b"forged"),
+        (7, T.EV_EFI_VARIABLE_AUTHORITY, secure_boot + b"\x00", secure_boot),
+        (4, T.EV_EFI_BOOT_SERVICES_APPLICATION, image, b"authenticode hash"),
+        (4, T.EV_EFI_BOOT_SERVICES_APPLICATION, image[:-1], b"short"),
+        (8, T.EV_IPL, b"/vmlinuz", b"file"),  # no label, not a description PCR: a mismatch
+        (14, T.EV_IPL, b"MokList\x00", b"the list"),
+        (8, T.EV_IPL, b"grub_cmd: x\x00", b"y"),
+        (0x1234, 0x1234, b"unknown", None),
+    ]
+    events = [_build.event2(pcr % 24, t, data, banks, digest_of=of) for pcr, t, data, of in cases]
+    log = EventLog.parse(_build.log(*events, banks=banks))
+    replayed = log.verify(log.replay())
+    for event, got in zip(log.events, replayed.events, strict=True):
+        want = check_event(event, log.algorithms)
+        assert got.untrusted_decoded == want.decoded, event.index
+        assert (got.data_verified, got.quirks, got.digest_covers, got.problems) == (
+            want.data_verified,
+            want.quirks,
+            want.digest_covers,
+            want.problems,
+        ), event.index
+    verdicts = [e.data_verified for e in replayed.events[1:]]
+    assert (verdicts.count(True), verdicts.count(False), verdicts.count(None)) == (7, 7, 5)
+    assert replayed.data_mismatches == tuple(e for e in replayed.events if e.data_verified is False)
+    problems = [p for e in replayed.events for p in e.problems]
+    assert replayed.warnings[-len(problems) :] == tuple(problems)
+
+
+def test_replayed_log_builds_each_event_once_and_stays_immutable(load_log) -> None:  # type: ignore[no-untyped-def]
+    log = load_log("vm_rhel9_qemu_ovmf_secureboot_keylime.bin")
+    replayed = log.verify(log.replay())
+    ipl = replayed.events_of_type(T.EV_IPL)
+    assert ipl == tuple(e for e in replayed.events if e.event_type == T.EV_IPL)
+    assert all(a is b for a, b in zip(ipl, replayed.events_of_type(T.EV_IPL), strict=True))
+    assert (
+        replayed.event(40)
+        is replayed.events[40]
+        is replayed.events_in_pcr(8)[[e.index for e in replayed.events_in_pcr(8)].index(40)]
+    )
+    raw = replayed.unverified_events(T.EV_IPL)
+    assert [type(e) for e in raw] == [Event] * len(ipl)
+    assert [e.index for e in raw] == [e.index for e in ipl]
+    assert len(replayed) == len(log.events) == 99
+    assert replayed.quirks == tuple(q for e in replayed.events for q in e.quirks)
+    with pytest.raises(AttributeError, match="immutable"):
+        replayed.warnings = ()  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        replayed.extra = 1  # type: ignore[attr-defined]
