@@ -17,6 +17,7 @@ E = TypeVar("E")
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 
 
 class Reader:
@@ -42,11 +43,15 @@ class Reader:
         self.pos += n
         return out
 
+    # u8/u16/u32/u64/tpm2b/enum are on every parse's path: they read in place (no
+    # slice) and build the field names of their messages only when they fail.
     def u8(self, field: str) -> int:
-        return self.take(1, field)[0]
+        pos = self.pos
+        if pos + 1 > len(self.data):
+            raise self.fail(field, f"truncated: need 1 bytes, {len(self.data) - pos} left")
+        self.pos = pos + 1
+        return self.data[pos]
 
-    # u16/u32/tpm2b/enum are on every parse's path: they read in place (no slice)
-    # and build the field names of their messages only when they fail.
     def u16(self, field: str) -> int:
         pos = self.pos
         if pos + 2 > len(self.data):
@@ -64,7 +69,12 @@ class Reader:
         return value
 
     def u64(self, field: str) -> int:
-        return int.from_bytes(self.take(8, field), "big")
+        pos = self.pos
+        if pos + 8 > len(self.data):
+            raise self.fail(field, f"truncated: need 8 bytes, {len(self.data) - pos} left")
+        self.pos = pos + 8
+        value: int = _U64.unpack_from(self.data, pos)[0]
+        return value
 
     def tpm2b(self, field: str, max_size: int | None = None) -> bytes:
         start = self.pos

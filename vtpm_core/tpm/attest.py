@@ -11,6 +11,7 @@ union member we do not model are framed and kept as ``UnknownAttested``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from vtpm_core.tpm import _marshal
@@ -93,6 +94,22 @@ class UnknownAttested:
     raw: bytes
 
 
+# clockInfo (u64 clock, u32 resetCount, u32 restartCount, u8 safe) then u64
+# firmwareVersion: TPMS_ATTEST's fixed-size middle, read at once when it is all there
+_CLOCK_AND_FIRMWARE = struct.Struct(">QIIBQ")
+
+
+def _clock_and_firmware(r: Reader) -> tuple[ClockInfo, int]:
+    pos = r.pos
+    if pos + _CLOCK_AND_FIRMWARE.size > len(r.data):  # the field-by-field reads say where
+        return _clock(r, "clockInfo"), r.u64("firmwareVersion")
+    clock, reset, restart, safe, firmware = _CLOCK_AND_FIRMWARE.unpack_from(r.data, pos)
+    if safe > 1:
+        raise r.fail("clockInfo.safe", f"TPMI_YES_NO is {safe}, expected 0 or 1", pos + 16)
+    r.pos = pos + _CLOCK_AND_FIRMWARE.size
+    return ClockInfo(clock, reset, restart, bool(safe)), firmware
+
+
 def _clock(r: Reader, prefix: str) -> ClockInfo:
     clock = r.u64(f"{prefix}.clock")
     reset = r.u32(f"{prefix}.resetCount")
@@ -165,8 +182,7 @@ class Attest:
         typ = r.u16("type")
         signer = r.tpm2b("qualifiedSigner", _MAX_NAME)
         extra = r.tpm2b("extraData", _MAX_DATA)
-        clock = _clock(r, "clockInfo")
-        firmware = r.u64("firmwareVersion")
+        clock, firmware = _clock_and_firmware(r)
         attested: QuoteInfo | CertifyInfo | CreationInfo | UnknownAttested
         start = r.pos
         if typ == ST_ATTEST_QUOTE:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -45,6 +46,8 @@ _PCR_SELECT_MAX = 4
 _TOOLS = "tpm2_tools.pcrs"
 _TOOLS_SELECTION_SIZE = 4 + _MAX_BANKS * 8
 _TOOLS_DIGEST_LIST_SIZE = 4 + 8 * (2 + 64)
+_HASH_AND_SIZE = struct.Struct(">HB")  # TPMS_PCR_SELECTION: hash, sizeofSelect
+_HASH_BANKS = {int(alg): alg for alg in HASH_ALGS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,24 @@ class PcrSelection:
             raise r.fail(f"{prefix}count", f"{count} banks, at most {_MAX_BANKS}", start)
         banks: list[tuple[TpmAlg, tuple[int, ...]]] = []
         sizes: list[int] = []
+        data = r.data
         for i in range(count):
+            # fast path: a hash bank not seen yet, sizeofSelect <= 4, its bitmap all
+            # there; anything else is read again below, field by field, to say why
+            at = r.pos
+            if at + 3 <= len(data):
+                alg_value, size = _HASH_AND_SIZE.unpack_from(data, at)
+                fast = _HASH_BANKS.get(alg_value)
+                if (
+                    fast is not None
+                    and size <= _PCR_SELECT_MAX
+                    and at + 3 + size <= len(data)
+                    and all(b != fast for b, _ in banks)
+                ):
+                    r.pos = at + 3 + size
+                    banks.append((fast, _indices(data[at + 3 : at + 3 + size])))
+                    sizes.append(size)
+                    continue
             f = f"{prefix}pcrSelections[{i}]"
             at = r.pos
             alg = r.enum(TpmAlg, f"{f}.hash")
@@ -148,12 +168,22 @@ class PcrSelection:
         return text or "(none)"
 
 
-# the set bits of each byte value, lowest first (TPMS_PCR_SELECT: bit j of byte i is PCR 8i+j)
-_BITS = tuple(tuple(j for j in range(8) if byte >> j & 1) for byte in range(256))
+# TPMS_PCR_SELECT: bit j of byte i selects PCR 8i+j. _BITS[i][byte] is that byte's
+# PCRs, ascending, for the first _PCR_SELECT_MAX bytes
+_BITS = tuple(
+    tuple(tuple(8 * i + j for j in range(8) if byte >> j & 1) for byte in range(256))
+    for i in range(_PCR_SELECT_MAX)
+)
 
 
 def _indices(bitmap: bytes) -> tuple[int, ...]:
-    return tuple(8 * i + j for i, byte in enumerate(bitmap) if byte for j in _BITS[byte])
+    if len(bitmap) > _PCR_SELECT_MAX:
+        return tuple(8 * i + j for i, byte in enumerate(bitmap) for j in range(8) if byte >> j & 1)
+    out: tuple[int, ...] = ()
+    for i, byte in enumerate(bitmap):
+        if byte:
+            out += _BITS[i][byte]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
