@@ -50,6 +50,7 @@ from verifier.eventlog.quirks import QUIRKS, AppliedQuirk, applied_quirk
 from vtpm_core.errors import ParseError
 
 __all__ = [
+    "FRAMED",
     "IPL_BYTE_PREFIXES",
     "PENDING",
     "CheckOutcome",
@@ -57,6 +58,7 @@ __all__ = [
     "DataCheck",
     "Decoded",
     "FirmwareBlob",
+    "Framed",
     "GptEvent",
     "GptPartition",
     "HandoffTable",
@@ -65,6 +67,7 @@ __all__ = [
     "IplString",
     "LazyDecode",
     "NoActionEvent",
+    "Outcome",
     "Pending",
     "Separator",
     "TaggedEvent",
@@ -832,45 +835,65 @@ _FRAMES: dict[int, Callable[[bytes, int, int], _Frame | None]] = {
 # --- every event of a log at once (what verify_log runs) ----------------------------------
 
 
-class CheckedEvents:
-    """:func:`checker`'s outcome for every event of one log, column by column.
+class Framed(enum.Enum):
+    """Marks, in :class:`CheckedEvents`, an event that frames (see ``_FRAMES``): it
+    decodes, when read, to what ``LazyDecode(event.data_offset, ...)`` gives."""
 
-    Position ``i`` of each list is event ``i`` (``Event.index``). ``quirks[i]`` is the
-    tuple of quirks applied, or, from the one-bank paths of :func:`check_all`, the id of
-    the one quirk applied (its detail is the quirk's summary: see ``materialized_quirks``).
-    ``applied``: quirk id -> the events it was applied to, in order of first application
-    (what ``quirks.summarize`` groups); ``mismatched``: the events whose data is proven
-    not to be what was measured; ``problems``: every problem, in event order.
+    FRAMED = "framed"
+
+
+FRAMED = Framed.FRAMED
+
+Outcome = tuple[
+    "Decoded | Pending | LazyDecode | Framed | None",
+    bool | None,
+    "tuple[AppliedQuirk, ...] | str",
+    tuple[str, ...],
+    str | None,
+]
+"""A :data:`CheckOutcome` as :class:`CheckedEvents` keeps it: ``decoded`` may be FRAMED,
+and the quirks the id of the one quirk applied (its detail being the quirk's summary)."""
+
+
+class CheckedEvents:
+    """:func:`checker`'s outcome for every event of one log.
+
+    ``outcomes[i]`` is event ``i``'s (``Event.index``): the inlined paths of
+    :func:`check_all` share one tuple per kind of outcome, so a log's usual events cost
+    no object each; :meth:`outcome` gives the checker's own form. ``by_type``: event
+    type -> its events; ``applied``: quirk id -> the events it was applied to, in order
+    of first application (what ``quirks.summarize`` groups); ``mismatched``: the events
+    whose data is proven not to be what was measured; ``problems``: every problem, in
+    event order.
     """
 
     __slots__ = (
         "applied",
         "by_type",
-        "covers",
-        "decoded",
+        "limits",
         "mismatched",
+        "outcomes",
         "problems",
-        "problems_of",
-        "quirks",
-        "verified",
+        "uintn_size",
     )
 
-    def __init__(self) -> None:
-        self.decoded: list[Decoded | Pending | LazyDecode | None] = []
-        self.verified: list[bool | None] = []
-        self.quirks: list[tuple[AppliedQuirk, ...] | str] = []
-        self.problems_of: list[tuple[str, ...]] = []
-        self.covers: list[str | None] = []
+    def __init__(self, uintn_size: int, limits: Limits) -> None:
+        self.outcomes: list[Outcome] = []
         self.by_type: dict[int, list[int]] = {}
         self.applied: dict[str, list[int]] = {}
         self.mismatched: list[int] = []
         self.problems: list[str] = []
+        self.uintn_size = uintn_size
+        self.limits = limits
 
-    def materialized_quirks(self, index: int) -> tuple[AppliedQuirk, ...]:
-        quirks = self.quirks[index]
+    def outcome(self, event: Event) -> CheckOutcome:
+        """``event``'s outcome as ``checker(..., defer=True)`` gives it."""
+        decoded, verified, quirks, problems, covers = self.outcomes[event.index]
+        if decoded is FRAMED:
+            decoded = LazyDecode(event.data_offset, self.uintn_size, self.limits)
         if type(quirks) is str:
-            return (applied_quirk(quirks, index, QUIRKS[quirks].summary),)
-        return quirks  # type: ignore[return-value]
+            quirks = (applied_quirk(quirks, event.index, QUIRKS[quirks].summary),)
+        return decoded, verified, quirks, problems, covers  # type: ignore[return-value]
 
 
 # One bank, the usual case: check_all inlines these paths, each giving exactly what
@@ -881,20 +904,29 @@ _DEFERRED_UNCHECKED = _DEFERRED - _PLANS.keys()
 _DEFERRED_WHOLE = frozenset(
     t for t in _DEFERRED if t in _PLANS and _PLANS[t][0][1] is _whole and t != T.EV_IPL
 )
-# Framed types: the first form of their plan (its quirk id is None: the spec's own form).
-_FRAMED_FIRST: dict[int, tuple[_Form, str] | None] = {
-    t: None if t not in _PLANS else (_PLANS[t][0][1], _PLANS[t][0][2]) for t in _FRAMES
-}
 if any(plan[0][0] is not None for plan in _PLANS.values()):
     raise TypeError("a plan must start with the spec's own form (no quirk)")
-# EV_IPL: GRUB's labels, the quirk each form applies and what a match proves. The labels
-# are those of _GRUB_CMD and _GRUB_CMDLINE, in their order; no data starts with two of them.
-_GRUB_LABELS = tuple(
-    (label, quirk_id, covers)
+_NO_QUIRKS: tuple[AppliedQuirk, ...] = ()
+# The outcomes of the inlined paths, shared by every event that has them.
+_UNCHECKED: Outcome = (PENDING, None, _NO_QUIRKS, (), None)
+_WHOLE_PROVEN: Outcome = (PENDING, True, _NO_QUIRKS, (), _COVERS[_whole])
+_DESCRIPTION: Outcome = (PENDING, None, "ipl-description-only", (), None)
+_FRAMED_UNCHECKED: Outcome = (FRAMED, None, _NO_QUIRKS, (), None)
+# Framed types: the first form of their plan and the outcome when it proves the data.
+_FRAMED_FIRST: dict[int, tuple[_Form, Outcome] | None] = {
+    t: None
+    if t not in _PLANS
+    else (_PLANS[t][0][1], (FRAMED, True, _NO_QUIRKS, (), _PLANS[t][0][2]))
+    for t in _FRAMES
+}
+# EV_IPL: GRUB's labels and the outcome when the text after one proves the data. The
+# labels are those of _GRUB_CMD and _GRUB_CMDLINE, in their order; no data starts with two.
+_GRUB_LABELS: tuple[tuple[bytes, Outcome], ...] = tuple(
+    (label, (PENDING, True, quirk_id, (), covers))
     for quirk_id, form, covers, _ in _PLANS[T.EV_IPL][1:]
+    if quirk_id is not None
     for label in _FORM_LABELS[form]
 )
-_WHOLE_COVERS = _COVERS[_whole]
 
 
 def check_all(
@@ -906,36 +938,30 @@ def check_all(
     limits: Limits = DEFAULT_LIMITS,
 ) -> CheckedEvents:
     """``checker(algorithms, defer=True)`` over ``events`` (one log's, all of them, in
-    order), as columns. ``spec_id``: the log's, already parsed from event 0's data.
+    order). ``spec_id``: the log's, already parsed from event 0's data.
 
     With one computable bank, the usual events take an inlined path that gives the
     checker's outcome without its generic search: a GRUB label's forms are tried before
     the whole data, the one (with or without the NUL) that proved the last GRUB string
     first (as the checker's hint does: only a hash collision could tell the orders
-    apart), the other forms in the checker's order; event 0's Spec ID event is
-    the one parse read (the same bytes, read by the same function with no tighter limit).
+    apart), the other forms in the checker's order; event 0's Spec ID event is the one
+    parse read (the same bytes, read by the same function with no tighter limit).
     """
     check = checker(algorithms, uintn_size=uintn_size, limits=limits, defer=True)
     computable = [a for a in algorithms if a.computable]
     one_bank = len(computable) == 1
     # (with several banks, or none, only the general path runs: bank and new go unused)
     bank, new = (computable[0].name, computable[0].new) if computable else ("", _sha256)
-    out = CheckedEvents()
-    decoded_l, verified_l, quirks_l = out.decoded, out.verified, out.quirks
-    problems_l, covers_l, by_type, applied = out.problems_of, out.covers, out.by_type, out.applied
+    out = CheckedEvents(uintn_size, limits)
+    outcomes, by_type, applied = out.outcomes, out.by_type, out.applied
+    append = outcomes.append
     compare = hmac.compare_digest
-    no_quirks: tuple[AppliedQuirk, ...] = ()
-    no_problems: tuple[str, ...] = ()
-    pending, lazy = PENDING, LazyDecode
-    unchecked, whole_types, framed, frames = (
-        _DEFERRED_UNCHECKED,
-        _DEFERRED_WHOLE,
-        _FRAMED_FIRST,
-        _FRAMES,
-    )
+    unchecked, whole_types = _DEFERRED_UNCHECKED, _DEFERRED_WHOLE
+    framed, frames = _FRAMED_FIRST, _FRAMES
     ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
-    grub_labels, whole_covers = _GRUB_LABELS, _WHOLE_COVERS
-    description_pcrs = _IPL_DESCRIPTION_PCRS
+    grub_labels, description_pcrs = _GRUB_LABELS, _IPL_DESCRIPTION_PCRS
+    unchecked_outcome, whole_proven, description = _UNCHECKED, _WHOLE_PROVEN, _DESCRIPTION
+    framed_unchecked = _FRAMED_UNCHECKED
     max_nodes = limits.max_device_path_nodes
     spec_ok = spec_id is not None and len(spec_id.algorithms) <= limits.max_digests_per_event
     without_nul = False  # whether the last GRUB string was measured without its NUL
@@ -948,56 +974,45 @@ def check_all(
             by_type[t] = [index]
         if one_bank:
             data = event.untrusted_data
-            decoded: Decoded | Pending | LazyDecode | None = pending
-            general = False  # True: leave this event to the checker's general path
-            verified: bool | None = None
-            quirk: str | None = None
-            covers: str | None = None
+            outcome: Outcome | None = None  # None: the checker's general path decides
             if t in unchecked:
-                pass
+                outcome = unchecked_outcome
             elif t in whole_types or (t == separator and len(data) == 4):
                 digest = event.digests.get(bank)
-                if digest is None or not compare(new(data).digest(), digest):
-                    general = True  # (the checker says why)
-                else:
-                    verified, covers = True, whole_covers
+                if digest is not None and compare(new(data).digest(), digest):
+                    outcome = whole_proven
             elif t == ipl:
                 digest = event.digests.get(bank)
-                if digest is None:
-                    general = True
-                else:
-                    for label, label_quirk, label_covers in grub_labels:
+                if digest is not None:
+                    for label, proven in grub_labels:
                         if data.startswith(label):
                             body = data[len(label) :]
                             if not body.endswith(b"\x00"):
                                 if compare(new(body).digest(), digest):
-                                    verified, quirk, covers = True, label_quirk, label_covers
+                                    outcome = proven
                             else:  # GRUB builds differ on the NUL: the last one's way first
                                 first, second = (
                                     (body[:-1], body) if without_nul else (body, body[:-1])
                                 )
                                 if compare(new(first).digest(), digest):
-                                    verified, quirk, covers = True, label_quirk, label_covers
+                                    outcome = proven
                                 elif compare(new(second).digest(), digest):
-                                    verified, quirk, covers = True, label_quirk, label_covers
+                                    outcome = proven
                                     without_nul = not without_nul
                             break
-                    if verified is None:
+                    if outcome is None:
                         if compare(new(data).digest(), digest):
-                            verified, covers = True, whole_covers
+                            outcome = whole_proven
                         elif event.pcr in description_pcrs:
-                            quirk = "ipl-description-only"
-                        else:
-                            general = True
+                            outcome = description
             elif t in framed:
                 frame = frames[t](data, uintn_size, max_nodes)
-                if frame is None:
-                    general = True
-                else:
-                    decoded = lazy(event.data_offset, uintn_size, limits)
+                if frame is not None:
                     spec_form = framed[t]
-                    if spec_form is not None:
-                        form, first_covers = spec_form
+                    if spec_form is None:
+                        outcome = framed_unchecked
+                    else:
+                        form, proven = spec_form
                         digest = event.digests.get(bank)
                         candidates = form(data, frame)
                         if (
@@ -1005,37 +1020,28 @@ def check_all(
                             and candidates
                             and compare(new(candidates[0]).digest(), digest)
                         ):
-                            verified, covers = True, first_covers
-                        else:
-                            general = True
-            elif t == no_action and index == 0 and spec_id is not None and spec_ok:
-                if data == spec_id.raw:
-                    decoded = spec_id
-                else:
-                    general = True
-            else:
-                general = True
-            if not general:
-                decoded_l.append(decoded)
-                verified_l.append(verified)
-                problems_l.append(no_problems)
-                covers_l.append(covers)
-                if quirk is None:
-                    quirks_l.append(no_quirks)
-                else:
-                    quirks_l.append(quirk)
+                            outcome = proven
+            elif (
+                t == no_action
+                and index == 0
+                and spec_ok
+                and spec_id is not None
+                and data == spec_id.raw
+            ):
+                outcome = (spec_id, None, (), (), None)
+            if outcome is not None:
+                append(outcome)
+                quirk = outcome[2]
+                if type(quirk) is str:
                     if quirk in applied:
                         applied[quirk].append(index)
                     else:
                         applied[quirk] = [index]
                 continue
         # the general path: checker's own search
-        decoded, verified, quirks, problems, covers = check(event)
-        decoded_l.append(decoded)
-        verified_l.append(verified)
-        quirks_l.append(quirks)
-        problems_l.append(problems)
-        covers_l.append(covers)
+        checked = check(event)
+        append(checked)
+        _, verified, quirks, problems, _ = checked
         for q in quirks:
             if q.quirk_id in applied:
                 applied[q.quirk_id].append(index)

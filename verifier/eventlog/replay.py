@@ -243,9 +243,7 @@ class ReplayedLog:
         """Event ``index`` (its position in the log, the header record being 0)."""
         built = self._built[index]
         if built is None:
-            built = self._built[index] = _replayed_event(
-                self._log_events[index], self._checked, index
-            )
+            built = self._built[index] = _replayed_event(self._log_events[index], self._checked)
         return built
 
     @property
@@ -256,8 +254,7 @@ class ReplayedLog:
     @property
     def quirks(self) -> tuple[AppliedQuirk, ...]:
         """Every quirk applied: the log's own (e.g. padding), then each event's, in order."""
-        quirks = self._checked.materialized_quirks
-        return self._log_quirks + tuple(q for i in range(len(self._log_events)) for q in quirks(i))
+        return self._log_quirks + tuple(q for e in self.events for q in e.quirks)
 
     def events_of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
         event = self.event
@@ -286,9 +283,10 @@ _UnfrozenReplayedEvent = unfrozen_twin(ReplayedEvent)
 _new_object = object.__new__
 
 
-def _replayed_event(event: Event, checked: CheckedEvents, i: int) -> ReplayedEvent:
+def _replayed_event(event: Event, checked: CheckedEvents) -> ReplayedEvent:
     """``ReplayedEvent(...)`` from the parsed event and its check: plain attribute stores,
     then the frozen class (see verifier/eventlog/_frozen.py)."""
+    decoded, verified, quirks, problems, covers = checked.outcome(event)
     replayed = _new_object(_UnfrozenReplayedEvent)
     replayed.index = event.index
     replayed.offset = event.offset
@@ -296,11 +294,11 @@ def _replayed_event(event: Event, checked: CheckedEvents, i: int) -> ReplayedEve
     replayed.event_type = event.event_type
     replayed.digests = event.digests
     replayed.untrusted_data = event.untrusted_data
-    replayed.data_verified = checked.verified[i]
-    replayed.problems = checked.problems_of[i]
-    replayed.quirks = checked.materialized_quirks(i)
-    replayed.digest_covers = checked.covers[i]
-    replayed._decoded = checked.decoded[i]
+    replayed.data_verified = verified
+    replayed.problems = problems
+    replayed.quirks = quirks
+    replayed.digest_covers = covers
+    replayed._decoded = decoded
     replayed.__class__ = ReplayedEvent
     return replayed  # type: ignore[no-any-return]
 
