@@ -129,13 +129,14 @@ class BootEvidence:
     Immutable. From a ReplayedLog, events are built only as rules read them.
     """
 
-    __slots__ = ("_by_index", "_by_type", "_log", "covered", "pcrs")
+    __slots__ = ("_by_index", "_by_type", "_log", "_variables", "covered", "pcrs")
 
     pcrs: Mapping[str, Mapping[int, bytes]]
     covered: Mapping[str, frozenset[int]]
     _log: ReplayedLog | None
     _by_type: dict[int, tuple[ReplayedEvent, ...]]
     _by_index: dict[int, ReplayedEvent]
+    _variables: dict[str | None, list[int]]
 
     def __init__(
         self,
@@ -156,6 +157,7 @@ class BootEvidence:
             by_type.setdefault(e.event_type, []).append(e)
         setattr_(self, "_by_type", {t: tuple(v) for t, v in by_type.items()})
         setattr_(self, "_by_index", {e.index: e for e in events})
+        setattr_(self, "_variables", {})
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"BootEvidence is immutable (cannot set {name})")
@@ -178,6 +180,20 @@ class BootEvidence:
         if self._log is not None:
             return self._log.unverified_events(event_type)
         return self._by_type.get(event_type, ())
+
+    def variable_events(self, name: str) -> tuple[ReplayedEvent, ...]:
+        """The EV_EFI_VARIABLE_DRIVER_CONFIG events whose raw data names variable ``name``
+        (NOTHING about them proven: read ``data_verified``). The names are read once."""
+        by_name = self._variables
+        if not by_name:
+            by_name[None] = []  # (marks the index as built)
+            for raw in self.unverified_of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
+                key = variable_name(raw.untrusted_data)
+                if key in by_name:
+                    by_name[key].append(raw.index)
+                else:
+                    by_name[key] = [raw.index]
+        return tuple(self.event(i) for i in by_name.get(name, ()))
 
     def event(self, index: int) -> ReplayedEvent:
         """Event ``index`` of the log, as replayed (what its digest proves)."""
@@ -316,10 +332,7 @@ def _variables(
         f"{name} is in a PCR the quote does not cover",
         f"{name} event data does not match its digest (forged?)",
     )
-    for raw in evidence.unverified_of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
-        if variable_name(raw.untrusted_data) != name:
-            continue  # (another variable: not decoded at all)
-        e = evidence.event(raw.index)
+    for e in evidence.variable_events(name):  # (other variables are not decoded at all)
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
             continue
