@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -28,6 +29,13 @@ __all__ = ["Signature"]
 
 _RSA_SIGS = (TpmAlg.RSASSA, TpmAlg.RSAPSS)
 _ECC_SIGS = (TpmAlg.ECDSA, TpmAlg.ECDAA, TpmAlg.SM2, TpmAlg.ECSCHNORR)
+# the hashes verify accepts (cryptography_hash would give the same classes)
+_VERIFY_HASHES: dict[TpmAlg, type[hashes.HashAlgorithm]] = {
+    TpmAlg.SHA1: hashes.SHA1,
+    TpmAlg.SHA256: hashes.SHA256,
+    TpmAlg.SHA384: hashes.SHA384,
+    TpmAlg.SHA512: hashes.SHA512,
+}
 _MAX_RSA_KEY_BYTES = 512
 _MAX_ECC_KEY_BYTES = 128
 
@@ -110,11 +118,14 @@ class Signature:
             key = public.public_key() if isinstance(public, Public) else public
         except ParseError as exc:
             raise VerificationError(check, f"unusable public key: {exc}") from None
-        try:
-            algorithm = cryptography_hash(self.hash_alg)
-        except ValueError as exc:
-            raise VerificationError(check, f"unsupported hash: {exc}") from None
-        if self.hash_alg not in (TpmAlg.SHA1, TpmAlg.SHA256, TpmAlg.SHA384, TpmAlg.SHA512):
+        hash_class = _VERIFY_HASHES.get(self.hash_alg)
+        if hash_class is not None:
+            algorithm: hashes.HashAlgorithm = hash_class()
+        else:  # says which of the two ways the hash is unsupported
+            try:
+                cryptography_hash(self.hash_alg)
+            except ValueError as exc:
+                raise VerificationError(check, f"unsupported hash: {exc}") from None
             raise VerificationError(check, f"unsupported hash {self.hash_alg.name}")
         try:
             if self.sig_alg == TpmAlg.ECDSA:
