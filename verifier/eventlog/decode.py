@@ -43,6 +43,7 @@ from verifier.eventlog.parse import (
     SPEC_ID_03,
     STARTUP_LOCALITY,
     Event,
+    Records,
     SpecIdEvent,
     StartupLocality,
 )
@@ -930,15 +931,15 @@ _GRUB_LABELS: tuple[tuple[bytes, Outcome], ...] = tuple(
 
 
 def check_all(
-    events: tuple[Event, ...],
+    records: Records,
     algorithms: tuple[HashAlgorithm, ...],
     *,
     uintn_size: int = 2,
     spec_id: SpecIdEvent | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> CheckedEvents:
-    """``checker(algorithms, defer=True)`` over ``events`` (one log's, all of them, in
-    order). ``spec_id``: the log's, already parsed from event 0's data.
+    """``checker(algorithms, defer=True)`` over every event of a log (its ``records``),
+    in order. ``spec_id``: the log's, already parsed from event 0's data.
 
     With one computable bank, the usual events take an inlined path that gives the
     checker's outcome without its generic search: a GRUB label's forms are tried before
@@ -950,8 +951,9 @@ def check_all(
     check = checker(algorithms, uintn_size=uintn_size, limits=limits, defer=True)
     computable = [a for a in algorithms if a.computable]
     one_bank = len(computable) == 1
-    # (with several banks, or none, only the general path runs: bank and new go unused)
-    bank, new = (computable[0].name, computable[0].new) if computable else ("", _sha256)
+    # (with several banks, or none, only the general path runs: column and new go unused)
+    new = computable[0].new if computable else _sha256
+    column = records.digests[records.names.index(computable[0].name)] if computable else []
     out = CheckedEvents(uintn_size, limits)
     outcomes, by_type, applied = out.outcomes, out.by_type, out.applied
     append = outcomes.append
@@ -965,47 +967,45 @@ def check_all(
     max_nodes = limits.max_device_path_nodes
     spec_ok = spec_id is not None and len(spec_id.algorithms) <= limits.max_digests_per_event
     without_nul = False  # whether the last GRUB string was measured without its NUL
-    for event in events:
-        t = event.event_type
-        index = event.index
+    log = records.data
+    for index, (t, pcr, start, end) in enumerate(
+        zip(records.types, records.pcrs, records.data_starts, records.ends, strict=True)
+    ):
         if t in by_type:  # (setdefault would build a list per event)
             by_type[t].append(index)
         else:
             by_type[t] = [index]
         if one_bank:
-            data = event.untrusted_data
             outcome: Outcome | None = None  # None: the checker's general path decides
+            digest = column[index]
             if t in unchecked:
                 outcome = unchecked_outcome
-            elif t in whole_types or (t == separator and len(data) == 4):
-                digest = event.digests.get(bank)
-                if digest is not None and compare(new(data).digest(), digest):
+            elif t in whole_types or (t == separator and end - start == 4):
+                if compare(new(log[start:end]).digest(), digest):
                     outcome = whole_proven
             elif t == ipl:
-                digest = event.digests.get(bank)
-                if digest is not None:
-                    for label, proven in grub_labels:
-                        if data.startswith(label):
-                            body = data[len(label) :]
-                            if not body.endswith(b"\x00"):
-                                if compare(new(body).digest(), digest):
-                                    outcome = proven
-                            else:  # GRUB builds differ on the NUL: the last one's way first
-                                first, second = (
-                                    (body[:-1], body) if without_nul else (body, body[:-1])
-                                )
-                                if compare(new(first).digest(), digest):
-                                    outcome = proven
-                                elif compare(new(second).digest(), digest):
-                                    outcome = proven
-                                    without_nul = not without_nul
-                            break
-                    if outcome is None:
-                        if compare(new(data).digest(), digest):
-                            outcome = whole_proven
-                        elif event.pcr in description_pcrs:
-                            outcome = description
+                data = log[start:end]
+                for label, proven in grub_labels:
+                    if data.startswith(label):
+                        body = data[len(label) :]
+                        if not body.endswith(b"\x00"):
+                            if compare(new(body).digest(), digest):
+                                outcome = proven
+                        else:  # GRUB builds differ on the NUL: the last one's way first
+                            first, second = (body[:-1], body) if without_nul else (body, body[:-1])
+                            if compare(new(first).digest(), digest):
+                                outcome = proven
+                            elif compare(new(second).digest(), digest):
+                                outcome = proven
+                                without_nul = not without_nul
+                        break
+                if outcome is None:
+                    if compare(new(data).digest(), digest):
+                        outcome = whole_proven
+                    elif pcr in description_pcrs:
+                        outcome = description
             elif t in framed:
+                data = log[start:end]
                 frame = frames[t](data, uintn_size, max_nodes)
                 if frame is not None:
                     spec_form = framed[t]
@@ -1013,20 +1013,15 @@ def check_all(
                         outcome = framed_unchecked
                     else:
                         form, proven = spec_form
-                        digest = event.digests.get(bank)
                         candidates = form(data, frame)
-                        if (
-                            digest is not None
-                            and candidates
-                            and compare(new(candidates[0]).digest(), digest)
-                        ):
+                        if candidates and compare(new(candidates[0]).digest(), digest):
                             outcome = proven
             elif (
                 t == no_action
                 and index == 0
                 and spec_ok
                 and spec_id is not None
-                and data == spec_id.raw
+                and log[start:end] == spec_id.raw
             ):
                 outcome = (spec_id, None, (), (), None)
             if outcome is not None:
@@ -1039,7 +1034,7 @@ def check_all(
                         applied[quirk] = [index]
                 continue
         # the general path: checker's own search
-        checked = check(event)
+        checked = check(records.event(index))
         append(checked)
         _, verified, quirks, problems, _ = checked
         for q in quirks:

@@ -38,7 +38,7 @@ from vtpm_core.errors import ParseError
 if TYPE_CHECKING:
     from verifier.eventlog.replay import PcrBanks, ReplayedLog
 
-__all__ = ["Event", "EventLog", "LogFormat", "SpecIdEvent", "StartupLocality"]
+__all__ = ["Event", "EventLog", "LogFormat", "Records", "SpecIdEvent", "StartupLocality"]
 
 LogFormat = Literal["sha1-legacy", "crypto-agile"]
 
@@ -176,22 +176,154 @@ class Event:
         )
 
 
-@dataclass(frozen=True, slots=True)
+class Records:
+    """A parsed log's records, column by column: position ``i`` of each list is event
+    ``i`` (the header record being 0). :meth:`event` builds its :class:`Event` when first
+    asked; the records the general parsers read are kept as they built them.
+
+    ``data_starts[i]:ends[i]`` is event ``i``'s data within ``data`` (the log);
+    ``digests[k][i]`` its digest in bank ``names[k]`` (the Spec ID event's order).
+    """
+
+    __slots__ = (
+        "built",
+        "data",
+        "data_starts",
+        "digests",
+        "ends",
+        "names",
+        "offsets",
+        "pcrs",
+        "types",
+    )
+
+    def __init__(self, data: bytes, names: tuple[str, ...]) -> None:
+        self.data = data
+        self.names = names
+        self.offsets: list[int] = []
+        self.ends: list[int] = []
+        self.data_starts: list[int] = []
+        self.pcrs: list[int] = []
+        self.types: list[int] = []
+        self.digests: list[list[bytes]] = [[] for _ in names]
+        self.built: dict[int, Event] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def add(self, event: Event) -> None:
+        """Append a record a general parser built (kept: its digests in record order)."""
+        self.built[len(self.offsets)] = event
+        end = event.offset + len(event.raw)
+        self.offsets.append(event.offset)
+        self.ends.append(end)
+        self.data_starts.append(end - len(event.untrusted_data))
+        self.pcrs.append(event.pcr)
+        self.types.append(event.event_type)
+        for name, column in zip(self.names, self.digests, strict=True):
+            column.append(event.digests[name])
+
+    def event(self, index: int) -> Event:
+        built = self.built.get(index)
+        if built is None:
+            names, digests = self.names, self.digests
+            end = self.ends[index]
+            built = self.built[index] = _event(
+                index,
+                self.offsets[index],
+                self.pcrs[index],
+                self.types[index],
+                MappingProxyType(
+                    {names[0]: digests[0][index]}
+                    if len(names) == 1
+                    else {name: column[index] for name, column in zip(names, digests, strict=True)}
+                ),
+                self.data[self.data_starts[index] : end],
+                self.data[self.offsets[index] : end],
+            )
+        return built
+
+    def untrusted_data(self, index: int) -> bytes:
+        return self.data[self.data_starts[index] : self.ends[index]]
+
+
 class EventLog:
     """A parsed, UNVERIFIED event log. Policy code never sees this type.
 
     ``events`` includes the header record (index 0: the Spec ID event in a
-    crypto-agile log), so indices match tpm2_eventlog's EventNum.
+    crypto-agile log), so indices match tpm2_eventlog's EventNum. Immutable; its
+    Event objects are built when ``events`` (or :meth:`event`) is first read:
+    ``records`` holds the same records column by column, for replay and checks.
     """
+
+    __slots__ = (
+        "_events",
+        "algorithms",
+        "banks",
+        "format",
+        "quirks",
+        "raw",
+        "records",
+        "spec_id",
+        "startup_locality",
+    )
 
     format: LogFormat
     banks: tuple[str, ...]
     algorithms: tuple[HashAlgorithm, ...]
     spec_id: SpecIdEvent | None
-    events: tuple[Event, ...]
+    records: Records
     startup_locality: StartupLocality | None
     quirks: tuple[AppliedQuirk, ...]
     raw: bytes
+    _events: tuple[Event, ...] | None
+
+    def __init__(
+        self,
+        *,
+        format: LogFormat,
+        algorithms: tuple[HashAlgorithm, ...],
+        spec_id: SpecIdEvent | None,
+        records: Records,
+        startup_locality: StartupLocality | None,
+        quirks: tuple[AppliedQuirk, ...],
+        raw: bytes,
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "format", format)
+        setattr_(self, "banks", tuple(a.name for a in algorithms))
+        setattr_(self, "algorithms", algorithms)
+        setattr_(self, "spec_id", spec_id)
+        setattr_(self, "records", records)
+        setattr_(self, "startup_locality", startup_locality)
+        setattr_(self, "quirks", quirks)
+        setattr_(self, "raw", raw)
+        setattr_(self, "_events", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"EventLog is immutable (cannot set {name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"EventLog is immutable (cannot delete {name})")
+
+    def __repr__(self) -> str:
+        return (
+            f"EventLog(format={self.format!r}, banks={self.banks!r}, "
+            f"events={len(self.records)}, bytes={len(self.raw)})"
+        )
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        events = self._events
+        if events is None:
+            event = self.records.event
+            events = tuple(event(i) for i in range(len(self.records)))
+            object.__setattr__(self, "_events", events)
+        return events
+
+    def event(self, index: int) -> Event:
+        """Event ``index`` (the header record being 0)."""
+        return self.records.event(index)
 
     @classmethod
     def parse(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> EventLog:
@@ -211,7 +343,6 @@ class EventLog:
         if not data:
             raise ParseError("TCG_PCR_EVENT", "pcrIndex", 0, "empty log")
         first = _parse_legacy(data, 0, 0, limits)
-        events: list[Event] = [first]
         quirks: list[AppliedQuirk] = []
         spec_id: SpecIdEvent | None = None
         if first.untrusted_data.startswith(SPEC_ID_03):
@@ -231,21 +362,31 @@ class EventLog:
         else:
             algorithms = (_SHA1,)
             fmt = "sha1-legacy"
+        records = Records(data, tuple(a.name for a in algorithms))
+        # the header record keeps its Event (one SHA-1 digest); the bank columns hold that
+        # digest for it in every bank: never read, an EV_NO_ACTION record is not extended
+        records.built[0] = first
+        records.offsets.append(0)
+        records.ends.append(len(first.raw))
+        records.data_starts.append(_LEGACY_HEADER)
+        records.pcrs.append(first.pcr)
+        records.types.append(first.event_type)
+        for column in records.digests:
+            column.append(first.digests["sha1"])
         offset = len(first.raw)
         if spec_id is not None:
-            if _agile_records(data, offset, events, algorithms, limits, quirks):
-                startup = _startup_locality(events, True)
+            if _agile_records(data, offset, records, algorithms, limits, quirks):
+                startup = _startup_locality(records, True)
             else:
                 startup = None  # (no StartupLocality event: nothing to check)
         else:
-            _legacy_records(data, offset, events, limits, quirks)
-            startup = _startup_locality(events, False)
+            _legacy_records(data, offset, records, limits, quirks)
+            startup = _startup_locality(records, False)
         return cls(
             format=fmt,
-            banks=tuple(a.name for a in algorithms),
             algorithms=algorithms,
             spec_id=spec_id,
-            events=tuple(events),
+            records=records,
             startup_locality=startup,
             quirks=tuple(quirks),
             raw=data,
@@ -329,7 +470,7 @@ def _too_many(structure: str, offset: int, limits: Limits) -> ParseError:
 
 
 def _legacy_records(
-    data: bytes, offset: int, events: list[Event], limits: Limits, quirks: list[AppliedQuirk]
+    data: bytes, offset: int, records: Records, limits: Limits, quirks: list[AppliedQuirk]
 ) -> None:
     """The TCG_PCR_EVENTs after the first, up to the end of ``data`` or its padding."""
     padding = _padding_starts(data)
@@ -337,27 +478,29 @@ def _legacy_records(
         if _is_padding(data, offset, padding):
             quirks.append(_padding_quirk(data, offset))
             break
-        if len(events) >= limits.max_events:
+        if len(records) >= limits.max_events:
             raise _too_many("TCG_PCR_EVENT", offset, limits)
-        event = _parse_legacy(data, offset, len(events), limits)
-        events.append(event)
+        event = _parse_legacy(data, offset, len(records), limits)
+        records.add(event)
         offset += len(event.raw)
 
 
 def _agile_records(
     data: bytes,
     offset: int,
-    events: list[Event],
+    records: Records,
     algorithms: tuple[HashAlgorithm, ...],
     limits: Limits,
     quirks: list[AppliedQuirk],
 ) -> bool:
     """The TCG_PCR_EVENT2s after the Spec ID event, up to the end of ``data`` or its
-    padding. Returns whether any is a StartupLocality event (for _startup_locality).
+    padding, into ``records``. Returns whether any is a StartupLocality event (for
+    _startup_locality).
 
     The usual record lists every bank once, in the Spec ID event's order: one
-    struct reads its whole header. Any other record goes to _parse_agile_fast,
-    then to _parse_agile, which reports what is wrong with it.
+    struct reads its whole header, and its fields go straight into the columns.
+    Any other record goes to _parse_agile_fast, then to _parse_agile, which
+    reports what is wrong with it.
     """
     end = len(data)
     padding = _padding_starts(data)
@@ -367,20 +510,20 @@ def _agile_records(
     header_size = header.size
     unpack = header.unpack_from
     alg_ids = tuple(a.alg_id for a in algorithms)
-    names = tuple(a.name for a in algorithms)
     layout_ok = len(algorithms) <= limits.max_digests_per_event
     banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
     no_action = EventType.EV_NO_ACTION
-    new, unfrozen, frozen = _new_object, _UnfrozenEvent, Event
+    offsets, ends, data_starts = records.offsets, records.ends, records.data_starts
+    pcrs, types, digests = records.pcrs, records.types, records.digests
+    first_bank = digests[0]
     startup = False
-    index = len(events)
+    index = len(records)
     while offset < end:
         if offset >= pad_from and _is_padding(data, offset, padding):
             quirks.append(_padding_quirk(data, offset))
             break
         if index >= max_events:
             raise _too_many("TCG_PCR_EVENT2", offset, limits)
-        event: Event | None = None
         if layout_ok and offset + header_size <= end:
             fields = unpack(data, offset)
             pcr, event_type, count, size = fields[0], fields[1], fields[2], fields[-1]
@@ -392,28 +535,27 @@ def _agile_records(
                 and stop <= end
                 and (fields[3] == alg_ids[0] if banks == 1 else fields[3:-1:2] == alg_ids)
             ):
-                # _event(...), inlined: this loop runs for every record
-                built = new(unfrozen)
-                built.index = index
-                built.offset = offset
-                built.pcr = pcr
-                built.event_type = event_type
-                built.digests = MappingProxyType(
-                    {names[0]: fields[4]}
-                    if banks == 1
-                    else dict(zip(names, fields[4:-1:2], strict=True))
-                )
-                built.untrusted_data = data[stop - size : stop]
-                built.raw = data[offset:stop]
-                built.__class__ = frozen
-                event = built
-        if event is None:
-            event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
-                data, offset, index, algorithms, limits
-            )
+                offsets.append(offset)
+                ends.append(stop)
+                data_starts.append(stop - size)
+                pcrs.append(pcr)
+                types.append(event_type)
+                if banks == 1:
+                    first_bank.append(fields[4])
+                else:
+                    for column, digest in zip(digests, fields[4:-1:2], strict=True):
+                        column.append(digest)
+                if event_type == no_action and not startup:
+                    startup = pcr == 0 and data.startswith(STARTUP_LOCALITY, stop - size, stop)
+                index += 1
+                offset = stop
+                continue
+        event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
+            data, offset, index, algorithms, limits
+        )
         if event.event_type == no_action and not startup:
             startup = event.is_startup_locality
-        events.append(event)
+        records.add(event)
         index += 1
         offset += len(event.raw)
     return startup
@@ -549,7 +691,7 @@ def _parse_agile(
     )
 
 
-def _startup_locality(events: list[Event], agile: bool) -> StartupLocality | None:
+def _startup_locality(records: Records, agile: bool) -> StartupLocality | None:
     """Find and check the StartupLocality event (PFP §10.4.5.3).
 
     It must precede every PCR 0 extend (it states PCR 0's initial value), and
@@ -558,7 +700,7 @@ def _startup_locality(events: list[Event], agile: bool) -> StartupLocality | Non
     found: StartupLocality | None = None
     pcr0_extended = False
     structure = "TCG_PCR_EVENT2" if agile else "TCG_PCR_EVENT"
-    for event in events:
+    for event in (records.event(i) for i in range(len(records))):
         if event.is_startup_locality:
             if found is not None:
                 raise ParseError(structure, "event", event.offset, "second StartupLocality event")

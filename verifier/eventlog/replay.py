@@ -15,7 +15,7 @@ does not (``decoded`` is None then; ``untrusted_decoded`` keeps it).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -56,31 +56,51 @@ def replay_events(
     is extended after it). PCRs the log never touches are absent (their
     value is whatever the platform reset them to, which the log cannot tell).
     """
-    out: PcrBanks = {}
-    no_action = EventType.EV_NO_ACTION
-    for alg in algorithms:
-        if not alg.computable:
-            continue
-        new, bank = alg.new, alg.name  # PCR := H(PCR || digest), as alg.extend
-        zero = bytes(alg.digest_size)
-        pcrs: dict[int, bytes] = {}
-        if startup_locality is not None:
-            pcrs[0] = zero[:-1] + bytes([startup_locality.locality])
-        get = pcrs.get
-        for event in events:
-            if event.event_type == no_action:
-                continue  # PFP §10.4.1: never extended
-            digest = event.digests.get(bank)
-            if digest is None:  # cannot happen for a parsed log: every event has every bank
-                continue
-            pcr = event.pcr
-            pcrs[pcr] = new(get(pcr, zero) + digest).digest()
-        out[bank] = dict(sorted(pcrs.items()))
-    return out
+    return _replay(
+        [e.pcr for e in events],
+        [e.event_type for e in events],
+        {a.name: [e.digests.get(a.name) for e in events] for a in algorithms},
+        algorithms,
+        startup_locality,
+    )
 
 
 def replay_log(log: EventLog) -> PcrBanks:
-    return replay_events(log.events, log.algorithms, log.startup_locality)
+    r = log.records
+    return _replay(
+        r.pcrs, r.types, dict(zip(r.names, r.digests, strict=True)), log.algorithms,
+        log.startup_locality,
+    )  # fmt: skip
+
+
+def _replay(
+    pcrs: Sequence[int],
+    types: Sequence[int],
+    digests: Mapping[str, Sequence[bytes | None]],
+    algorithms: tuple[HashAlgorithm, ...],
+    startup_locality: StartupLocality | None,
+) -> PcrBanks:
+    """:func:`replay_events` over the events' PCRs, types and, per bank, digests."""
+    out: PcrBanks = {}
+    no_action = EventType.EV_NO_ACTION
+    for alg in algorithms:
+        column = digests.get(alg.name)
+        if not alg.computable or column is None:
+            continue
+        new = alg.new  # PCR := H(PCR || digest), as alg.extend
+        zero = bytes(alg.digest_size)
+        values: dict[int, bytes] = {}
+        if startup_locality is not None:
+            values[0] = zero[:-1] + bytes([startup_locality.locality])
+        get = values.get
+        for pcr, event_type, digest in zip(pcrs, types, column, strict=True):
+            if event_type == no_action:
+                continue  # PFP §10.4.1: never extended
+            if digest is None:  # cannot happen for a parsed log: every event has every bank
+                continue
+            values[pcr] = new(get(pcr, zero) + digest).digest()
+        out[alg.name] = dict(sorted(values.items()))
+    return out
 
 
 @dataclass(frozen=True, repr=False, slots=True)  # slots: one GC-counted object, not two
@@ -179,8 +199,7 @@ class ReplayedLog:
     __slots__ = (
         "_built",
         "_checked",
-        "_log_events",
-        "_log_quirks",
+        "_log",
         "banks",
         "format",
         "pcrs",
@@ -197,8 +216,7 @@ class ReplayedLog:
     verified: Mapping[str, frozenset[int]]
     warnings: tuple[str, ...]
     startup_locality: StartupLocality | None
-    _log_events: tuple[Event, ...]
-    _log_quirks: tuple[AppliedQuirk, ...]
+    _log: EventLog
     _checked: CheckedEvents
     _built: list[ReplayedEvent | None]
 
@@ -218,10 +236,9 @@ class ReplayedLog:
         setattr_(self, "verified", verified)
         setattr_(self, "warnings", warnings)
         setattr_(self, "startup_locality", log.startup_locality)
-        setattr_(self, "_log_events", log.events)
-        setattr_(self, "_log_quirks", log.quirks)
+        setattr_(self, "_log", log)
         setattr_(self, "_checked", checked)
-        setattr_(self, "_built", [None] * len(log.events))
+        setattr_(self, "_built", [None] * len(log.records))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"ReplayedLog is immutable (cannot set {name})")
@@ -232,29 +249,29 @@ class ReplayedLog:
     def __repr__(self) -> str:
         return (
             f"ReplayedLog(format={self.format!r}, banks={self.banks!r}, "
-            f"events={len(self._log_events)}, verified={dict(self.verified)!r}, "
+            f"events={len(self)}, verified={dict(self.verified)!r}, "
             f"warnings={self.warnings!r})"
         )
 
     def __len__(self) -> int:
-        return len(self._log_events)
+        return len(self._log.records)
 
     def event(self, index: int) -> ReplayedEvent:
         """Event ``index`` (its position in the log, the header record being 0)."""
         built = self._built[index]
         if built is None:
-            built = self._built[index] = _replayed_event(self._log_events[index], self._checked)
+            built = self._built[index] = _replayed_event(self._log.event(index), self._checked)
         return built
 
     @property
     def events(self) -> tuple[ReplayedEvent, ...]:
         event = self.event
-        return tuple(event(i) for i in range(len(self._log_events)))
+        return tuple(event(i) for i in range(len(self)))
 
     @property
     def quirks(self) -> tuple[AppliedQuirk, ...]:
         """Every quirk applied: the log's own (e.g. padding), then each event's, in order."""
-        return self._log_quirks + tuple(q for e in self.events for q in e.quirks)
+        return self._log.quirks + tuple(q for e in self.events for q in e.quirks)
 
     def events_of_type(self, event_type: int) -> tuple[ReplayedEvent, ...]:
         event = self.event
@@ -262,14 +279,15 @@ class ReplayedLog:
 
     def events_in_pcr(self, pcr: int) -> tuple[ReplayedEvent, ...]:
         event = self.event
-        return tuple(event(e.index) for e in self._log_events if e.pcr == pcr)
+        return tuple(event(i) for i, p in enumerate(self._log.records.pcrs) if p == pcr)
 
-    def unverified_events(self, event_type: int) -> tuple[Event, ...]:
-        """The events of ``event_type`` as parsed, NOTHING about their data proven: for a
-        rule to pass over events on sight of their raw data before reading them through
-        :meth:`event` (which says what the digest proves)."""
-        events = self._log_events
-        return tuple(events[i] for i in self._checked.by_type.get(event_type, ()))
+    def unverified_events(self, event_type: int) -> list[tuple[int, int, bytes]]:
+        """(index, PCR, data) of the events of ``event_type`` as parsed, NOTHING about
+        their data proven: for a rule to pass over events on sight of their raw data
+        before reading the others through :meth:`event` (which says what is proven)."""
+        r = self._log.records
+        pcrs, data = r.pcrs, r.untrusted_data
+        return [(i, pcrs[i], data(i)) for i in self._checked.by_type.get(event_type, ())]
 
     @property
     def data_mismatches(self) -> tuple[ReplayedEvent, ...]:
@@ -345,7 +363,7 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
         )
     uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
-    checked = check_all(log.events, log.algorithms, uintn_size=uintn, spec_id=log.spec_id)
+    checked = check_all(log.records, log.algorithms, uintn_size=uintn, spec_id=log.spec_id)
     warnings = (*summarize_applied(log.quirks, checked.applied), *checked.problems)  # step 4
     return ReplayedLog(
         log,

@@ -30,7 +30,6 @@ from typing import Protocol, TypeVar
 from verifier.eventlog import (
     EfiBoolean,
     EfiVariable,
-    Event,
     IplString,
     ReplayedEvent,
     ReplayedLog,
@@ -173,13 +172,13 @@ class BootEvidence:
             return self._log.events_of_type(event_type)
         return self._by_type.get(event_type, ())
 
-    def unverified_of_type(self, event_type: int) -> tuple[Event | ReplayedEvent, ...]:
-        """The events of ``event_type`` with their raw data, NOTHING about it proven: to
-        pass over events on sight (a GRUB command is no kernel command line) before
-        reading the others through :meth:`event`."""
+    def unverified_of_type(self, event_type: int) -> list[tuple[int, int, bytes]]:
+        """(index, PCR, data) of the events of ``event_type``, NOTHING about the data
+        proven: to pass over events on sight (a GRUB command is no kernel command line)
+        before reading the others through :meth:`event`."""
         if self._log is not None:
             return self._log.unverified_events(event_type)
-        return self._by_type.get(event_type, ())
+        return [(e.index, e.pcr, e.untrusted_data) for e in self._by_type.get(event_type, ())]
 
     def variable_events(self, name: str) -> tuple[ReplayedEvent, ...]:
         """The EV_EFI_VARIABLE_DRIVER_CONFIG events whose raw data names variable ``name``
@@ -187,12 +186,12 @@ class BootEvidence:
         by_name = self._variables
         if not by_name:
             by_name[None] = []  # (marks the index as built)
-            for raw in self.unverified_of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
-                key = variable_name(raw.untrusted_data)
+            for index, _, data in self.unverified_of_type(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG):
+                key = variable_name(data)
                 if key in by_name:
-                    by_name[key].append(raw.index)
+                    by_name[key].append(index)
                 else:
-                    by_name[key] = [raw.index]
+                    by_name[key] = [index]
         return tuple(self.event(i) for i in by_name.get(name, ()))
 
     def event(self, index: int) -> ReplayedEvent:
@@ -473,13 +472,12 @@ class KernelCmdlineRule:
         failures: list[Failure] = []
         good = 0
         expected = " or ".join(c.describe() for c in self.allowed)
-        for raw in evidence.unverified_of_type(EventType.EV_IPL):
-            data = raw.untrusted_data
-            if raw.pcr not in _CMDLINE_PCRS or _never_cmdline(data):
+        for index, pcr, data in evidence.unverified_of_type(EventType.EV_IPL):
+            if pcr not in _CMDLINE_PCRS or _never_cmdline(data):
                 continue
             if ipl_kind(data) not in _CMDLINE_KINDS:
                 continue  # (not decoded at all)
-            e = evidence.event(raw.index)
+            e = evidence.event(index)
             ipl = e.untrusted_decoded
             if not isinstance(ipl, IplString) or ipl.kind not in _CMDLINE_KINDS:
                 continue
