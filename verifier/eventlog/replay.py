@@ -286,8 +286,11 @@ class ReplayedLog:
         their data proven: for a rule to pass over events on sight of their raw data
         before reading the others through :meth:`event` (which says what is proven)."""
         r = self._log.records
-        pcrs, data = r.pcrs, r.untrusted_data
-        return [(i, pcrs[i], data(i)) for i in self._checked.by_type.get(event_type, ())]
+        log, pcrs, starts, ends = r.data, r.pcrs, r.data_starts, r.ends
+        return [
+            (i, pcrs[i], log[starts[i] : ends[i]])
+            for i in self._checked.by_type.get(event_type, ())
+        ]
 
     @property
     def data_mismatches(self) -> tuple[ReplayedEvent, ...]:
