@@ -36,7 +36,6 @@ from verifier.policy.rules import (
     BootEvidence,
     EventRef,
     Failure,
-    PolicyViolationError,
     rules_for,
 )
 from verifier.policy.schema import Policy
@@ -143,7 +142,7 @@ class _Compiled:
     @classmethod
     def of(cls, policy: Policy) -> _Compiled:
         rules = rules_for(policy)
-        return cls(policy, rules, frozenset(r.claim for r in rules.children), policy.id)
+        return cls(policy, rules, frozenset([r.claim for r in rules.children]), policy.id)
 
 
 def _result(
@@ -167,11 +166,7 @@ def _evaluate(
     quote: QuoteSummary | None,
     replayed: ReplayedLog | None,
 ) -> AppraisalResult:
-    failures: tuple[Failure, ...] = ()
-    try:
-        policy.rules.check(evidence)
-    except PolicyViolationError as exc:
-        failures = exc.failures
+    failures = tuple(policy.rules.failures(evidence))  # (what check() would raise)
     for e in evidence.data_mismatches:
         warnings.append(f"{EventRef.of(e)}: data does not match its digest (not trusted)")
     vector = _vector(policy.claims, failures, identity)

@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import operator
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,10 +102,13 @@ class Status:
 
 
 _STATUS_RANK = {Status.NONE: 0, Status.AFFIRMING: 1, Status.WARNING: 2, Status.CONTRAINDICATED: 3}
+_FIELDS = tuple(name.replace("-", "_") for name in AR4SI_CLAIMS)  # TrustVector's, in order
+_codes = operator.attrgetter(*_FIELDS)
 
 
 def _tier(code: int) -> str:
-    """AR4SI §3.2 tiers (negative codes are implementation-specific, same tiers by magnitude)."""
+    """AR4SI §3.2 tiers (negative codes are implementation-specific, same tiers by magnitude).
+    The tier only rises with the magnitude."""
     c = abs(code)
     if c <= 1:
         return Status.NONE
@@ -130,12 +134,7 @@ class TrustVector:
 
     def to_json(self) -> dict[str, int]:
         """Only the claims made (non-zero), under their AR4SI names."""
-        out = {}
-        for name in AR4SI_CLAIMS:
-            value = getattr(self, name.replace("-", "_"))
-            if value:
-                out[name] = value
-        return out
+        return {name: code for name, code in zip(AR4SI_CLAIMS, _codes(self), strict=True) if code}
 
     @classmethod
     def from_json(cls, obj: Any) -> TrustVector:
@@ -159,12 +158,9 @@ class TrustVector:
 
 
 def status_of(vector: TrustVector) -> str:
-    worst = Status.NONE
-    for name in AR4SI_CLAIMS:
-        tier = _tier(getattr(vector, name.replace("-", "_")))
-        if _STATUS_RANK[tier] > _STATUS_RANK[worst]:
-            worst = tier
-    return worst
+    """The worst tier over the claims: the tier of the largest magnitude (see _tier)."""
+    codes: tuple[int, ...] = _codes(vector)
+    return _tier(max(map(abs, codes)))
 
 
 class Appraised(Protocol):

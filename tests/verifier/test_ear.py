@@ -9,8 +9,18 @@ from dataclasses import dataclass
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 
-from verifier.ear import EAR_PROFILE, Ar4si, EarSigner, Status, TrustVector, verify_result
+from verifier.ear import (
+    AR4SI_CLAIMS,
+    EAR_PROFILE,
+    Ar4si,
+    EarSigner,
+    Status,
+    TrustVector,
+    verify_result,
+)
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 NONCE = bytes(range(32))
@@ -155,3 +165,30 @@ def test_bad_jwks(signer: EarSigner, jwks: object) -> None:
     token = signer.sign(GOOD, NONCE, "vm", "p")
     with pytest.raises(ParseError, match="JWKS"):
         verify_result(token, jwks, now=lambda: NOW)  # type: ignore[arg-type]
+
+
+def _worst_tier_claim_by_claim(vector: TrustVector) -> str:
+    """The status as first written: each claim's tier, the worst one kept."""
+    rank = [Status.NONE, Status.AFFIRMING, Status.WARNING, Status.CONTRAINDICATED]
+    worst = Status.NONE
+    for name in AR4SI_CLAIMS:
+        code = abs(getattr(vector, name.replace("-", "_")))
+        tier = rank[0 if code <= 1 else 1 if code <= 31 else 2 if code <= 95 else 3]
+        worst = max(worst, tier, key=rank.index)
+    return worst
+
+
+@given(st.lists(st.integers(-128, 127), min_size=8, max_size=8))
+def test_status_is_the_worst_claims_tier(codes: list[int]) -> None:
+    vector = TrustVector(*codes)
+    assert vector.status == _worst_tier_claim_by_claim(vector)
+    assert vector.to_json() == {
+        name: code for name, code in zip(AR4SI_CLAIMS, codes, strict=True) if code
+    }
+
+
+@pytest.mark.parametrize("code", range(-128, 128))
+def test_status_of_one_claim(code: int) -> None:
+    for name in AR4SI_CLAIMS:
+        vector = TrustVector(**{name.replace("-", "_"): code})
+        assert vector.status == _worst_tier_claim_by_claim(vector)

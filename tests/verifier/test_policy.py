@@ -22,10 +22,17 @@ from hypothesis import strategies as st
 
 from tests.conftest import CORPUS as CORPUS_ROOT
 from verifier.appraisal import appraise_log
-from verifier.eventlog import EfiVariable, EventLog, IplString
+from verifier.eventlog import EfiVariable, EventLog, IplString, SignatureDatabase
 from verifier.eventlog.events import EventType
 from verifier.policy import AllOf, AnyOf, BootEvidence, Policy, PolicyViolationError, learn_policy
-from verifier.policy.rules import PcrValueRule, SecureBootRule
+from verifier.policy.rules import (
+    Failure,
+    PcrValueRule,
+    SecureBootRule,
+    _cmdline_candidates,
+    _never_cmdline,
+    _References,
+)
 from vtpm_core.errors import ConfigError, ParseError
 
 CORPUS = CORPUS_ROOT / "eventlogs"
@@ -426,3 +433,80 @@ def test_rules_read_a_replayed_log_as_they_read_its_events() -> None:
         assert outcomes[0] == outcomes[1]
         compared += bool(outcomes[0])
     assert compared >= 10
+
+
+class _RaisingRule:
+    """A Rule written against the protocol alone: ``check`` raises."""
+
+    id = "custom"
+    claim = "configuration"
+
+    def check(self, evidence: BootEvidence) -> None:
+        failure = Failure(self.id, self.claim, "custom says no", "yes", "no")
+        raise PolicyViolationError((failure, failure))
+
+
+def test_all_of_reads_protocol_only_rules_through_check() -> None:
+    evidence = BootEvidence((), {"sha256": {7: b"\x01" * 32}}, {"sha256": frozenset({7})})
+    bad = PcrValueRule("sha256", 7, (b"\x02" * 32,), "pcr7-other")
+    rules = AllOf((bad, _RaisingRule(), PcrValueRule("sha256", 7, (b"\x01" * 32,), "pcr7")))
+    with pytest.raises(PolicyViolationError) as info:
+        rules.check(evidence)
+    assert [f.rule for f in info.value.failures] == ["pcr7-other", "custom", "custom"]
+    assert str(info.value) == "policy: " + "; ".join(str(f) for f in info.value.failures)
+    assert rules.failures(evidence) == list(info.value.failures)
+    assert AllOf((rules, bad)).failures(evidence) == [
+        *info.value.failures,
+        bad.failures(evidence)[0],
+    ]
+
+
+_IPL_DATA = st.one_of(
+    st.binary(max_size=24),
+    st.sampled_from([b"kernel_cmdline: ", b"grub_kernel_cmdline ", b"grub_cmd: ", b"k"]).flatmap(
+        lambda label: st.binary(max_size=12).map(lambda body: label + body)
+    ),
+    st.text(max_size=12).map(lambda t: t.encode("utf-16-le")),
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, 15), _IPL_DATA), max_size=12))
+def test_cmdline_candidates_are_the_rows_never_cmdline_keeps(rows: list[tuple[int, bytes]]) -> None:
+    indexed = [(i, pcr, data) for i, (pcr, data) in enumerate(rows)]
+    assert _cmdline_candidates(indexed) == [
+        r for r in indexed if r[1] in (8, 9, 12) and not _never_cmdline(r[2])
+    ]
+
+
+def _signature_databases() -> list[EfiVariable]:
+    found = []
+    for path in _LOGS:
+        with contextlib.suppress(ParseError):
+            log = EventLog.parse(path.read_bytes())
+            for e in log.verify(log.replay()).events:
+                var = e.untrusted_decoded
+                if isinstance(var, EfiVariable) and var.name in ("db", "dbx", "KEK", "PK"):
+                    found.append(var)
+    return found
+
+
+def test_db_references_are_the_entries_and_their_sha256() -> None:
+    """``in`` on _References (hashes entries only as needed) answers as the set of every
+    entry and every entry's SHA-256 does, whatever the order of the questions."""
+    variables = _signature_databases()
+    assert {v.name for v in variables if isinstance(v.value, SignatureDatabase)} >= {"db", "dbx"}
+    for var in variables:
+        entries = []  # (a value that is no signature database names nothing)
+        if isinstance(var.value, SignatureDatabase):
+            entries = [d for lst in var.value.lists for d in lst.entry_data()]
+        hashes = [hashlib.sha256(d).digest() for d in entries]
+        every = set(entries) | set(hashes)
+        others = [b"", b"\x00" * 32, b"\x01" * 48, *(h[:20] for h in hashes[:3])]
+        for questions in (
+            entries + hashes + others,
+            others + hashes[::-1] + entries[::-1],
+            hashes[-1:] + hashes[:1] + others + hashes + entries,
+        ):
+            refs = _References(var)
+            assert refs.count == len(entries)
+            assert [q in refs for q in questions] == [q in every for q in questions]

@@ -5,7 +5,9 @@ nothing or raises :class:`PolicyViolationError` carrying one or more :class:`Fai
 (rule id, AR4SI claim, the event, expected and actual). Rules compose with
 :class:`AllOf` (every child runs; all failures are collected, not just the
 first) and :class:`AnyOf`. An empty AllOf/AnyOf is a ConfigError at
-construction, never a silent pass.
+construction, never a silent pass. The rules here also list their failures
+through ``failures(evidence)`` (``check`` raises what it returns), which AllOf
+reads: a failing child then costs no exception and no message nobody reads.
 
 What a rule may trust (TCG PC Client PFP v1.05 §10; TPM-NOTES "Event logs"):
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -125,10 +127,11 @@ class BootEvidence:
     ``covered``: bank -> PCR indices whose replay matched the quote; ``pcrs``:
     the quoted values (bank -> index -> value). Build it only from a
     ReplayedLog (``log.verify(pcrs)``), or its events, and a verified quote.
-    Immutable. From a ReplayedLog, events are built only as rules read them.
+    Immutable (``covered`` is read once, when it is built). From a ReplayedLog,
+    events are built only as rules read them.
     """
 
-    __slots__ = ("_by_index", "_by_type", "_log", "_variables", "covered", "pcrs")
+    __slots__ = ("_by_index", "_by_type", "_covered", "_log", "_variables", "covered", "pcrs")
 
     pcrs: Mapping[str, Mapping[int, bytes]]
     covered: Mapping[str, frozenset[int]]
@@ -136,6 +139,7 @@ class BootEvidence:
     _by_type: dict[int, tuple[ReplayedEvent, ...]]
     _by_index: dict[int, ReplayedEvent]
     _variables: dict[str | None, list[int]]
+    _covered: frozenset[int]
 
     def __init__(
         self,
@@ -146,16 +150,18 @@ class BootEvidence:
         setattr_ = object.__setattr__
         setattr_(self, "pcrs", pcrs)
         setattr_(self, "covered", covered)
-        by_type: dict[int, list[ReplayedEvent]] = {}
+        setattr_(self, "_covered", frozenset().union(*covered.values()))
         if isinstance(events, ReplayedLog):
             setattr_(self, "_log", events)
-            events = ()
+            setattr_(self, "_by_type", {})
+            setattr_(self, "_by_index", {})
         else:
             setattr_(self, "_log", None)
-        for e in events:
-            by_type.setdefault(e.event_type, []).append(e)
-        setattr_(self, "_by_type", {t: tuple(v) for t, v in by_type.items()})
-        setattr_(self, "_by_index", {e.index: e for e in events})
+            by_type: dict[int, list[ReplayedEvent]] = {}
+            for e in events:
+                by_type.setdefault(e.event_type, []).append(e)
+            setattr_(self, "_by_type", {t: tuple(v) for t, v in by_type.items()})
+            setattr_(self, "_by_index", {e.index: e for e in events})
         setattr_(self, "_variables", {})
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -192,7 +198,7 @@ class BootEvidence:
                     by_name[key].append(index)
                 else:
                     by_name[key] = [index]
-        return tuple(self.event(i) for i in by_name.get(name, ()))
+        return tuple(map(self.event, by_name.get(name, ())))
 
     def event(self, index: int) -> ReplayedEvent:
         """Event ``index`` of the log, as replayed (what its digest proves)."""
@@ -208,10 +214,10 @@ class BootEvidence:
         return tuple(e for e in self._by_index.values() if e.data_verified is False)
 
     def is_covered(self, pcr: int) -> bool:
-        return any(pcr in s for s in self.covered.values())
+        return pcr in self._covered
 
     def banks_covering(self, pcr: int) -> tuple[str, ...]:
-        return tuple(b for b, s in self.covered.items() if pcr in s)
+        return tuple([b for b, s in self.covered.items() if pcr in s])
 
 
 class Rule(Protocol):
@@ -225,10 +231,29 @@ class Rule(Protocol):
         """Return if satisfied; raise PolicyViolationError with every failure otherwise."""
 
 
+class _Collects:
+    """A rule that lists its failures; ``check`` raises them (the :class:`Rule` protocol).
+
+    :class:`AllOf` reads ``failures`` of such children, so a failing child costs no
+    exception raised and caught, and no message joined that nobody reads.
+    """
+
+    __slots__ = ()
+
+    def failures(self, evidence: BootEvidence) -> Sequence[Failure]:
+        """Every failure, in order; empty if satisfied."""
+        raise NotImplementedError
+
+    def check(self, evidence: BootEvidence) -> None:
+        failures = self.failures(evidence)
+        if failures:
+            raise PolicyViolationError(tuple(failures))
+
+
 # -- composition ---------------------------------------------------------------------------
 
 
-class AllOf:
+class AllOf(_Collects):
     """Every child must pass; every child runs and all failures are reported."""
 
     __slots__ = ("children", "claim", "id")
@@ -240,15 +265,17 @@ class AllOf:
         self.id = rule_id
         self.claim = children[0].claim
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         failures: list[Failure] = []
         for child in self.children:
+            if isinstance(child, _Collects):
+                failures += child.failures(evidence)
+                continue
             try:
                 child.check(evidence)
             except PolicyViolationError as exc:
                 failures.extend(exc.failures)
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+        return failures
 
 
 class AnyOf:
@@ -308,16 +335,26 @@ def _trusted(
 ) -> _D | None:
     """``e``'s decoded data if the quote covers its PCR and the data hashes to its digest;
     else None, with a failure appended (``what``: the uncovered and the mismatch message)."""
-    uncovered, forged = what
     if not evidence.is_covered(e.pcr):
-        failures.append(_not_quoted(rule, uncovered, e))
+        failures.append(_not_quoted(rule, what[0], e))
         return None
-    if e.data_verified is not True or not isinstance(e.decoded, kind):
+    decoded = e.untrusted_decoded if e.data_verified is True else None  # (= e.decoded then)
+    if not isinstance(decoded, kind):
         failures.append(
-            _fail(rule, forged, "data hashing to the digest", "mismatch", EventRef.of(e))
+            _fail(rule, what[1], "data hashing to the digest", "mismatch", EventRef.of(e))
         )
         return None
-    return e.decoded
+    return decoded
+
+
+def _variable_untrusted(name: str) -> tuple[str, str]:
+    return (
+        f"{name} is in a PCR the quote does not cover",
+        f"{name} event data does not match its digest (forged?)",
+    )
+
+
+_VARIABLE_UNTRUSTED = {name: _variable_untrusted(name) for name in ("SecureBoot", "db", "dbx")}
 
 
 def _variables(
@@ -327,10 +364,7 @@ def _variables(
     for those that may not be trusted (uncovered PCR, data not matching digest)."""
     good: list[tuple[ReplayedEvent, EfiVariable]] = []
     bad: list[Failure] = []
-    what = (
-        f"{name} is in a PCR the quote does not cover",
-        f"{name} event data does not match its digest (forged?)",
-    )
+    what = _VARIABLE_UNTRUSTED.get(name) or _variable_untrusted(name)
     for e in evidence.variable_events(name):  # (other variables are not decoded at all)
         var = e.untrusted_decoded
         if not isinstance(var, EfiVariable) or var.name != name:
@@ -341,30 +375,67 @@ def _variables(
     return good, bad
 
 
-def _entries(var: EfiVariable, refs: bool = True) -> tuple[int, frozenset[bytes]]:
-    """The number of entries, and every reference that names one: a db/dbx reference is
-    the entry itself (hash entries) or the SHA-256 of it (certificates). Public data:
-    set membership, no constant-time compare needed."""
+_SHA256_SIZE = 32
+
+
+class _References:
+    """A db/dbx variable's entries, and ``in``: does a reference name one? A reference is
+    the entry itself (hash entries) or the SHA-256 of it (certificates). Entries are
+    hashed in order only until the reference is found (a learned policy's references
+    are the certificates' hashes). Public data: no constant-time compare needed."""
+
+    __slots__ = ("_entries", "_hashed", "_hashes", "_raw", "count")
+
+    def __init__(self, var: EfiVariable) -> None:
+        value = var.value
+        entries = (
+            [d for lst in value.lists for d in lst.entry_data()]
+            if isinstance(value, SignatureDatabase)
+            else []
+        )
+        self.count = len(entries)
+        self._entries = entries
+        # a few certificates: compared by ==, which looks at the length first (a set
+        # would hash every 1.5 KB certificate); many hash entries (dbx): a set
+        self._raw: list[bytes] | frozenset[bytes] = (
+            entries if len(entries) <= 8 else frozenset(entries)
+        )
+        self._hashes: set[bytes] = set()
+        self._hashed = 0
+
+    def __contains__(self, ref: bytes) -> bool:
+        if ref in self._raw or ref in self._hashes:
+            return True
+        if len(ref) != _SHA256_SIZE:
+            return False
+        entries, hashes = self._entries, self._hashes
+        while self._hashed < len(entries):
+            digest = hashlib.sha256(entries[self._hashed]).digest()
+            self._hashed += 1
+            hashes.add(digest)
+            if digest == ref:
+                return True
+        return False
+
+
+def _entry_count(var: EfiVariable) -> int:
     if not isinstance(var.value, SignatureDatabase):
-        return 0, frozenset()
-    if not refs:
-        return sum(lst.count for lst in var.value.lists), frozenset()
-    data = [d for lst in var.value.lists for d in lst.entry_data()]
-    return len(data), frozenset(data) | {hashlib.sha256(x).digest() for x in data}
+        return 0
+    return sum(lst.count for lst in var.value.lists)
 
 
 # -- the rules -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class SecureBootRule:
+class SecureBootRule(_Collects):
     """The SecureBoot variable measured into PCR 7 (PFP §3.3.4.8) has the expected value."""
 
     expected: bool
     id: str = "secure_boot"
     claim: str = CONFIGURATION
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         good, failures = _variables(evidence, "SecureBoot", self)
         want = "enabled" if self.expected else "disabled"
         for e, var in good:
@@ -381,21 +452,21 @@ class SecureBootRule:
                 )
         if not good and not failures:
             failures.append(_fail(self, "no SecureBoot variable was measured", want, "absent"))
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+        return failures
 
 
 @dataclass(frozen=True, slots=True)
-class BootApplicationsRule:
+class BootApplicationsRule(_Collects):
     """Every EV_EFI_BOOT_SERVICES_APPLICATION in PCR 4 has an allowed Authenticode digest."""
 
     allowed: tuple[BootApplication, ...]
     id: str = "boot_applications"
     claim: str = EXECUTABLES
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         failures: list[Failure] = []
         seen = 0
+        allowed = self.allowed
         for e in evidence.of_type(EventType.EV_EFI_BOOT_SERVICES_APPLICATION):
             seen += 1
             banks = evidence.banks_covering(e.pcr)
@@ -404,16 +475,20 @@ class BootApplicationsRule:
                     _not_quoted(self, "boot application in a PCR the quote does not cover", e)
                 )
                 continue
-            if not any(self._allowed(app, e, banks) for app in self.allowed):
-                bank = "sha256" if "sha256" in e.digests else banks[0]
+            digests = e.digests
+            for app in allowed:
+                if self._allowed(app, digests, banks):
+                    break
+            else:
+                bank = "sha256" if "sha256" in digests else banks[0]
                 path = getattr(e.untrusted_decoded, "path_text", None)
-                names = ", ".join(a.name or "?" for a in self.allowed) or "none"
+                names = ", ".join(a.name or "?" for a in allowed) or "none"
                 failures.append(
                     _fail(
                         self,
                         "boot application digest not allowed",
-                        f"one of {len(self.allowed)} allowed digests ({names})",
-                        f"{bank}:{e.digests[bank].hex()}" + (f" ({path})" if path else ""),
+                        f"one of {len(allowed)} allowed digests ({names})",
+                        f"{bank}:{digests[bank].hex()}" + (f" ({path})" if path else ""),
                         EventRef.of(e),
                     )
                 )
@@ -426,17 +501,18 @@ class BootApplicationsRule:
                     "none",
                 )
             )
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+        return failures
 
     @staticmethod
-    def _allowed(app: BootApplication, e: ReplayedEvent, banks: tuple[str, ...]) -> bool:
+    def _allowed(
+        app: BootApplication, digests: Mapping[str, bytes], banks: tuple[str, ...]
+    ) -> bool:
         # compare only in banks the quote proved for this PCR
         hit = False
         for bank, want in app.digests.items():
-            if bank not in banks or bank not in e.digests:
+            if bank not in banks or bank not in digests:
                 continue
-            if not hmac.compare_digest(e.digests[bank], want):
+            if not hmac.compare_digest(digests[bank], want):
                 return False
             hit = True
         return hit
@@ -459,8 +535,19 @@ def _never_cmdline(data: bytes) -> bool:
     return len(data) >= 2 and data[1] != 0 and not data.startswith(_CMDLINE_LABELS)
 
 
+def _cmdline_candidates(rows: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The EV_IPL rows (index, PCR, data) in PCR 8/9/12 that are not :func:`_never_cmdline`
+    (the same test written out: it runs on every GRUB command of a boot)."""
+    pcrs, labels = _CMDLINE_PCRS, _CMDLINE_LABELS
+    return [
+        (index, pcr, data)
+        for index, pcr, data in rows
+        if pcr in pcrs and (len(data) < 2 or data[1] == 0 or data.startswith(labels))
+    ]
+
+
 @dataclass(frozen=True, slots=True)
-class KernelCmdlineRule:
+class KernelCmdlineRule(_Collects):
     """Every measured kernel command line (EV_IPL in PCR 8/9/12) matches an allowed one,
     and at least one was measured."""
 
@@ -468,13 +555,11 @@ class KernelCmdlineRule:
     id: str = "kernel_cmdline"
     claim: str = CONFIGURATION
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         failures: list[Failure] = []
         good = 0
-        expected = " or ".join(c.describe() for c in self.allowed)
-        for index, pcr, data in evidence.unverified_of_type(EventType.EV_IPL):
-            if pcr not in _CMDLINE_PCRS or _never_cmdline(data):
-                continue
+        rows = evidence.unverified_of_type(EventType.EV_IPL)
+        for index, _, data in _cmdline_candidates(rows):
             if ipl_kind(data) not in _CMDLINE_KINDS:
                 continue  # (not decoded at all)
             e = evidence.event(index)
@@ -491,29 +576,32 @@ class KernelCmdlineRule:
                     _fail(
                         self,
                         "kernel command line not allowed",
-                        expected,
+                        self._expected(),
                         repr(text),
                         EventRef.of(e),
                     )
                 )
         if not good and not failures:
-            failures.append(_fail(self, "no kernel command line was measured", expected, "none"))
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+            failures.append(
+                _fail(self, "no kernel command line was measured", self._expected(), "none")
+            )
+        return failures
+
+    def _expected(self) -> str:
+        return " or ".join(c.describe() for c in self.allowed)
 
 
 @dataclass(frozen=True, slots=True)
-class ScrtmVersionRule:
+class ScrtmVersionRule(_Collects):
     """EV_S_CRTM_VERSION in PCR 0 (PFP §10.4.1) names an allowed firmware version."""
 
     allowed: tuple[str, ...]
     id: str = "firmware.scrtm_version"
     claim: str = EXECUTABLES
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         failures: list[Failure] = []
         good = 0
-        expected = " or ".join(repr(v) for v in self.allowed)
         for e in evidence.of_type(EventType.EV_S_CRTM_VERSION):
             text = _trusted(self, evidence, e, TextEvent, _SCRTM_UNTRUSTED, failures)
             if text is None:
@@ -523,17 +611,23 @@ class ScrtmVersionRule:
             if version not in self.allowed:
                 failures.append(
                     _fail(
-                        self, "S-CRTM version not allowed", expected, repr(version), EventRef.of(e)
+                        self,
+                        "S-CRTM version not allowed",
+                        self._expected(),
+                        repr(version),
+                        EventRef.of(e),
                     )
                 )
         if not good and not failures:
-            failures.append(_fail(self, "no S-CRTM version was measured", expected, "none"))
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+            failures.append(_fail(self, "no S-CRTM version was measured", self._expected(), "none"))
+        return failures
+
+    def _expected(self) -> str:
+        return " or ".join(repr(v) for v in self.allowed)
 
 
 @dataclass(frozen=True, slots=True)
-class PcrValueRule:
+class PcrValueRule(_Collects):
     """A quoted PCR value is one of the allowed literals."""
 
     bank: str
@@ -542,38 +636,42 @@ class PcrValueRule:
     id: str
     claim: str = CONFIGURATION
 
-    def check(self, evidence: BootEvidence) -> None:
-        expected = " or ".join(v.hex() for v in self.allowed)
-        value = evidence.pcrs.get(self.bank, {}).get(self.index)
+    def failures(self, evidence: BootEvidence) -> tuple[Failure, ...]:
+        values = evidence.pcrs.get(self.bank)
+        value = None if values is None else values.get(self.index)
         if value is None:
-            raise PolicyViolationError(
-                (
-                    _fail(
-                        self, f"{self.bank} PCR {self.index} was not quoted", expected, "not quoted"
-                    ),
-                )
+            return (
+                _fail(
+                    self,
+                    f"{self.bank} PCR {self.index} was not quoted",
+                    self._expected(),
+                    "not quoted",
+                ),
             )
-        if not any(hmac.compare_digest(value, v) for v in self.allowed):
-            raise PolicyViolationError(
-                (_fail(self, f"{self.bank} PCR {self.index} value", expected, value.hex()),)
-            )
+        for allowed in self.allowed:
+            if hmac.compare_digest(value, allowed):
+                return ()
+        return (_fail(self, f"{self.bank} PCR {self.index} value", self._expected(), value.hex()),)
+
+    def _expected(self) -> str:
+        return " or ".join(v.hex() for v in self.allowed)
 
 
 @dataclass(frozen=True, slots=True)
-class DbRule:
+class DbRule(_Collects):
     """The measured db (PCR 7) holds every required entry."""
 
     policy: DbPolicy
     id: str = "db.require"
     claim: str = CONFIGURATION
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         good, failures = _variables(evidence, "db", self)
         if not good and not failures:
             failures.append(_fail(self, "db was not measured", "db", "absent"))
         if good:
             e, var = good[-1]
-            count, refs = _entries(var)
+            refs = _References(var)
             for want in self.policy.require:
                 if want not in refs:
                     failures.append(
@@ -581,16 +679,15 @@ class DbRule:
                             self,
                             "required db entry missing",
                             want.hex(),
-                            f"{count} entries without it",
+                            f"{refs.count} entries without it",
                             EventRef.of(e),
                         )
                     )
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+        return failures
 
 
 @dataclass(frozen=True, slots=True)
-class DbxRule:
+class DbxRule(_Collects):
     """The measured dbx (PCR 7) holds none of the ``forbid`` entries (e.g. the hash of a
     known-good shim you want to stay bootable) and at least ``min_entries`` revocations."""
 
@@ -598,25 +695,29 @@ class DbxRule:
     id: str = "dbx"
     claim: str = CONFIGURATION
 
-    def check(self, evidence: BootEvidence) -> None:
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
         good, failures = _variables(evidence, "dbx", self)
         if not good and not failures:
             failures.append(_fail(self, "dbx was not measured", "dbx", "absent"))
         if good:
             e, var = good[-1]
-            count, refs = _entries(var, refs=bool(self.policy.forbid))
-            for bad in self.policy.forbid:
-                if bad in refs:
-                    failures.append(
-                        Failure(
-                            f"{self.id}.forbid",
-                            self.claim,
-                            "forbidden entry present in dbx",
-                            f"dbx without {bad.hex()}",
-                            "present",
-                            EventRef.of(e),
+            if self.policy.forbid:
+                refs = _References(var)
+                count = refs.count
+                for bad in self.policy.forbid:
+                    if bad in refs:
+                        failures.append(
+                            Failure(
+                                f"{self.id}.forbid",
+                                self.claim,
+                                "forbidden entry present in dbx",
+                                f"dbx without {bad.hex()}",
+                                "present",
+                                EventRef.of(e),
+                            )
                         )
-                    )
+            else:
+                count = _entry_count(var)
             if self.policy.min_entries is not None and count < self.policy.min_entries:
                 failures.append(
                     Failure(
@@ -628,8 +729,7 @@ class DbxRule:
                         EventRef.of(e),
                     )
                 )
-        if failures:
-            raise PolicyViolationError(tuple(failures))
+        return failures
 
 
 def rules_for(policy: Policy) -> AllOf:
