@@ -25,11 +25,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from verifier.ear import Ar4si, TrustVector
 from verifier.eventlog import EventLog, ReplayedLog
-from verifier.eventlog._frozen import unfrozen_twin
 from verifier.policy.rules import (
     CONFIGURATION,
     EXECUTABLES,
@@ -72,15 +71,9 @@ class QuoteSummary:
     @classmethod
     def of(cls, q: VerifiedQuote) -> QuoteSummary:
         c = q.clock_info
-        s = _new(_UnfrozenQuoteSummary)  # (see _trust_vector)
-        s.clock = c.clock
-        s.reset_count = c.reset_count
-        s.restart_count = c.restart_count
-        s.safe = c.safe
-        s.firmware_version = q.firmware_version
-        s.qualified_signer = q.qualified_signer
-        s.__class__ = cls
-        return cast(QuoteSummary, s)
+        return cls(
+            c.clock, c.reset_count, c.restart_count, c.safe, q.firmware_version, q.qualified_signer
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,26 +117,6 @@ class AppraisalResult:
         }
 
 
-_new = object.__new__
-_UnfrozenTrustVector = unfrozen_twin(TrustVector)
-_UnfrozenQuoteSummary = unfrozen_twin(QuoteSummary)
-_UnfrozenResult = unfrozen_twin(AppraisalResult)
-
-
-def _trust_vector(identity: int, configuration: int, executables: int) -> TrustVector:
-    """``TrustVector(identity, configuration, executables)``, the other claims 0: the same
-    object, filled by plain attribute stores and then given its frozen class (a frozen
-    dataclass's ``__init__`` calls ``object.__setattr__`` per field; see
-    verifier/eventlog/_frozen.py). The results of every appraisal are built this way."""
-    v = _new(_UnfrozenTrustVector)
-    v.instance_identity = identity
-    v.configuration = configuration
-    v.executables = executables
-    v.file_system = v.hardware = v.runtime_opaque = v.storage_opaque = v.sourced_data = 0
-    v.__class__ = TrustVector
-    return cast(TrustVector, v)
-
-
 def _vector(
     policy_claims: frozenset[str], failures: tuple[Failure, ...], identity: int
 ) -> TrustVector:
@@ -154,7 +127,7 @@ def _vector(
     exe = 0
     if EXECUTABLES in policy_claims:
         exe = Ar4si.CONTRAINDICATED_RUNTIME if EXECUTABLES in failed else Ar4si.APPROVED_BOOT
-    return _trust_vector(identity, config, exe)
+    return TrustVector(instance_identity=identity, configuration=config, executables=exe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,16 +142,7 @@ class _Compiled:
     @classmethod
     def of(cls, policy: Policy) -> _Compiled:
         rules = rules_for(policy)
-        c = _new(_UnfrozenCompiled)  # (see _trust_vector)
-        c.policy = policy
-        c.rules = rules
-        c.claims = frozenset([r.claim for r in rules.children])
-        c.policy_id = policy.id
-        c.__class__ = cls
-        return cast(_Compiled, c)
-
-
-_UnfrozenCompiled = unfrozen_twin(_Compiled)
+        return cls(policy, rules, frozenset([r.claim for r in rules.children]), policy.id)
 
 
 def _result(
@@ -189,16 +153,9 @@ def _result(
     quote: QuoteSummary | None,
     replayed: ReplayedLog | None,
 ) -> AppraisalResult:
-    r = _new(_UnfrozenResult)  # (see _trust_vector)
-    r.status = vector.status
-    r.trust_vector = vector
-    r.failures = failures
-    r.warnings = warnings
-    r.quote = quote
-    r.policy_id = policy.policy_id
-    r.replayed = replayed
-    r.__class__ = AppraisalResult
-    return cast(AppraisalResult, r)
+    return AppraisalResult(
+        vector.status, vector, failures, warnings, quote, policy.policy_id, replayed
+    )
 
 
 def _evaluate(
