@@ -7,6 +7,9 @@ the same order: an instance of it is filled with ordinary attribute stores, then
 becomes an instance of the frozen class by ``__class__`` assignment (which CPython
 allows only between classes with the same instance layout, and checks). The
 result is the same object ``cls(...)`` would build: same type, same slot values.
+
+:class:`Immutable` is the base of the slotted classes that are not dataclasses
+(EventLog, ReplayedLog: lazily built caches in slots) and are as read-only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["unfrozen_twin"]
+__all__ = ["Immutable", "unfrozen_twin"]
 
 
 def unfrozen_twin(cls: type) -> Any:
@@ -31,3 +34,17 @@ def unfrozen_twin(cls: type) -> Any:
     probe: Any = object.__new__(twin)
     probe.__class__ = cls  # TypeError here if the layouts differ
     return twin
+
+
+class Immutable:
+    """Base of the slotted classes whose ``__init__`` sets every slot through
+    ``object.__setattr__`` (caches included): afterwards, no attribute can be set or
+    deleted, as on a frozen dataclass."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot set {name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot delete {name})")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
-from verifier.eventlog._frozen import unfrozen_twin
+from verifier.eventlog._frozen import Immutable, unfrozen_twin
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.algorithms import HashAlgorithm, algorithm_by_id
 from verifier.eventlog.events import EventType, type_name
@@ -247,7 +247,7 @@ class Records:
         return self.data[self.data_starts[index] : self.ends[index]]
 
 
-class EventLog:
+class EventLog(Immutable):
     """A parsed, UNVERIFIED event log. Policy code never sees this type.
 
     ``events`` includes the header record (index 0: the Spec ID event in a
@@ -299,12 +299,6 @@ class EventLog:
         setattr_(self, "quirks", quirks)
         setattr_(self, "raw", raw)
         setattr_(self, "_events", None)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"EventLog is immutable (cannot set {name})")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"EventLog is immutable (cannot delete {name})")
 
     def __repr__(self) -> str:
         return (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from verifier.eventlog._frozen import unfrozen_twin
+from verifier.eventlog._frozen import Immutable, unfrozen_twin
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import (
     PENDING,
@@ -183,7 +183,7 @@ class ReplayedEvent:
         )
 
 
-class ReplayedLog:
+class ReplayedLog(Immutable):
     """A log whose replay matched the quoted PCRs. The only log type policy sees.
 
     ``pcrs``: replayed values; ``verified``: bank -> the PCR indices that were
@@ -239,12 +239,6 @@ class ReplayedLog:
         setattr_(self, "_log", log)
         setattr_(self, "_checked", checked)
         setattr_(self, "_built", [None] * len(log.records))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"ReplayedLog is immutable (cannot set {name})")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"ReplayedLog is immutable (cannot delete {name})")
 
     def __repr__(self) -> str:
         return (
