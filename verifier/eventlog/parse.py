@@ -243,9 +243,6 @@ class Records:
             )
         return built
 
-    def untrusted_data(self, index: int) -> bytes:
-        return self.data[self.data_starts[index] : self.ends[index]]
-
 
 class EventLog(Immutable):
     """A parsed, UNVERIFIED event log. Policy code never sees this type.
