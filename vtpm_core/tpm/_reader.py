@@ -53,27 +53,21 @@ class Reader:
         return self.data[pos]
 
     def u16(self, field: str) -> int:
-        pos = self.pos
-        if pos + 2 > len(self.data):
-            raise self.fail(field, f"truncated: need 2 bytes, {len(self.data) - pos} left")
-        self.pos = pos + 2
-        value: int = _U16.unpack_from(self.data, pos)[0]
-        return value
+        return self._unsigned(_U16, field)
 
     def u32(self, field: str) -> int:
-        pos = self.pos
-        if pos + 4 > len(self.data):
-            raise self.fail(field, f"truncated: need 4 bytes, {len(self.data) - pos} left")
-        self.pos = pos + 4
-        value: int = _U32.unpack_from(self.data, pos)[0]
-        return value
+        return self._unsigned(_U32, field)
 
     def u64(self, field: str) -> int:
-        pos = self.pos
-        if pos + 8 > len(self.data):
-            raise self.fail(field, f"truncated: need 8 bytes, {len(self.data) - pos} left")
-        self.pos = pos + 8
-        value: int = _U64.unpack_from(self.data, pos)[0]
+        return self._unsigned(_U64, field)
+
+    def _unsigned(self, fmt: struct.Struct, field: str) -> int:
+        """A big-endian unsigned integer of ``fmt.size`` bytes, read in place."""
+        pos, size = self.pos, fmt.size
+        if pos + size > len(self.data):
+            raise self.fail(field, f"truncated: need {size} bytes, {len(self.data) - pos} left")
+        self.pos = pos + size
+        value: int = fmt.unpack_from(self.data, pos)[0]
         return value
 
     def tpm2b(self, field: str, max_size: int | None = None) -> bytes:
