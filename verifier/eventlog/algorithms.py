@@ -49,6 +49,14 @@ class HashAlgorithm:
             raise ValueError(f"{self.name} cannot be computed")
         return new
 
+    @property
+    def openssl_name(self) -> str:
+        """The name OpenSSL fetches this digest by ("SHA256", "SM3", "SHA3-256"), for the
+        C replay (verifier/eventlog/_native.c); ValueError if not computable."""
+        if self.hashlib_name is None:
+            raise ValueError(f"{self.name} cannot be computed")
+        return self.hashlib_name.upper().replace("_", "-")
+
     def extend(self, pcr: bytes, digest: bytes) -> bytes:
         """PCR_new = H(PCR_old || digest) (TPM 2.0 Part 1 §17.3)."""
         return self.hash(pcr + digest)

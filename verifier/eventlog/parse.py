@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from verifier.eventlog._frozen import Immutable, unfrozen_twin
+from verifier.eventlog._native import MAX_BANKS, walk_records
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.algorithms import HashAlgorithm, algorithm_by_id
 from verifier.eventlog.events import EventType, type_name
@@ -488,66 +489,46 @@ def _agile_records(
     padding, into ``records``. Returns whether any is a StartupLocality event (for
     _startup_locality).
 
-    The usual record lists every bank once, in the Spec ID event's order: one
-    struct reads its whole header, and its fields go straight into the columns.
-    Any other record goes to _parse_agile_fast, then to _parse_agile, which
-    reports what is wrong with it.
+    The usual records (every bank once, in the Spec ID event's order, within the
+    limits) are walked in C (``_native.walk_records``), straight into the columns, up
+    to the first record it does not take or where padding may start; that record goes
+    to _parse_agile_fast, then to _parse_agile, which reports what is wrong with it.
     """
     end = len(data)
     padding = _padding_starts(data)
     pad_from = min(padding.values())  # _is_padding is False before both runs start
     by_id = {a.alg_id: a for a in algorithms}
-    header = struct.Struct("<III" + "".join(f"H{a.digest_size}s" for a in algorithms) + "I")
-    header_size = header.size
-    unpack = header.unpack_from
+    walk = len(algorithms) <= min(limits.max_digests_per_event, MAX_BANKS)
     alg_ids = tuple(a.alg_id for a in algorithms)
-    layout_ok = len(algorithms) <= limits.max_digests_per_event
-    banks, max_events, max_data = len(algorithms), limits.max_events, limits.max_event_data
-    no_action = EventType.EV_NO_ACTION
-    offsets, ends, data_starts = records.offsets, records.ends, records.data_starts
-    pcrs, types, digests = records.pcrs, records.types, records.digests
-    first_bank = digests[0]
+    sizes = tuple(a.digest_size for a in algorithms)
+    max_events, no_action = limits.max_events, EventType.EV_NO_ACTION
+    columns = (
+        records.offsets, records.ends, records.data_starts, records.pcrs, records.types,
+        records.digests,
+    )  # fmt: skip
     startup = False
-    index = len(records)
     while offset < end:
         if offset >= pad_from and _is_padding(data, offset, padding):
             quirks.append(_padding_quirk(data, offset))
             break
-        if index >= max_events:
+        if len(records) >= max_events:
             raise _too_many("TCG_PCR_EVENT2", offset, limits)
-        if layout_ok and offset + header_size <= end:
-            fields = unpack(data, offset)
-            pcr, event_type, count, size = fields[0], fields[1], fields[2], fields[-1]
-            stop = offset + header_size + size
-            if (
-                pcr <= MAX_PCR
-                and count == banks
-                and size <= max_data
-                and stop <= end
-                and (fields[3] == alg_ids[0] if banks == 1 else fields[3:-1:2] == alg_ids)
-            ):
-                offsets.append(offset)
-                ends.append(stop)
-                data_starts.append(stop - size)
-                pcrs.append(pcr)
-                types.append(event_type)
-                if banks == 1:
-                    first_bank.append(fields[4])
-                else:
-                    for column, digest in zip(digests, fields[4:-1:2], strict=True):
-                        column.append(digest)
-                if event_type == no_action and not startup:
-                    startup = pcr == 0 and data.startswith(STARTUP_LOCALITY, stop - size, stop)
-                index += 1
-                offset = stop
+        if walk:
+            walked, found = walk_records(
+                data, offset, pad_from, alg_ids, sizes, max_events, limits.max_event_data,
+                MAX_PCR, no_action, STARTUP_LOCALITY, *columns,
+            )  # fmt: skip
+            startup = startup or found
+            if walked > offset:
+                offset = walked
                 continue
+        index = len(records)
         event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
             data, offset, index, algorithms, limits
         )
         if event.event_type == no_action and not startup:
             startup = event.is_startup_locality
         records.add(event)
-        index += 1
         offset += len(event.raw)
     return startup
 

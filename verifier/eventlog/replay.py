@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from verifier.eventlog._frozen import Immutable, unfrozen_twin
+from verifier.eventlog._native import extend_bank
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import (
     PENDING,
@@ -74,33 +75,52 @@ def replay_log(log: EventLog) -> PcrBanks:
 
 
 def _replay(
-    pcrs: Sequence[int],
-    types: Sequence[int],
+    pcrs: list[int],
+    types: list[int],
     digests: Mapping[str, Sequence[bytes | None]],
     algorithms: tuple[HashAlgorithm, ...],
     startup_locality: StartupLocality | None,
 ) -> PcrBanks:
-    """:func:`replay_events` over the events' PCRs, types and, per bank, digests."""
+    """:func:`replay_events` over the events' PCRs, types and, per bank, digests: in C
+    (``_native.extend_bank``, OpenSSL's hashes), or with hashlib for an algorithm
+    this OpenSSL cannot fetch by name."""
     out: PcrBanks = {}
-    no_action = EventType.EV_NO_ACTION
+    no_action = EventType.EV_NO_ACTION  # PFP §10.4.1: never extended
     for alg in algorithms:
         column = digests.get(alg.name)
         if not alg.computable or column is None:
             continue
-        new = alg.new  # PCR := H(PCR || digest), as alg.extend
-        zero = bytes(alg.digest_size)
-        values: dict[int, bytes] = {}
+        initial: dict[int, bytes] = {}
         if startup_locality is not None:
-            values[0] = zero[:-1] + bytes([startup_locality.locality])
-        get = values.get
-        for pcr, event_type, digest in zip(pcrs, types, column, strict=True):
-            if event_type == no_action:
-                continue  # PFP §10.4.1: never extended
-            if digest is None:  # cannot happen for a parsed log: every event has every bank
-                continue
-            values[pcr] = new(get(pcr, zero) + digest).digest()
-        out[alg.name] = dict(sorted(values.items()))
+            initial[0] = bytes(alg.digest_size - 1) + bytes([startup_locality.locality])
+        try:
+            out[alg.name] = extend_bank(
+                alg.openssl_name, pcrs, types, list(column), no_action, initial
+            )
+        except ValueError:  # (no such digest in this OpenSSL: nothing was extended)
+            out[alg.name] = extend_in_python(alg, pcrs, types, column, initial)
     return out
+
+
+def extend_in_python(
+    alg: HashAlgorithm,
+    pcrs: Sequence[int],
+    types: Sequence[int],
+    column: Sequence[bytes | None],
+    initial: Mapping[int, bytes],
+) -> dict[int, bytes]:
+    """``_native.extend_bank`` with hashlib: PCR := H(PCR || digest) per event that is
+    not EV_NO_ACTION and has a digest, from ``initial``; by PCR index."""
+    new = alg.new
+    zero = bytes(alg.digest_size)
+    values = dict(initial)
+    get = values.get
+    no_action = EventType.EV_NO_ACTION
+    for pcr, event_type, digest in zip(pcrs, types, column, strict=True):
+        if event_type == no_action or digest is None:
+            continue
+        values[pcr] = new(get(pcr, zero) + digest).digest()
+    return dict(sorted(values.items()))
 
 
 @dataclass(frozen=True, repr=False, slots=True)  # slots: one GC-counted object, not two
