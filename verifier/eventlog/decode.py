@@ -911,7 +911,8 @@ _NO_QUIRKS: tuple[AppliedQuirk, ...] = ()
 # The outcomes of the inlined paths, shared by every event that has them.
 _UNCHECKED: Outcome = (PENDING, None, _NO_QUIRKS, (), None)
 _WHOLE_PROVEN: Outcome = (PENDING, True, _NO_QUIRKS, (), _COVERS[_whole])
-_DESCRIPTION: Outcome = (PENDING, None, "ipl-description-only", (), None)
+_DESCRIPTION_QUIRK = "ipl-description-only"
+_DESCRIPTION: Outcome = (PENDING, None, _DESCRIPTION_QUIRK, (), None)
 _FRAMED_UNCHECKED: Outcome = (FRAMED, None, _NO_QUIRKS, (), None)
 # Framed types: the first form of their plan and the outcome when it proves the data.
 _FRAMED_FIRST: dict[int, tuple[_Form, Outcome] | None] = {
@@ -922,8 +923,8 @@ _FRAMED_FIRST: dict[int, tuple[_Form, Outcome] | None] = {
 }
 # EV_IPL: GRUB's labels and the outcome when the text after one proves the data. The
 # labels are those of _GRUB_CMD and _GRUB_CMDLINE, in their order; no data starts with two.
-_GRUB_LABELS: tuple[tuple[bytes, Outcome], ...] = tuple(
-    (label, (PENDING, True, quirk_id, (), covers))
+_GRUB_LABELS: tuple[tuple[bytes, Outcome, str], ...] = tuple(
+    (label, (PENDING, True, quirk_id, (), covers), quirk_id)
     for quirk_id, form, covers, _ in _PLANS[T.EV_IPL][1:]
     if quirk_id is not None
     for label in _FORM_LABELS[form]
@@ -962,6 +963,7 @@ def check_all(
     framed, frames = _FRAMED_FIRST, _FRAMES
     ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
     grub_labels, description_pcrs = _GRUB_LABELS, _IPL_DESCRIPTION_PCRS
+    description_quirk = _DESCRIPTION_QUIRK
     unchecked_outcome, whole_proven, description = _UNCHECKED, _WHOLE_PROVEN, _DESCRIPTION
     framed_unchecked = _FRAMED_UNCHECKED
     max_nodes = limits.max_device_path_nodes
@@ -975,47 +977,62 @@ def check_all(
             by_type[t].append(index)
         else:
             by_type[t] = [index]
+        # One bank: each inlined path appends its outcome and goes on to the next event;
+        # what none of them proves falls through to the checker's general path below.
+        # Only EV_IPL outcomes name a quirk (a GRUB form, a description).
         if one_bank:
-            outcome: Outcome | None = None  # None: the checker's general path decides
-            digest = column[index]
             if t in unchecked:
-                outcome = unchecked_outcome
-            elif t in whole_types or (t == separator and end - start == 4):
+                append(unchecked_outcome)
+                continue
+            digest = column[index]
+            if t in whole_types or (t == separator and end - start == 4):
                 if compare(new(log[start:end]).digest(), digest):
-                    outcome = whole_proven
+                    append(whole_proven)
+                    continue
             elif t == ipl:
                 data = log[start:end]
-                for label, proven in grub_labels:
+                outcome: Outcome | None = None
+                quirk = description_quirk
+                for label, proven, quirk_id in grub_labels:
                     if data.startswith(label):
                         body = data[len(label) :]
                         if not body.endswith(b"\x00"):
                             if compare(new(body).digest(), digest):
-                                outcome = proven
+                                outcome, quirk = proven, quirk_id
                         else:  # GRUB builds differ on the NUL: the last one's way first
                             first, second = (body[:-1], body) if without_nul else (body, body[:-1])
                             if compare(new(first).digest(), digest):
-                                outcome = proven
+                                outcome, quirk = proven, quirk_id
                             elif compare(new(second).digest(), digest):
-                                outcome = proven
+                                outcome, quirk = proven, quirk_id
                                 without_nul = not without_nul
                         break
                 if outcome is None:
                     if compare(new(data).digest(), digest):
-                        outcome = whole_proven
-                    elif pcr in description_pcrs:
+                        append(whole_proven)
+                        continue
+                    if pcr in description_pcrs:
                         outcome = description
+                if outcome is not None:  # (its quirk: the GRUB form's, or the description's)
+                    append(outcome)
+                    if quirk in applied:
+                        applied[quirk].append(index)
+                    else:
+                        applied[quirk] = [index]
+                    continue
             elif t in framed:
                 data = log[start:end]
                 frame = frames[t](data, uintn_size, max_nodes)
                 if frame is not None:
                     spec_form = framed[t]
                     if spec_form is None:
-                        outcome = framed_unchecked
-                    else:
-                        form, proven = spec_form
-                        candidates = form(data, frame)
-                        if candidates and compare(new(candidates[0]).digest(), digest):
-                            outcome = proven
+                        append(framed_unchecked)
+                        continue
+                    form, proven = spec_form
+                    candidates = form(data, frame)
+                    if candidates and compare(new(candidates[0]).digest(), digest):
+                        append(proven)
+                        continue
             elif (
                 t == no_action
                 and index == 0
@@ -1023,15 +1040,7 @@ def check_all(
                 and spec_id is not None
                 and log[start:end] == spec_id.raw
             ):
-                outcome = (spec_id, None, (), (), None)
-            if outcome is not None:
-                append(outcome)
-                quirk = outcome[2]
-                if type(quirk) is str:
-                    if quirk in applied:
-                        applied[quirk].append(index)
-                    else:
-                        applied[quirk] = [index]
+                append((spec_id, None, (), (), None))
                 continue
         # the general path: checker's own search
         checked = check(records.event(index))
