@@ -981,15 +981,8 @@ def check_all(
         # what none of them proves falls through to the checker's general path below.
         # Only EV_IPL outcomes name a quirk (a GRUB form, a description).
         if one_bank:
-            if t in unchecked:
-                append(unchecked_outcome)
-                continue
-            digest = column[index]
-            if t in whole_types or (t == separator and end - start == 4):
-                if compare(new(log[start:end]).digest(), digest):
-                    append(whole_proven)
-                    continue
-            elif t == ipl:
+            if t == ipl:  # (first: the most common type, GRUB logs one per command)
+                digest = column[index]
                 data = log[start:end]
                 outcome: Outcome | None = None
                 quirk = description_quirk
@@ -1020,6 +1013,13 @@ def check_all(
                     else:
                         applied[quirk] = [index]
                     continue
+            elif t in unchecked:
+                append(unchecked_outcome)
+                continue
+            elif t in whole_types or (t == separator and end - start == 4):
+                if compare(new(log[start:end]).digest(), column[index]):
+                    append(whole_proven)
+                    continue
             elif t in framed:
                 data = log[start:end]
                 frame = frames[t](data, uintn_size, max_nodes)
@@ -1030,7 +1030,7 @@ def check_all(
                         continue
                     form, proven = spec_form
                     candidates = form(data, frame)
-                    if candidates and compare(new(candidates[0]).digest(), digest):
+                    if candidates and compare(new(candidates[0]).digest(), column[index]):
                         append(proven)
                         continue
             elif (
