@@ -69,6 +69,7 @@ walk_records(PyObject *self, PyObject *args)
     uint16_t ids[MAX_BANKS];
     Py_ssize_t digest_size[MAX_BANKS];
     PyObject *column[MAX_BANKS];
+    Py_ssize_t held = 0; /* columns referenced */
     Py_ssize_t header = 12 + 4; /* pcrIndex, eventType, digests.count ... eventSize */
     int startup = 0;
 
@@ -82,12 +83,17 @@ walk_records(PyObject *self, PyObject *args)
         goto fail;
     }
     for (Py_ssize_t k = 0; k < banks; k++) {
-        long id = PyLong_AsLong(PyTuple_GET_ITEM(alg_ids, k));
-        Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes, k));
+        PyObject *id_obj = PyTuple_GET_ITEM(alg_ids, k), *size_obj = PyTuple_GET_ITEM(sizes, k);
+        if (!PyLong_Check(id_obj) || !PyLong_Check(size_obj)) {
+            PyErr_SetString(PyExc_ValueError, "walk_records: algorithm ids and sizes are ints");
+            goto fail;
+        }
+        long id = PyLong_AsLong(id_obj);
+        Py_ssize_t size = PyLong_AsSsize_t(size_obj);
         if (PyErr_Occurred())
             goto fail;
-        column[k] = PyList_GET_ITEM(columns, k);
-        if (id < 0 || id > 0xFFFF || size < 1 || size > MAX_DIGEST || !PyList_Check(column[k])) {
+        if (id < 0 || id > 0xFFFF || size < 1 || size > MAX_DIGEST
+            || !PyList_Check(PyList_GET_ITEM(columns, k))) {
             PyErr_SetString(PyExc_ValueError, "walk_records: bad algorithm id, size or column");
             goto fail;
         }
@@ -95,6 +101,13 @@ walk_records(PyObject *self, PyObject *args)
         digest_size[k] = size;
         header += 2 + size;
     }
+    /* Own the columns: an append may run a collection, and a finalizer could in
+       principle drop them from the outer list. */
+    for (Py_ssize_t k = 0; k < banks; k++) {
+        column[k] = PyList_GET_ITEM(columns, k);
+        Py_INCREF(column[k]);
+    }
+    held = banks;
     if (stop_at > end)
         stop_at = end;
     const Py_ssize_t marker_len = PyBytes_GET_SIZE(marker);
@@ -138,10 +151,14 @@ walk_records(PyObject *self, PyObject *args)
         offset = record_end;
     }
     PyBuffer_Release(&buf);
+    for (Py_ssize_t k = 0; k < held; k++)
+        Py_DECREF(column[k]);
     return Py_BuildValue("(nO)", offset, startup ? Py_True : Py_False);
 
 fail:
     PyBuffer_Release(&buf);
+    for (Py_ssize_t k = 0; k < held; k++)
+        Py_DECREF(column[k]);
     return NULL;
 }
 
@@ -162,7 +179,7 @@ extend_bank(PyObject *self, PyObject *args)
     }
     EVP_MD *md = EVP_MD_fetch(NULL, name, NULL);
     if (md == NULL) {
-        PyErr_Format(PyExc_ValueError, "extend_bank: OpenSSL has no digest %s", name);
+        PyErr_Format(PyExc_LookupError, "extend_bank: OpenSSL has no digest %s", name);
         return NULL;
     }
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -178,6 +195,10 @@ extend_bank(PyObject *self, PyObject *args)
     PyObject *key, *item;
     Py_ssize_t pos = 0;
     while (PyDict_Next(initial, &pos, &key, &item)) {
+        if (!PyLong_Check(key)) {
+            PyErr_SetString(PyExc_ValueError, "extend_bank: initial values are {0..23: digest}");
+            goto done;
+        }
         long index = PyLong_AsLong(key);
         if (index == -1 && PyErr_Occurred())
             goto done;
@@ -188,10 +209,17 @@ extend_bank(PyObject *self, PyObject *args)
         memcpy(value[index], PyBytes_AS_STRING(item), (size_t)size);
         used[index] = 1;
     }
+    /* Items are borrowed: only ints are read (never through __index__), so no
+       Python code runs in this loop and the lists cannot change under it. */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *digest = PyList_GET_ITEM(digests, i);
-        Py_ssize_t event_type = PyLong_AsSsize_t(PyList_GET_ITEM(types, i));
-        long index = PyLong_AsLong(PyList_GET_ITEM(pcrs, i));
+        PyObject *type_obj = PyList_GET_ITEM(types, i), *pcr_obj = PyList_GET_ITEM(pcrs, i);
+        if (!PyLong_Check(type_obj) || !PyLong_Check(pcr_obj)) {
+            PyErr_Format(PyExc_ValueError, "extend_bank: event %zd: PCR and type are ints", i);
+            goto done;
+        }
+        Py_ssize_t event_type = PyLong_AsSsize_t(type_obj);
+        long index = PyLong_AsLong(pcr_obj);
         if (PyErr_Occurred())
             goto done;
         if (event_type == skip_type || digest == Py_None)

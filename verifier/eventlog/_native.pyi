@@ -3,7 +3,8 @@
 Built by ``pip install`` (setup.py); the parse and replay code in this package
 calls it for the common case and keeps the Python readers for everything else.
 Neither function raises for any content of a log, only for arguments a caller
-got wrong (ValueError).
+got wrong (ValueError; non-int PCRs, types or ids included: none is read
+through ``__index__``).
 """
 
 MAX_BANKS: int
@@ -46,4 +47,4 @@ def extend_bank(
 ) -> dict[int, bytes]:
     """PCR := H(PCR || digest) for each event whose type is not ``skip_type`` and whose
     digest is not None, from ``initial`` (other PCRs from zeros); every PCR extended or
-    in ``initial``, by index."""
+    in ``initial``, by index. LookupError if OpenSSL has no digest ``openssl_name``."""

@@ -97,7 +97,7 @@ def _replay(
             out[alg.name] = extend_bank(
                 alg.openssl_name, pcrs, types, list(column), no_action, initial
             )
-        except ValueError:  # (no such digest in this OpenSSL: nothing was extended)
+        except LookupError:  # (no such digest in this OpenSSL: nothing was extended)
             out[alg.name] = extend_in_python(alg, pcrs, types, column, initial)
     return out
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import CORPUS, REPO
 from tests.verifier.eventlog import _build
-from verifier.eventlog import EventLog, Limits, _native, parse
+from verifier.eventlog import EventLog, EventType, Limits, _native, parse
 from verifier.eventlog.algorithms import ALGORITHMS, algorithm_by_name
 from verifier.eventlog.limits import DEFAULT_LIMITS
 from verifier.eventlog.replay import extend_in_python
@@ -182,7 +182,9 @@ def test_extend_bank_is_the_tpm_extend() -> None:
         (("SHA256", [0], [13], [bytes(31)], 3, {}), "PCR or digest size"),
         (("SHA256", [0], [13], ["x" * 32], 3, {}), "PCR or digest size"),
         (("SHA256", [0], [13, 13], [bytes(32)], 3, {}), "differ in length"),
-        (("NOSUCH", [0], [13], [bytes(32)], 3, {}), "no digest NOSUCH"),
+        (("SHA256", [0.0], [13], [bytes(32)], 3, {}), "PCR and type are ints"),
+        (("SHA256", [0], ["13"], [bytes(32)], 3, {}), "PCR and type are ints"),
+        (("SHA256", [0], [13], [bytes(32)], 3, {"0": bytes(32)}), "initial values"),
         (("SHA256", [0], [13], [bytes(32)], 3, {24: bytes(32)}), "initial values"),
         (("SHA256", [0], [13], [bytes(32)], 3, {0: bytes(20)}), "initial values"),
     ],
@@ -190,6 +192,20 @@ def test_extend_bank_is_the_tpm_extend() -> None:
 def test_extend_bank_refuses_wrong_arguments(args: tuple[object, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _native.extend_bank(*args)  # type: ignore[arg-type]
+
+
+def test_extend_bank_says_lookup_error_for_a_digest_openssl_lacks() -> None:
+    """(what _replay falls back to hashlib on; a wrong argument is a ValueError instead)"""
+    with pytest.raises(LookupError, match="no digest NOSUCH"):
+        _native.extend_bank("NOSUCH", [0], [13], [bytes(32)], 3, {})
+
+
+def test_extend_bank_reads_int_subclasses_by_value() -> None:
+    digest = bytes(32)
+    plain = _native.extend_bank("SHA256", [0], [13], [digest], 3, {})
+    named = _native.extend_bank("SHA256", [0], [EventType.EV_IPL], [digest], 3, {})
+    skipped = _native.extend_bank("SHA256", [0], [EventType.EV_NO_ACTION], [digest], 3, {})
+    assert plain == named and skipped == {}
 
 
 def test_extend_bank_refuses_a_pcr_beyond_a_c_long() -> None:
@@ -249,6 +265,8 @@ def test_walk_reports_the_startup_locality_event() -> None:
         ({"alg_ids": (0x10000,)}, "bad algorithm id, size or column"),
         ({"max_pcr": 24}, "out of range"),
         ({"max_records": -1}, "out of range"),
+        ({"alg_ids": ("11",)}, "algorithm ids and sizes are ints"),
+        ({"sizes": (32.0,)}, "algorithm ids and sizes are ints"),
     ],
 )
 def test_walk_refuses_wrong_arguments(kw: dict[str, object], message: str) -> None:
