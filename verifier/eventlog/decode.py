@@ -923,8 +923,8 @@ _FRAMED_FIRST: dict[int, tuple[_Form, Outcome] | None] = {
 }
 # EV_IPL: GRUB's labels and the outcome when the text after one proves the data. The
 # labels are those of _GRUB_CMD and _GRUB_CMDLINE, in their order; no data starts with two.
-_GRUB_LABELS: tuple[tuple[bytes, Outcome, str], ...] = tuple(
-    (label, (PENDING, True, quirk_id, (), covers), quirk_id)
+_GRUB_LABELS: tuple[tuple[bytes, int, Outcome, str], ...] = tuple(
+    (label, len(label), (PENDING, True, quirk_id, (), covers), quirk_id)
     for quirk_id, form, covers, _ in _PLANS[T.EV_IPL][1:]
     if quirk_id is not None
     for label in _FORM_LABELS[form]
@@ -983,25 +983,24 @@ def check_all(
         if one_bank:
             if t == ipl:  # (first: the most common type, GRUB logs one per command)
                 digest = column[index]
-                data = log[start:end]
                 outcome: Outcome | None = None
                 quirk = description_quirk
-                for label, proven, quirk_id in grub_labels:
-                    if data.startswith(label):
-                        body = data[len(label) :]
-                        if not body.endswith(b"\x00"):
-                            if compare(new(body).digest(), digest):
+                for label, size, proven, quirk_id in grub_labels:
+                    if log.startswith(label, start, end):  # (the body: log[start + size:end])
+                        body = start + size
+                        if end == body or log[end - 1]:  # no NUL at the end
+                            if compare(new(log[body:end]).digest(), digest):
                                 outcome, quirk = proven, quirk_id
                         else:  # GRUB builds differ on the NUL: the last one's way first
-                            first, second = (body[:-1], body) if without_nul else (body, body[:-1])
-                            if compare(new(first).digest(), digest):
+                            first, second = (end - 1, end) if without_nul else (end, end - 1)
+                            if compare(new(log[body:first]).digest(), digest):
                                 outcome, quirk = proven, quirk_id
-                            elif compare(new(second).digest(), digest):
+                            elif compare(new(log[body:second]).digest(), digest):
                                 outcome, quirk = proven, quirk_id
                                 without_nul = not without_nul
                         break
                 if outcome is None:
-                    if compare(new(data).digest(), digest):
+                    if compare(new(log[start:end]).digest(), digest):
                         append(whole_proven)
                         continue
                     if pcr in description_pcrs:
