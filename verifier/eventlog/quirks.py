@@ -139,10 +139,15 @@ def summarize_applied(
 
 
 def _ranges(indices: list[int]) -> str:
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    """ "3-5, 8" for [3, 4, 5, 8]: runs of consecutive event indices."""
+    if not indices:
+        return ""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:]:
+        if i != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = i
+        prev = i
+    parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(parts)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from cryptography import x509
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.verifier.eventlog import _build
 from verifier.eventlog import (
@@ -23,6 +27,7 @@ from verifier.eventlog import (
     Text,
     type_name,
 )
+from verifier.eventlog.quirks import summarize_applied
 
 
 def _verified(log: EventLog) -> ReplayedLog:
@@ -218,3 +223,21 @@ def test_unknown_event_type_is_carried() -> None:
     replayed = log.verify(log.replay())
     assert replayed.events[1].decoded is None and replayed.events[1].data_verified is None
     assert 3 in replayed.pcrs["sha256"]
+
+
+@given(st.lists(st.integers(0, 200), max_size=60))
+def test_quirk_summaries_name_every_event_in_maximal_runs(indices: list[int]) -> None:
+    """ "quirk X applied to N event(s): events 3-5, 8": the runs cover exactly the
+    events, in order, each as long as it can be."""
+    indices = sorted(set(indices))
+    lines = summarize_applied((), {"q": indices} if indices else {})
+    if not indices:
+        assert lines == ()
+        return
+    (line,) = lines
+    prefix = f"quirk q applied to {len(indices)} event(s): events "
+    assert line.startswith(prefix)
+    runs = [tuple(map(int, r.split("-"))) for r in line[len(prefix) :].split(", ")]
+    covered = [i for run in runs for i in range(run[0], run[-1] + 1)]
+    assert covered == indices
+    assert all(b[0] > a[-1] + 1 for a, b in itertools.pairwise(runs))
