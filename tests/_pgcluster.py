@@ -61,7 +61,7 @@ class PgCluster:
 
     @classmethod
     def create(cls, base: Path, database: str = "test") -> PgCluster:
-        """initdb under ``base``, start it, create ``database``; AssertionError with the log if not."""
+        """initdb under ``base``, start it, create ``database`` (AssertionError if not)."""
         root = base / "pgcluster"
         root.mkdir(parents=True)
         data = root / "data"
