@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from verifier.service.errors import install_error_handler
 from verifier.service.metrics import Metrics
 from verifier.service.openapi import openapi_spec
 from verifier.service.ports import Appraiser
+from verifier.service.retention import Pruner, RetentionPolicy
 from verifier.service.routes import attester_blueprint, ops_blueprint, policy_blueprint
 from verifier.service.services import Clock, Random, make_services
 from vtpm_core.errors import ConfigError
@@ -76,6 +78,13 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["vtpm_verifier"] = {"db": db, "services": services, "config": config}
+    if config.retention_days:
+        policy = RetentionPolicy(
+            keep_results=timedelta(days=config.retention_days),
+            batch=config.retention_batch,
+            interval_s=float(config.retention_interval_s),
+        )
+        app.extensions["vtpm_verifier"]["pruner"] = Pruner(db, policy).start()
     install_error_handler(app)
     app.register_blueprint(attester_blueprint(services, auth))
     app.register_blueprint(policy_blueprint(services, auth))

@@ -84,6 +84,11 @@ class ServiceConfig:
     default_pcr_selection: dict[str, tuple[int, ...]] = field(
         default_factory=lambda: {"sha256": tuple(range(8))}
     )
+    # retention (verifier/service/retention.py): results older than this many
+    # days are pruned in the background; 0 keeps everything
+    retention_days: int = 0
+    retention_interval_s: int = 300
+    retention_batch: int = 1000
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -179,6 +184,9 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
         allow_sha1_chains=bool(raw.get("allow_sha1_chains", False)),
         allow_expired_intermediates=bool(raw.get("allow_expired_intermediates", False)),
         default_pcr_selection=selection,
+        retention_days=_positive_int(raw, "retention_days", 0, 0, 36500),
+        retention_interval_s=_positive_int(raw, "retention_interval_s", 300, 1, 86400),
+        retention_batch=_positive_int(raw, "retention_batch", 1000, 1, 100000),
         raw=dict(raw),
     )
 

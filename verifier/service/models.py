@@ -110,6 +110,7 @@ class Nonce(Base):
     """A challenge: single use (``used``), short-lived, bound to one attester."""
 
     __tablename__ = "nonces"
+    __table_args__ = (Index("ix_nonces_expires_at", "expires_at"),)
 
     nonce: Mapped[str] = mapped_column(String(128), primary_key=True)  # hex
     attester_id: Mapped[str] = mapped_column(
@@ -127,7 +128,10 @@ class Result(Base):
     """One appraisal outcome and the signed EAR token that carries it."""
 
     __tablename__ = "results"
-    __table_args__ = (Index("ix_results_attester_created", "attester_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_results_attester_created", "attester_id", "created_at"),
+        Index("ix_results_created_at", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     attester_id: Mapped[str] = mapped_column(ForeignKey("attesters.id", ondelete="CASCADE"))
