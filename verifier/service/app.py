@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from verifier.console import console_blueprint
 from verifier.service.auth import Authenticator
 from verifier.service.config import ServiceConfig, load_config
 from verifier.service.db import Database, schema_is_current, upgrade
@@ -89,6 +90,7 @@ def create_app(
     app.register_blueprint(attester_blueprint(services, auth))
     app.register_blueprint(policy_blueprint(services, auth))
     app.register_blueprint(ops_blueprint(services, openapi_spec()))
+    app.register_blueprint(console_blueprint(services, auth, config.admin_token_sha256))
 
     @app.before_request
     def _start_timer() -> None:

@@ -1,0 +1,174 @@
+"""The web console (issue 17) against the real service: gunicorn, SQLite and PostgreSQL,
+swtpm attestations; a hostile kernel command line is shown escaped."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from tests.verifier.service.conftest import Service
+from tests.verifier.service.test_http import attest, register
+from verifier.eventlog import EventLog
+from verifier.policy import learn_policy
+from vtpm_core.measured_boot import BootDescription, simulate_boot
+from vtpm_core.swtpm import SwtpmProcess
+
+pytestmark = [pytest.mark.swtpm]
+
+HOSTILE = "root=/dev/vda <script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def fleet(service: Service, tpm_factory: Callable[[], SwtpmProcess]) -> dict[str, Any]:
+    """Two attested VMs: one affirming (its own learned policy), one contraindicated (a policy
+    wanting another command line) whose log carries a hostile kernel command line."""
+    out: dict[str, Any] = {}
+    for name, cmdline in (("good", "root=/dev/vda ro"), ("bad", HOSTILE)):
+        tpm = tpm_factory()
+        esapi = tpm.esapi()
+        boot = simulate_boot(BootDescription(kernel_cmdline=cmdline), esapi, ["sha256"])
+        esapi.close()
+        state = register(service, tpm, vm_id=f"vm-console-{name}")
+        log = EventLog.parse(boot.eventlog)
+        policy = learn_policy(log.verify(log.replay()), name=f"c-{name}").to_yaml()
+        if name == "bad":
+            policy = policy.replace(HOSTILE, "root=/dev/vda ro")
+        r = requests.put(
+            f"{service.url}/v1/policies/c-{name}",
+            data=policy.encode(),
+            headers={**service.headers(service.admin), "Content-Type": "application/yaml"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        r = service.call(
+            "PUT",
+            f"/v1/attesters/{state.attester_id}/policy",
+            service.admin,
+            json={"policy": f"c-{name}"},
+        )
+        assert r.status_code == 200, r.text
+        out[name] = {"state": state, "result": attest(service, tpm, state, boot.eventlog)}
+    assert out["good"]["result"]["status"] == "affirming"
+    assert out["bad"]["result"]["status"] == "contraindicated"
+    return out
+
+
+def _login(service: Service, token: str) -> requests.Session:
+    http = requests.Session()
+    r = http.post(f"{service.url}/console/login", data={"token": token}, timeout=30)
+    assert r.status_code == 200 and "<h1>Fleet</h1>" in r.text, r.text
+    return http
+
+
+def test_login_sets_a_strict_httponly_cookie(service: Service) -> None:
+    r = requests.post(
+        f"{service.url}/console/login",
+        data={"token": service.reader},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert r.status_code == 303 and r.headers["Location"].endswith("/console/")
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
+    for bad in ("", "not-a-token"):
+        r = requests.post(f"{service.url}/console/login", data={"token": bad}, timeout=30)
+        assert r.status_code == 401 and "not a reader or admin token" in r.text
+    # a cross-site form post is refused even with a good token
+    r = requests.post(
+        f"{service.url}/console/login",
+        data={"token": service.reader},
+        headers={"Origin": "https://evil.example"},
+        timeout=30,
+    )
+    assert r.status_code == 403
+    # no session: pages go to the login page, JSON says 401
+    r = requests.get(f"{service.url}/console/", allow_redirects=False, timeout=30)
+    assert r.status_code == 303 and r.headers["Location"].endswith("/console/login")
+    assert requests.get(f"{service.url}/console/api/fleet", timeout=30).status_code == 401
+    # a forged cookie is no session
+    r = requests.get(
+        f"{service.url}/console/",
+        cookies={"vtpm_console": "eyJyIjoiYWRtaW4ifQ.forged.sig"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert r.status_code == 303
+
+
+def test_fleet_page_and_json(service: Service, fleet: dict[str, Any]) -> None:
+    http = _login(service, service.reader)
+    r = http.get(f"{service.url}/console/", params={"q": "vm-console-"}, timeout=30)
+    assert r.status_code == 200
+    for header, value in (
+        ("Content-Security-Policy", "default-src 'none'"),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+    ):
+        assert value in r.headers[header]
+    bad_id = fleet["bad"]["state"].attester_id
+    rows = re.findall(r"<tr>\s*<td>(vm-console-\w+)</td>.*?class=\"verdict-(\w+)\"", r.text, re.S)
+    assert sorted(rows) == [("vm-console-bad", "contraindicated"), ("vm-console-good", "affirming")]
+    assert f'href="/console/attesters/{bad_id}"' in r.text
+    # the JSON it renders, by bearer token too
+    j = requests.get(
+        f"{service.url}/console/api/fleet",
+        params={"q": "vm-console-b", "sort": "vm_id", "order": "asc", "size": "25"},
+        headers=service.headers(service.reader),
+        timeout=30,
+    ).json()
+    assert j["total"] == 1 and j["attesters"][0]["id"] == bad_id
+    assert j["attesters"][0]["last_verdict"] == "contraindicated"
+    assert j["attesters"][0]["policy"] == "c-bad"
+    assert j["counts"]["contraindicated"] >= 1 and j["counts"]["affirming"] >= 1
+    # paging: one per page, sorted by VM id
+    pages = [
+        http.get(
+            f"{service.url}/console/api/fleet",
+            params={"q": "vm-console-", "sort": "vm_id", "order": "asc", "size": 25, "page": p},
+            timeout=30,
+        ).json()
+        for p in (1, 2)
+    ]
+    assert [a["vm_id"] for a in pages[0]["attesters"]] == ["vm-console-bad", "vm-console-good"]
+    assert pages[1]["attesters"] == [] and pages[1]["pages"] == 1
+    r = http.get(f"{service.url}/console/api/fleet", params={"sort": "ek; drop"}, timeout=30)
+    assert r.status_code == 400 and "sort" in r.json()["detail"]
+
+
+def test_failed_attester_page_shows_the_hostile_cmdline_inert(
+    service: Service, fleet: dict[str, Any]
+) -> None:
+    http = _login(service, service.reader)
+    bad_id = fleet["bad"]["state"].attester_id
+    r = http.get(f"{service.url}/console/attesters/{bad_id}", timeout=30)
+    assert r.status_code == 200
+    assert "<strong>contraindicated</strong>" in r.text
+    assert "<script>" not in r.text  # no script element at all on the page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text  # the hostile value, escaped
+    assert "vm-console-bad" in r.text and "c-bad" in r.text
+    # the failing rule, with the expected and actual values beside it
+    row = re.search(r'<tr class="failure">\s*<td>kernel_cmdline</td>(.*?)</tr>', r.text, re.S)
+    assert row is not None, r.text
+    assert "EV_IPL" in row.group(1) and "root=/dev/vda ro" in row.group(1)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in row.group(1)
+    j = http.get(f"{service.url}/console/api/attesters/{bad_id}", timeout=30).json()
+    assert j["results"][0]["status"] == "contraindicated" and "ear" not in j["results"][0]
+    assert http.get(f"{service.url}/console/attesters/nope", timeout=30).status_code == 404
+
+
+def test_logout_needs_the_csrf_token(service: Service) -> None:
+    http = _login(service, service.admin)
+    page = http.get(f"{service.url}/console/", timeout=30).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    assert http.post(f"{service.url}/console/logout", data={}, timeout=30).status_code == 403
+    bad = {"csrf": "x" + csrf.group(1)}
+    assert http.post(f"{service.url}/console/logout", data=bad, timeout=30).status_code == 403
+    r = http.post(f"{service.url}/console/logout", data={"csrf": csrf.group(1)}, timeout=30)
+    assert r.status_code == 200 and "<h1>Log in</h1>" in r.text
+    r = http.get(f"{service.url}/console/", allow_redirects=False, timeout=30)
+    assert r.status_code == 303

@@ -1,0 +1,159 @@
+"""Console routes: HTML pages and the JSON routes they render, one blueprint."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, jsonify, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
+
+from verifier.console.fleet import PAGE_SIZES, FleetQuery, fleet_counts, fleet_page
+from verifier.console.session import COOKIE, MAX_AGE_S, ConsoleSession, SessionSigner
+from verifier.service.auth import Authenticator, Principal, Role
+from verifier.service.errors import AuthenticationError
+from verifier.service.services import Services
+
+__all__ = ["SECURITY_HEADERS", "console_blueprint"]
+
+Page = BaseResponse | str | tuple[str, int]
+
+HERE = Path(__file__).resolve().parent
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+def console_blueprint(
+    services: Services, auth: Authenticator, admin_token_sha256: str
+) -> Blueprint:
+    bp = Blueprint(
+        "console",
+        __name__,
+        url_prefix="/console",
+        template_folder=str(HERE / "templates"),
+        static_folder=str(HERE / "static"),
+        static_url_path="/static",
+    )
+    signer = SessionSigner(admin_token_sha256)
+
+    @bp.app_template_filter("pretty_json")
+    def _pretty_json(value: Any) -> str:
+        # plain text: Jinja's autoescape then escapes it like any other value
+        return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+
+    def session() -> ConsoleSession | None:
+        return signer.read(request.cookies.get(COOKIE))
+
+    def api_principal() -> None:
+        """The JSON routes: a console session cookie or a reader/admin bearer token."""
+        if session() is not None:
+            return
+        principal: Principal = auth.authenticate(request.headers.get("Authorization"))
+        principal.require(Role.ADMIN, Role.READER)
+
+    def same_origin() -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None or origin == "null":
+            return origin is None
+        return urlsplit(origin).netloc == request.host
+
+    @bp.after_request
+    def _headers(resp: Response) -> Response:
+        for k, v in SECURITY_HEADERS.items():
+            resp.headers.setdefault(k, v)
+        return resp
+
+    @bp.get("/login")
+    def login_form() -> str:
+        return render_template("console/login.html", error=None, s=None)
+
+    @bp.post("/login")
+    def login() -> Page:
+        if not same_origin():
+            return render_template(
+                "console/login.html", error="cross-origin login refused", s=None
+            ), 403
+        token = request.form.get("token", "").strip()
+        try:
+            found = auth.classify(f"Bearer {token}") if token else None
+        except AuthenticationError:
+            found = None
+        if not isinstance(found, Principal) or found.role not in (Role.ADMIN, Role.READER):
+            return render_template(
+                "console/login.html", error="not a reader or admin token", s=None
+            ), 401
+        cookie, _ = signer.issue(found.role.value)
+        resp = redirect(url_for("console.fleet"), code=303)
+        resp.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=MAX_AGE_S,
+            httponly=True,
+            samesite="Strict",
+            secure=request.is_secure,
+            path="/console",
+        )
+        return resp
+
+    @bp.post("/logout")
+    def logout() -> Page:
+        s = session()
+        if s is None or not s.csrf_ok(request.form.get("csrf")) or not same_origin():
+            return "CSRF check failed", 403
+        resp = redirect(url_for("console.login_form"), code=303)
+        resp.delete_cookie(COOKIE, path="/console")
+        return resp
+
+    def now() -> datetime:
+        return datetime.now(UTC)
+
+    def fleet_data() -> dict[str, Any]:
+        query = FleetQuery.parse(request.args)
+        data = fleet_page(services.attesters.db, query, now())
+        data["counts"] = fleet_counts(services.attesters.db)
+        return data
+
+    @bp.get("/api/fleet")
+    def api_fleet() -> Response:
+        api_principal()
+        return jsonify(fleet_data())
+
+    @bp.get("/")
+    def fleet() -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        return render_template("console/fleet.html", s=s, d=fleet_data(), sizes=PAGE_SIZES)
+
+    def attester_data(attester_id: str) -> dict[str, Any]:
+        data = services.attesters.get(attester_id)
+        results = services.attesters.results(attester_id, 50)
+        data["results"] = [{k: v for k, v in r.items() if k != "ear"} for r in results]
+        return data
+
+    @bp.get("/api/attesters/<attester_id>")
+    def api_attester(attester_id: str) -> Response:
+        api_principal()
+        return jsonify(attester_data(attester_id))
+
+    @bp.get("/attesters/<attester_id>")
+    def attester(attester_id: str) -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        return render_template("console/attester.html", s=s, a=attester_data(attester_id))
+
+    return bp
