@@ -1,12 +1,18 @@
+# ruff: noqa: E501  (the command table keeps one line per command)
 """The ``vtpm`` command: the one place that wires the CA, the verifier and the vTPM core.
 
 Exit codes, for every command: 0 success (or "valid"); 1 a check failed or an
 operation was refused (the one-line message names it); 2 the input could not
 be read or parsed, or the command line is wrong.
+
+Commands load lazily: ``vtpm --help`` and ``vtpm NAME`` import only the
+modules that NAME lives in (see ``COMMANDS``), so a one-shot command does not
+pay for every other command's imports at start.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -18,9 +24,71 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNREADABLE = 2
 
+# One line per top-level command: name -> (modules whose ``register(group)``
+# adds it, space-separated; the short help ``vtpm --help`` shows without
+# importing them). To add a command: write ``register`` in your module and add
+# its line here. tests/cli/test_lazy_main.py checks each line against the real
+# command (same name, same short help), so the table cannot drift.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ca": ("vtpm_cli.ca_cmds", "The EK certificate authority: init, issue, revoke, CRL/OCSP, HTTP API."),
+    "eventlog": ("vtpm_cli.eventlog_cmds", "Parse, decode and replay TCG PC Client firmware event logs."),
+    "verify-quote": ("vtpm_cli.quote_cmds", "Verify a TPM2_Quote made by tpm2_quote (and, with --eventlog, replay the log)."),
+    "ek": ("vtpm_cli.quote_cmds vtpm_cli.ek_cmds", "Endorsement Key certificates."),
+    "policy": ("vtpm_cli.policy_cmds", "Reference-value policies over replayed, digest-checked boot events."),
+    "result": ("vtpm_cli.policy_cmds", "Signed attestation results (EAR JWTs)."),
+    "init": ("vtpm_cli.vtpm_cmds", "Create a vTPM store and its key-encryption key (mode 0600)."),
+    "create": ("vtpm_cli.vtpm_cmds", "Create a vTPM: fresh encrypted state, EKs certified by the CA, certs in NV, locked."),
+    "list": ("vtpm_cli.vtpm_cmds", "List the vTPMs of the store."),
+    "show": ("vtpm_cli.vtpm_cmds", "Show one vTPM: ids, key id, EKs and certificate serials, running state."),
+    "start": ("vtpm_cli.vtpm_cmds", "Start the vTPM (swtpm daemon, data key by fd); print how to attach it."),
+    "stop": ("vtpm_cli.vtpm_cmds", "Stop the vTPM's swtpm (by its PID file, after checking it is that swtpm)."),
+    "delete": ("vtpm_cli.vtpm_cmds", "Revoke the EK certificates at the CA, then destroy the state and its wrapped key."),
+    "backup": ("vtpm_cli.vtpm_cmds", "Write an integrity-protected backup: encrypted state, metadata, certs, wrapped key."),
+    "restore": ("vtpm_cli.vtpm_cmds", "Restore a backup (needs the key provider to still hold its key)."),
+    "clone": ("vtpm_cli.vtpm_cmds", "Clone SOURCE as NEW: --mode copy keeps the TPM, --mode replace makes a new one."),
+    "verifier": ("vtpm_cli.verifier_cmds", "Run the attestation service."),
+    "attest": ("vtpm_cli.verifier_cmds", "Register + activate on first use, then challenge, quote, evidence; print the verdict."),
+    "check": ("vtpm_cli.verifier_cmds", "Exit 0 only if the latest verdict is affirming, fresh and under the policy."),
+    "vm": ("vtpm_cli.demo_cmds", "Boot real VMs (QEMU + OVMF + systemd-boot) with a vTPM attached."),
+    "demo": ("vtpm_cli.demo_cmds", "CA + verifier + vTPM + measured boot: an affirming and a contraindicated attestation."),
+}  # fmt: skip
+
+
+def load_command(name: str) -> click.Command | None:
+    """Import the modules of ``name`` (from ``COMMANDS``) and return its command, or None."""
+    entry = COMMANDS.get(name)
+    if entry is None:
+        return None
+    scratch = click.Group()
+    for module_name in entry[0].split():
+        importlib.import_module(module_name).register(scratch)
+    return scratch.commands.get(name)
+
 
 class _Group(click.Group):
-    """Turns the project's errors into one-line messages and exit codes."""
+    """Loads commands from ``COMMANDS`` on first use; turns the project's errors
+    into one-line messages and exit codes."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = self.commands.get(cmd_name)
+        if command is None:
+            command = load_command(cmd_name)
+            if command is not None:
+                self.commands[cmd_name] = command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The short help comes from the table, so ``--help`` imports nothing.
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = []
+        for name in self.list_commands(ctx):
+            text = click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit)
+            rows.append((name, text))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -37,27 +105,6 @@ class _Group(click.Group):
 @click.version_option(package_name="vtpm-trust")
 def cli() -> None:
     """vtpm-trust: EK certificates for virtual TPMs and remote attestation."""
-
-
-def _register_all(group: click.Group) -> None:
-    from vtpm_cli import (
-        ca_cmds,
-        demo_cmds,
-        ek_cmds,
-        eventlog_cmds,
-        policy_cmds,
-        quote_cmds,
-        verifier_cmds,
-        vtpm_cmds,
-    )
-
-    modules = (ca_cmds, eventlog_cmds, quote_cmds, ek_cmds, policy_cmds, vtpm_cmds, verifier_cmds,
-               demo_cmds)  # fmt: skip
-    for module in modules:
-        module.register(group)
-
-
-_register_all(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
