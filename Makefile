@@ -1,5 +1,5 @@
 # The two commands the README starts with. Both install what is missing first.
-.PHONY: demo test setup lint typecheck pytest bench fuzz clean
+.PHONY: demo test setup lint typecheck pytest bench bench-fleet fuzz clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,6 +24,10 @@ test: setup lint typecheck pytest
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# fleet scale on PostgreSQL (1k, 10k, 100k attesters; a few minutes): docs/operations.md
+bench-fleet: setup
+	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -110,12 +110,13 @@ class Nonce(Base):
     """A challenge: single use (``used``), short-lived, bound to one attester."""
 
     __tablename__ = "nonces"
-    __table_args__ = (Index("ix_nonces_expires_at", "expires_at"),)
+    __table_args__ = (
+        Index("ix_nonces_expires_at", "expires_at"),
+        Index("ix_nonces_attester_expires", "attester_id", "expires_at"),
+    )
 
     nonce: Mapped[str] = mapped_column(String(128), primary_key=True)  # hex
-    attester_id: Mapped[str] = mapped_column(
-        ForeignKey("attesters.id", ondelete="CASCADE"), index=True
-    )
+    attester_id: Mapped[str] = mapped_column(ForeignKey("attesters.id", ondelete="CASCADE"))
     pcr_selection: Mapped[dict[str, Any]] = mapped_column(JSON)
     policy_name: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
