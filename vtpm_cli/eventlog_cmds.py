@@ -109,8 +109,8 @@ def register(cli: click.Group) -> None:
         """Replay FILE to PCR values, per bank.
 
         Prints every PCR that at least one event extends, plus PCR 0 when a
-        StartupLocality event sets its initial value. EV_NO_ACTION events are
-        never extended.
+        StartupLocality event sets its initial value (00..04 when PCR 0 opens
+        with an H-CRTM event). EV_NO_ACTION events are never extended.
         """
         log = _read_log(log_file, Limits())
         pcrs = log.replay()

@@ -4,7 +4,7 @@ event and TCG_PCR_EVENT2.
 Spec: TCG PC Client Platform Firmware Profile Specification (PFP), v1.05 rev 23,
 §10.2.1 (TCG_PCR_EVENT, the SHA-1 "legacy" format), §10.2.2 (TCG_PCR_EVENT2,
 the crypto-agile format), §10.4.5.1 (TCG_EfiSpecIDEvent, "Spec ID Event03"),
-§10.4.5.3 (TCG_EfiStartupLocalityEvent).
+§10.4.5.3 (TCG_EfiStartupLocalityEvent), §10.4.1 (EV_EFI_HCRTM_EVENT).
 
 A crypto-agile log starts with one TCG_PCR_EVENT (PCR 0, EV_NO_ACTION, 20
 zero bytes of digest) whose data is the Spec ID event listing every bank and
@@ -13,8 +13,9 @@ record is anything else is a SHA-1 legacy log of TCG_PCR_EVENTs.
 
 What this module guarantees: the framing is well formed, within
 :class:`Limits`, each event carries exactly the banks the Spec ID event lists,
-PCR indices are 0..23, at most one well-formed StartupLocality event. What it
-does not check: any digest. :class:`EventLog` is unverified; call
+PCR indices are 0..23, at most one well-formed StartupLocality event, and that
+event agrees with an H-CRTM event (see :func:`pcr0_locality`). What it does not
+check: any digest. :class:`EventLog` is unverified; call
 :meth:`EventLog.verify` with quoted PCR values to get a
 :class:`~verifier.eventlog.replay.ReplayedLog`.
 """
@@ -22,7 +23,7 @@ does not check: any digest. :class:`EventLog` is unverified; call
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
@@ -39,7 +40,16 @@ from vtpm_core.errors import ParseError
 if TYPE_CHECKING:
     from verifier.eventlog.replay import PcrBanks, ReplayedLog
 
-__all__ = ["Event", "EventLog", "LogFormat", "Records", "SpecIdEvent", "StartupLocality"]
+__all__ = [
+    "Event",
+    "EventLog",
+    "LogFormat",
+    "Records",
+    "SpecIdEvent",
+    "StartupLocality",
+    "first_pcr0_hcrtm",
+    "pcr0_locality",
+]
 
 LogFormat = Literal["sha1-legacy", "crypto-agile"]
 
@@ -252,6 +262,11 @@ class EventLog(Immutable):
     crypto-agile log), so indices match tpm2_eventlog's EventNum. Immutable; its
     Event objects are built when ``events`` (or :meth:`event`) is first read:
     ``records`` holds the same records column by column, for replay and checks.
+
+    ``hcrtm_event``: the index of the EV_EFI_HCRTM_EVENT that is PCR 0's first
+    extend, when there is one (PCR 0 then starts at locality 4: see
+    :func:`pcr0_locality`); ``pcr0_locality``: the locality PCR 0 starts at, or
+    None when the log says nothing about it (PCR 0 starts at zero).
     """
 
     __slots__ = (
@@ -259,6 +274,7 @@ class EventLog(Immutable):
         "algorithms",
         "banks",
         "format",
+        "hcrtm_event",
         "quirks",
         "raw",
         "records",
@@ -272,6 +288,7 @@ class EventLog(Immutable):
     spec_id: SpecIdEvent | None
     records: Records
     startup_locality: StartupLocality | None
+    hcrtm_event: int | None
     quirks: tuple[AppliedQuirk, ...]
     raw: bytes
     _events: tuple[Event, ...] | None
@@ -286,6 +303,7 @@ class EventLog(Immutable):
         startup_locality: StartupLocality | None,
         quirks: tuple[AppliedQuirk, ...],
         raw: bytes,
+        hcrtm_event: int | None = None,
     ) -> None:
         setattr_ = object.__setattr__
         setattr_(self, "format", format)
@@ -294,6 +312,7 @@ class EventLog(Immutable):
         setattr_(self, "spec_id", spec_id)
         setattr_(self, "records", records)
         setattr_(self, "startup_locality", startup_locality)
+        setattr_(self, "hcrtm_event", hcrtm_event)
         setattr_(self, "quirks", quirks)
         setattr_(self, "raw", raw)
         setattr_(self, "_events", None)
@@ -374,6 +393,15 @@ class EventLog(Immutable):
         else:
             _legacy_records(data, offset, records, limits, quirks)
             startup = _startup_locality(records, False)
+        hcrtm = first_pcr0_hcrtm(records.pcrs, records.types)
+        if hcrtm is not None and startup is not None and startup.locality != 4:
+            raise ParseError(
+                "TCG_PCR_EVENT2" if spec_id is not None else "TCG_PCR_EVENT",
+                "event",
+                records.offsets[hcrtm],
+                f"EV_EFI_HCRTM_EVENT starts PCR 0 at locality 4, but the StartupLocality "
+                f"event says {startup.locality}",
+            )
         return cls(
             format=fmt,
             algorithms=algorithms,
@@ -382,7 +410,13 @@ class EventLog(Immutable):
             startup_locality=startup,
             quirks=tuple(quirks),
             raw=data,
+            hcrtm_event=hcrtm,
         )
+
+    @property
+    def pcr0_locality(self) -> int | None:
+        """The locality PCR 0 starts at (see :func:`pcr0_locality`), or None for zero."""
+        return pcr0_locality(self.startup_locality, self.hcrtm_event)
 
     def to_bytes(self) -> bytes:
         """The exact bytes parsed (the records concatenated, plus any padding)."""
@@ -661,6 +695,43 @@ def _parse_agile(
         untrusted_data=event_data,
         raw=data[offset : r.offset],
     )
+
+
+def first_pcr0_hcrtm(pcrs: Sequence[int], types: Sequence[int]) -> int | None:
+    """The index of PCR 0's first extend when it is an EV_EFI_HCRTM_EVENT, else None.
+
+    EV_NO_ACTION events are skipped (never extended, PFP §10.4.1). A loop over the two
+    columns: PCR 0's events open a firmware log, so it stops within a few records.
+    """
+    no_action, hcrtm = EventType.EV_NO_ACTION, EventType.EV_EFI_HCRTM_EVENT
+    for i, (pcr, event_type) in enumerate(zip(pcrs, types, strict=True)):
+        if pcr == 0 and event_type != no_action:
+            return i if event_type == hcrtm else None
+    return None
+
+
+def pcr0_locality(startup: StartupLocality | None, hcrtm_event: int | None) -> int | None:
+    """The locality PCR 0 starts at before the log's first PCR 0 extend, or None (zero).
+
+    1. An H-CRTM (hardware CRTM: the platform's measurement sent as _TPM_Hash_Start /
+       _TPM_Hash_Data / _TPM_Hash_End at locality 4 before TPM2_Startup) makes the TPM
+       reset PCR 0 to 00..04 and extend the H-CRTM digest into it (TPM 2.0 Library
+       Part 3, _TPM_Hash_End; the TCG reference code: "reset the H-CRTM register
+       (PCR[0]) to 0...04, and then extend the H-CRTM data"). The firmware logs that
+       extend as PCR 0's first event, EV_EFI_HCRTM_EVENT with the data "HCRTM" (PFP
+       §10.4.1), so PCR 0 starts at 4 whether or not a StartupLocality event says so.
+       tpm2-tss's FAPI test vector (test/data/fapi/eventlog/binary_measurements_hcrtm,
+       SHA-1 PCR 0 15f4e6ca...) is this rule applied to a real H-CRTM log.
+    2. Otherwise the StartupLocality event (PFP §10.4.5.3), if any: 0, 3 (TPM2_Startup
+       from locality 3), or 4 (the platform's H-CRTM indication).
+    3. Otherwise nothing: PCR 0 starts at zero.
+
+    :meth:`EventLog.parse` refuses a log whose StartupLocality event disagrees with
+    its H-CRTM event (any value but 4), so 1 and 2 never conflict.
+    """
+    if hcrtm_event is not None:
+        return 4
+    return None if startup is None else startup.locality
 
 
 def _startup_locality(records: Records, agile: bool) -> StartupLocality | None:

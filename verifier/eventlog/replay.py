@@ -3,7 +3,9 @@
 Spec: TCG PC Client Platform Firmware Profile (PFP) v1.05 §10.4.5.3
 (StartupLocality: PCR 0 starts at the locality TPM2_Startup came from, 3,
 or 4 after an H-CRTM), §10.4.1 (EV_NO_ACTION "is not extended into any
-PCR"); TPM 2.0 Part 1 §17.3 (extend: PCR := H(PCR || digest)).
+PCR"; EV_EFI_HCRTM_EVENT, the H-CRTM's extend, which also starts PCR 0 at
+4: see :func:`~verifier.eventlog.parse.pcr0_locality`); TPM 2.0 Part 1
+§17.3 (extend: PCR := H(PCR || digest)).
 
 Trust: :func:`verify_log` is the only way to get a :class:`ReplayedLog`.
 It proves every event's digests against the quoted PCR values it covers;
@@ -33,6 +35,7 @@ from verifier.eventlog.decode import (
     decode_deferred,
 )
 from verifier.eventlog.events import EventType, type_name
+from verifier.eventlog.parse import first_pcr0_hcrtm, pcr0_locality
 from verifier.eventlog.quirks import AppliedQuirk, summarize_applied
 from vtpm_core.errors import VerificationError
 
@@ -54,15 +57,20 @@ def replay_events(
 
     Included: every PCR with at least one extend, plus PCR 0 whenever the
     log has a StartupLocality event (it states PCR 0's value even if nothing
-    is extended after it). PCRs the log never touches are absent (their
-    value is whatever the platform reset them to, which the log cannot tell).
+    is extended after it). PCR 0 starts at the locality
+    :func:`~verifier.eventlog.parse.pcr0_locality` gives: 4 when its first
+    extend is an EV_EFI_HCRTM_EVENT, else the StartupLocality event's, else
+    zero. PCRs the log never touches are absent (their value is whatever the
+    platform reset them to, which the log cannot tell).
     """
+    pcrs = [e.pcr for e in events]
+    types = [e.event_type for e in events]
     return _replay(
-        [e.pcr for e in events],
-        [e.event_type for e in events],
+        pcrs,
+        types,
         {a.name: [e.digests.get(a.name) for e in events] for a in algorithms},
         algorithms,
-        startup_locality,
+        pcr0_locality(startup_locality, first_pcr0_hcrtm(pcrs, types)),
     )
 
 
@@ -70,7 +78,7 @@ def replay_log(log: EventLog) -> PcrBanks:
     r = log.records
     return _replay(
         r.pcrs, r.types, dict(zip(r.names, r.digests, strict=True)), log.algorithms,
-        log.startup_locality,
+        log.pcr0_locality,
     )  # fmt: skip
 
 
@@ -79,11 +87,12 @@ def _replay(
     types: list[int],
     digests: Mapping[str, Sequence[bytes | None]],
     algorithms: tuple[HashAlgorithm, ...],
-    startup_locality: StartupLocality | None,
+    locality: int | None,
 ) -> PcrBanks:
-    """:func:`replay_events` over the events' PCRs, types and, per bank, digests: in C
-    (``_native.extend_bank``, OpenSSL's hashes), or with hashlib for an algorithm
-    this OpenSSL cannot fetch by name."""
+    """:func:`replay_events` over the events' PCRs, types and, per bank, digests, PCR 0
+    starting at 00..00 || ``locality`` when it is not None: in C (``_native.extend_bank``,
+    OpenSSL's hashes), or with hashlib for an algorithm this OpenSSL cannot fetch by
+    name."""
     out: PcrBanks = {}
     no_action = EventType.EV_NO_ACTION  # PFP §10.4.1: never extended
     for alg in algorithms:
@@ -91,8 +100,8 @@ def _replay(
         if not alg.computable or column is None:
             continue
         initial: dict[int, bytes] = {}
-        if startup_locality is not None:
-            initial[0] = bytes(alg.digest_size - 1) + bytes([startup_locality.locality])
+        if locality is not None:
+            initial[0] = bytes(alg.digest_size - 1) + bytes([locality])
         try:
             out[alg.name] = extend_bank(
                 alg.openssl_name, pcrs, types, list(column), no_action, initial

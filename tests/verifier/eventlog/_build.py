@@ -35,3 +35,18 @@ def event2(
 
 def log(*events: bytes, banks: Sequence[str] = ("sha1", "sha256")) -> bytes:
     return spec_id_header(banks) + b"".join(events)
+
+
+def legacy_event(pcr: int, event_type: int, data: bytes, digest_of: bytes | None = None) -> bytes:
+    """A TCG_PCR_EVENT (SHA-1 log format) whose digest is SHA-1(digest_of) (default: data)."""
+    measured = data if digest_of is None else digest_of
+    digest = hashlib.sha1(measured).digest()
+    return struct.pack("<II", pcr, event_type) + digest + struct.pack("<I", len(data)) + data
+
+
+def no_action(data: bytes, banks: Sequence[str] = ("sha1", "sha256")) -> bytes:
+    """An EV_NO_ACTION TCG_PCR_EVENT2 in PCR 0 with all-zero digests (PFP §10.4.1)."""
+    out = struct.pack("<III", 0, 3, len(banks))
+    for bank in banks:
+        out += struct.pack("<H", ALG_IDS[bank]) + bytes(hashlib.new(bank).digest_size)
+    return out + struct.pack("<I", len(data)) + data
