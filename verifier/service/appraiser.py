@@ -43,7 +43,7 @@ from verifier.quote import check_ak_attributes, verify_quote
 from verifier.service.config import ServiceConfig
 from verifier.service.messages import EvidenceRequest, RegistrationRequest
 from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
-from vtpm_core.errors import ConfigError, ParseError, VerificationError
+from vtpm_core.errors import ConfigError, ParseError, StateError, VerificationError
 from vtpm_core.tpm import Attest, ObjectAttributes, PcrValues, Public, QuoteInfo, Signature
 
 __all__ = ["LibraryAppraiser", "ParsedPublic", "parse_public", "policy_pcrs"]
@@ -187,7 +187,11 @@ class LibraryAppraiser:
     def from_config(cls, config: ServiceConfig) -> LibraryAppraiser:
         if config.signing_key_path is None:
             raise ConfigError("no EAR signing key configured in the verifier home")
-        signer = EarSigner.load(config.signing_key_path.read_bytes(), build=config.verifier_id)
+        signer = EarSigner.load(
+            config.signing_key_path.read_bytes(),
+            build=config.verifier_id,
+            profile=config.ear_profile,
+        )
         trust = (
             TrustStore.load(config.trust_roots, config.intermediates)
             if config.trust_roots
@@ -482,6 +486,20 @@ class LibraryAppraiser:
             )
         verdict = _Verdict(status, vector, tuple(summaries))
         return self._signer.sign(verdict, nonce, attester_id, appraisal.policy_id or "none")
+
+    def ear_as(self, token: str, profile: str | None = None) -> str:
+        """A stored EAR in ``profile`` (None: the configured ``ear_profile``).
+
+        Unchanged when already in it; otherwise verified with the signing key
+        and re-signed under the other profile's names (``EarSigner.reprofile``:
+        same verdict, same ``iat``). A stored EAR the key does not verify (a
+        rotated key, a changed row) is refused, never re-signed (StateError)."""
+        try:
+            return self._signer.reprofile(token, profile)
+        except (VerificationError, ParseError) as exc:
+            raise StateError(
+                f"a stored EAR cannot be served in {profile or self._signer.profile!r}: {exc}"
+            ) from None
 
     def jwks(self) -> dict[str, Any]:
         return dict(self._signer.jwks())

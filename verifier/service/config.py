@@ -89,6 +89,9 @@ class ServiceConfig:
     retention_days: int = 0
     retention_interval_s: int = 300
     retention_batch: int = 1000
+    # the EAR profile results are signed in and, when a relying party names none
+    # (the ``ear_profile`` request parameter), served in (verifier.ear)
+    ear_profile: str = "tag:github.com,2023:veraison/ear"
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -135,6 +138,21 @@ def _paths(home: Path, raw: dict[str, Any], key: str, default_dir: str) -> tuple
     return tuple(out)
 
 
+def _ear_profile(raw: dict[str, Any]) -> str:
+    """``ear_profile``: a short name (``veraison-2023``, ``ietf-ear-04``) or a full tag.
+    Veraison's 2023 profile stays the default until draft-ietf-rats-ear is final."""
+    from verifier.ear import EAR_PROFILE, PROFILE_NAMES, profile_named
+
+    value = raw.get("ear_profile", EAR_PROFILE)
+    profile = profile_named(value) if isinstance(value, str) else None
+    if profile is None:
+        raise ConfigError(
+            f"{CONFIG_FILE}: ear_profile must be one of {', '.join(PROFILE_NAMES)} "
+            f"(or its full eat_profile tag), got {value!r}"
+        )
+    return profile
+
+
 def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
     if raw.get("schema") != SCHEMA_VERSION:
         raise ConfigError(
@@ -168,6 +186,7 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
             raise ConfigError(f"{CONFIG_FILE}: default_pcr_selection[{bank}]: PCRs are 0..23")
         selection[bank] = tuple(sorted(set(pcrs)))
     return ServiceConfig(
+        ear_profile=_ear_profile(raw),
         home=home,
         database_url=url,
         verifier_id=verifier_id,

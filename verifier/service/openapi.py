@@ -19,6 +19,15 @@ _PCRS = {
 }
 _ID = {"name": "attester_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+# verifier.ear.PROFILE_NAMES (a full eat_profile tag is accepted too)
+_EAR_PROFILE = {
+    "name": "ear_profile",
+    "in": "query",
+    "description": "EAR profile of the returned results' `ear`: veraison-2023 "
+    "(tag:github.com,2023:veraison/ear) or ietf-ear-04 (tag:ietf.org,2026:rats/ear#04); "
+    "default: the verifier's `ear_profile` setting",
+    "schema": {"type": "string", "enum": ["veraison-2023", "ietf-ear-04"]},
+}
 
 
 def _op(
@@ -100,7 +109,7 @@ def openapi_spec() -> dict[str, Any]:
             "get": _op(
                 "Identity, status, flags and latest result",
                 ["admin", "reader", "attester"],
-                params=[_ID],
+                params=[_ID, _EAR_PROFILE],
             ),
             "delete": _op("Forget an attester", ["admin"], params=[_ID], ok="204"),
         },
@@ -126,7 +135,7 @@ def openapi_spec() -> dict[str, Any]:
             "post": _op(
                 "Submit a quote for a nonce; answers the result and its EAR token",
                 ["attester"],
-                params=[_ID],
+                params=[_ID, _EAR_PROFILE],
                 body=evidence,
                 errors=("400", "401", "403", "404", "409", "410", "413"),
             )
@@ -138,6 +147,7 @@ def openapi_spec() -> dict[str, Any]:
                 params=[
                     _ID,
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 20}},
+                    _EAR_PROFILE,
                 ],
             )
         },

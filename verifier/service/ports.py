@@ -109,4 +109,9 @@ class Appraiser(Protocol):
         """The EAR JWT: ``status`` (lineage flags included), every failure and flag."""
         ...
 
+    def ear_as(self, token: str, profile: str | None = None) -> str:
+        """A stored EAR in ``profile`` (a ``verifier.ear`` tag; None: the configured one),
+        re-signed only after it verified with the signing key (StateError otherwise)."""
+        ...
+
     def jwks(self) -> dict[str, Any]: ...

@@ -60,6 +60,28 @@ def _limit() -> int:
     return int(raw)
 
 
+def _ear_profile() -> str | None:
+    """The relying party's ``ear_profile`` (verifier.ear.PROFILE_NAMES or a full tag)."""
+    from verifier.ear import PROFILE_NAMES, profile_named
+
+    raw = request.args.get("ear_profile")
+    if raw is None:
+        return None
+    profile = profile_named(raw)
+    if profile is None:
+        raise ParseError(
+            "query", "ear_profile", 0, f"{raw[:64]!r}: expected one of {', '.join(PROFILE_NAMES)}"
+        )
+    return profile
+
+
+def _in_profile(services: Services, view: dict[str, Any] | None, profile: str | None) -> Any:
+    """``view`` with its EAR in ``profile`` (None: the configured default)."""
+    if not view or not view.get("ear"):
+        return view
+    return {**view, "ear": services.appraiser.ear_as(view["ear"], profile)}
+
+
 @contextmanager
 def _authentication_first(auth: Authenticator, attester_id: str, *roles: Role) -> Iterator[None]:
     """On any failure inside, run the full authentication first: a caller without
@@ -94,7 +116,10 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     @bp.get("/v1/attesters/<attester_id>")
     def get_attester(attester_id: str) -> Response:
         _principal(auth).require(*_READ, Role.ATTESTER, attester_id=attester_id)
-        return _json(services.attesters.get(attester_id))
+        profile = _ear_profile()
+        view = services.attesters.get(attester_id)
+        view["latest_result"] = _in_profile(services, view.get("latest_result"), profile)
+        return _json(view)
 
     @bp.delete("/v1/attesters/<attester_id>")
     def delete_attester(attester_id: str) -> Response:
@@ -129,13 +154,18 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
             cred.require(Role.ATTESTER, attester_id=attester_id)  # never passes: 403
             raise AssertionError("unreachable")
         with _authentication_first(auth, attester_id, Role.ATTESTER):
+            profile = _ear_profile()
             req = EvidenceRequest.parse(_body("EvidenceRequest"))
-            return _json(services.evidence.submit(attester_id, req, token_sha256=cred.sha256))
+            result = services.evidence.submit(attester_id, req, token_sha256=cred.sha256)
+            # just signed in the configured profile: re-signed only when asked for another
+            return _json(result if profile is None else _in_profile(services, result, profile))
 
     @bp.get("/v1/attesters/<attester_id>/results")
     def results(attester_id: str) -> Response:
         _principal(auth).require(*_READ, Role.ATTESTER, attester_id=attester_id)
-        return _json({"results": services.attesters.results(attester_id, _limit())})
+        profile = _ear_profile()
+        rows = services.attesters.results(attester_id, _limit())
+        return _json({"results": [_in_profile(services, r, profile) for r in rows]})
 
     @bp.put("/v1/attesters/<attester_id>/policy")
     def assign(attester_id: str) -> Response:

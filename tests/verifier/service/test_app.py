@@ -3,6 +3,7 @@ errors become problem JSON without internals, configuration is checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from verifier.ear import EAR_PROFILE_04, EAR_PROFILE_2023, EarSigner, TrustVector, verify_result
 from verifier.service import create_app, init_home, load_config
+from verifier.service.appraiser import LibraryAppraiser
 from verifier.service.openapi import openapi_spec
-from vtpm_core.errors import ConfigError
+from verifier.service.ports import Appraisal
+from vtpm_core.errors import ConfigError, StateError
 
 
 @pytest.fixture
@@ -88,6 +92,9 @@ def test_schema_must_be_migrated(app_home: Path) -> None:
         pytest.param(
             {"default_pcr_selection": {"md5": [0]}}, "bad bank", id="fail/config/pcr-bank"
         ),
+        pytest.param(
+            {"ear_profile": "ear-05"}, "ear_profile must be one of", id="fail/config/ear-profile"
+        ),
     ],
 )
 def test_bad_config_is_refused(app_home: Path, change: dict[str, object], pattern: str) -> None:
@@ -97,6 +104,47 @@ def test_bad_config_is_refused(app_home: Path, change: dict[str, object], patter
     cfg.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=pattern):
         load_config(app_home)
+
+
+@pytest.mark.parametrize(
+    ("setting", "profile"),
+    [
+        (None, EAR_PROFILE_2023),
+        ("veraison-2023", EAR_PROFILE_2023),
+        ("ietf-ear-04", EAR_PROFILE_04),
+        (EAR_PROFILE_04, EAR_PROFILE_04),
+    ],
+)
+def test_ear_profile_setting(app_home: Path, setting: str | None, profile: str) -> None:
+    """``ear_profile`` is the profile results are signed in and served in by default."""
+    if setting is not None:
+        cfg = app_home / "verifier.yaml"
+        cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "ear_profile": setting}))
+    config = load_config(app_home)
+    assert config.ear_profile == profile
+    appraiser = LibraryAppraiser.from_config(config)
+    appraisal = Appraisal("affirming", trust_vector={"executables": 3}, policy_id="policy:p")
+    token = appraiser.sign_result(
+        appraisal, status="affirming", nonce=bytes(16), attester_id="a", flags=[]
+    )
+    assert verify_result(token, appraiser.jwks()).profile == profile
+    assert appraiser.ear_as(token) is token  # already in the default
+    other = EAR_PROFILE_04 if profile == EAR_PROFILE_2023 else EAR_PROFILE_2023
+    moved = appraiser.ear_as(token, other)
+    assert verify_result(moved, appraiser.jwks()).profile == other
+    assert appraiser.ear_as(moved) != moved  # back to the default, re-signed
+    # a stored EAR the signing key did not sign is never re-signed
+    verdict = _Verdict("affirming", TrustVector(executables=3))
+    stranger = EarSigner.generate(profile=profile).sign(verdict, bytes(16), "a", "p")
+    with pytest.raises(StateError, match="cannot be served in"):
+        appraiser.ear_as(stranger, other)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    status: str
+    trust_vector: TrustVector
+    failure_summaries: tuple[dict[str, str], ...] = ()
 
 
 def test_init_refuses_to_overwrite(app_home: Path) -> None:

@@ -25,7 +25,7 @@ import requests
 
 from tests.verifier.service.conftest import REPO, Server, Service
 from verifier.attester import AttesterState, TpmAttester, attest_once, enroll
-from verifier.ear import verify_result
+from verifier.ear import EAR_PROFILE_04, EAR_PROFILE_2023, verify_result
 from verifier.eventlog import EventLog
 from verifier.policy import learn_policy
 from vtpm_core.measured_boot import BootDescription, simulate_boot
@@ -131,6 +131,61 @@ def test_full_flow_affirming(service: Service, booted: dict[str, Any], tmp_path:
         "GET", f"/v1/attesters/{state.attester_id}/results?limit=5", service.reader
     ).json()["results"]
     assert results[0]["id"] == result["id"]
+
+
+def test_relying_party_chooses_the_ear_profile(service: Service, booted: dict[str, Any]) -> None:
+    """``ear_profile`` on the routes that return results; the 2023 profile by default."""
+    state, tpm = booted["state"], booted["tpm"]
+    result = attest(service, tpm, state, booted["log"])
+    jwks = service.call("GET", "/.well-known/jwks.json").json()
+    nonce = bytes.fromhex(result["nonce"])
+    plain = verify_result(result["ear"], jwks, expected_nonce=nonce)
+    assert plain.profile == EAR_PROFILE_2023
+
+    def read(path: str, **params: str) -> Any:
+        r = requests.get(
+            f"{service.url}{path}",
+            params=params,
+            headers=service.headers(service.reader),
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    results = f"/v1/attesters/{state.attester_id}/results"
+    for name in ("ietf-ear-04", EAR_PROFILE_04):  # the short name or the full tag
+        (row,) = read(results, limit="1", ear_profile=name)["results"]
+        ear = verify_result(row["ear"], jwks, expected_nonce=nonce)
+        assert ear.profile == EAR_PROFILE_04 and row["id"] == result["id"]
+        # the same verdict, appraised at the same time, under the -04 names
+        assert (ear.status, ear.issued_at, ear.attester_id) == (
+            plain.status,
+            plain.issued_at,
+            plain.attester_id,
+        )
+        assert dict(ear.submods) == dict(plain.submods)
+        assert ear.claims["ear_status"] == plain.status
+    (row,) = read(results, limit="1")["results"]
+    assert row["ear"] == result["ear"]  # the stored token itself
+    (row,) = read(results, limit="1", ear_profile="veraison-2023")["results"]
+    assert row["ear"] == result["ear"]
+    view = read(f"/v1/attesters/{state.attester_id}", ear_profile="ietf-ear-04")
+    assert verify_result(view["latest_result"]["ear"], jwks).profile == EAR_PROFILE_04
+    # evidence answered in the profile its caller asks for
+    evidence = make_evidence(service, tpm, state)
+    evidence["event_log"] = b64(booted["log"])
+    r = service.call(
+        "POST",
+        f"/v1/attesters/{state.attester_id}/evidence?ear_profile=ietf-ear-04",
+        state.token,
+        json=evidence,
+    )
+    assert r.status_code == 200, r.text
+    fresh = verify_result(r.json()["ear"], jwks, expected_nonce=base64.b64decode(evidence["nonce"]))
+    assert fresh.profile == EAR_PROFILE_04 and fresh.status == r.json()["status"]
+    # an unknown profile is a 400 naming the parameter and the choices
+    r = service.call("GET", f"{results}?ear_profile=ear-05", service.reader)
+    problem(r, 400, "ear_profile.*veraison-2023, ietf-ear-04")
 
 
 def test_vtpm_attest_and_check_cli(
