@@ -36,9 +36,11 @@ from vtpm_core.errors import ConfigError, PermissionDeniedError, StateError
 __all__ = [
     "DATA_KEY_SIZE",
     "KeyProvider",
+    "KeyProviderError",
     "LocalKeyProvider",
     "UnknownKeyError",
     "UnwrapError",
+    "binding_aad",
 ]
 
 DATA_KEY_SIZE = 32  # AES-256 (swtpm --key mode=aes-256-cbc)
@@ -46,6 +48,10 @@ _KEK_SIZE = 32
 _WRAP_VERSION = 1
 _NONCE = 12
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class KeyProviderError(StateError):
+    """The key provider cannot be reached or refuses: names the provider and what it said."""
 
 
 class UnknownKeyError(StateError):
@@ -81,7 +87,12 @@ class KeyProvider(Protocol):
     def unwrap(self, key_id: str, wrapped: bytes, associated_data: bytes) -> bytes: ...
 
 
-def _aad(key_id: str, associated_data: bytes) -> bytes:
+def binding_aad(key_id: str, associated_data: bytes) -> bytes:
+    """The AEAD associated data every provider binds a wrapped data key to.
+
+    It names the key id and carries the caller's context (the vTPM id), so a
+    wrapped key opens only under the key id and for the vTPM it was made for.
+    """
     return b"vtpm-trust data key v1\0" + key_id.encode() + b"\0" + associated_data
 
 
@@ -150,7 +161,7 @@ class LocalKeyProvider:
             raise ConfigError(f"data key must be {DATA_KEY_SIZE} bytes, got {len(data_key)}")
         kek = self._load(key_id)
         nonce = self._rng(_NONCE)
-        sealed = AESGCM(kek).encrypt(nonce, data_key, _aad(key_id, associated_data))
+        sealed = AESGCM(kek).encrypt(nonce, data_key, binding_aad(key_id, associated_data))
         return bytes([_WRAP_VERSION]) + nonce + sealed
 
     def unwrap(self, key_id: str, wrapped: bytes, associated_data: bytes) -> bytes:
@@ -162,7 +173,7 @@ class LocalKeyProvider:
             )
         nonce, sealed = wrapped[1 : 1 + _NONCE], wrapped[1 + _NONCE :]
         try:
-            return AESGCM(kek).decrypt(nonce, sealed, _aad(key_id, associated_data))
+            return AESGCM(kek).decrypt(nonce, sealed, binding_aad(key_id, associated_data))
         except InvalidTag:
             raise UnwrapError(
                 f"key {key_id!r} does not unwrap this data key "
