@@ -435,8 +435,10 @@ class EventLog(Immutable):
         return verify_log(self, pcrs)
 
 
-# Padding must be at least this long: a shorter run of zeros at the end is a
-# truncated record (pcrIndex 0, eventType 0x0000000X...), not padding.
+# Zero fill must be at least this long: a shorter run of zeros at the end may be a
+# record cut short at PCR 0 (pcrIndex 0, then eventType 0x0000000X...), which stays a
+# "truncated" ParseError. 0xFF fill needs no minimum: no record starts with 0xFF (the
+# first byte is pcrIndex's low byte, and pcrIndex is 0..23).
 MIN_PADDING = 16
 
 
@@ -449,8 +451,14 @@ def _padding_starts(data: bytes) -> dict[int, int]:
 
 
 def _is_padding(data: bytes, offset: int, starts: dict[int, int]) -> bool:
-    start = starts.get(data[offset])
-    return start is not None and offset >= start and len(data) - offset >= MIN_PADDING
+    """Whether ``data[offset:]`` (a record boundary) is nothing but fill: the quirk
+    ``log-trailing-padding``. 0xFF of any length, 0x00 of at least MIN_PADDING bytes;
+    fill followed by anything else is not padding (it is parsed, and refused)."""
+    fill = data[offset]
+    start = starts.get(fill)
+    if start is None or offset < start:
+        return False
+    return fill == 0xFF or len(data) - offset >= MIN_PADDING
 
 
 def _event(

@@ -59,9 +59,11 @@ _UnfrozenAppliedQuirk = unfrozen_twin(AppliedQuirk)
 _TABLE = (
     Quirk(
         "log-trailing-padding",
-        "The log buffer ends with 0x00 or 0xFF padding after the last event (a log copied "
-        "from the firmware's log area rather than the kernel's exact-size file); the "
-        "padding is ignored instead of being parsed as events.",
+        "The log buffer ends with fill after the last event: 0xFF (any length) or 0x00 "
+        "(16 bytes or more), up to the end of the firmware's log area (a log copied from "
+        "that area rather than the kernel's exact-size file). The fill is the end of the "
+        "log instead of being parsed as events; fill followed by anything else, and a "
+        "record with a PCR index out of range, are still refused.",
         "logs read from ACPI TPM2/TCPA log areas",
     ),
     Quirk(
