@@ -25,6 +25,7 @@ declare -A NEED=(
   [/usr/lib/systemd/boot/efi/systemd-bootx64.efi]=systemd-boot-efi
   [/usr/bin/sbsign]=sbsigntool
   [/usr/bin/psql]=postgresql-client
+  [/usr/bin/evmctl]=ima-evm-utils
 )
 missing=()
 for f in "${!NEED[@]}"; do [ -e "$f" ] || missing+=("${NEED[$f]}"); done

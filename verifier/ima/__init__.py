@@ -1,0 +1,1 @@
+"""IMA measurement lists: parse, replay, appraise against runtime policies."""
