@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.vtpm_core._issuer import SmallIssuer
+from tests.vtpm_core._kmip import KmipServer, kmip_server
 from vtpm_core.store import VtpmStore
 
 
@@ -64,3 +65,10 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftHsm
         yield SoftHsmToken(SOFTHSM_MODULE, label, SOFTHSM_PIN, conf)
     finally:
         pkcs11.unload(SOFTHSM_MODULE)
+
+
+@pytest.fixture(scope="session")
+def kmip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmipServer]:
+    """One real PyKMIP server (mutual TLS on 127.0.0.1) for the session."""
+    with kmip_server(tmp_path_factory.mktemp("kmip")) as server:
+        yield server
