@@ -108,13 +108,32 @@ class IplString:
 
 @dataclass(frozen=True, slots=True)
 class Separator:
-    """EV_SEPARATOR: 0 normally; 0xFFFFFFFF means the firmware hit an error (PFP §10.4.1)."""
+    """EV_SEPARATOR (PFP §10.4.1): the UINT32 the firmware measured at a PCR's pre-OS to
+    OS transition.
+
+    0 is the normal value; 0xFFFFFFFF is the other normal value readers accept (the
+    older TCG EFI platform logs; tcglog-parser's "alternative normal" value, FAPI's
+    second valid separator). 1 is the error value (``is_error``): the firmware hit an
+    error before the transition and measured UINT32 1 (the PC Client error-condition
+    rule; edk2's MeasureSeparatorEventWithError). An error separator's logged data may
+    be implementation-defined error information instead of the value, which the digest
+    does not cover: then ``value`` is 1 because the digest is H(UINT32 1), and the
+    event's data is that information, unproven.
+    """
 
     value: int
 
     @property
     def is_error(self) -> bool:
-        return self.value == 0xFFFFFFFF
+        return self.value == SEPARATOR_ERROR
+
+    @property
+    def is_normal(self) -> bool:
+        return self.value in (0, 0xFFFFFFFF)
+
+
+SEPARATOR_ERROR = 1
+ERROR_SEPARATOR_DATA = SEPARATOR_ERROR.to_bytes(4, "little")
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +453,8 @@ def checker(
     compare = hmac.compare_digest
     no_quirks: tuple[AppliedQuirk, ...] = ()
     deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
+    error_data, error_separator = ERROR_SEPARATOR_DATA, Separator(SEPARATOR_ERROR)
+    whole_covers = _COVERS[_whole]
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
     hintable, quirk = _HINTABLE, applied_quirk
@@ -479,6 +500,16 @@ def checker(
         if not pairs:
             problems += ("no computable bank to check the data against",)
             return decoded, None, no_quirks, problems, None
+        if t == separator:
+            # PFP §10.4.1: the digest is of the UINT32 measured, 0 (or 0xFFFFFFFF) or the
+            # error value 1; an error separator may log error information instead.
+            if proves(data, pairs):
+                if data == error_data:
+                    problems += (_error_separator(event, None),)
+                return decoded, True, no_quirks, problems, whole_covers
+            if data != error_data and proves(error_data, pairs):
+                # (a decode failure of the data is no problem: it is error information)
+                return error_separator, None, no_quirks, (_error_separator(event, data),), None
         hint = hints.get(t)
         if hint is not None:
             # The candidate that proved the last event of this type, first: a log's
@@ -530,6 +561,19 @@ def checker(
         return decoded, False, no_quirks, problems, None
 
     return check
+
+
+def _error_separator(event: Event, info: bytes | None) -> str:
+    """The problem an error separator is reported as (it is not a quirk: the firmware
+    says its own measurements went wrong before this PCR's transition to the OS)."""
+    text = (
+        f"event {event.index} (EV_SEPARATOR, PCR {event.pcr}): error separator (its digest "
+        "is of the error value 0x00000001): the firmware reports an error before this "
+        "PCR's pre-OS to OS transition"
+    )
+    if info is not None:
+        text += f"; the {len(info)} bytes logged with it are error information, not proven"
+    return text
 
 
 # --- step 2: what the digest covers, per type -------------------------------------------
@@ -962,6 +1006,7 @@ def check_all(
     unchecked, whole_types = _DEFERRED_UNCHECKED, _DEFERRED_WHOLE
     framed, frames = _FRAMED_FIRST, _FRAMES
     ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
+    error_separator_data = ERROR_SEPARATOR_DATA
     grub_labels, description_pcrs = _GRUB_LABELS, _IPL_DESCRIPTION_PCRS
     description_quirk = _DESCRIPTION_QUIRK
     unchecked_outcome, whole_proven, description = _UNCHECKED, _WHOLE_PROVEN, _DESCRIPTION
@@ -1015,7 +1060,11 @@ def check_all(
             elif t in unchecked:
                 append(unchecked_outcome)
                 continue
-            elif t in whole_types or (t == separator and end - start == 4):
+            elif t in whole_types or (
+                t == separator
+                and end - start == 4
+                and not log.startswith(error_separator_data, start)  # (reported: general path)
+            ):
                 if compare(new(log[start:end]).digest(), column[index]):
                     append(whole_proven)
                     continue

@@ -102,7 +102,7 @@ def decoded_summary(decoded: Decoded | None, limit: int = 110) -> str:
     elif isinstance(decoded, IplString):
         text = f"{decoded.kind}: {decoded.value!r}"
     elif isinstance(decoded, Separator):
-        text = "ERROR (0xffffffff)" if decoded.is_error else f"0x{decoded.value:08x}"
+        text = "ERROR (0x00000001)" if decoded.is_error else f"0x{decoded.value:08x}"
     elif isinstance(decoded, TaggedEvent):
         text = f"tag 0x{decoded.tag_id:08x} {decoded.tag_name or ''} ({len(decoded.data)} bytes)"
     elif isinstance(decoded, FirmwareBlob):

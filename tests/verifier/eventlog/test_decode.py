@@ -157,14 +157,75 @@ def test_separators_and_actions(rhel8: ReplayedLog) -> None:
     assert action.data_verified is True
 
 
-def test_error_separator() -> None:
+def test_ffffffff_separator_is_the_other_normal_value() -> None:
+    """0xFFFFFFFF is a normal separator (tcglog-parser's alternative normal value, FAPI's
+    second valid one); the error value is 1."""
     data = _build.log(
         _build.event2(0, EventType.EV_SEPARATOR, b"\xff\xff\xff\xff"),
     )
     log = EventLog.parse(data)
-    sep = log.verify(log.replay()).events[1]
+    replayed = log.verify(log.replay())
+    sep = replayed.events[1]
+    assert isinstance(sep.decoded, Separator) and not sep.decoded.is_error
+    assert sep.decoded.is_normal and sep.data_verified is True
+    assert replayed.warnings == ()
+
+
+ERROR_INFO = b"TPM self test failed\x00"
+
+
+@pytest.mark.parametrize("banks", [("sha256",), ("sha1", "sha256")], ids=["one-bank", "two"])
+@pytest.mark.parametrize(
+    ("data", "measured", "verified", "note"),
+    [
+        # edk2 (MeasureSeparatorEventWithError): logs and measures UINT32 1
+        pytest.param(b"\x01\x00\x00\x00", None, True, "", id="edk2-value-1"),
+        # the data is error information; the digest is of UINT32 1 (tcglog-parser's ErrorInfo)
+        pytest.param(
+            ERROR_INFO,
+            b"\x01\x00\x00\x00",
+            None,
+            f"; the {len(ERROR_INFO)} bytes logged with it are error information, not proven",
+            id="error-information",
+        ),
+        # the digest decides: data claiming a normal separator, digest of the error value
+        pytest.param(
+            bytes(4),
+            b"\x01\x00\x00\x00",
+            None,
+            "; the 4 bytes logged with it are error information, not proven",
+            id="normal-data-error-digest",
+        ),
+    ],
+)
+def test_error_separator(
+    banks: tuple[str, ...], data: bytes, measured: bytes | None, verified: bool | None, note: str
+) -> None:
+    log = EventLog.parse(
+        _build.log(
+            _build.event2(4, EventType.EV_SEPARATOR, data, banks=banks, digest_of=measured),
+            banks=banks,
+        )
+    )
+    replayed = log.verify(log.replay())
+    sep = replayed.events[1]
     assert isinstance(sep.decoded, Separator) and sep.decoded.is_error
-    assert sep.data_verified is True
+    assert sep.data_verified is verified and replayed.data_mismatches == ()
+    assert replayed.warnings == (
+        "event 1 (EV_SEPARATOR, PCR 4): error separator (its digest is of the error value "
+        "0x00000001): the firmware reports an error before this PCR's pre-OS to OS "
+        "transition" + note,
+    )
+    assert sep.warnings == replayed.warnings
+
+
+def test_separator_proven_neither_way_is_a_mismatch() -> None:
+    log = EventLog.parse(
+        _build.log(_build.event2(4, EventType.EV_SEPARATOR, bytes(4), digest_of=b"other"))
+    )
+    replayed = log.verify(log.replay())
+    assert replayed.events[1].data_verified is False
+    assert [e.index for e in replayed.data_mismatches] == [1]
 
 
 @pytest.mark.parametrize(
