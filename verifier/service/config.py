@@ -92,6 +92,14 @@ class ServiceConfig:
     # the EAR profile results are signed in and, when a relying party names none
     # (the ``ear_profile`` request parameter), served in (verifier.ear)
     ear_profile: str = "tag:github.com,2023:veraison/ear"
+    # continuous attestation (issue 16): attesters are asked to attest every
+    # attest_cadence_s seconds; a trusted attester with no accepted evidence for
+    # attest_cadence_s * stale_grace seconds goes stale. The sweeper that marks
+    # them runs every sweep_interval_s seconds, sweep_batch rows per transaction.
+    attest_cadence_s: int = 60
+    stale_grace: int = 3
+    sweep_interval_s: int = 5
+    sweep_batch: int = 500
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -206,6 +214,10 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
         retention_days=_positive_int(raw, "retention_days", 0, 0, 36500),
         retention_interval_s=_positive_int(raw, "retention_interval_s", 300, 1, 86400),
         retention_batch=_positive_int(raw, "retention_batch", 1000, 1, 100000),
+        attest_cadence_s=_positive_int(raw, "attest_cadence_s", 60, 1, 86400),
+        stale_grace=_positive_int(raw, "stale_grace", 3, 1, 100),
+        sweep_interval_s=_positive_int(raw, "sweep_interval_s", 5, 1, 3600),
+        sweep_batch=_positive_int(raw, "sweep_batch", 500, 1, 100000),
         raw=dict(raw),
     )
 

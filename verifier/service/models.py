@@ -27,9 +27,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
 
 __all__ = [
+    "ATTESTER_STATES",
     "ActivationChallenge",
     "Assignment",
     "Attester",
+    "AttesterTransition",
     "Base",
     "Nonce",
     "Policy",
@@ -58,6 +60,12 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Attester states (issue 16, migration 0005): unknown (no evidence yet), trusted (the
+# latest evidence was affirming or warning), failed (contraindicated), stale (no fresh
+# evidence before the deadline).
+ATTESTER_STATES = ("unknown", "trusted", "failed", "stale")
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
 
@@ -69,6 +77,8 @@ class Attester(Base):
     # one attester per EK and VM id ("no VM id" counts as one value): migration 0002
     __table_args__ = (
         Index("uq_attesters_ek_vm", "ek_fingerprint", text("coalesce(vm_id, '')"), unique=True),
+        Index("ix_attesters_state_id", "state", "id"),
+        Index("ix_attesters_deadline", "deadline"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -89,6 +99,35 @@ class Attester(Base):
     restart_count: Mapped[int | None] = mapped_column(Integer)
     clock: Mapped[int | None] = mapped_column(BigInteger)
     latest_result_id: Mapped[int | None] = mapped_column(Integer)
+    # continuous attestation (migration 0005): one of ATTESTER_STATES and since when;
+    # deadline: when a trusted attester goes stale without new evidence (else NULL)
+    state: Mapped[str] = mapped_column(String(16), server_default="unknown", default="unknown")
+    state_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    deadline: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_evidence_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    cadence_s: Mapped[int | None] = mapped_column(Integer)
+
+
+class AttesterTransition(Base):
+    """One change of an attester's state, recorded once, with its cause.
+
+    ``cause``: ``{"verdict", "failures", "flags"}`` for a change made by evidence
+    (``result_id`` names the result), ``{"missed_deadline", "last_evidence_at",
+    "cadence_s"}`` for one made by the sweeper.
+    """
+
+    __tablename__ = "attester_transitions"
+    __table_args__ = (Index("ix_attester_transitions_attester_id", "attester_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    attester_id: Mapped[str] = mapped_column(ForeignKey("attesters.id", ondelete="CASCADE"))
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    cause: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class ActivationChallenge(Base):

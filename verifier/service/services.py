@@ -16,7 +16,10 @@ Evidence (single transaction for every write):
   2. verify + appraise outside the write transaction (CPU only);
   3. in one transaction: consume the nonce with a conditional UPDATE (exactly
      one of N concurrent submissions matches a row), check lineage against the
-     attester's high-water marks, insert the result, update the attester.
+     attester's high-water marks, insert the result, update the attester and
+     its state (issue 16: trusted for affirming/warning, failed otherwise; a
+     trusted attester's deadline moves to now + cadence x grace), and record a
+     transition when the state changed.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from verifier.service.models import (
     ActivationChallenge,
     Assignment,
     Attester,
+    AttesterTransition,
     Nonce,
     Policy,
     Result,
@@ -76,6 +80,8 @@ FLAG_AK_SWAPPED = "ak-not-activated"
 FLAG_RESET_BACK = "reset-count-regressed"
 FLAG_RESTART_BACK = "restart-count-regressed"
 FLAG_CLOCK_BACK = "clock-regressed"
+# EAR statuses that leave an attester trusted (issue 16); contraindicated fails it
+_TRUSTED_VERDICTS = frozenset({"affirming", "warning"})
 
 
 # Hot-path SQL (challenge, evidence), run by the driver on a bare connection
@@ -108,7 +114,7 @@ _NONCE_CONSUME = (
     " WHERE nonce = :n AND attester_id = :aid AND used = :false AND expires_at > :now"
 )
 _ATTESTER_MARKS = (
-    "SELECT flags, status, reset_count, restart_count, clock FROM attesters WHERE id = :aid"
+    "SELECT flags, status, reset_count, restart_count, clock, state FROM attesters WHERE id = :aid"
 )
 # PostgreSQL: one round trip each. The UPDATE's row lock makes a concurrent
 # consumer of the same nonce wait and then re-check "used = false" (no row);
@@ -117,23 +123,33 @@ _CONSUME_AND_LOCK_PG = (
     "WITH c AS (UPDATE nonces SET used = :true, used_at = :now"
     " WHERE nonce = :n AND attester_id = :aid AND used = :false AND expires_at > :now"
     " RETURNING attester_id)"
-    " SELECT a.flags, a.status, a.reset_count, a.restart_count, a.clock"
+    " SELECT a.flags, a.status, a.reset_count, a.restart_count, a.clock, a.state"
     " FROM attesters a JOIN c ON c.attester_id = a.id FOR UPDATE OF a"
 )
 _RESULT_INSERT = (
     "INSERT INTO results (attester_id, created_at, status, policy_name, nonce, report, ear)"
     " VALUES (:aid, :now, :status, :policy, :n, :report, :ear) RETURNING id"
 )
+# ... and the attester's state (issue 16): state_since moves only when the state
+# changes (:changed compares with the state read under the row lock)
 _ATTESTER_AFTER = (
     "UPDATE attesters SET latest_result_id = :rid, flags = :flags, status = :astatus,"
-    " reset_count = :r, restart_count = :s, clock = :k WHERE id = :aid"
+    " reset_count = :r, restart_count = :s, clock = :k,"
+    " state = :state, state_since = CASE WHEN :changed THEN :now ELSE state_since END,"
+    " last_evidence_at = :now, cadence_s = :cadence, deadline = :deadline WHERE id = :aid"
 )
 _RESULT_AND_ATTESTER_PG = (
     "WITH r AS (INSERT INTO results (attester_id, created_at, status, policy_name, nonce,"
     " report, ear) VALUES (:aid, :now, :status, :policy, :n, :report, :ear) RETURNING id)"
     " UPDATE attesters SET latest_result_id = (SELECT id FROM r), flags = :flags,"
-    " status = :astatus, reset_count = :r, restart_count = :s, clock = :k WHERE id = :aid"
-    " RETURNING latest_result_id"
+    " status = :astatus, reset_count = :r, restart_count = :s, clock = :k,"
+    " state = :state, state_since = CASE WHEN :changed THEN :now ELSE state_since END,"
+    " last_evidence_at = :now, cadence_s = :cadence, deadline = :deadline"
+    " WHERE id = :aid RETURNING latest_result_id"
+)
+_TRANSITION_INSERT = (
+    "INSERT INTO attester_transitions (attester_id, from_state, to_state, at, cause, result_id)"
+    " VALUES (:aid, :from_state, :to_state, :now, :cause, :rid)"
 )
 _NONCE_STATE = "SELECT attester_id, used, expires_at FROM nonces WHERE nonce = :n"
 
@@ -205,6 +221,18 @@ def attester_view(attester: Attester, latest: Result | None, policy: str | None)
             "clock": attester.clock,
         },
         "latest_result": result_view(latest) if latest is not None else None,
+        **state_view(attester),
+    }
+
+
+def state_view(attester: Attester) -> dict[str, Any]:
+    """The attester's continuous-attestation state (issue 16)."""
+    return {
+        "state": attester.state,
+        "state_since": _iso(attester.state_since),
+        "deadline": _iso(attester.deadline),
+        "last_evidence_at": _iso(attester.last_evidence_at),
+        "cadence_s": attester.cadence_s,
     }
 
 
@@ -356,7 +384,7 @@ class AttesterService:
     def delete(self, attester_id: str) -> None:
         with self.db.transaction() as session:
             attester = _get_attester(session, attester_id, lock=True)
-            for table in (Nonce, Result, Assignment, ActivationChallenge):
+            for table in (Nonce, Result, Assignment, ActivationChallenge, AttesterTransition):
                 session.execute(delete(table).where(table.attester_id == attester_id))
             session.delete(attester)
 
@@ -521,7 +549,7 @@ class EvidenceService:
             # step 3: one transaction for every write
             with conn.write():
                 marks_row = self._consume(conn, attester_id, nonce_hex, now)
-                old_flags, old_status, *old_marks = marks_row
+                old_flags, old_status, *old_marks, old_state = marks_row
                 lineage_flags, marks = _lineage(
                     (old_marks[0], old_marks[1], old_marks[2]), appraisal, now
                 )
@@ -564,6 +592,15 @@ class EvidenceService:
                 )
                 if marks is None:
                     marks = (old_marks[0], old_marks[1], old_marks[2])
+                state = "trusted" if status in _TRUSTED_VERDICTS else "failed"
+                cadence = self.config.attest_cadence_s
+                # only trust runs out: a failed attester stays failed until evidence
+                # says otherwise, whether or not more of it arrives
+                deadline = (
+                    now + timedelta(seconds=cadence * self.config.stale_grace)
+                    if state == "trusted"
+                    else None
+                )
                 values = {
                     "aid": attester_id,
                     "now": conn.ts(now),
@@ -577,6 +614,10 @@ class EvidenceService:
                     "r": marks[0],
                     "s": marks[1],
                     "k": marks[2],
+                    "state": state,
+                    "changed": state != old_state,
+                    "cadence": cadence,
+                    "deadline": None if deadline is None else conn.ts(deadline),
                 }
                 if conn.sqlite:
                     inserted = conn.one(_RESULT_INSERT, values)
@@ -586,6 +627,25 @@ class EvidenceService:
                     inserted = conn.one(_RESULT_AND_ATTESTER_PG, values)
                     assert inserted is not None
                 result_id = int(inserted[0])
+                if values["changed"]:
+                    # in the same transaction as the state it records: never lost,
+                    # never twice (the attester row is locked until the commit)
+                    cause = {
+                        "verdict": status,
+                        "failures": [f.get("rule") for f in appraisal.failures],
+                        "flags": [f["flag"] for f in flags],
+                    }
+                    conn.run(
+                        _TRANSITION_INSERT,
+                        {
+                            "aid": attester_id,
+                            "from_state": old_state,
+                            "to_state": state,
+                            "now": conn.ts(now),
+                            "cause": conn.json_in(cause),
+                            "rid": result_id,
+                        },
+                    )
         self.metrics.results.labels(status=status).inc()
         return {
             "id": result_id,
@@ -596,6 +656,8 @@ class EvidenceService:
             "nonce": nonce_hex,
             "report": report,
             "ear": ear,
+            "state": state,
+            "next_attestation_s": cadence,
         }
 
 

@@ -1,0 +1,132 @@
+"""Migrations on SQLite and PostgreSQL: the models match the latest revision, and 0005
+gives existing attesters the state of their latest result (issue 16)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import column, insert, select, table
+
+from verifier.service.db import Database, _alembic_config, upgrade
+from verifier.service.models import Attester, AttesterTransition, Base, Result
+
+T0 = datetime(2026, 12, 5, 12, 0, 0, 250000, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "postgres":
+        make: Callable[[], str] = request.getfixturevalue("pg_database")
+        url = make()
+    else:
+        url = f"sqlite:///{tmp_path / 'verifier.db'}"
+    database = Database(url)
+    yield database
+    database.dispose()
+
+
+def _to(db: Database, revision: str, *, down: bool = False) -> None:
+    cfg = _alembic_config()
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+# the expression index of 0002 (coalesce(vm_id, '')) cannot be reflected, so not compared
+@pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index")
+@pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based")
+def test_models_match_the_latest_migration(db: Database) -> None:
+    upgrade(db.engine)
+    with db.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diffs = compare_metadata(ctx, Base.metadata)
+    assert diffs == []
+
+
+def _attester(aid: str) -> dict[str, object]:
+    return {
+        "id": aid,
+        "vm_id": aid,
+        "ek_fingerprint": f"{len(aid):064x}",
+        "ek_public": b"ek",
+        "identity": {},
+        "ak_public": b"ak",
+        "ak_name": "00",
+        "status": "active",
+        "flags": [],
+        "created_at": T0 - timedelta(days=1),
+    }
+
+
+def test_0005_backfills_state_from_the_latest_result(db: Database) -> None:
+    """An attester whose latest result affirmed is trusted since that result, with the
+    default deadline after it; a contraindicated one is failed; one without results stays
+    unknown. Each backfilled state is one recorded transition."""
+    _to(db, "0004")
+    with db.engine.begin() as conn:
+        # the attesters table as 0004 left it: the columns _attester() names
+        now = Attester.__table__.c
+        old = table(
+            "attesters", *(column(n, now[n].type) for n in [*_attester("x"), "latest_result_id"])
+        )
+        for aid in ("good", "bad", "new"):
+            conn.execute(insert(old).values(_attester(aid)))
+        ids = {}
+        for aid, status, at in (
+            ("good", "contraindicated", T0 - timedelta(minutes=5)),
+            ("good", "warning", T0),
+            ("bad", "contraindicated", T0 + timedelta(seconds=1)),
+        ):
+            ids[aid] = conn.execute(
+                insert(Result)
+                .values(
+                    attester_id=aid,
+                    created_at=at,
+                    status=status,
+                    policy_name=None,
+                    nonce="00",
+                    report={},
+                    ear="x",
+                )
+                .returning(Result.id)
+            ).scalar_one()
+        for aid, rid in ids.items():
+            conn.execute(old.update().where(old.c.id == aid).values(latest_result_id=rid))
+    _to(db, "head")
+    with db.read() as s:
+        good, bad, new = (s.get_one(Attester, a) for a in ("good", "bad", "new"))
+        assert (good.state, good.state_since, good.last_evidence_at) == ("trusted", T0, T0)
+        assert good.deadline == T0 + timedelta(seconds=180)
+        assert (bad.state, bad.state_since, bad.deadline) == (
+            "failed",
+            T0 + timedelta(seconds=1),
+            None,
+        )
+        assert (new.state, new.state_since, new.deadline) == ("unknown", None, None)
+        history = s.scalars(select(AttesterTransition).order_by(AttesterTransition.id)).all()
+        assert [(t.attester_id, t.from_state, t.to_state, t.result_id) for t in history] == [
+            ("good", "unknown", "trusted", ids["good"]),
+            ("bad", "unknown", "failed", ids["bad"]),
+        ]
+        assert all(t.cause == {"backfill": "0005"} for t in history)
+    # and back down: the columns and the history go, the attesters stay
+    _to(db, "0004", down=True)
+    with db.engine.connect() as conn:
+        names = {r[0] for r in conn.execute(select(old.c.id))}
+    assert names == {"good", "bad", "new"}
+    _to(db, "head")
+    # the round trip kept the expression index of 0002 (a rebuilt SQLite table would not)
+    sql = (
+        "SELECT name FROM sqlite_master WHERE type = 'index'"
+        if db.sqlite
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'attesters'"
+    )
+    with db.engine.connect() as conn:
+        indexes = {r[0] for r in conn.exec_driver_sql(sql)}
+    assert {"uq_attesters_ek_vm", "ix_attesters_state_id", "ix_attesters_deadline"} <= indexes
