@@ -55,6 +55,7 @@ from vtpm_core.errors import ConfigError, ParseError
 
 __all__ = [
     "DIGEST_SIZES",
+    "LOG_HASH_ALGS",
     "MAX_RUNTIME_POLICY_BYTES",
     "Digest",
     "ExcludeList",
@@ -63,6 +64,7 @@ __all__ = [
     "ViolationMode",
     "format_digest",
     "is_kernel_module",
+    "load_json",
     "parse_digest",
 ]
 
