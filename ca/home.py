@@ -8,6 +8,7 @@ Layout::
     HOME/ca.pem       the CA certificate
     HOME/chain.pem    the CA certificate followed by its parents up to the root
     HOME/ledger.db    the SQLite ledger (unless ``database`` names another URL)
+    HOME/lint-cache/  lint keys pkilint passed, one issued certificate each (ca.lint.LintCache)
 
 Root mode: ``init`` writes everything. Subordinate mode: ``init --subordinate``
 writes the key and ``ca.csr``; ``import-chain`` checks the parent's certificate
@@ -41,6 +42,7 @@ from ca.keys import (
     SigningKey,
 )
 from ca.ledger import Ledger
+from ca.lint import LintCache
 from ca.profile import EkProfile, parse_subject
 from ca.revocation import Revocation
 from vtpm_core.errors import ConfigError, PermissionDeniedError, StateError
@@ -344,7 +346,9 @@ class CaHome:
             material,
             profile,
             ledger,
-            EkIssuance(material, profile, ledger),
+            EkIssuance(
+                material, profile, ledger, lint_cache=LintCache(self.path / "lint-cache", cert)
+            ),
             Revocation(material, ledger, crl_validity=dt.timedelta(days=crl_days)),
             tokens,
         )

@@ -32,7 +32,7 @@ from ca.der import encode_tlv, read_tlv
 from ca.ek import CertifiableEk
 from ca.keys import SigningKey
 from ca.ledger import CertRecord, Ledger
-from ca.lint import Linter, TbsParts
+from ca.lint import LintCache, Linter, TbsParts
 from ca.profile import (
     OID_TCG_KP_EK_CERTIFICATE,
     OID_TPM_MANUFACTURER,
@@ -137,13 +137,14 @@ class EkIssuance:
         *,
         clock: Clock = _now,
         random_bytes: RandomBytes = os.urandom,
+        lint_cache: LintCache | None = None,
     ) -> None:
         self.ca = ca
         self.profile = profile
         self.ledger = ledger
         self.clock = clock
         self.random_bytes = random_bytes
-        self.linter = Linter(profile.lint)
+        self.linter = Linter(profile.lint, lint_cache)
         # Values that are the same for every certificate, built once.
         try:
             ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -272,6 +273,7 @@ class EkIssuance:
             return None  # someone else recorded this EK (or, rarely, this serial): re-read
         signed = self._sign_recorded(record, alg)
         assert signed.certificate_der is not None
+        self.linter.issued(signed.certificate_der)
         return IssueResult(signed, signed.certificate_der, self._chain_pem, False, "original")
 
     def _sign_recorded(self, record: CertRecord, alg: bytes | None = None) -> CertRecord:
