@@ -454,6 +454,7 @@ def checker(
     no_quirks: tuple[AppliedQuirk, ...] = ()
     deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
     error_data, error_separator = ERROR_SEPARATOR_DATA, Separator(SEPARATOR_ERROR)
+    no_action = T.EV_NO_ACTION
     whole_covers = _COVERS[_whole]
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
@@ -489,6 +490,12 @@ def checker(
                 decoded = plain = full
         plan = plans.get(t)
         if plan is None:  # step 1: the spec does not define digest = H(data)
+            if t == no_action and any(d.strip(b"\x00") for d in event.digests.values()):
+                problems += (
+                    f"event {event.index} (EV_NO_ACTION, PCR {event.pcr}): its digests are "
+                    "not all zero (PFP §10.4.1); EV_NO_ACTION is never extended, so they "
+                    "prove nothing",
+                )
             return decoded, None, no_quirks, problems, None
         digests = event.digests
         pairs: _Pairs

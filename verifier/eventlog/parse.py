@@ -12,10 +12,11 @@ its digest size; every later record is a TCG_PCR_EVENT2. A log whose first
 record is anything else is a SHA-1 legacy log of TCG_PCR_EVENTs.
 
 What this module guarantees: the framing is well formed, within
-:class:`Limits`, each event carries exactly the banks the Spec ID event lists,
-PCR indices are 0..23, at most one well-formed StartupLocality event, and that
-event agrees with an H-CRTM event (see :func:`pcr0_locality`). What it does not
-check: any digest. :class:`EventLog` is unverified; call
+:class:`Limits`, each event carries exactly the banks the Spec ID event lists (an
+EV_NO_ACTION record may carry none: quirk ``no-action-empty-digest-list``), PCR
+indices are 0..23, at most one well-formed StartupLocality event, and that event
+agrees with an H-CRTM event (see :func:`pcr0_locality`). What it does not check: any
+digest. :class:`EventLog` is unverified; call
 :meth:`EventLog.verify` with quoted PCR values to get a
 :class:`~verifier.eventlog.replay.ReplayedLog`.
 """
@@ -231,8 +232,11 @@ class Records:
         self.data_starts.append(end - len(event.untrusted_data))
         self.pcrs.append(event.pcr)
         self.types.append(event.event_type)
+        digests = event.digests
         for name, column in zip(self.names, self.digests, strict=True):
-            column.append(event.digests[name])
+            # (an EV_NO_ACTION record with no digests: quirk no-action-empty-digest-list;
+            # never extended, so its column entry is never read)
+            column.append(digests.get(name, b""))
 
     def event(self, index: int) -> Event:
         built = self.built.get(index)
@@ -568,8 +572,18 @@ def _agile_records(
         event = _parse_agile_fast(data, offset, index, by_id, limits) or _parse_agile(
             data, offset, index, algorithms, limits
         )
-        if event.event_type == no_action and not startup:
-            startup = event.is_startup_locality
+        if event.event_type == no_action:
+            if not startup:
+                startup = event.is_startup_locality
+            if not event.digests:
+                quirks.append(
+                    AppliedQuirk(
+                        "no-action-empty-digest-list",
+                        index,
+                        f"EV_NO_ACTION record at byte {offset} lists no digests "
+                        "(digests.count 0); it is never extended",
+                    )
+                )
         records.add(event)
         offset += len(event.raw)
     return startup
@@ -685,7 +699,12 @@ def _parse_agile(
                 "TCG_PCR_EVENT2", f"digests[{i}].hashAlg", alg_at, f"{alg.name} digest repeated"
             )
         digests[alg.name] = r.take(alg.digest_size, f"digests[{i}].digest")
-    if len(digests) != len(algorithms):
+    if count == 0 and event_type == EventType.EV_NO_ACTION:
+        # quirk no-action-empty-digest-list: PFP §10.4.1 never extends EV_NO_ACTION, so
+        # no bank can miss its digest. An extending event must list every bank: one that
+        # lists none (or some) would be shown as replayed while no quoted bank proves it.
+        pass
+    elif len(digests) != len(algorithms):
         missing = [a.name for a in algorithms if a.name not in digests]
         raise ParseError(
             "TCG_PCR_EVENT2",

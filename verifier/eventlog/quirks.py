@@ -67,6 +67,15 @@ _TABLE = (
         "logs read from ACPI TPM2/TCPA log areas",
     ),
     Quirk(
+        "no-action-empty-digest-list",
+        "A crypto-agile EV_NO_ACTION record lists no digests (digests.count 0) instead of "
+        "one zero digest per bank. EV_NO_ACTION is never extended (PFP §10.4.1), so the "
+        "record is read and never replayed; an extending record with a bank missing is "
+        "still refused (no quoted bank would prove it). go-attestation and tpm2-tss read "
+        "such records too.",
+        "built logs (go-attestation and FAPI parse digest lists of any length)",
+    ),
+    Quirk(
         "grub-command-string",
         "GRUB 2 logs EV_IPL data 'grub_cmd: CMD\\0' (or 'grub_cmd CMD\\0') but the digest "
         "covers only 'CMD' (upstream GRUB) or 'CMD\\0' (RHEL 8 GRUB): the label is not measured.",
