@@ -401,10 +401,18 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
 
 
 # PFP §10.4.1 / §3.3.4.5: the firmware measures these EV_EFI_ACTION strings into
-# PCR 5 at ExitBootServices(); some firmware extends them without logging them.
+# PCR 5 at ExitBootServices(); some firmware extends them without logging them. The
+# sequences with a failure are the ones go-attestation's replay workarounds also try (a
+# first ExitBootServices() call that failed, then a retry that succeeded).
+_EBS_INVOCATION = b"Exit Boot Services Invocation"
+_EBS_FAILURE = b"Exit Boot Services Returned with Failure"
+_EBS_SUCCESS = b"Exit Boot Services Returned with Success"
 _EXIT_BOOT_SERVICES = (
-    (b"Exit Boot Services Invocation",),
-    (b"Exit Boot Services Invocation", b"Exit Boot Services Returned with Success"),
+    (_EBS_INVOCATION,),
+    (_EBS_INVOCATION, _EBS_SUCCESS),
+    (_EBS_INVOCATION, _EBS_FAILURE),
+    (_EBS_INVOCATION, _EBS_FAILURE, _EBS_SUCCESS),
+    (_EBS_INVOCATION, _EBS_FAILURE, _EBS_INVOCATION, _EBS_SUCCESS),
 )
 
 
@@ -418,6 +426,7 @@ def _unlogged_hint(log: EventLog, bank: str, index: int, got: bytes, want: bytes
         for action in actions:
             value = alg.extend(value, alg.hash(action))
         if hmac.compare_digest(value, want):
-            names = " and ".join(repr(a.decode()) for a in actions)
+            names = ", ".join(repr(a.decode()) for a in actions[:-1])
+            names = f"{names} and {actions[-1].decode()!r}" if names else repr(actions[0].decode())
             return f" (the quote matches if the firmware extended {names} without logging it)"
     return ""

@@ -182,3 +182,53 @@ def test_unlogged_exit_boot_services_is_explained(load_log) -> None:  # type: ig
         ),
     ):
         unlogged.verify(log.replay())
+
+
+@pytest.mark.parametrize(
+    ("actions", "said"),
+    [
+        pytest.param(
+            (b"Exit Boot Services Invocation", b"Exit Boot Services Returned with Failure"),
+            "'Exit Boot Services Invocation' and 'Exit Boot Services Returned with Failure'",
+            id="invocation-failure",
+        ),
+        pytest.param(
+            (
+                b"Exit Boot Services Invocation",
+                b"Exit Boot Services Returned with Failure",
+                b"Exit Boot Services Returned with Success",
+            ),
+            "'Exit Boot Services Invocation', 'Exit Boot Services Returned with Failure' and "
+            "'Exit Boot Services Returned with Success'",
+            id="invocation-failure-success",
+        ),
+    ],
+)
+def test_unlogged_failed_exit_boot_services_is_explained(
+    actions: tuple[bytes, ...], said: str
+) -> None:
+    """The sequences with a failed ExitBootServices() that go-attestation's workarounds try
+    are named too; the log is still refused (the events are not in it)."""
+    logged = _build.log(_build.event2(5, EventType.EV_SEPARATOR, bytes(4)))
+    value = EventLog.parse(logged).replay()["sha256"][5]
+    for action in actions:
+        value = hashlib.sha256(value + hashlib.sha256(action).digest()).digest()
+    with pytest.raises(
+        VerificationError,
+        match=rf"\(the quote matches if the firmware extended {said} without logging it\)$",
+    ):
+        EventLog.parse(logged).verify({"sha256": {5: value}})
+
+
+def test_duplicate_separators_replay_as_logged() -> None:
+    """Firmware that logs PCR 7's separator twice (go-attestation and tcglog-parser replay
+    them like any event): both are extended and proven, nothing is dropped or merged."""
+    sep = _build.event2(7, EventType.EV_SEPARATOR, bytes(4))
+    log = EventLog.parse(_build.log(sep, sep))
+    d = hashlib.sha256(bytes(4)).digest()
+    once = hashlib.sha256(bytes(32) + d).digest()
+    assert log.replay()["sha256"][7] == hashlib.sha256(once + d).digest()
+    replayed = log.verify(log.replay())
+    assert [e.data_verified for e in replayed.events_in_pcr(7)] == [True, True]
+    with pytest.raises(VerificationError, match=r"^eventlog.replay: PCR 7 sha256"):
+        log.verify({"sha256": {7: once}})  # a quote with one separator is not this log
