@@ -11,18 +11,36 @@ shared/recipes/qemu-vtpm-boot), each run in a fresh state directory.
 Prints both medians, their ratio, where our time goes, and vTPMs/s for a
 batch of 100 (what ``vtpm create --count 100 PREFIX`` does after start-up).
 
+Whole processes (issue 19, cold start: what a person or a hypervisor hook
+sees), each command run as ``vtpm ...`` in a new interpreter, medians of N in
+this one run: ``vtpm --help`` (target < 0.1 s); ``vtpm create NAME --ca-home``
+against ``swtpm_setup --create-ek-cert --lock-nvram`` + swtpm_localca (target
+>= 3x faster); ``vtpm verify-quote`` (tests/data/tpm's ECDSA quote),
+``vtpm eventlog replay`` (the corpus's gce_rhel8_uefi_secureboot.bin) and
+``vtpm check`` (against a running ``vtpm verifier serve`` and a vTPM that
+attested once), each target < 0.2 s. The CA home's lint cache is warm (the
+state after its first certificate of each kind), and bytecode is cached as
+in an installed package (PYTHONDONTWRITEBYTECODE is unset for the children
+and one untimed run of each command goes first).
+
 Run: .venv/bin/python bench/provision.py [--runs N] [--baseline-runs M] [--batch B]
+     [--process-runs P] [--processes-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,19 +125,159 @@ def bench_swtpm_setup(work: Path, runs: int) -> list[float]:
     return [once(i) for i in range(runs)]
 
 
+VTPM = [sys.executable, "-m", "vtpm_cli.main"]
+QUOTE = REPO / "tests" / "data" / "tpm"
+EVENTLOG = Path("/work/shared/corpus/eventlogs/gce_rhel8_uefi_secureboot.bin")
+if not EVENTLOG.is_file():  # the repository's own copy of a real log
+    EVENTLOG = REPO / "tests" / "data" / "eventlog" / "qemu_ovmf_swtpm_sdboot.bin"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its .pyc files
+    env.pop("VTPM_CA_PASSPHRASE", None)
+    return env
+
+
+def _run(argv: Sequence[str], ok: tuple[int, ...] = (0,)) -> float:
+    t = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
+    elapsed = time.perf_counter() - t
+    if out.returncode not in ok:
+        raise SystemExit(f"{' '.join(argv)}: exit {out.returncode}\n{out.stdout}{out.stderr}")
+    return elapsed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - our own loopback
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def bench_processes(work: Path, runs: int, baseline_runs: int) -> dict[str, list[float]]:
+    """Median-ready timings of whole ``vtpm`` processes, and of swtpm_setup."""
+    from verifier.service.config import add_reader_token, init_home
+
+    ca_home, store, pp = work / "ca", work / "store", work / "ca.pass"
+    pp.write_bytes(PASSPHRASE + b"\n")
+    CaHome(ca_home).init(passphrase=PASSPHRASE)
+    _run([*VTPM, "init", "--store", str(store)])
+    ca_args = ["--store", str(store), "--ca-home", str(ca_home), "--ca-passphrase-file", str(pp)]
+    quote = [
+        *VTPM, "verify-quote", "--ak", str(QUOTE / "swtpm_ak_ecc_ecdsa.tpm2b_public"),
+        "--message", str(QUOTE / "swtpm_quote_ecc_ecdsa.tpms_attest"),
+        "--signature", str(QUOTE / "swtpm_quote_ecc_ecdsa.tpmt_signature"),
+        "--pcrs", str(QUOTE / "swtpm_quote_ecc_ecdsa.pcrs"),
+        "--nonce", "00112233445566778899aabbccddeeff",
+    ]  # fmt: skip
+    replay = [*VTPM, "eventlog", "replay", str(EVENTLOG)]
+    times: dict[str, list[float]] = {}
+    counter = iter(range(10**6))
+
+    def timed(name: str, argv: Callable[[], list[str]], ok: tuple[int, ...] = (0,)) -> None:
+        _run(argv(), ok)  # untimed: bytecode, page cache, and for create the lint cache
+        times[name] = [_run(argv(), ok) for _ in range(runs)]
+
+    timed("vtpm --help", lambda: [*VTPM, "--help"])
+    timed("vtpm create", lambda: [*VTPM, "create", f"p-{next(counter)}", *ca_args])
+    timed("vtpm verify-quote", lambda: quote)
+    timed("vtpm eventlog replay", lambda: replay)
+
+    # vtpm check: a verifier trusting this CA, one vTPM that attested once
+    vhome = work / "verifier"
+    init_home(vhome, verifier_id="bench")
+    shutil.copyfile(ca_home / "ca.pem", vhome / "roots" / "ca.pem")
+    reader = work / "reader.token"
+    reader.write_text(add_reader_token(vhome) + "\n")
+    url = f"http://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen(
+        [*VTPM, "verifier", "serve", "--home", str(vhome), "--bind", url[7:], "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO,
+    )  # fmt: skip
+    port = _free_port()
+    try:
+        _wait_http(f"{url}/healthz", server)
+        _run([*VTPM, "create", "attester", *ca_args])
+        _run([*VTPM, "start", "attester", "--store", str(store), "--port", str(port)])
+        state = work / "attester.json"
+        att = subprocess.run(
+            [*VTPM, "attest", "--verifier", url, "--tpm", f"swtpm:host=127.0.0.1,port={port}",
+             "--token-file", str(state), "--json"],
+            capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO,
+        )  # fmt: skip
+        if att.returncode not in (0, 1):
+            raise SystemExit(f"vtpm attest: {att.stdout}{att.stderr}")
+        attester = json.loads(state.read_text())["attester_id"]
+        check = [*VTPM, "check", "--verifier", url, "--attester", attester,
+                 "--token-file", str(reader), "--max-age", "1h"]  # fmt: skip
+        # no policy is assigned (swtpm booted nothing): the verdict is "warning", so
+        # check answers 1 after the same requests and appraisal of the answer
+        timed("vtpm check", lambda: check, ok=(0, 1))
+    finally:
+        subprocess.run([*VTPM, "stop", "attester", "--store", str(store)],
+                       capture_output=True, timeout=60, env=_env(), cwd=REPO)  # fmt: skip
+        server.terminate()
+        server.wait(timeout=30)
+    times["swtpm_setup + swtpm_localca"] = bench_swtpm_setup(work / "base", baseline_runs)
+    return times
+
+
+def report_processes(times: dict[str, list[float]]) -> bool:
+    """Print the rows and ratios; True when every target is met."""
+    med = {name: statistics.median(values) for name, values in times.items()}
+    base = med["swtpm_setup + swtpm_localca"]
+    print("whole processes (new interpreter each, lint cache warm), median:")
+    for name, values in times.items():
+        print(
+            f"  {name:30s} {med[name] * 1000:7.1f} ms  (min {min(values) * 1000:.1f}, "
+            f"max {max(values) * 1000:.1f}, n={len(values)})"
+        )
+    ratio = base / med["vtpm create"]
+    print(f"  swtpm_setup / vtpm create: {ratio:.2f}x (target >= 3x)")
+    targets = {
+        "vtpm --help < 0.1 s": med["vtpm --help"] < 0.1,
+        "vtpm create >= 3x faster than swtpm_setup": ratio >= 3,
+        **{
+            f"{name} < 0.2 s": med[name] < 0.2
+            for name in ("vtpm verify-quote", "vtpm eventlog replay", "vtpm check")
+        },
+    }
+    for name, met in targets.items():
+        print(f"  target {name}: {'met' if met else 'NOT met'}")
+    return all(targets.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--baseline-runs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--process-runs", type=int, default=11)
+    ap.add_argument("--processes-only", action="store_true")
     args = ap.parse_args()
     if shutil.which("swtpm_setup") is None or shutil.which("swtpm_localca") is None:
         print("swtpm_setup/swtpm_localca not installed (Debian package swtpm-tools)")
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
         work = Path(tmp)
-        (work / "ours").mkdir()
-        (work / "base").mkdir()
+        for d in ("ours", "base", "proc", "proc/base"):
+            (work / d).mkdir()
+        processes = bench_processes(work / "proc", args.process_runs, args.baseline_runs)
+        if args.processes_only:
+            return 0 if report_processes(processes) else 1
         ours, ca_times, batch_s, par_s = bench_ours(work / "ours", args.runs, args.batch)
         base = bench_swtpm_setup(work / "base", args.baseline_runs)
     m_ours, m_base = statistics.median(ours), statistics.median(base)
@@ -147,6 +305,7 @@ def main() -> int:
     )
     target = m_ours <= 0.15 and m_ours < m_base
     print(f"targets (<= 150 ms median, faster than swtpm_setup): {'met' if target else 'NOT met'}")
+    target = report_processes(processes) and target
     return 0 if target else 1
 
 
