@@ -5,6 +5,7 @@ Layout (all integers big-endian)::
     magic    8 bytes  "VTPMBAK" 0x01
     length   4 bytes  length of body
     body     JSON     {"format": "vtpm-trust/backup/1", "record": <vtpm.json>,
+                       "key_provider": {"id": ..., "kind": ..., "where": ...},
                        "state": {"tpm2-00.permall": base64, ...}}
     digest  32 bytes  SHA-256(magic || length || body)
     mac     32 bytes  HMAC-SHA256(K, magic || length || body),
@@ -12,7 +13,10 @@ Layout (all integers big-endian)::
 
 The digest catches a damaged file before any key is needed; the MAC proves
 that someone holding the vTPM's data key wrote it, so it can only be checked
-once the key provider has unwrapped that key. The state stays as swtpm
+once the key provider has unwrapped that key. ``key_provider`` names the
+provider that holds the key (the record's ``key.provider`` is its id, and
+``key.key_id`` the key there) so that a restore that cannot reach it says
+which KMS or token is needed; backups written before it have no such field. The state stays as swtpm
 encrypted it; the data key stays wrapped. As in VMware, a backup without the
 state cannot be restored: :meth:`Backup.require_state` says so.
 """
@@ -61,18 +65,22 @@ class Backup:
     state: Mapping[str, bytes]
     signed: bytes = field(repr=False)  # magic || length || body, as received
     mac: bytes = field(repr=False)
+    provider: Mapping[str, str] | None = None  # {"id", "kind", "where"} of the key's provider
 
     @staticmethod
-    def build(record: VtpmRecord, state: Mapping[str, bytes], data_key: bytes) -> bytes:
+    def build(
+        record: VtpmRecord,
+        state: Mapping[str, bytes],
+        data_key: bytes,
+        *,
+        provider: Mapping[str, str] | None = None,
+    ) -> bytes:
         """Serialise; ``data_key`` is the vTPM's unwrapped data key (for the MAC only)."""
-        body = json.dumps(
-            {
-                "format": FORMAT,
-                "record": record.to_dict(),
-                "state": {n: base64.b64encode(d).decode("ascii") for n, d in state.items()},
-            },
-            indent=1,
-        ).encode()
+        doc: dict[str, object] = {"format": FORMAT, "record": record.to_dict()}
+        if provider is not None:
+            doc["key_provider"] = dict(provider)
+        doc["state"] = {n: base64.b64encode(d).decode("ascii") for n, d in state.items()}
+        body = json.dumps(doc, indent=1).encode()
         signed = MAGIC + struct.pack(">I", len(body)) + body
         digest = hashlib.sha256(signed).digest()
         mac = hmac.new(_mac_key(data_key), signed, hashlib.sha256).digest()
@@ -121,7 +129,21 @@ class Backup:
                 state[name] = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ParseError(_S, f"body.state.{name}", _HEAD, f"not base64: {exc}") from None
-        return cls(record, MappingProxyType(state), signed, mac)
+        provider = doc.get("key_provider")
+        if provider is not None:
+            if not isinstance(provider, dict) or not all(
+                isinstance(provider.get(k), str) for k in ("id", "kind", "where")
+            ):
+                raise ParseError(_S, "body.key_provider", _HEAD, "expected {id, kind, where} text")
+            if provider["id"] != record.key.provider:
+                raise ParseError(
+                    _S,
+                    "body.key_provider.id",
+                    _HEAD,
+                    f"{provider['id']!r} is not the record's key provider {record.key.provider!r}",
+                )
+            provider = MappingProxyType({k: provider[k] for k in ("id", "kind", "where")})
+        return cls(record, MappingProxyType(state), signed, mac, provider)
 
     def require_state(self, source: str) -> None:
         """StateError unless the backup holds the vTPM's permanent state."""

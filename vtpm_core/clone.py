@@ -49,6 +49,7 @@ def clone(
             ek=[ek.kind for ek in src.eks],
             vm_id=vm_id,
             origin=Origin(origin_kind, src.name, src.vtpm_id, src.vm_id),
+            key_provider=src.key.provider,
         )
     if mode != "copy":
         raise ConfigError(f"unknown clone mode {mode!r} (copy or replace)")
@@ -79,7 +80,7 @@ def clone(
         vtpm_id=vtpm_id,
         vm_id=vm_id,
         created_at=store.now(),
-        key=store.wrap_new(vtpm_id, data_key),
+        key=store.wrap_new(vtpm_id, data_key, src.key.provider),
         tpm=src.tpm,
         eks=src.eks,
         ek_cert_mode=src.ek_cert_mode,

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vtpm_core._atomic import fsync_dir
-from vtpm_core.errors import ConfigError, PermissionDeniedError, StateError
+from vtpm_core.errors import ConfigError, ConflictError, PermissionDeniedError, StateError
 
 __all__ = [
     "DATA_KEY_SIZE",
@@ -86,6 +86,16 @@ class KeyProvider(Protocol):
 
     def unwrap(self, key_id: str, wrapped: bytes, associated_data: bytes) -> bytes: ...
 
+    def create_key(self, name: str) -> str:
+        """Create a new KEK (not made current) and return its key id (``name`` is a label hint)."""
+        ...
+
+    def destroy_key(self, key_id: str) -> None:
+        """Destroy the KEK for good: nothing it wrapped opens again. Unknown ids count as done."""
+        ...
+
+    def close(self) -> None: ...
+
 
 def binding_aad(key_id: str, associated_data: bytes) -> bytes:
     """The AEAD associated data every provider binds a wrapped data key to.
@@ -139,6 +149,39 @@ class LocalKeyProvider:
         os.replace(tmp, current)
         fsync_dir(self.directory)
         return key_id
+
+    def create_key(self, name: str) -> str:
+        """A new KEK file ``<name>.kek`` that does not become current (a per-vTPM key)."""
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConflictError(f"local key provider already has a key {name!r}") from None
+        try:
+            os.write(fd, self._rng(_KEK_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.directory)
+        return name
+
+    def destroy_key(self, key_id: str) -> None:
+        """Overwrite the KEK file with zeros, fsync, unlink (best effort on COW/SSD media)."""
+        path = self._path(key_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        try:
+            os.write(fd, bytes(_KEK_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        path.unlink()
+        fsync_dir(self.directory)
+
+    def close(self) -> None:
+        return None
 
     # -- KeyProvider -----------------------------------------------------------------
 

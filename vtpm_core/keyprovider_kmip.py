@@ -35,6 +35,7 @@ import is made with those two warnings silenced and nothing else changed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -103,6 +104,12 @@ def _import_kmip() -> Any:
         import kmip.pie.client
         import kmip.services.kmip_client
 
+    # PyKMIP logs each failure at ERROR before raising; the raised error is ours
+    # to report (with the provider and key named), so its log records go nowhere
+    # unless the application configures the "kmip" logger itself.
+    kmip_log = logging.getLogger("kmip")
+    if not kmip_log.handlers:
+        kmip_log.addHandler(logging.NullHandler())
     return kmip
 
 

@@ -83,7 +83,7 @@ class Pkcs11KeyProvider:
         module: str,
         token_label: str,
         pin: str,
-        key_label: str,
+        key_label: str | None = None,
         *,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -92,7 +92,7 @@ class Pkcs11KeyProvider:
 
         self.module = module
         self.token_label = token_label
-        self._key_label = _check_label(key_label)
+        self._key_label = _check_label(key_label) if key_label is not None else None
         self._rng = rng
         self._lock = threading.Lock()
         where = f"PKCS#11 token {token_label!r} ({module})"
@@ -131,6 +131,8 @@ class Pkcs11KeyProvider:
     # -- KeyProvider -----------------------------------------------------------------
 
     def current_key_id(self) -> str:
+        if self._key_label is None:
+            raise ConfigError(f"{self._where}: no shared key label configured (key_label)")
         return self._key_label
 
     def has_key(self, key_id: str) -> bool:
@@ -231,9 +233,14 @@ class Pkcs11KeyProvider:
         return key_id
 
     def destroy_key(self, key_id: str) -> None:
-        """C_DestroyObject on the KEK: every data key it wrapped is unrecoverable after this."""
+        """C_DestroyObject on the KEK: every data key it wrapped is unrecoverable after this.
+
+        A label the token does not hold counts as destroyed.
+        """
         from pkcs11 import exceptions as p11
 
+        if not self.has_key(key_id):
+            return
         with self._op(key_id, "destroy") as key:
             try:
                 key.destroy()

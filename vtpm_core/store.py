@@ -2,7 +2,8 @@
 
 Layout::
 
-    ROOT/store.json              {"format": "vtpm-trust/store/1", "key_provider": {...}}
+    ROOT/store.json              {"format": "vtpm-trust/store/1", "key_providers": {id: {...}},
+                                  "default_key_provider": id}  (vtpm_core.keyconfig)
     ROOT/keys/                   local key provider: <key id>.kek (0600), current
     ROOT/vtpms/<name>/vtpm.json  the VtpmRecord (vtpm_core.record)
     ROOT/vtpms/<name>/state/     swtpm --tpmstate dir: tpm2-00.permall, encrypted
@@ -18,7 +19,13 @@ when the store is next opened.
 
 The plaintext data key exists only in memory and in the pipe swtpm reads
 it from (vtpm_core.instance); on disk it is always wrapped by the key
-provider, with the vTPM id as associated data.
+provider, with the vTPM id as associated data. Each vTPM records the id of
+the provider that wraps its key (``key.provider``) and the key id there.
+
+Rekey (:meth:`VtpmStore.rekey`) rewraps the data key under a new KEK (same
+or another provider): the new wrapping is made and read back before the one
+``vtpm.json`` rename that commits it, so a crash leaves the old record (and
+the old key, which is never destroyed by a rekey) or the new one.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ import secrets
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -60,7 +67,20 @@ from vtpm_core.instance import (
     stop_detached,
 )
 from vtpm_core.issuer import EkCertificateIssuer, EkCertificateRequest, IssuedEkCertificate
-from vtpm_core.keyprovider import DATA_KEY_SIZE, KeyProvider, LocalKeyProvider, UnknownKeyError
+from vtpm_core.keyconfig import (
+    LocalProviderConfig,
+    ProviderConfig,
+    Providers,
+    check_provider_id,
+    parse_providers,
+)
+from vtpm_core.keyprovider import (
+    DATA_KEY_SIZE,
+    KeyProviderError,
+    LocalKeyProvider,
+    UnknownKeyError,
+    UnwrapError,
+)
 from vtpm_core.provision import VmIdentityRef, provision_eks
 from vtpm_core.record import (
     EK_KINDS,
@@ -71,7 +91,7 @@ from vtpm_core.record import (
 )
 from vtpm_core.swtpm import SwtpmProcess
 
-__all__ = ["DEFAULT_EKS", "CrashHook", "DeleteResult", "StoreInfo", "VtpmStore"]
+__all__ = ["DEFAULT_EKS", "CrashHook", "DeleteResult", "ProviderCheck", "StoreInfo", "VtpmStore"]
 
 STORE_FORMAT = "vtpm-trust/store/1"
 DEFAULT_EKS: tuple[str, ...] = tuple(EK_KINDS)  # ("rsa2048", "ecc-p256")
@@ -83,6 +103,7 @@ CrashHook = Callable[[str], None]
 _STAGING = re.compile(r"^(\d+)-[0-9a-f]+$")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
 _STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL (as vtpm_core.instance stops swtpm)
+_CHECK_AAD = b"vtpm-trust key-providers check"
 
 
 _CREATED = Origin("created")
@@ -99,8 +120,8 @@ def _utcnow() -> dt.datetime:
 @dataclass(frozen=True, slots=True)
 class StoreInfo:
     root: Path
-    provider: str
-    key_id: str
+    provider: str  # the default provider's id
+    key_id: str  # its shared key id, or "(one per vTPM)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +129,20 @@ class DeleteResult:
     name: str
     revoked: tuple[int, ...]
     kept: tuple[int, ...]  # still used by another vTPM of this store (a copy)
+    shredded_key: str | None = None  # the KEK destroyed by --shred
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCheck:
+    """What ``vtpm key-providers check`` found for one provider."""
+
+    provider: str
+    kind: str
+    where: str
+    ok: bool
+    detail: str  # "wrap+unwrap with key K" or the error
+    vtpms: int  # vTPMs of this store under this provider
+    missing_keys: tuple[str, ...] = ()  # vTPMs whose key the provider does not hold
 
 
 class VtpmStore:
@@ -121,14 +156,14 @@ class VtpmStore:
     def __init__(
         self,
         root: Path,
-        keys: KeyProvider,
+        providers: Providers,
         *,
         clock: Callable[[], dt.datetime] = _utcnow,
         rng: Callable[[int], bytes] = os.urandom,
         crash_hook: CrashHook = _no_hook,
     ) -> None:
         self.root = Path(root)
-        self.keys = keys
+        self.providers = providers
         self._clock = clock
         self._rng = rng
         self._hook = crash_hook
@@ -140,28 +175,38 @@ class VtpmStore:
         cls,
         root: Path,
         *,
+        provider_id: str = "local",
+        provider: ProviderConfig | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
         rng: Callable[[int], bytes] = os.urandom,
         crash_hook: CrashHook = _no_hook,
     ) -> VtpmStore:
-        """Create a store with a local key provider and a fresh key-encryption key."""
+        """Create a store whose default key provider is ``provider`` (a local one by default).
+
+        The provider is opened and made to wrap and unwrap a test key before
+        ``store.json`` is written; a provider without a shared key and without
+        ``key_per_vtpm`` gets one created. Nothing is written if that fails.
+        """
         root = Path(root)
         if (root / "store.json").exists():
             raise ConflictError(f"{root} is already a vTPM store")
+        check_provider_id(provider_id)
+        config: ProviderConfig = provider or LocalProviderConfig(Path("keys"))
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sub in ("vtpms", "run", "tmp"):
             (root / sub).mkdir(mode=0o700, exist_ok=True)
-        LocalKeyProvider.create(root / "keys", rng=rng)
-        atomic_write(
-            root / "store.json",
-            (
-                json.dumps(
-                    {"format": STORE_FORMAT, "key_provider": {"kind": "local", "path": "keys"}},
-                    indent=2,
-                )
-                + "\n"
-            ).encode(),
-        )
+        if isinstance(config, LocalProviderConfig):
+            path = config.path if config.path.is_absolute() else root / config.path
+            if not (path / "current").exists():
+                LocalKeyProvider.create(path, rng=rng)
+        providers = Providers({provider_id: config}, provider_id, root=root, rng=rng)
+        try:
+            config = _ensure_shared_key(providers, provider_id)
+            providers.configs[provider_id] = config
+            cls(root, providers, clock=clock, rng=rng).check_provider(provider_id, strict=True)
+        finally:
+            providers.close()
+        _write_store_json(root, {provider_id: config}, provider_id)
         return cls.open(root, clock=clock, rng=rng, crash_hook=crash_hook)
 
     @classmethod
@@ -175,26 +220,91 @@ class VtpmStore:
     ) -> VtpmStore:
         """Open an existing store (ConfigError if ``root`` is not one); clears dead staging."""
         root = Path(root)
-        try:
-            doc = json.loads((root / "store.json").read_bytes())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{root} is not a vTPM store (no store.json); run `vtpm init`"
-            ) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ParseError("store.json", "(document)", 0, f"not JSON: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
-            raise ParseError("store.json", "format", 0, f"expected {STORE_FORMAT!r}")
-        kp = doc.get("key_provider")
-        if not isinstance(kp, dict) or kp.get("kind") != "local":
-            raise ConfigError(f"{root}/store.json: unsupported key provider {kp!r}")
-        keys = LocalKeyProvider(root / str(kp.get("path", "keys")), rng=rng)
-        store = cls(root, keys, clock=clock, rng=rng, crash_hook=crash_hook)
+        doc = _read_store_json(root)
+        configs, default = parse_providers(doc, base=root)
+        providers = Providers(configs, default, root=root, rng=rng)
+        store = cls(root, providers, clock=clock, rng=rng, crash_hook=crash_hook)
         store._clear_dead_staging()
         return store
 
+    def close(self) -> None:
+        """Close the providers' sessions and connections."""
+        self.providers.close()
+
+    def __enter__(self) -> VtpmStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- key providers -------------------------------------------------------------------
+
+    def add_provider(
+        self, provider_id: str, config: ProviderConfig, *, default: bool = False
+    ) -> None:
+        """Add a provider to ``store.json`` after checking it wraps and unwraps."""
+        check_provider_id(provider_id)
+        if provider_id in self.providers.configs:
+            raise ConflictError(f"{self.root} already has a key provider {provider_id!r}")
+        self.providers.configs[provider_id] = config
+        try:
+            config = _ensure_shared_key(self.providers, provider_id)
+            self.providers.configs[provider_id] = config
+            self.check_provider(provider_id, strict=True)
+        except BaseException:
+            del self.providers.configs[provider_id]
+            raise
+        if default:
+            self.providers.default = provider_id
+        _write_store_json(self.root, self.providers.configs, self.providers.default)
+
+    def check_provider(self, provider_id: str, *, strict: bool = False) -> ProviderCheck:
+        """Open the provider, wrap and unwrap a random key, and look up each vTPM's key.
+
+        With a per-vTPM provider and no shared key, a scratch KEK is created
+        and destroyed for the test. ``strict`` raises instead of reporting.
+        """
+        config = self.providers.config(provider_id)
+        records = (
+            [r for r in self.list() if r.key.provider == provider_id]
+            if (self.root / "vtpms").is_dir()
+            else []
+        )
+        try:
+            provider = self.providers.get(provider_id)
+            scratch = None
+            try:
+                key_id = provider.current_key_id()
+            except ConfigError:
+                key_id = scratch = provider.create_key(f"vtpm-check-{self._rng(6).hex()}")
+            try:
+                probe = self._rng(DATA_KEY_SIZE)
+                wrapped = provider.wrap(key_id, probe, _CHECK_AAD)
+                if provider.unwrap(key_id, wrapped, _CHECK_AAD) != probe:
+                    raise KeyProviderError(f"key {key_id!r} unwrapped to other bytes")
+            finally:
+                if scratch is not None:
+                    provider.destroy_key(scratch)
+            missing = tuple(r.name for r in records if not provider.has_key(r.key.key_id))
+        except (KeyProviderError, StateError, ConfigError) as exc:
+            if strict:
+                raise
+            return ProviderCheck(
+                provider_id, config.kind, config.describe(), False, str(exc), len(records)
+            )
+        detail = "wrap+unwrap with " + (
+            "a scratch key (keys are per vTPM)" if scratch else f"key {key_id!r}"
+        )
+        return ProviderCheck(
+            provider_id, config.kind, config.describe(), not missing, detail, len(records), missing
+        )
+
     def info(self) -> StoreInfo:
-        return StoreInfo(self.root, self.keys.kind, self.keys.current_key_id())
+        pid = self.providers.default
+        config = self.providers.config(pid)
+        if config.key_per_vtpm:
+            return StoreInfo(self.root, pid, "(one per vTPM)")
+        return StoreInfo(self.root, pid, self.providers.get(pid).current_key_id())
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -246,25 +356,81 @@ class VtpmStore:
         return KeyContext(record.name, record.key.key_id)
 
     def data_key(self, record: VtpmRecord) -> bytes:
-        """Unwrap the vTPM's data key; StateError naming the vTPM and key id if it cannot."""
+        """Unwrap the vTPM's data key; StateError naming the vTPM, provider and key if it cannot."""
         key = record.key
-        if key.provider != self.keys.kind:
-            raise StateError(
-                f"vTPM {record.name!r}: its data key is wrapped by a {key.provider!r} key "
-                f"provider (key id {key.key_id!r}); this store has a {self.keys.kind!r} one"
-            )
+        vtpm, at = f"vTPM {record.name!r}", f"{key.key_id!r} of key provider {key.provider!r}"
         try:
-            return self.keys.unwrap(key.key_id, key.wrapped, str(record.vtpm_id).encode())
-        except StateError as exc:
-            kind = "missing" if isinstance(exc, UnknownKeyError) else "wrong"
-            raise StateError(
-                f"vTPM {record.name!r}: {kind} key {key.key_id!r} ({exc}); state untouched"
-            ) from None
+            provider = self.providers.get(key.provider)
+            return provider.unwrap(key.key_id, key.wrapped, str(record.vtpm_id).encode())
+        except UnknownKeyError as exc:
+            raise StateError(f"{vtpm}: missing key {at} ({exc}); state untouched") from None
+        except UnwrapError as exc:
+            raise StateError(f"{vtpm}: wrong key {at} ({exc}); state untouched") from None
+        except KeyProviderError as exc:
+            raise KeyProviderError(f"{vtpm}: key {at}: {exc}; state untouched") from None
 
-    def wrap_new(self, vtpm_id: uuid.UUID, data_key: bytes) -> KeyRef:
-        key_id = self.keys.current_key_id()
-        wrapped = self.keys.wrap(key_id, data_key, str(vtpm_id).encode())
-        return KeyRef(self.keys.kind, key_id, wrapped)
+    def wrap_new(
+        self, vtpm_id: uuid.UUID, data_key: bytes, provider_id: str | None = None
+    ) -> KeyRef:
+        """Wrap a data key for vTPM ``vtpm_id`` under ``provider_id`` (default: the store's).
+
+        A ``key_per_vtpm`` provider first creates the vTPM's own KEK. The
+        wrapping is unwrapped again before it is returned: a provider that
+        answers with bytes it cannot open would otherwise lock the vTPM out.
+        """
+        pid = provider_id or self.providers.default
+        config = self.providers.config(pid)
+        provider = self.providers.get(pid)
+        aad = str(vtpm_id).encode()
+        try:
+            if config.key_per_vtpm:
+                key_id = provider.create_key(f"vtpm-{vtpm_id}-{self._rng(6).hex()}")
+            else:
+                key_id = provider.current_key_id()
+            wrapped = provider.wrap(key_id, data_key, aad)
+            back = provider.unwrap(key_id, wrapped, aad)
+        except (KeyProviderError, StateError) as exc:
+            raise KeyProviderError(
+                f"key provider {pid!r} cannot wrap a new data key: {exc}; nothing was written"
+            ) from None
+        if back != data_key:
+            raise KeyProviderError(
+                f"key provider {pid!r}: key {key_id!r} does not give back the data key it wrapped"
+            )
+        return KeyRef(pid, key_id, wrapped)
+
+    # -- rekey ---------------------------------------------------------------------------
+
+    def rekey(self, name: str, *, to: str | None = None) -> VtpmRecord:
+        """Rewrap the data key of ``name`` under a new KEK (of ``to``, default its own provider).
+
+        The state is not rewritten. Steps: (1) the current key unwraps (else
+        nothing happens); (2) a new KEK: a fresh one for ``key_per_vtpm``
+        providers, else the provider's shared key - for the local provider,
+        rekeying under its own current key first makes a new current key;
+        (3) wrap and read back; (4) one atomic rename of ``vtpm.json``
+        commits. The old KEK is kept: backups made before still need it.
+        """
+        record = self.get(name)
+        data_key = self.data_key(record)
+        pid = to or record.key.provider
+        config = self.providers.config(pid)
+        provider = self.providers.get(pid)
+        if not config.key_per_vtpm:
+            current = provider.current_key_id()
+            if pid == record.key.provider and current == record.key.key_id:
+                if not isinstance(provider, LocalKeyProvider):
+                    raise ConfigError(
+                        f"vTPM {name!r} is already wrapped under the shared key {current!r} "
+                        f"of key provider {pid!r}; configure a new shared key for it first"
+                    )
+                provider.new_key()
+        self._hook("rekey:unwrapped")
+        key = self.wrap_new(record.vtpm_id, data_key, pid)
+        self._hook("rekey:wrapped")
+        atomic_write(self._dir(name) / RECORD_FILE, replace(record, key=key, raw=b"").to_json())
+        self._hook("rekey:committed")
+        return self.get(name)
 
     # -- staging and publishing (used by create, restore, clone) -----------------------
 
@@ -317,12 +483,16 @@ class VtpmStore:
         ek: Sequence[str] = DEFAULT_EKS,
         vm_id: uuid.UUID | None = None,
         origin: Origin = _CREATED,
+        key_provider: str | None = None,
     ) -> VtpmRecord:
         """A new vTPM: fresh encrypted state, EKs created, certified by ``issuer``, NV locked.
 
         ``issuer=None`` is the external-CA mode (issue 8): EKs are created but
-        their certificate indices stay empty. Crash-safe: nothing appears
-        under ``name`` until the vTPM is complete.
+        their certificate indices stay empty. ``key_provider`` is a provider
+        id of this store (default: the store's default). Crash-safe: nothing
+        appears under ``name`` until the vTPM is complete (a per-vTPM KEK made
+        for a creation that then died stays in the provider, named by the
+        vTPM id, unused).
         """
         check_name(name)
         if not ek:
@@ -331,7 +501,7 @@ class VtpmStore:
         vtpm_id = uuid.UUID(bytes=self._rng(16), version=4)
         vm_id = vm_id or uuid.UUID(bytes=self._rng(16), version=4)
         data_key = self._rng(DATA_KEY_SIZE)
-        key = self.wrap_new(vtpm_id, data_key)
+        key = self.wrap_new(vtpm_id, data_key, key_provider)
         with self.staging() as stage:
             state_dir = stage / "state"
             state_dir.mkdir()
@@ -368,6 +538,7 @@ class VtpmStore:
         ek: Sequence[str] = DEFAULT_EKS,
         jobs: int = 1,
         on_done: Callable[[VtpmRecord], None] | None = None,
+        key_provider: str | None = None,
     ) -> builtins.list[VtpmRecord]:
         """``create`` for each name, ``jobs`` at a time (each in its own swtpm).
 
@@ -383,7 +554,7 @@ class VtpmStore:
         if jobs <= 1:
             out = []
             for n in names:
-                out.append(self.create(n, issuer=issuer, ek=ek))
+                out.append(self.create(n, issuer=issuer, ek=ek, key_provider=key_provider))
                 if on_done is not None:
                     on_done(out[-1])
             return out
@@ -391,7 +562,10 @@ class VtpmStore:
 
         locked = _LockedIssuer(issuer) if issuer is not None else None
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(self.create, n, issuer=locked, ek=ek): n for n in names}
+            futures = {
+                pool.submit(self.create, n, issuer=locked, ek=ek, key_provider=key_provider): n
+                for n in names
+            }
             done: dict[str, VtpmRecord] = {}
             for fut in as_completed(futures):
                 rec = fut.result()
@@ -485,18 +659,32 @@ class VtpmStore:
 
     # -- delete --------------------------------------------------------------------------
 
-    def delete(self, name: str, *, issuer: EkCertificateIssuer | None) -> DeleteResult:
+    def delete(
+        self, name: str, *, issuer: EkCertificateIssuer | None, shred: bool = False
+    ) -> DeleteResult:
         """Revoke the vTPM's EK certificates at the CA, then destroy its state and wrapped key.
 
         Serials another vTPM of this store still uses (a copy) are not revoked.
         With ``issuer=None`` nothing is revoked (the caller chose so).
         The order is revoke first: a crash in between leaves a vTPM with
         revoked certificates, never a destroyed vTPM with live ones.
+
+        ``shred``: also destroy the KEK that wraps this vTPM's data key in its
+        provider (KMIP: Revoke + Destroy; PKCS#11: C_DestroyObject; local:
+        overwrite + unlink), so no backup of this vTPM can be restored. Only
+        a key of this vTPM alone can be shredded: a shared key (the
+        provider's current key, or one another vTPM of this store uses) is
+        refused before anything happens. The KEK goes before the files: a
+        crash in between leaves a vTPM that cannot start, which deleting
+        again removes.
         """
         record = self.get(name)
         if self.pid(name) is not None:
             raise ConflictError(f"vTPM {name!r} is running; `vtpm stop {name}` first")
-        in_use = {s for other in self.list() if other.name != name for s in other.serials}
+        others = [other for other in self.list() if other.name != name]
+        if shred:
+            self._check_shreddable(record, others)
+        in_use = {s for other in others for s in other.serials}
         revoked: list[int] = []
         kept: list[int] = []
         for serial in record.serials:
@@ -511,6 +699,18 @@ class VtpmStore:
                         raise  # anything else stops the deletion: the vTPM stays
                 revoked.append(serial)
         self._hook("delete:revoked")
+        shredded = None
+        if shred:
+            provider = self.providers.get(record.key.provider)
+            try:
+                provider.destroy_key(record.key.key_id)
+            except (KeyProviderError, StateError) as exc:
+                raise KeyProviderError(
+                    f"vTPM {name!r}: key provider {record.key.provider!r} did not destroy key "
+                    f"{record.key.key_id!r} ({exc}); the vTPM was not deleted"
+                ) from None
+            shredded = record.key.key_id
+            self._hook("delete:key-destroyed")
         tmp = self.root / "tmp"
         doomed = tmp / f"{os.getpid()}-{secrets.token_hex(6)}"
         os.rename(self._dir(name), doomed)
@@ -518,7 +718,25 @@ class VtpmStore:
         self._hook("delete:unlinked")
         _shred(doomed)
         remove_tree(self.run_dir(name))
-        return DeleteResult(name, tuple(revoked), tuple(kept))
+        return DeleteResult(name, tuple(revoked), tuple(kept), shredded)
+
+    def _check_shreddable(self, record: VtpmRecord, others: Sequence[VtpmRecord]) -> None:
+        key = record.key
+        sharing = [
+            o.name for o in others if (o.key.provider, o.key.key_id) == (key.provider, key.key_id)
+        ]
+        provider = self.providers.get(key.provider)
+        try:
+            current = provider.current_key_id()
+        except ConfigError:
+            current = None
+        if sharing or current == key.key_id:
+            users = f"vTPMs {', '.join(sharing)}" if sharing else "new vTPMs"
+            raise ConflictError(
+                f"vTPM {record.name!r}: key {key.key_id!r} of key provider {key.provider!r} "
+                f"is shared (also used by {users}); `vtpm rekey {record.name} --to PROVIDER` "
+                "onto a provider with key_per_vtpm first, or delete without --shred"
+            )
 
     # -- backup / restore / clone ----------------------------------------------------------
 
@@ -531,7 +749,9 @@ class VtpmStore:
                 f"vTPM {name!r} has no state file ({self.state_dir(name) / STATE_FILE}); "
                 "a backup without the state could not be restored"
             )
-        data = Backup.build(record, state, self.data_key(record))
+        data = Backup.build(
+            record, state, self.data_key(record), provider=self._provider_note(record.key.provider)
+        )
         out = Path(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -550,6 +770,10 @@ class VtpmStore:
         self._hook("backup:published")
         return out
 
+    def _provider_note(self, pid: str) -> dict[str, str]:
+        config = self.providers.config(pid)
+        return {"id": pid, "kind": config.kind, "where": config.describe()}
+
     def restore(self, source: Path, *, name: str | None = None) -> VtpmRecord:
         """Restore a backup as ``name`` (default: its own name): same EK, NV and secrets.
 
@@ -566,6 +790,15 @@ class VtpmStore:
         backup.require_state(str(source))
         record = backup.record.renamed(check_name(name or backup.record.name))
         self._require_free(record.name)
+        key = record.key
+        if key.provider not in self.providers.configs:
+            named = backup.provider or {}
+            seen = f" ({named['kind']}, {named['where']})" if "where" in named else ""
+            raise KeyProviderError(
+                f"backup {source} of vTPM {backup.record.name!r} needs key {key.key_id!r} of key "
+                f"provider {key.provider!r}{seen}; this store has no such provider "
+                f"(it has: {', '.join(sorted(self.providers.configs))}); nothing was written"
+            )
         data_key = self.data_key(record)
         backup.verify_mac(data_key)
         with self.staging() as stage:
@@ -655,3 +888,44 @@ def _shred(directory: Path) -> None:
                     f.flush()
                     os.fsync(f.fileno())
     remove_tree(directory)
+
+
+def _read_store_json(root: Path) -> dict[str, object]:
+    try:
+        doc = json.loads((root / "store.json").read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{root} is not a vTPM store (no store.json); run `vtpm init`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParseError("store.json", "(document)", 0, f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
+        raise ParseError("store.json", "format", 0, f"expected {STORE_FORMAT!r}")
+    return doc
+
+
+def _write_store_json(root: Path, configs: Mapping[str, ProviderConfig], default: str) -> None:
+    doc = {
+        "format": STORE_FORMAT,
+        "key_providers": {pid: c.to_dict() for pid, c in configs.items()},
+        "default_key_provider": default,
+    }
+    atomic_write(root / "store.json", (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _ensure_shared_key(providers: Providers, pid: str) -> ProviderConfig:
+    """Check a provider's shared key exists; a PKCS#11 one is created if missing.
+
+    A KMIP shared key is the KMS's to create (its Unique Identifier is the
+    server's choice): a missing one is an error naming it.
+    """
+    config = providers.config(pid)
+    if config.key_per_vtpm or isinstance(config, LocalProviderConfig):
+        return config
+    provider = providers.get(pid)
+    key_id = provider.current_key_id()
+    if not provider.has_key(key_id):
+        if config.kind != "pkcs11":
+            raise KeyProviderError(
+                f"key provider {pid!r}: {config.describe()} has no key {key_id!r}"
+            )
+        provider.create_key(key_id)
+    return config
