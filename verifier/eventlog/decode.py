@@ -454,7 +454,7 @@ def checker(
     no_quirks: tuple[AppliedQuirk, ...] = ()
     deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
     error_data, error_separator = ERROR_SEPARATOR_DATA, Separator(SEPARATOR_ERROR)
-    no_action = T.EV_NO_ACTION
+    no_action, fixed_data = T.EV_NO_ACTION, _FIXED_DATA
     whole_covers = _COVERS[_whole]
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
@@ -488,6 +488,9 @@ def checker(
                 except ParseError as exc:
                     problems = (f"event data does not decode: {exc}",)
                 decoded = plain = full
+        fixed = fixed_data.get(t)
+        if fixed is not None and data not in fixed:
+            problems += (_not_fixed_data(event, fixed[0]),)
         plan = plans.get(t)
         if plan is None:  # step 1: the spec does not define digest = H(data)
             if t == no_action and any(d.strip(b"\x00") for d in event.digests.values()):
@@ -568,6 +571,24 @@ def checker(
         return decoded, False, no_quirks, problems, None
 
     return check
+
+
+# PFP §10.4.1: the event data of these types is a fixed string. FAPI accepts it with or
+# without a terminating NUL (and refuses anything else), tcglog-parser reports anything
+# else: a warning here (for EV_EFI_HCRTM_EVENT the data is not what was measured anyway).
+_FIXED_DATA: dict[int, tuple[bytes, bytes]] = {
+    T.EV_EFI_HCRTM_EVENT: (b"HCRTM", b"HCRTM\x00"),
+    T.EV_OMIT_BOOT_DEVICE_EVENTS: (b"BOOT ATTEMPTS OMITTED", b"BOOT ATTEMPTS OMITTED\x00"),
+}
+
+
+def _not_fixed_data(event: Event, expected: bytes) -> str:
+    shown = event.untrusted_data[:40]
+    more = "..." if len(event.untrusted_data) > 40 else ""
+    return (
+        f"event {event.index} ({event.type_name}, PCR {event.pcr}): data is {shown!r}{more}, "
+        f"PFP §10.4.1 defines it as {expected.decode()!r}"
+    )
 
 
 def _error_separator(event: Event, info: bytes | None) -> str:
@@ -1013,7 +1034,7 @@ def check_all(
     unchecked, whole_types = _DEFERRED_UNCHECKED, _DEFERRED_WHOLE
     framed, frames = _FRAMED_FIRST, _FRAMES
     ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
-    error_separator_data = ERROR_SEPARATOR_DATA
+    error_separator_data, fixed_data = ERROR_SEPARATOR_DATA, _FIXED_DATA
     grub_labels, description_pcrs = _GRUB_LABELS, _IPL_DESCRIPTION_PCRS
     description_quirk = _DESCRIPTION_QUIRK
     unchecked_outcome, whole_proven, description = _UNCHECKED, _WHOLE_PROVEN, _DESCRIPTION
@@ -1064,6 +1085,8 @@ def check_all(
                     else:
                         applied[quirk] = [index]
                     continue
+            elif t in fixed_data and log[start:end] not in fixed_data[t]:
+                pass  # (reported by the general path)
             elif t in unchecked:
                 append(unchecked_outcome)
                 continue

@@ -166,3 +166,32 @@ def test_replay_events_applies_the_same_rule() -> None:
 
     log = EventLog.parse(HEAD.read_bytes())
     assert replay_events(log.events, log.algorithms, log.startup_locality) == log.replay()
+
+
+@pytest.mark.parametrize("banks", [("sha256",), ("sha1", "sha256")], ids=["one-bank", "two"])
+@pytest.mark.parametrize(
+    ("event_type", "data", "warned"),
+    [
+        pytest.param(HCRTM, b"HCRTM", False, id="hcrtm"),
+        pytest.param(HCRTM, b"HCRTM\x00", False, id="hcrtm-nul"),
+        pytest.param(HCRTM, b"H-CRTM measured", True, id="hcrtm-other"),
+        pytest.param(EventType.EV_OMIT_BOOT_DEVICE_EVENTS, b"BOOT ATTEMPTS OMITTED", False,
+                     id="omit"),
+        pytest.param(EventType.EV_OMIT_BOOT_DEVICE_EVENTS, b"boot attempts omitted", True,
+                     id="omit-other"),
+    ],
+)  # fmt: skip
+def test_fixed_event_data_is_checked(
+    banks: tuple[str, ...], event_type: int, data: bytes, warned: bool
+) -> None:
+    """PFP §10.4.1 fixes these types' data (FAPI accepts it with or without a NUL and
+    refuses the rest; tcglog-parser reports the rest): anything else is a warning."""
+    pcr = 0 if event_type == HCRTM else 4
+    log = EventLog.parse(_build.log(_build.event2(pcr, event_type, data, banks=banks), banks=banks))
+    warnings = log.verify(log.replay()).warnings
+    expected = "HCRTM" if event_type == HCRTM else "BOOT ATTEMPTS OMITTED"
+    name = "EV_EFI_HCRTM_EVENT" if event_type == HCRTM else "EV_OMIT_BOOT_DEVICE_EVENTS"
+    assert warnings == (
+        (f"event 1 ({name}, PCR {pcr}): data is {data!r}, PFP §10.4.1 defines it as "
+         f"{expected!r}",) if warned else ()
+    )  # fmt: skip
