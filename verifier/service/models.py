@@ -101,7 +101,7 @@ class Attester(Base):
     latest_result_id: Mapped[int | None] = mapped_column(Integer)
     # continuous attestation (migration 0005): one of ATTESTER_STATES and since when;
     # deadline: when a trusted attester goes stale without new evidence (else NULL)
-    state: Mapped[str] = mapped_column(String(16), server_default="unknown", default="unknown")
+    state: Mapped[str] = mapped_column(String(16), server_default="unknown")
     state_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
     deadline: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_evidence_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
