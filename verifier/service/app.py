@@ -27,6 +27,7 @@ from verifier.service.ports import Appraiser
 from verifier.service.retention import Pruner, RetentionPolicy
 from verifier.service.routes import attester_blueprint, ops_blueprint, policy_blueprint
 from verifier.service.services import Clock, Random, make_services
+from verifier.service.sweeper import Sweeper
 from vtpm_core.errors import ConfigError
 
 __all__ = ["create_app"]
@@ -86,6 +87,11 @@ def create_app(
             interval_s=float(config.retention_interval_s),
         )
         app.extensions["vtpm_verifier"]["pruner"] = Pruner(db, policy).start()
+    # trusted attesters whose deadline passed become stale (issue 16); every worker
+    # runs one, and one transition per attester is recorded (sweeper.py)
+    app.extensions["vtpm_verifier"]["sweeper"] = Sweeper(
+        db, float(config.sweep_interval_s), config.sweep_batch, **({"now": clock} if clock else {})
+    ).start()
     install_error_handler(app)
     app.register_blueprint(attester_blueprint(services, auth))
     app.register_blueprint(policy_blueprint(services, auth))

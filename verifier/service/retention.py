@@ -24,15 +24,14 @@ process every ``interval_s`` seconds when ``retention_days`` is configured.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select, text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from verifier.service._periodic import Periodic
 from verifier.service.db import Database
 from verifier.service.models import Attester, Nonce, Result
 
@@ -131,12 +130,9 @@ def _locked(db: Database, session: Session) -> bool:
     return bool(got.scalar_one())
 
 
-class Pruner:
-    """A daemon thread that prunes every ``policy.interval_s`` seconds until :meth:`stop`.
-
-    A database error (PostgreSQL restarting, a full disk) is logged and the
-    next round tries again; it never reaches a request.
-    """
+class Pruner(Periodic):
+    """A daemon thread that prunes every ``policy.interval_s`` seconds until :meth:`stop`
+    (errors: see :class:`~verifier.service._periodic.Periodic`)."""
 
     def __init__(
         self,
@@ -144,43 +140,17 @@ class Pruner:
         policy: RetentionPolicy,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        super().__init__("pruner", policy.interval_s)
         self._db = db
         self._policy = policy
         self._now = now
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vtpm-pruner", daemon=True)
-        self.rounds = 0
-        self.failures = 0
 
-    def start(self) -> Pruner:
-        self._thread.start()
-        return self
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._policy.interval_s):
-            try:
-                counts = prune(self._db, self._policy, self._now())
-            except (SQLAlchemyError, OSError) as exc:
-                self.failures += 1
-                _LOG.warning(
-                    "retention: pruning failed, retrying in %ss: %s",
-                    self._policy.interval_s,
-                    exc.__class__.__name__,
-                )
-                continue
-            self.rounds += 1
-            if counts.results or counts.nonces:
-                _LOG.info(
-                    "retention: deleted %d results and %d nonces in %d batches",
-                    counts.results,
-                    counts.nonces,
-                    counts.batches,
-                )
+    def _round(self) -> None:
+        counts = prune(self._db, self._policy, self._now())
+        if counts.results or counts.nonces:
+            _LOG.info(
+                "retention: deleted %d results and %d nonces in %d batches",
+                counts.results,
+                counts.nonces,
+                counts.batches,
+            )

@@ -5,6 +5,7 @@ PostgreSQL; the app runs in-process on a loopback port with a pinned clock."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -108,7 +109,7 @@ def verifier(
     home = tmp_path_factory.mktemp(f"state-{backend}")
     if not ek_ca.root.exists():
         provision_tpm(ek_ca, tmp_path_factory.mktemp("ca-bootstrap"))
-    admin, reader = make_home(home, ek_ca, attest_cadence_s=60, stale_grace=3)
+    admin, reader = make_home(home, ek_ca, attest_cadence_s=60, stale_grace=3, sweep_interval_s=1)
     db_url = request.getfixturevalue("pg_database")() if backend == "postgres" else None
     v = Verifier(home, db_url, Clock(), admin, reader).start()
     try:
@@ -246,3 +247,36 @@ def test_deleting_an_attester_deletes_its_history(
     assert len(transitions(v, state.attester_id)) == 1
     assert v.call("DELETE", f"/v1/attesters/{state.attester_id}", v.admin).status_code == 204
     assert transitions(v, state.attester_id) == []
+
+
+def test_missed_deadline_goes_stale_and_evidence_brings_it_back(
+    verifier: Verifier, tpm_factory: TpmFactory
+) -> None:
+    """The app's own background sweeper marks a trusted attester stale once its clock passes
+    the deadline; the next evidence records stale -> trusted."""
+    v = verifier
+    tpm = tpm_factory()
+    state = enrol(v, tpm, "vm-state-stale")
+    t1 = v.clock.advance(1)
+    attest(v, tpm, state)
+    v.clock.advance(180)  # exactly at the deadline: not missed yet
+    t2 = v.clock.advance(1)
+    until = time.monotonic() + 30
+    while row(v, state.attester_id).state != "stale" and time.monotonic() < until:
+        time.sleep(0.1)
+    a = row(v, state.attester_id)
+    assert (a.state, a.state_since, a.deadline) == ("stale", t2, None)
+    tr = transitions(v, state.attester_id)[-1]
+    assert (tr.from_state, tr.to_state, tr.at, tr.result_id) == ("trusted", "stale", t2, None)
+    deadline = t1 + timedelta(seconds=180)
+    assert tr.cause == {
+        "missed_deadline": deadline.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "last_evidence_at": t1.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "cadence_s": 60,
+    }
+    t3 = v.clock.advance(5)
+    back = attest(v, tpm, state)
+    assert back["state"] == "trusted"
+    history = [(t.from_state, t.to_state) for t in transitions(v, state.attester_id)]
+    assert history == [("unknown", "trusted"), ("trusted", "stale"), ("stale", "trusted")]
+    assert row(v, state.attester_id).state_since == t3
