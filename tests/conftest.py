@@ -16,6 +16,9 @@ import pytest
 
 from vtpm_core.swtpm import SwtpmProcess
 
+# softhsm (a fresh SoftHSM2 token) and kmip (a PyKMIP server with mutual TLS)
+pytest_plugins = ["tests._keyproviders"]
+
 REPO = Path(__file__).resolve().parent.parent
 # The corpus of real-world TPM data lives beside the repository (../shared).
 CORPUS = Path(os.environ.get("VTPM_CORPUS", REPO.parent / "shared" / "corpus"))

@@ -47,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backup": ("vtpm_cli.vtpm_cmds", "Write an integrity-protected backup: encrypted state, metadata, certs, wrapped key."),
     "restore": ("vtpm_cli.vtpm_cmds", "Restore a backup (needs the key provider to still hold its key)."),
     "clone": ("vtpm_cli.vtpm_cmds", "Clone SOURCE as NEW: --mode copy keeps the TPM, --mode replace makes a new one."),
+    "key-providers": ("vtpm_cli.keyprovider_cmds", "The store's key providers (local, PKCS#11, KMIP): list, check, add."),
+    "rekey": ("vtpm_cli.keyprovider_cmds", "Rewrap a vTPM's data key under a new key-encryption key (--to another provider)."),
     "verifier": ("vtpm_cli.verifier_cmds", "Run the attestation service."),
     "attest": ("vtpm_cli.verifier_cmds", "Register + activate on first use, then challenge, quote, evidence; print the verdict."),
     "check": ("vtpm_cli.verifier_cmds", "Exit 0 only if the latest verdict is affirming, fresh and under the policy."),

@@ -48,7 +48,12 @@ def _crash_hook() -> Callable[[str], None]:
 
 
 def _open_store(path: Path) -> VtpmStore:
-    return VtpmStore.open(path, crash_hook=_crash_hook())
+    """Open the store; its provider sessions/connections close when the command ends."""
+    store = VtpmStore.open(path, crash_hook=_crash_hook())
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(store.close)
+    return store
 
 
 def _store_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,10 +186,38 @@ def register(cli: click.Group) -> None:
 
     @cli.command("init")
     @_store_option
-    def init_cmd(store_path: Path) -> None:
+    @click.option("--key-provider", "kind", type=click.Choice(["local", "pkcs11", "kmip"]),
+                  default="local", show_default=True,
+                  help="Who wraps the vTPMs' data keys.")  # fmt: skip
+    @click.option("--provider-id", help="Its id in the store (default: the kind).")
+    @click.option("--kmip-config", type=click.Path(path_type=Path, dir_okay=False),
+                  help="KMIP settings (YAML/JSON): host, port, ca, cert, key, ...")  # fmt: skip
+    @click.option("--pkcs11-config", type=click.Path(path_type=Path, dir_okay=False),
+                  help="PKCS#11 settings (YAML/JSON): module, token_label, ...")  # fmt: skip
+    @click.option("--key-per-vtpm/--shared-key", default=None,
+                  help="A KEK per vTPM (shred-able) or one shared KEK "
+                  "(default: per vTPM for pkcs11/kmip, shared for local).")  # fmt: skip
+    def init_cmd(store_path: Path, kind: str, provider_id: str | None,
+                 kmip_config: Path | None, pkcs11_config: Path | None,
+                 key_per_vtpm: bool | None) -> None:  # fmt: skip
         """Create a vTPM store and its key-encryption key (mode 0600)."""
-        store = VtpmStore.init(store_path)
-        info = store.info()
+        from vtpm_cli.keyprovider_cmds import provider_from_options
+
+        other = {
+            "kmip": pkcs11_config,
+            "pkcs11": kmip_config,
+            "local": kmip_config or pkcs11_config,
+        }
+        if other[kind] is not None:
+            raise ConfigError(f"--key-provider {kind} takes no settings file of another kind")
+        pid = provider_id or kind
+        settings = kmip_config if kind == "kmip" else pkcs11_config if kind == "pkcs11" else None
+        config = provider_from_options(kind, settings, pid, key_per_vtpm)
+        store = VtpmStore.init(store_path, provider_id=pid, provider=config)
+        try:
+            info = store.info()
+        finally:
+            store.close()
         click.echo(f"store {info.root} key provider {info.provider} key id {info.key_id}")
 
     @cli.command("create")
@@ -219,21 +252,26 @@ def register(cli: click.Group) -> None:
         show_default=True,
         help="With --count: vTPMs created in parallel (one swtpm each).",
     )
+    @click.option("--key-provider", "key_provider",
+                  help="Key provider id of the store (default: the store's default).")  # fmt: skip
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def create_cmd(name: str, store_path: Path, ca_home: Path | None,
                    ca_passphrase_file: Path | None, ca_url: str | None,
                    ca_token_file: Path | None, ek: str, count: int | None,
-                   ek_cert_mode: str, jobs: int, as_json: bool) -> None:  # fmt: skip
+                   ek_cert_mode: str, jobs: int, key_provider: str | None,
+                   as_json: bool) -> None:  # fmt: skip
         """Create a vTPM: fresh encrypted state, EKs certified by the CA, certs in NV, locked."""
         kinds = _ek_kinds(ek)
         store = _open_store(store_path)
+        if key_provider is not None:
+            store.providers.config(key_provider)  # an unknown id fails before any work
         external = ek_cert_mode == "external"
         if external and (ca_home is not None or ca_url is not None):
             raise ConfigError("--ek-cert-mode external takes no CA (--ca-home/--ca-url)")
         with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file,
                      required=not external) as issuer:  # fmt: skip
             if count is None:
-                record = store.create(name, issuer=issuer, ek=kinds)
+                record = store.create(name, issuer=issuer, ek=kinds, key_provider=key_provider)
                 if as_json:
                     _echo_json(_summary(record))
                 else:
@@ -246,7 +284,12 @@ def register(cli: click.Group) -> None:
                 length=count, label=f"creating {count} vTPMs", file=sys.stderr
             ) as bar:
                 records = store.create_many(
-                    names, issuer=issuer, ek=kinds, jobs=jobs, on_done=lambda _r: bar.update(1)
+                    names,
+                    issuer=issuer,
+                    ek=kinds,
+                    jobs=jobs,
+                    on_done=lambda _r: bar.update(1),
+                    key_provider=key_provider,
                 )
             elapsed = time.perf_counter() - t0
         if as_json:
@@ -346,16 +389,26 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--keep-certs", is_flag=True, help="Do not revoke the EK certificates (no CA needed)."
     )
+    @click.option("--shred", is_flag=True,
+                  help="Also destroy the vTPM's key-encryption key in its provider: "
+                  "no backup of it can be restored afterwards.")  # fmt: skip
     def delete_cmd(name: str, store_path: Path, ca_home: Path | None,
                    ca_passphrase_file: Path | None, ca_url: str | None,
-                   ca_token_file: Path | None, keep_certs: bool) -> None:  # fmt: skip
+                   ca_token_file: Path | None, keep_certs: bool, shred: bool) -> None:  # fmt: skip
         """Revoke the EK certificates at the CA, then destroy the state and its wrapped key."""
         store = _open_store(store_path)
-        with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file,
-                     required=not keep_certs) as issuer:  # fmt: skip
-            result = store.delete(name, issuer=None if keep_certs else issuer)
+        try:
+            with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file,
+                         required=not keep_certs) as issuer:  # fmt: skip
+                result = store.delete(name, issuer=None if keep_certs else issuer, shred=shred)
+        finally:
+            store.close()
         revoked = " ".join(f"{s:x}" for s in result.revoked) or "none"
         click.echo(f"{name}: deleted; revoked {revoked}")
+        if result.shredded_key is not None:
+            click.echo(
+                f"{name}: key {result.shredded_key} destroyed; its backups cannot be restored"
+            )
         if result.kept:
             kept = " ".join(f"{s:x}" for s in result.kept)
             click.echo(f"{name}: not revoked (still used by a copy): {kept}")
@@ -368,8 +421,15 @@ def register(cli: click.Group) -> None:
     def backup_cmd(name: str, store_path: Path, output: Path) -> None:
         """Write an integrity-protected backup: encrypted state, metadata, certs, wrapped key."""
         store = _open_store(store_path)
-        store.backup(name, output)
-        click.echo(f"{name}: backup written to {output}")
+        try:
+            key = store.get(name).key
+            store.backup(name, output)
+        finally:
+            store.close()
+        click.echo(
+            f"{name}: backup written to {output} (needs key {key.key_id} of key provider "
+            f"{key.provider} to restore)"
+        )
 
     @cli.command("restore")
     @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vtpm_core.conftest import SoftHsmToken
+from tests._keyproviders import SoftHsmToken
 from vtpm_core.errors import ConfigError, ConflictError, StateError
 from vtpm_core.keyprovider import KeyProviderError, UnknownKeyError, UnwrapError
 from vtpm_core.keyprovider_pkcs11 import Pkcs11KeyProvider

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests._keyproviders import SoftHsmToken
 from tests.vtpm_core._issuer import SmallIssuer
 from tests.vtpm_core._kmip import KmipServer
 from tests.vtpm_core._seal import seal, unseal
-from tests.vtpm_core.conftest import SoftHsmToken
 from vtpm_core.errors import ConfigError, ConflictError, StateError
 from vtpm_core.keyconfig import (
     KmipProviderConfig,
