@@ -10,6 +10,7 @@ logging records, not Python warnings, and change nothing here.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -31,6 +32,7 @@ for _name in ("keylime.config", "keylime.ima", "keylime.file_signatures", "ima")
 __all__ = [
     "KEYLIME_POLICY_CLI",
     "keylime_allows",
+    "keylime_line_verdicts",
     "keylime_sig_valid",
     "keylime_validate",
     "run_keylime_policy",
@@ -81,3 +83,21 @@ def run_keylime_policy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str
         timeout=120,
         check=True,
     )
+
+
+def keylime_line_verdicts(lines: list[str], doc: dict[str, Any]) -> list[bool]:
+    """Keylime's appraisal of each ASCII list line on its own: True where it passes.
+
+    Each line goes through ``ima.process_measurement_list`` (template-hash
+    check, then the template's validator) with the policy's
+    verification-keys as the tenant keyring, as the verifier sets it up.
+    """
+    out = []
+    for line in lines:
+        rings = file_signatures.ImaKeyrings()
+        rings.set_tenant_keyring(file_signatures.ImaKeyring.from_string(doc["verification-keys"]))
+        _, failure = ima.process_measurement_list(
+            None, [line], runtime_policy=copy.deepcopy(doc), ima_keyrings=rings
+        )
+        out.append(not failure)
+    return out

@@ -1,0 +1,551 @@
+"""Appraise IMA measurement-list entries against a runtime policy, incrementally.
+
+Two layers (issue 14 "Runtime policies", "Incremental appraisal"):
+
+1. :func:`appraise_entries`: the policy decision for each entry. It names
+   every entry that fails: index, path, template, expected digests, actual
+   digest, signature state. It trusts the entries it is given: the caller
+   must have checked each entry's template hash against its template data
+   (the parser does) and proven the entries with the quote (layer 2).
+2. :func:`advance`: the incremental step. The verifier keeps, per attester,
+   an :class:`ImaProgress` (a few hundred bytes: the TPM's resetCount, how
+   many entries are verified, the running PCR 10 value per bank, the
+   policy's digest). The attester sends only the entries after those; they
+   are extended onto the stored values and must reach the quoted PCR 10 in
+   every quoted bank. Only the entries up to the point that matches the
+   quote are appraised (IMA appends to the list before it extends the PCR,
+   and the quote is read separately, so a list may run ahead of its quote;
+   the rest is sent again next time). The state advances only when the
+   step passes.
+
+What the stored state cannot let through (each is a test):
+
+- a gap or a replayed suffix: the delta must start at the stored count
+  (``start_index``); and whatever indices it claims, its entries must
+  extend the stored PCR values to the quoted ones (the hash chain binds
+  order and content);
+- a reboot: a higher resetCount means a new list, which must start at
+  entry 0 from the all-zero PCR; a lower one (a reverted snapshot or a
+  cloned vTPM) is refused;
+- a policy change: entries verified under another policy are not
+  re-used; the list is appraised again from entry 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from verifier.ima.policy import (
+    Digest,
+    RuntimePolicy,
+    ViolationMode,
+    canonical_algorithm,
+    format_digest,
+    is_kernel_module,
+)
+from verifier.ima.signature import SignatureCheck, SignatureState, verify_ima_signature
+from vtpm_core.errors import ParseError, VerificationError
+
+__all__ = [
+    "IMA_PCR",
+    "AppraisedEntry",
+    "EntryFailure",
+    "ImaProgress",
+    "ImaStep",
+    "RuntimeAppraisal",
+    "advance",
+    "appraise_entries",
+]
+
+IMA_PCR = 10
+BOOT_AGGREGATE = "boot_aggregate"
+FILE_TEMPLATES = frozenset({"ima", "ima-ng", "ima-sig", "ima-modsig", "evm-sig"})
+SIGNED_TEMPLATES = frozenset({"ima-sig", "ima-modsig", "evm-sig"})
+BANK_SIZES = MappingProxyType({"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32})
+
+
+class AppraisedEntry(Protocol):
+    """What appraisal reads from one entry (``verifier.ima.entries.ImaEntry`` has it)."""
+
+    @property
+    def pcr(self) -> int: ...
+    @property
+    def template_name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def digest_algo(self) -> str: ...
+    @property
+    def digest(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes | None: ...
+    @property
+    def buf(self) -> bytes | None: ...
+    @property
+    def is_violation(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EntryFailure:
+    """One entry the policy does not allow, with everything needed to fix the policy."""
+
+    index: int
+    path: str
+    template: str
+    reason: str
+    actual: str | None = None
+    expected: tuple[str, ...] = ()
+    signature: str | None = None
+
+    def __str__(self) -> str:
+        text = f"entry {self.index} {self.template} {self.path!r}: {self.reason}"
+        if self.actual is not None:
+            text += f" (got {self.actual}"
+            text += f"; expected {', '.join(self.expected)})" if self.expected else ")"
+        if self.signature is not None:
+            text += f"; {self.signature}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "path": self.path,
+            "template": self.template,
+            "reason": self.reason,
+            "actual": self.actual,
+            "expected": list(self.expected),
+            "signature": self.signature,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeAppraisal:
+    """The outcome over a run of entries: every failure, every warning, and counts."""
+
+    checked: int
+    by_digest: int
+    by_signature: int
+    excluded: int
+    failures: tuple[EntryFailure, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "by_digest": self.by_digest,
+            "by_signature": self.by_signature,
+            "excluded": self.excluded,
+            "failures": [f.to_json() for f in self.failures],
+            "warnings": list(self.warnings),
+        }
+
+
+def _is_key(buf: bytes) -> bool:
+    """Whether an ima-buf buffer is a key: an X.509 certificate or a public key, DER or PEM
+    (what Keylime's ``file_signatures.get_pubkey`` recognises, private keys aside)."""
+    loaders = (
+        x509.load_der_x509_certificate,
+        x509.load_pem_x509_certificate,
+        serialization.load_der_public_key,
+        serialization.load_pem_public_key,
+    )
+    for load in loaders:
+        try:
+            load(buf)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+        return True
+    return False
+
+
+class _Counter:
+    __slots__ = ("by_digest", "by_signature", "excluded")
+
+    def __init__(self) -> None:
+        self.by_digest = 0
+        self.by_signature = 0
+        self.excluded = 0
+
+
+def appraise_entries(
+    entries: Iterable[AppraisedEntry],
+    policy: RuntimePolicy,
+    *,
+    first_index: int = 0,
+    boot_aggregates: Collection[Digest] = (),
+) -> RuntimeAppraisal:
+    """Check each entry against ``policy``; never stops at the first failure.
+
+    Per entry, in order:
+    1. it must extend PCR 10 (the PCR the quote proves);
+    2. a violation entry fails, or with ``ignore-with-flag`` passes with a warning;
+    3. ``boot_aggregate`` passes when its digest is one of ``boot_aggregates``
+       (worked out from the quoted PCRs 0-9 by the caller) or is listed in the
+       policy; else it fails: it is never passed unchecked;
+    4. an excluded path passes (``re.match``, as Keylime);
+    5. file entries: a signature that verifies with a trusted key passes;
+       otherwise the digest must be allowed for the path (or be an allowed
+       kernel-module digest on a module path);
+    6. ``ima-buf``: a key buffer passes in an ignored keyring or when its
+       digest is allowed for that keyring; other buffers when allowed in ``ima_buf``;
+    7. any other template fails (it is not appraised, so it cannot pass).
+
+    ``first_index`` is the list index of the first entry, for the reports.
+    """
+    failures: list[EntryFailure] = []
+    warnings: list[str] = []
+    count = _Counter()
+    checked = 0
+    allowed_aggregates = {(canonical_algorithm(a), d) for a, d in boot_aggregates}
+    has_keys = bool(policy.signing_keys)
+    ignore_all_keyrings = "*" in policy.ignored_keyrings
+    for i, entry in enumerate(entries):
+        checked += 1
+        index = first_index + i
+        failure = _appraise_one(
+            index, entry, policy, allowed_aggregates, has_keys, ignore_all_keyrings, count, warnings
+        )
+        if failure is not None:
+            failures.append(failure)
+    return RuntimeAppraisal(
+        checked=checked,
+        by_digest=count.by_digest,
+        by_signature=count.by_signature,
+        excluded=count.excluded,
+        failures=tuple(failures),
+        warnings=tuple(warnings),
+    )
+
+
+def _appraise_one(
+    index: int,
+    entry: AppraisedEntry,
+    policy: RuntimePolicy,
+    allowed_aggregates: set[Digest],
+    has_keys: bool,
+    ignore_all_keyrings: bool,
+    count: _Counter,
+    warnings: list[str],
+) -> EntryFailure | None:
+    template = entry.template_name
+    path = entry.path
+    # 1
+    if entry.pcr != IMA_PCR:
+        return EntryFailure(
+            index,
+            path,
+            template,
+            f"extends PCR {entry.pcr}, not PCR {IMA_PCR}: the quote does not prove it",
+        )
+    # 2
+    if entry.is_violation:
+        if policy.violations is ViolationMode.IGNORE_WITH_FLAG:
+            warnings.append(
+                f"entry {index} {template} {path!r}: violation (ToMToU or open-writers) ignored"
+            )
+            return None
+        return EntryFailure(
+            index, path, template,
+            "violation (ToMToU or open-writers): the kernel could not measure what was read",
+        )  # fmt: skip
+    algo = canonical_algorithm(entry.digest_algo)
+    digest: Digest = (algo, entry.digest)
+    actual = format_digest(digest)
+    # 3
+    if path == BOOT_AGGREGATE and template in FILE_TEMPLATES:
+        if digest in allowed_aggregates or digest in policy.digests.get(BOOT_AGGREGATE, ()):
+            count.by_digest += 1
+            return None
+        expected = sorted(
+            format_digest(d)
+            for d in allowed_aggregates | set(policy.digests.get(BOOT_AGGREGATE, ()))
+        )
+        reason = (
+            "boot_aggregate does not match the quoted PCRs 0-9"
+            if expected
+            else "boot_aggregate not checked: no quoted PCRs 0-9 given and none in the policy"
+        )
+        return EntryFailure(index, path, template, reason, actual, tuple(expected))
+    # 4
+    if policy.excludes and policy.excludes.match(path) is not None:
+        count.excluded += 1
+        return None
+    # 5
+    if template in FILE_TEMPLATES:
+        check: SignatureCheck | None = None
+        if template in SIGNED_TEMPLATES and entry.signature:
+            check = verify_ima_signature(entry.signature, algo, entry.digest, policy.signing_keys)
+            if check.valid:
+                count.by_signature += 1
+                return None
+        if policy.allows_file(path, algo, entry.digest):
+            count.by_digest += 1
+            return None
+        listed = policy.expected_for_file(path)
+        if path in policy.digests:
+            reason = "digest not allowed for this path"
+        elif is_kernel_module(path):
+            reason = "kernel module not in the policy"
+        else:
+            reason = "path not in the policy"
+        if check is None and template in SIGNED_TEMPLATES and has_keys:
+            check = SignatureCheck(SignatureState.ABSENT)
+        return EntryFailure(
+            index, path, template, reason, actual, listed,
+            check.describe() if check is not None else None,
+        )  # fmt: skip
+    # 6
+    if template == "ima-buf":
+        buf = entry.buf or b""
+        if _is_key(buf):
+            if ignore_all_keyrings or path in policy.ignored_keyrings:
+                count.by_digest += 1
+                return None
+            allowed = policy.keyrings.get(path)
+            if allowed is not None and digest in allowed:
+                count.by_digest += 1
+                return None
+            return EntryFailure(
+                index, path, template,
+                "key not allowed in this keyring" if allowed else "keyring not in the policy",
+                actual, tuple(sorted(format_digest(d) for d in allowed or ())),
+            )  # fmt: skip
+        allowed = policy.ima_buf.get(path)
+        if allowed is not None and digest in allowed:
+            count.by_digest += 1
+            return None
+        return EntryFailure(
+            index, path, template,
+            "buffer not allowed" if allowed else "buffer name not in the policy",
+            actual, tuple(sorted(format_digest(d) for d in allowed or ())),
+        )  # fmt: skip
+    # 7
+    return EntryFailure(index, path, template, f"template {template!r} is not appraised", actual)
+
+
+# -- incremental state -----------------------------------------------------------------
+
+_STATE_MAGIC = b"IMA1"
+_BANK_IDS = {"sha1": 1, "sha256": 2, "sha384": 3, "sha512": 4, "sm3_256": 5}
+_BANK_NAMES = {v: k for k, v in _BANK_IDS.items()}
+_STRUCT = "ima_progress"
+
+
+@dataclass(frozen=True, slots=True)
+class ImaProgress:
+    """Per attester: which list (resetCount), how far it is verified, and PCR 10 there.
+
+    ``pcr10`` maps a bank ("sha256") to the PCR 10 value after ``count``
+    entries; ``policy_digest`` is the runtime policy they passed under.
+    ``to_bytes`` is what the verifier stores (about 40 bytes plus one PCR
+    value per bank).
+    """
+
+    reset_count: int
+    count: int
+    pcr10: Mapping[str, bytes]
+    policy_digest: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pcr10", MappingProxyType(dict(sorted(self.pcr10.items()))))
+        for bank, value in self.pcr10.items():
+            if BANK_SIZES.get(bank) != len(value):
+                raise ValueError(f"PCR 10 value for bank {bank!r} has {len(value)} bytes")
+
+    @classmethod
+    def start(cls, reset_count: int, banks: Iterable[str], policy: RuntimePolicy) -> ImaProgress:
+        """The state before entry 0 of a new list: PCR 10 is all zeros after a reset."""
+        return cls(reset_count, 0, {b: bytes(BANK_SIZES[b]) for b in banks}, policy.digest)
+
+    def resume_index(
+        self, reset_count: int, policy: RuntimePolicy, banks: Iterable[str] | None = None
+    ) -> int:
+        """The entry the attester should send from: 0 after a reboot, a policy change,
+        or when the quote is to cover other PCR 10 banks than the stored ones."""
+        if reset_count != self.reset_count or not hmac.compare_digest(
+            self.policy_digest, policy.digest
+        ):
+            return 0
+        if banks is not None and set(banks) != set(self.pcr10):
+            return 0
+        return self.count
+
+    def to_bytes(self) -> bytes:
+        out = [_STATE_MAGIC, struct.pack(">QQB", self.reset_count, self.count, len(self.pcr10))]
+        for bank, value in self.pcr10.items():
+            out.append(struct.pack(">B", _BANK_IDS[bank]) + value)
+        out.append(self.policy_digest)
+        return b"".join(out)
+
+    @classmethod
+    def parse(cls, data: bytes) -> ImaProgress:
+        if data[:4] != _STATE_MAGIC:
+            raise ParseError(_STRUCT, "magic", 0, f"expected {_STATE_MAGIC!r}")
+        if len(data) < 21:
+            raise ParseError(_STRUCT, "header", len(data), "truncated")
+        reset_count, count, nbanks = struct.unpack_from(">QQB", data, 4)
+        offset = 21
+        pcr10 = {}
+        for _ in range(nbanks):
+            if offset >= len(data):
+                raise ParseError(_STRUCT, "bank", offset, "truncated")
+            bank = _BANK_NAMES.get(data[offset])
+            if bank is None or bank in pcr10:
+                raise ParseError(_STRUCT, "bank", offset, f"bad bank id {data[offset]}")
+            size = BANK_SIZES[bank]
+            value = data[offset + 1 : offset + 1 + size]
+            if len(value) != size:
+                raise ParseError(_STRUCT, f"pcr10.{bank}", offset + 1, "truncated")
+            pcr10[bank] = value
+            offset += 1 + size
+        policy_digest = data[offset:]
+        if len(policy_digest) != 32:
+            raise ParseError(
+                _STRUCT, "policy_digest", offset, f"{len(policy_digest)} bytes, expected 32"
+            )
+        return cls(reset_count, count, pcr10, policy_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ImaStep:
+    """One incremental step: the appraisal of the proven entries and the state after it.
+
+    ``state`` is the state to store when ``ok``; on failure keep the old one
+    (the failing entries stay in the list and fail again next time).
+    ``pending`` entries came after the quoted PCR value: not proven, not
+    appraised, to be sent again.
+    """
+
+    appraisal: RuntimeAppraisal
+    state: ImaProgress
+    proven: int
+    pending: int
+
+    @property
+    def ok(self) -> bool:
+        return self.appraisal.ok
+
+
+ExtendValues = Callable[[Any], Mapping[str, bytes]]
+
+
+def advance(
+    state: ImaProgress | None,
+    *,
+    reset_count: int,
+    start_index: int,
+    entries: Sequence[AppraisedEntry],
+    quoted_pcr10: Mapping[str, bytes],
+    policy: RuntimePolicy,
+    extend_values: ExtendValues,
+    boot_aggregates: Collection[Digest] = (),
+) -> ImaStep:
+    """Extend the stored PCR 10 values by a delta, prove it with the quote, appraise it.
+
+    ``extend_values(entry)`` gives, per bank, the digest the kernel extended
+    PCR 10 with for that entry (its template digest in that bank; all ones
+    for a violation). Raises VerificationError naming the check when the
+    delta cannot be proven: wrong start, resetCount gone down, no prefix of
+    the delta reaching the quoted value in every bank.
+
+    Steps:
+    1. the list this delta belongs to: same resetCount, policy and banks
+       continue the stored state; a higher resetCount (or no state, another
+       policy, other banks) starts at entry 0 from zeros; a lower one is refused;
+    2. ``start_index`` must be where that list stands;
+    3. extend entry by entry; the first point where every bank equals the
+       quote ends the proven part (it may be before the first entry);
+    4. appraise the proven entries; the new state is that point.
+    """
+    banks = sorted(quoted_pcr10)
+    if not banks:
+        raise VerificationError("ima.pcr10", "the quote covers no PCR 10 bank")
+    for bank in banks:
+        if BANK_SIZES.get(bank) != len(quoted_pcr10[bank]):
+            raise VerificationError(
+                "ima.pcr10", f"quoted PCR 10 {bank} value has {len(quoted_pcr10[bank])} bytes"
+            )
+    # 1
+    if state is not None and reset_count < state.reset_count:
+        raise VerificationError(
+            "ima.reset_count",
+            f"resetCount went down ({state.reset_count} -> {reset_count}): "
+            "a reverted snapshot or a cloned vTPM",
+        )
+    if state is None or state.resume_index(reset_count, policy, banks) == 0:
+        base = ImaProgress.start(reset_count, banks, policy)
+    else:
+        base = state
+    # 2
+    if start_index != base.count:
+        why = (
+            "a new boot, policy or bank set: send the list from entry 0"
+            if base.count == 0
+            else "send from there"
+        )
+        raise VerificationError(
+            "ima.start_index",
+            f"delta starts at entry {start_index}, "
+            f"the verified list stands at {base.count} ({why})",
+        )
+    # 3
+    running = dict(base.pcr10)
+    hashers = {b: _hasher(b) for b in banks}
+    proven: int | None = 0 if _equal(running, quoted_pcr10) else None
+    if proven is None:
+        for n, entry in enumerate(entries, start=1):
+            values = extend_values(entry)
+            for bank in banks:
+                value = values.get(bank)
+                if value is None or len(value) != BANK_SIZES[bank]:
+                    raise VerificationError(
+                        "ima.extend", f"entry {base.count + n - 1}: no {bank} template digest"
+                    )
+                running[bank] = hashers[bank](running[bank] + value)
+            if _equal(running, quoted_pcr10):
+                proven = n
+                break
+    if proven is None:
+        raise VerificationError(
+            "ima.pcr10",
+            f"no prefix of the {len(entries)} entries from entry {start_index} extends "
+            f"the verified PCR 10 to the quoted value ({', '.join(banks)}): "
+            "the list is not the one the TPM measured",
+        )
+    # 4
+    appraisal = appraise_entries(
+        entries[:proven], policy, first_index=start_index, boot_aggregates=boot_aggregates
+    )
+    new_state = ImaProgress(reset_count, base.count + proven, running, policy.digest)
+    return ImaStep(appraisal, new_state, proven, len(entries) - proven)
+
+
+def _equal(running: Mapping[str, bytes], quoted: Mapping[str, bytes]) -> bool:
+    return all(hmac.compare_digest(running[b], quoted[b]) for b in quoted)
+
+
+def _hasher(bank: str) -> Callable[[bytes], bytes]:
+    name = "sm3" if bank == "sm3_256" else bank
+    try:
+        hashlib.new(name)
+    except ValueError:
+        raise VerificationError("ima.banks", f"cannot compute the {bank} bank here") from None
+    constructor = getattr(hashlib, name, None)
+    if constructor is not None:
+        return lambda data: constructor(data).digest()
+    return lambda data: hashlib.new(name, data).digest()
