@@ -455,6 +455,8 @@ def checker(
     deferred, plans, whole, separator = _DEFERRED, _PLANS, _whole, T.EV_SEPARATOR
     error_data, error_separator = ERROR_SEPARATOR_DATA, Separator(SEPARATOR_ERROR)
     no_action, fixed_data = T.EV_NO_ACTION, _FIXED_DATA
+    variable_types, trailing_quirk = _VARIABLE_TYPES, _TRAILING_QUIRK
+    trailing_summary = QUIRKS[_TRAILING_QUIRK].summary
     whole_covers = _COVERS[_whole]
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
@@ -549,6 +551,8 @@ def checker(
                     quirks = no_quirks
                     if quirk_id is not None:
                         quirks = (quirk(quirk_id, event.index, summary),)
+                    elif t in variable_types and _variable_trailing(data, plain):
+                        quirks = (quirk(trailing_quirk, event.index, trailing_summary),)
                     return decoded, True, quirks, problems, covers
             else:
                 for j, candidate in enumerate(form(data, plain)):
@@ -558,6 +562,8 @@ def checker(
                         quirks = no_quirks
                         if quirk_id is not None:
                             quirks = (quirk(quirk_id, event.index, summary),)
+                        elif t in variable_types and _variable_trailing(data, plain):
+                            quirks = (quirk(trailing_quirk, event.index, trailing_summary),)
                         return decoded, True, quirks, problems, covers
         if t == T.EV_IPL and event.pcr in _IPL_DESCRIPTION_PCRS:
             # GRUB (PCR 9) and shim (PCR 14) name what they measured: no claim to prove.
@@ -571,6 +577,16 @@ def checker(
         return decoded, False, no_quirks, problems, None
 
     return check
+
+
+_TRAILING_QUIRK = "variable-data-trailing-bytes"
+
+
+def _variable_trailing(data: bytes, decoded: Decoded | _Frame | None) -> bool:
+    """Whether a variable event's data goes on after UEFI_VARIABLE_DATA's VariableData."""
+    if isinstance(decoded, EfiVariable):
+        return bool(decoded.trailing)
+    return isinstance(decoded, tuple) and decoded[1] < len(data)
 
 
 # PFP §10.4.1: the event data of these types is a fixed string. FAPI accepts it with or
@@ -1035,6 +1051,7 @@ def check_all(
     framed, frames = _FRAMED_FIRST, _FRAMES
     ipl, separator, no_action = T.EV_IPL, T.EV_SEPARATOR, T.EV_NO_ACTION
     error_separator_data, fixed_data = ERROR_SEPARATOR_DATA, _FIXED_DATA
+    variable_types = _VARIABLE_TYPES
     grub_labels, description_pcrs = _GRUB_LABELS, _IPL_DESCRIPTION_PCRS
     description_quirk = _DESCRIPTION_QUIRK
     unchecked_outcome, whole_proven, description = _UNCHECKED, _WHOLE_PROVEN, _DESCRIPTION
@@ -1101,7 +1118,9 @@ def check_all(
             elif t in framed:
                 data = log[start:end]
                 frame = frames[t](data, uintn_size, max_nodes)
-                if frame is not None:
+                if frame is not None and not (
+                    t in variable_types and frame[1] < end - start  # (the quirk: general path)
+                ):
                     spec_form = framed[t]
                     if spec_form is None:
                         append(framed_unchecked)

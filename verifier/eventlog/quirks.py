@@ -110,6 +110,15 @@ _TABLE = (
         "physical_linux_tpm12_sha1 (TPM 1.2 era firmware)",
     ),
     Quirk(
+        "variable-data-trailing-bytes",
+        "A variable event's data goes on after the UEFI_VARIABLE_DATA its lengths describe "
+        "(PFP §10.4.4): the extra bytes are kept as EfiVariable.trailing and not "
+        "interpreted; digest_covers says whether the digest proves them. tcglog-parser "
+        "reports such events (tcglog-check --ignore-trailing-bytes).",
+        "built logs; the corpus's shim events with trailing bytes need "
+        "shim-authority-extra-trailing-byte instead",
+    ),
+    Quirk(
         "shim-authority-extra-trailing-byte",
         "shim's EV_EFI_VARIABLE_AUTHORITY event data (UEFI_VARIABLE_DATA of its vendor or db "
         "certificate) is one byte longer than what it hashed; the digest covers all but the "
