@@ -12,7 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["issue.py", "provision.py", "eventlog.py", "appraise.py", "http_attest.py"]
+BENCHES = [
+    "issue.py",
+    "provision.py",
+    "eventlog.py",
+    "appraise.py",
+    "http_attest.py",
+    "keyprovider.py",
+]
 
 
 def main() -> int:
