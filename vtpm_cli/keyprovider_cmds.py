@@ -160,10 +160,16 @@ def register(cli: click.Group) -> None:
     @_store_option
     @click.option("--all", "all_", is_flag=True, help="Every vTPM of the store.")
     @click.option("--to", "to", help="Rewrap under this provider (default: each vTPM's own).")
+    @click.option("--data", is_flag=True,
+                  help="Also a new data key: swtpm re-encrypts the state.")  # fmt: skip
     @click.option("--json", "as_json", is_flag=True)
     def rekey_cmd(name: str | None, store_path: Path, all_: bool, to: str | None,
-                  as_json: bool) -> None:  # fmt: skip
-        """Rewrap a vTPM's data key under a new key-encryption key (--to another provider)."""
+                  data: bool, as_json: bool) -> None:  # fmt: skip
+        """Rewrap a vTPM's data key under a new key-encryption key (--to another provider).
+
+        With --data the data key itself is replaced and swtpm re-encrypts the
+        state with it; a crash leaves the old or the new vTPM, never neither.
+        """
         if (name is None) == (not all_):
             raise ConfigError("give a vTPM NAME or --all")
         store = _open_store(store_path)
@@ -174,18 +180,19 @@ def register(cli: click.Group) -> None:
                 store.providers.config(to)
             for n in names:
                 old = store.get(n).key
-                new = store.rekey(n, to=to).key
+                new = store.rekey(n, to=to, data=data).key
                 out.append(
                     {
                         "name": n,
+                        "data_key": "new" if data else "kept",
                         "from": {"provider": old.provider, "key_id": old.key_id},
                         "to": {"provider": new.provider, "key_id": new.key_id},
                     }
                 )
                 if not as_json:
                     click.echo(
-                        f"{n}: rewrapped from {old.provider}/{old.key_id} "
-                        f"to {new.provider}/{new.key_id}"
+                        f"{n}: {'new data key, state re-encrypted' if data else 'rewrapped'}"
+                        f" from {old.provider}/{old.key_id} to {new.provider}/{new.key_id}"
                     )
         finally:
             store.close()

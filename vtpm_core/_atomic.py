@@ -10,6 +10,8 @@ never a mix.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 
 __all__ = [
     "atomic_write",
+    "exchange_dirs",
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
@@ -99,3 +102,26 @@ def remove_tree(path: Path) -> None:
     """Remove a directory tree, ignoring a tree that is already gone."""
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_dirs(a: Path, b: Path) -> None:
+    """Swap two directory entries in one step: renameat2(2) with RENAME_EXCHANGE (Linux 3.15+).
+
+    ``rename`` cannot replace a non-empty directory; the exchange can, and a
+    crash leaves one of the two trees at each name, never neither. Both
+    parents are fsynced after. Raises OSError (EINVAL: the file system does
+    not support the exchange) without changing anything.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE
+    )
+    if rc != 0:
+        err = ctypes.get_errno() or errno.EIO
+        raise OSError(err, os.strerror(err), str(b))
+    fsync_dir(Path(a).parent)
+    fsync_dir(Path(b).parent)

@@ -46,6 +46,7 @@ __all__ = [
     "key_args",
     "preflight",
     "provisioning_tpm",
+    "reencrypt_state",
     "running_pid",
     "start_detached",
     "start_swtpm",
@@ -345,21 +346,113 @@ def start_detached(
 
 
 def _run_daemon(
-    state_dir: Path, args: list[str], pid_file: Path, data_key: bytes, log: Path
+    state_dir: Path,
+    args: list[str],
+    pid_file: Path,
+    data_key: bytes,
+    log: Path,
+    *,
+    migration_key: bytes | None = None,
 ) -> int:
     """``swtpm socket --daemon`` on ``state_dir`` with ``args``, the key through a pipe;
-    output appended to ``log``. The exit status of the daemon's parent."""
-    r = _key_pipe(data_key)
+    output appended to ``log``. The exit status of the daemon's parent.
+
+    ``migration_key`` (through a second pipe) makes swtpm encrypt the state
+    blobs it hands out or takes over the control channel (swtpm(8)
+    ``--migration-key``), so a blob is never plaintext TPM state."""
+    fds = [_key_pipe(data_key)]
+    extra: list[str] = []
     try:
+        if migration_key is not None:
+            fds.append(_key_pipe(migration_key))
+            extra = ["--migration-key", f"fd={fds[1]},mode=aes-256-cbc,format=binary"]
         with open(log, "ab") as logf:
             return subprocess.run(
                 ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}", *args,
-                 "--daemon", "--pid", f"file={pid_file}", *key_args(r)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(r,),
+                 "--daemon", "--pid", f"file={pid_file}", *key_args(fds[0]), *extra],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=tuple(fds),
                 timeout=30, check=False,
             ).returncode  # fmt: skip
     finally:
-        os.close(r)
+        for fd in fds:
+            os.close(fd)
+
+
+def reencrypt_state(
+    src: Path,
+    src_key: bytes,
+    dst: Path,
+    dst_key: bytes,
+    run_dir: Path,
+    ctx: KeyContext,
+    *,
+    migration_key: bytes,
+) -> None:
+    """Write the permanent TPM state of ``src`` (opened with ``src_key``) into the empty
+    ``dst``, encrypted by swtpm with ``dst_key`` (``vtpm rekey --data``).
+
+    1. swtpm on ``src`` (``not-need-init``: libtpms reads and authenticates the
+       state, no TPM2_Startup, no write) hands the permanent state blob out
+       over its control channel (CMD_GET_STATEBLOB), encrypted with the
+       one-time ``migration_key``; 2. a second swtpm on ``dst`` takes it
+       (CMD_SET_STATEBLOB) and CMD_INIT makes it write ``tpm2-00.permall``
+       under ``dst_key``. The blob file lives in ``run_dir`` only between
+       the two steps. ``src`` is never written. Only the permanent state is
+       carried: the caller refuses a vTPM with volatile or saved state.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    src, dst, run_dir = src.resolve(), dst.resolve(), run_dir.resolve()
+    blob = run_dir / "state.blob"
+    try:
+        _ioctl_session(src, src_key, run_dir, ctx, migration_key, ["--flags", "not-need-init"],
+                       [["--save", "permanent", str(blob)]])  # fmt: skip
+        if not blob.is_file() or blob.stat().st_size == 0:
+            raise TpmError(f"vTPM {ctx.vtpm!r}: swtpm handed out no permanent state")
+        _ioctl_session(dst, dst_key, run_dir, ctx, migration_key, [],
+                       [["--load", "permanent", str(blob)], ["-i"]])  # fmt: skip
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            blob.unlink()
+    if not (dst / STATE_FILE).is_file():
+        raise TpmError(f"vTPM {ctx.vtpm!r}: swtpm wrote no {STATE_FILE} under the new key")
+
+
+def _ioctl_session(
+    state_dir: Path,
+    data_key: bytes,
+    run_dir: Path,
+    ctx: KeyContext,
+    migration_key: bytes,
+    flags: list[str],
+    commands: list[list[str]],
+) -> None:
+    """One swtpm daemon on ``state_dir`` driven by ``swtpm_ioctl`` ``commands``, then stopped."""
+    ctrl, pid_file, log = run_dir / "rekey.ctrl", run_dir / "rekey.pid", run_dir / _LOG_FILE
+    for p in (ctrl, pid_file):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    since = _size(log)
+    args = ["--ctrl", f"type=unixio,path={ctrl}", *flags]
+    rc = _run_daemon(state_dir, args, pid_file, data_key, log, migration_key=migration_key)
+    if rc != 0:
+        raise _diagnose(_log_tail(log, since), ctx) or TpmError(
+            f"vTPM {ctx.vtpm!r}: swtpm failed to open its state (exit {rc}); see {log}"
+        )
+    pid = _read_pid(pid_file)
+    try:
+        for command in commands:
+            done = subprocess.run(
+                ["swtpm_ioctl", "--unix", str(ctrl), *command],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                said = (done.stderr or done.stdout).strip() or f"exit {done.returncode}"
+                raise TpmError(f"vTPM {ctx.vtpm!r}: swtpm_ioctl {command[0]} failed: {said}")
+    finally:
+        if pid is not None:
+            stop_pid(pid, _STOP_GRACE_S)
+        with contextlib.suppress(FileNotFoundError):
+            pid_file.unlink()
 
 
 def _read_pid(pid_file: Path) -> int | None:

@@ -45,7 +45,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from vtpm_core._atomic import atomic_write, fsync_dir, fsync_tree, publish_dir, remove_tree
+from vtpm_core._atomic import (
+    atomic_write,
+    exchange_dirs,
+    fsync_dir,
+    fsync_tree,
+    publish_dir,
+    remove_tree,
+)
 from vtpm_core._process import pid_exists, stop_pid
 from vtpm_core.backup import STATE_FILES, Backup
 from vtpm_core.errors import (
@@ -61,6 +68,7 @@ from vtpm_core.instance import (
     KeyContext,
     preflight,
     provisioning_tpm,
+    reencrypt_state,
     running_pid,
     start_detached,
     start_swtpm,
@@ -401,17 +409,23 @@ class VtpmStore:
 
     # -- rekey ---------------------------------------------------------------------------
 
-    def rekey(self, name: str, *, to: str | None = None) -> VtpmRecord:
+    def rekey(self, name: str, *, to: str | None = None, data: bool = False) -> VtpmRecord:
         """Rewrap the data key of ``name`` under a new KEK (of ``to``, default its own provider).
 
-        The state is not rewritten. Steps: (1) the current key unwraps (else
-        nothing happens); (2) a new KEK: a fresh one for ``key_per_vtpm``
-        providers, else the provider's shared key - for the local provider,
-        rekeying under its own current key first makes a new current key;
-        (3) wrap and read back; (4) one atomic rename of ``vtpm.json``
-        commits. The old KEK is kept: backups made before still need it.
+        Without ``data`` the state is not rewritten. Steps: (1) the current
+        key unwraps (else nothing happens); (2) a new KEK: a fresh one for
+        ``key_per_vtpm`` providers, else the provider's shared key - for the
+        local provider, rekeying under its own current key first makes a new
+        current key; (3) wrap and read back; (4) one atomic rename of
+        ``vtpm.json`` commits. The old KEK is kept: backups made before still
+        need it.
+
+        ``data``: also a new data key, and the state re-encrypted with it
+        (see :meth:`_rekey_data`); a stopped vTPM only.
         """
         record = self.get(name)
+        if data and self.pid(name) is not None:
+            raise ConflictError(f"vTPM {name!r} is running; `vtpm stop {name}` first")
         data_key = self.data_key(record)
         pid = to or record.key.provider
         config = self.providers.config(pid)
@@ -419,17 +433,83 @@ class VtpmStore:
         if not config.key_per_vtpm:
             current = provider.current_key_id()
             if pid == record.key.provider and current == record.key.key_id:
-                if not isinstance(provider, LocalKeyProvider):
+                if isinstance(provider, LocalKeyProvider):
+                    provider.new_key()
+                elif not data:  # a new data key under the same shared KEK is a rekey too
                     raise ConfigError(
                         f"vTPM {name!r} is already wrapped under the shared key {current!r} "
                         f"of key provider {pid!r}; configure a new shared key for it first"
                     )
-                provider.new_key()
         self._hook("rekey:unwrapped")
+        if data:
+            return self._rekey_data(record, data_key, pid)
         key = self.wrap_new(record.vtpm_id, data_key, pid)
         self._hook("rekey:wrapped")
         atomic_write(self._dir(name) / RECORD_FILE, replace(record, key=key, raw=b"").to_json())
         self._hook("rekey:committed")
+        return self.get(name)
+
+    def _rekey_data(self, record: VtpmRecord, old_key: bytes, pid: str) -> VtpmRecord:
+        """A new data key wrapped under provider ``pid``, the state re-encrypted with it.
+
+        Steps (crash points in brackets): (1) new data key, wrapped and read
+        back [rekey-data:wrapped]; (2) in a staging directory, the state is
+        re-encrypted by swtpm (vtpm_core.instance.reencrypt_state) and the
+        new state opened with the new key; the new ``vtpm.json`` beside it,
+        the tree fsynced [rekey-data:staged]; (3) one renameat2 exchange
+        swaps the staged vTPM directory with the live one
+        [rekey-data:committed]; (4) the old tree is overwritten and removed.
+        Before (3) a crash leaves the old vTPM (its staging is cleared at the
+        next open); after it, the new one. The old KEK is kept, so backups
+        made before still restore with their own (old) data key.
+        """
+        name = record.name
+        state = self.read_state(name)
+        extra = sorted(set(state) - {STATE_FILE})
+        if STATE_FILE not in state or extra:
+            raise StateError(
+                f"vTPM {name!r}: `rekey --data` carries only the permanent state "
+                f"({STATE_FILE}); found {', '.join(extra) or 'no state file'}"
+            )
+        new_key = self._rng(DATA_KEY_SIZE)
+        key = self.wrap_new(record.vtpm_id, new_key, pid)
+        self._hook("rekey-data:wrapped")
+        new_record = replace(record, key=key, raw=b"")
+        with self.staging() as stage:
+            old_dir, new_dir = stage / "old-state", stage / "state"
+            old_dir.mkdir()
+            new_dir.mkdir()
+            (old_dir / STATE_FILE).write_bytes(state[STATE_FILE])
+            with self.socket_dir(stage / "run") as run:
+                reencrypt_state(
+                    old_dir,
+                    old_key,
+                    new_dir,
+                    new_key,
+                    run,
+                    self.key_context(record),
+                    migration_key=self._rng(DATA_KEY_SIZE),
+                )
+                preflight(new_dir, new_key, run, self.key_context(new_record))
+            remove_tree(stage / "run")
+            remove_tree(old_dir)
+            for leftover in new_dir.iterdir():
+                if leftover.name != STATE_FILE:
+                    leftover.unlink()
+            self._stage_record(stage, new_record)
+            fsync_tree(stage)
+            self._hook("rekey-data:staged")
+            if self.pid(name) is not None:
+                raise ConflictError(f"vTPM {name!r} was started during the rekey; nothing changed")
+            try:
+                exchange_dirs(stage, self._dir(name))
+            except OSError as exc:
+                raise StateError(
+                    f"vTPM {name!r}: cannot swap in the re-encrypted state ({exc}); "
+                    "nothing changed"
+                ) from None
+            self._hook("rekey-data:committed")
+            _shred(stage)  # the old tree: state under the old data key
         return self.get(name)
 
     # -- staging and publishing (used by create, restore, clone) -----------------------

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from tests._keyproviders import SoftHsmToken
 from tests.vtpm_core._kmip import KmipServer
 from vtpm_cli.main import cli
+from vtpm_core.instance import pick_port
 from vtpm_core.store import VtpmStore
 
 pytestmark = pytest.mark.swtpm
@@ -92,6 +93,15 @@ def test_kmip_store_from_the_cli(kmip: KmipServer, tmp_path: Path) -> None:
     r = run("rekey", "vm1", "--store", store)
     assert r.exit_code == 0, r.output
     assert f"vm1: rewrapped from kms/{key_id} to kms/" in r.output
+    r = run("rekey", "vm1", "--store", store, "--data", "--json")
+    assert r.exit_code == 0, r.output
+    (moved,) = json.loads(r.output)
+    assert moved["data_key"] == "new" and moved["to"]["provider"] == "kms"
+    r = run("start", "vm1", "--store", store, "--port", str(pick_port()))
+    assert r.exit_code == 0, r.output
+    r = run("rekey", "vm1", "--store", store, "--data")
+    assert r.exit_code == 1 and "'vm1' is running; `vtpm stop vm1` first" in r.output
+    assert run("stop", "vm1", "--store", store).exit_code == 0
 
     r = run("delete", "vm1", "--store", store, "--keep-certs", "--shred")
     assert r.exit_code == 0, r.output
@@ -169,16 +179,34 @@ def test_init_settings_typo(tmp_path: Path) -> None:
     assert "key_providers.kmip.key_per_vm" in r.output and "unknown field" in r.output
 
 
-@pytest.mark.parametrize("point", ["rekey:unwrapped", "rekey:wrapped", "rekey:committed"])
-def test_rekey_killed(tmp_path: Path, point: str) -> None:
-    """SIGKILL at each named point: the vTPM opens with the old or the new key, never neither."""
+@pytest.mark.parametrize(
+    ("args", "point"),
+    [
+        pytest.param([], "rekey:unwrapped", id="kek/unwrapped"),
+        pytest.param([], "rekey:wrapped", id="kek/wrapped"),
+        pytest.param([], "rekey:committed", id="kek/committed"),
+        pytest.param(["--data"], "rekey:unwrapped", id="data/unwrapped"),
+        pytest.param(["--data"], "rekey-data:wrapped", id="data/wrapped"),
+        pytest.param(["--data"], "rekey-data:staged", id="data/staged"),
+        pytest.param(["--data"], "rekey-data:committed", id="data/committed"),
+    ],
+)
+def test_rekey_killed(tmp_path: Path, args: list[str], point: str) -> None:
+    """SIGKILL at each named point: the vTPM opens with the old or the new key, never neither.
+
+    With --data the state must be the old file under the old key, or the
+    re-encrypted one under the new key; the old KEK is never lost.
+    """
     store = str(tmp_path / "store")
     assert run("init", "--store", store).exit_code == 0
     r = run("create", "vm1", "--store", store, "--ek", "ecc-p256", "--ek-cert-mode", "external")
     assert r.exit_code == 0, r.output
-    old = VtpmStore.open(Path(store)).get("vm1").key
+    with VtpmStore.open(Path(store)) as s:
+        old = s.get("vm1").key
+        old_state = (s.state_dir("vm1") / "tpm2-00.permall").read_bytes()
+        old_data_key = s.data_key(s.get("vm1"))
     env = dict(os.environ, VTPM_STORE=store, VTPM_CRASH_AT=point)
-    proc = subprocess.Popen([VTPM, "rekey", "vm1"], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([VTPM, "rekey", "vm1", *args], env=env, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     try:
         assert proc.stderr.readline().decode().strip() == f"paused at {point}"
@@ -186,9 +214,14 @@ def test_rekey_killed(tmp_path: Path, point: str) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
+    committed = point.endswith(":committed")
     with VtpmStore.open(Path(store)) as s:
-        now = s.get("vm1").key
-        assert (now == old) is (point != "rekey:committed")
+        now = s.get("vm1")
+        assert (now.key == old) is not committed
+        state = (s.state_dir("vm1") / "tpm2-00.permall").read_bytes()
+        assert (state == old_state) is not (committed and args == ["--data"])
+        assert (s.data_key(now) == old_data_key) is not (committed and args == ["--data"])
         with s.running("vm1"):
             pass
         assert s.providers.get("local").has_key(old.key_id)  # the old KEK is never lost
+        assert list((s.root / "tmp").iterdir()) == []  # the dead rekey's staging is cleared

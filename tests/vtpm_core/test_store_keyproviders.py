@@ -20,6 +20,7 @@ from tests.vtpm_core._issuer import SmallIssuer
 from tests.vtpm_core._kmip import KmipServer
 from tests.vtpm_core._seal import seal, unseal
 from vtpm_core.errors import ConfigError, ConflictError, StateError
+from vtpm_core.instance import pick_port
 from vtpm_core.keyconfig import (
     KmipProviderConfig,
     LocalProviderConfig,
@@ -77,7 +78,7 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.parametrize("provider_config", KINDS, indirect=True)
 def test_lifecycle(kstore: VtpmStore, issuer: SmallIssuer, tmp_path: Path) -> None:
-    """create, start, backup, restore, clone copy/replace, rekey, shred - one provider."""
+    """create, start, stop, backup, restore, clone copy/replace, rekey (KEK, data), shred."""
     pid = kstore.providers.default
     rec = kstore.create("vm1", issuer=issuer, ek=["ecc-p256"])
     assert rec.key.provider == pid and rec.key.key_id.startswith("vtpm-") is (pid != "kms")
@@ -94,11 +95,25 @@ def test_lifecycle(kstore: VtpmStore, issuer: SmallIssuer, tmp_path: Path) -> No
     assert len(keys) == 3  # one KEK per vTPM
     assert copy.key.provider == fresh.key.provider == pid
 
+    # vtpm start (detached daemon, the data key unwrapped by the provider) / vtpm stop
+    daemon = kstore.start_detached("vm1", port=pick_port())
+    assert kstore.pid("vm1") == daemon.pid
+    with pytest.raises(ConflictError, match="'vm1' is running"):
+        kstore.rekey("vm1", data=True)
+    assert kstore.stop("vm1") and kstore.pid("vm1") is None
+
     state = kstore.state_dir("vm1") / "tpm2-00.permall"
     before = _sha(state)
-    rekeyed = kstore.rekey("vm1")
-    assert rekeyed.key.provider == pid and rekeyed.key.key_id != rec.key.key_id
+    kek_only = kstore.rekey("vm1")
+    assert kek_only.key.provider == pid and kek_only.key.key_id != rec.key.key_id
     assert _sha(state) == before  # the state is not rewritten
+    # --data: a new data key, the state re-encrypted by swtpm; the sealed secret survives
+    rekeyed = kstore.rekey("vm1", data=True)
+    assert rekeyed.key.provider == pid and rekeyed.key.key_id != kek_only.key.key_id
+    assert kstore.data_key(rekeyed) != kstore.data_key(kek_only)
+    assert _sha(state) != before
+    assert sorted(p.name for p in kstore.state_dir("vm1").iterdir()) == ["tpm2-00.permall"]
+    assert list((kstore.root / "tmp").iterdir()) == []
     for name in ("vm1", "vm1-copy"):
         with kstore.running(name) as tpm:
             got = unseal(tpm, tmp_path / "seal")
