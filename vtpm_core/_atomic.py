@@ -117,9 +117,7 @@ def exchange_dirs(a: Path, b: Path) -> None:
     not support the exchange) without changing anything.
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.renameat2(
-        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE
-    )
+    rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc != 0:
         err = ctypes.get_errno() or errno.EIO
         raise OSError(err, os.strerror(err), str(b))

@@ -505,8 +505,7 @@ class VtpmStore:
                 exchange_dirs(stage, self._dir(name))
             except OSError as exc:
                 raise StateError(
-                    f"vTPM {name!r}: cannot swap in the re-encrypted state ({exc}); "
-                    "nothing changed"
+                    f"vTPM {name!r}: cannot swap in the re-encrypted state ({exc}); nothing changed"
                 ) from None
             self._hook("rekey-data:committed")
             _shred(stage)  # the old tree: state under the old data key
@@ -805,11 +804,19 @@ class VtpmStore:
         sharing = [
             o.name for o in others if (o.key.provider, o.key.key_id) == (key.provider, key.key_id)
         ]
-        provider = self.providers.get(key.provider)
+        # reach the provider before anything happens (the CA revocation comes next)
         try:
-            current = provider.current_key_id()
-        except ConfigError:
-            current = None
+            provider = self.providers.get(key.provider)
+            try:
+                current = provider.current_key_id()
+            except ConfigError:
+                current = None
+            provider.has_key(key.key_id)
+        except (KeyProviderError, StateError) as exc:
+            raise KeyProviderError(
+                f"vTPM {record.name!r}: key {key.key_id!r} of key provider {key.provider!r} "
+                f"cannot be shredded ({exc}); nothing was revoked or deleted"
+            ) from None
         if sharing or current == key.key_id:
             users = f"vTPMs {', '.join(sharing)}" if sharing else "new vTPMs"
             raise ConflictError(
