@@ -55,7 +55,8 @@ def _median_ms(f: Callable[[], object], n: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _softhsm(work: Path) -> Pkcs11ProviderConfig:
+def softhsm_config(work: Path) -> Pkcs11ProviderConfig:
+    """A fresh SoftHSM2 token "bench" under ``work`` (SOFTHSM2_CONF set), PIN in a 0600 file."""
     tokens = work / "tokens"
     tokens.mkdir()
     conf = work / "softhsm2.conf"
@@ -119,7 +120,7 @@ def main() -> int:
             providers: dict[str, ProviderConfig] = {
                 "local": LocalProviderConfig(Path("keys")),
                 "local-per-vtpm": LocalProviderConfig(Path("keys"), key_per_vtpm=True),
-                "pkcs11": _softhsm(work),
+                "pkcs11": softhsm_config(work),
                 "kmip": KmipProviderConfig(c.host, c.port, c.ca, c.cert, c.key),
             }
             results = {}

@@ -23,8 +23,13 @@ state after its first certificate of each kind), and bytecode is cached as
 in an installed package (PYTHONDONTWRITEBYTECODE is unset for the children
 and one untimed run of each command goes first).
 
+Key providers (issue 15): a full ``create`` and the unwrap at start (and the
+whole start) with ``local``, ``pkcs11`` (SoftHSM2) and ``kmip`` (PyKMIP
+server, mutual TLS), each with its ratio to ``local`` measured in the same
+run (:func:`bench_key_providers`).
+
 Run: .venv/bin/python bench/provision.py [--runs N] [--baseline-runs M] [--batch B]
-     [--process-runs P] [--processes-only]
+     [--process-runs P] [--processes-only] [--provider-runs K] [--providers-only]
 """
 
 from __future__ import annotations
@@ -302,6 +307,64 @@ def report_processes(times: dict[str, list[float]]) -> bool:
     return all(targets.values())
 
 
+# -- key providers (issue 15): creation and unwrap-at-start per provider -------------------
+
+
+def bench_key_providers(work: Path, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Per provider, in this one run: ``create`` (the same full vTPM as above: RSA + ECC EKs,
+    2 certificates from the in-process CA, NV locked), ``unwrap`` (``VtpmStore.data_key``:
+    what ``vtpm start`` asks the provider) and ``start`` (unwrap + swtpm up + stop).
+
+    Providers: ``local`` (the shared KEK file, the default), ``pkcs11`` (a SoftHSM2 token,
+    a non-extractable AES KEK per vTPM) and ``kmip`` (PyKMIP's own server on 127.0.0.1,
+    mutual TLS, a KEK per vTPM, server-side AES-GCM). Seconds per sample.
+    """
+    from bench.keyprovider import softhsm_config
+    from tests.vtpm_core._kmip import kmip_server
+    from vtpm_core.keyconfig import KmipProviderConfig, LocalProviderConfig, ProviderConfig
+
+    CaHome(work / "ca").init(passphrase=PASSPHRASE)
+    out: dict[str, dict[str, list[float]]] = {}
+    with (
+        kmip_server(work / "kmip") as kms,
+        LocalCaIssuer.open(work / "ca", passphrase=PASSPHRASE) as issuer,
+    ):
+        c = kms.config()
+        providers: dict[str, ProviderConfig] = {
+            "local": LocalProviderConfig(Path("keys")),
+            "pkcs11": softhsm_config(work),
+            "kmip": KmipProviderConfig(c.host, c.port, c.ca, c.cert, c.key),
+        }
+        for pid, config in providers.items():
+            with VtpmStore.init(work / f"store-{pid}", provider_id=pid, provider=config) as store:
+                store.create("warm-up", issuer=issuer)  # the session / TLS link, first CA use
+                times: dict[str, list[float]] = {"create": [], "unwrap": [], "start": []}
+                for i in range(runs):
+                    t = time.perf_counter()
+                    record = store.create(f"vm-{i}", issuer=issuer)
+                    times["create"].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    store.data_key(record)
+                    times["unwrap"].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    with store.running(record.name):
+                        pass
+                    times["start"].append(time.perf_counter() - t)
+                out[pid] = times
+    return out
+
+
+def report_key_providers(results: dict[str, dict[str, list[float]]]) -> None:
+    cols = ("create", "unwrap", "start")
+    n = len(results["local"]["create"])
+    print(f"key providers, median of {n} (ms; ratio to local in this run):")
+    med = {p: {c: statistics.median(r[c]) * 1000 for c in cols} for p, r in results.items()}
+    base = med["local"]
+    for pid, m in med.items():
+        row = "  ".join(f"{c} {m[c]:8.2f} ({m[c] / base[c]:5.2f}x)" for c in cols)
+        print(f"  {pid:<7} {row}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -309,14 +372,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--process-runs", type=int, default=11)
     ap.add_argument("--processes-only", action="store_true")
+    ap.add_argument("--provider-runs", type=int, default=10, help="vTPMs per key provider")
+    ap.add_argument("--providers-only", action="store_true")
     args = ap.parse_args()
     if shutil.which("swtpm_setup") is None or shutil.which("swtpm_localca") is None:
         print("swtpm_setup/swtpm_localca not installed (Debian package swtpm-tools)")
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
         work = Path(tmp)
-        for d in ("ours", "base", "proc", "proc/base"):
+        for d in ("ours", "base", "proc", "proc/base", "providers"):
             (work / d).mkdir()
+        key_providers = bench_key_providers(work / "providers", args.provider_runs)
+        if args.providers_only:
+            report_key_providers(key_providers)
+            return 0
         processes = bench_processes(work / "proc", args.process_runs, args.baseline_runs)
         if args.processes_only:
             return 0 if report_processes(processes) else 1
@@ -348,6 +417,7 @@ def main() -> int:
     target = m_ours <= 0.15 and m_ours < m_base
     print(f"targets (<= 150 ms median, faster than swtpm_setup): {'met' if target else 'NOT met'}")
     target = report_processes(processes) and target
+    report_key_providers(key_providers)
     return 0 if target else 1
 
 
