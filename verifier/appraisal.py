@@ -29,6 +29,7 @@ from typing import Any
 
 from verifier.ear import Ar4si, TrustVector
 from verifier.eventlog import EventLog, ReplayedLog
+from verifier.eventlog.replay import ReplayMismatchError
 from verifier.policy.rules import (
     CONFIGURATION,
     EXECUTABLES,
@@ -174,9 +175,16 @@ def _evaluate(
 
 
 def _failed_before_policy(
-    policy: _Compiled, check: str, message: str, claim: str, quote: QuoteSummary | None
+    policy: _Compiled,
+    check: str,
+    message: str,
+    claim: str,
+    quote: QuoteSummary | None,
+    *,
+    expected: str = "a valid check",
+    event: EventRef | None = None,
 ) -> AppraisalResult:
-    failure = Failure(check, claim, message, "a valid check", "failed")
+    failure = Failure(check, claim, message, expected, "failed", event)
     if claim == INSTANCE_IDENTITY:
         vector = TrustVector(instance_identity=Ar4si.CRYPTO_VALIDATION_FAILED)
     else:  # the quote is good, the log is not: nothing it says about the boot holds
@@ -249,6 +257,17 @@ def _steps_2_3(
     if log is not None:
         try:
             replayed = replay(log, quoted)
+        except ReplayMismatchError as exc:  # its own finding: incomplete log or forged event
+            where = None if exc.event is None else EventRef(*exc.event)
+            return _failed_before_policy(
+                policy,
+                exc.finding,
+                f"{exc.explanation}: {exc.message}",
+                EXECUTABLES,
+                summary,
+                expected="a log that replays to the quoted PCRs",
+                event=where,
+            )
         except VerificationError as exc:
             return _failed_before_policy(policy, exc.check, str(exc), EXECUTABLES, summary)
         events = replayed

@@ -90,8 +90,8 @@ def _other_boot_app(log: bytes) -> bytes:
         ("fail/pcr/relabelled-selection", "quote.pcr_select", ("instance_identity", 99)),
         ("fail/signature/other-key", "quote.signature", ("instance_identity", 99)),
         ("fail/ak/attributes-unknown", "ak.attributes", ("instance_identity", 99)),
-        ("fail/log/truncated", "eventlog.replay", ("executables", 99)),
-        ("fail/log/other-boot-app", "eventlog.replay", ("executables", 99)),
+        ("fail/log/truncated", "eventlog.incomplete", ("executables", 99)),
+        ("fail/log/other-boot-app", "eventlog.incomplete", ("executables", 99)),
     ],
 )
 def test_attacks_are_contraindicated(

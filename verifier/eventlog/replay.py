@@ -42,7 +42,22 @@ from vtpm_core.errors import VerificationError
 if TYPE_CHECKING:
     from verifier.eventlog.parse import Event, EventLog, SpecIdEvent, StartupLocality
 
-__all__ = ["PcrBanks", "ReplayedEvent", "ReplayedLog", "replay_events", "replay_log", "verify_log"]
+__all__ = [
+    "FORGED_EVENT",
+    "INCOMPLETE",
+    "PcrBanks",
+    "ReplayMismatchError",
+    "ReplayedEvent",
+    "ReplayedLog",
+    "replay_events",
+    "replay_log",
+    "verify_log",
+]
+
+INCOMPLETE = "eventlog.incomplete"
+"""Finding: replay falls short of the quote and every event present is self-consistent."""
+FORGED_EVENT = "eventlog.forged-event"
+"""Finding: replay falls short of the quote and an event's data does not match its digest."""
 
 PcrBanks = dict[str, dict[int, bytes]]
 """``{bank: {pcr_index: value}}``, e.g. ``{"sha256": {0: b"..."}}``."""
@@ -347,14 +362,87 @@ def _replayed_event(event: Event, checked: CheckedEvents) -> ReplayedEvent:
     return replayed  # type: ignore[no-any-return]
 
 
+class ReplayMismatchError(VerificationError):
+    """The log does not replay to the quote (check ``eventlog.replay``), classified.
+
+    What tells the two findings apart (issue 20, "truncated is not tampered"):
+
+    - ``eventlog.forged-event``: some event extended into a mismatching PCR carries
+      data that is proven NOT to hash to its digest. Someone edited the log (or the
+      firmware logged garbage): ``event`` is the first such event.
+    - ``eventlog.incomplete``: every event present whose data can be checked matches
+      its digest, so the log is a self-consistent sequence that replays *short* of
+      the quoted value: the TPM saw extends the log does not hold. That is what a
+      firmware whose log area overflowed produces (it keeps extending, stops
+      logging), so the finding says "incomplete after event N" (N: the last event
+      present, ``event``). It is NOT proof of truncation: an extend that was never
+      logged in the middle, or a replaced digest of an event whose data the digest
+      does not cover (a boot application's), look exactly the same from a quote and
+      a log. Both findings fail closed.
+
+    ``mismatched``: the (bank, PCR) pairs that disagree.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        finding: str,
+        explanation: str,
+        event: tuple[int, int, str] | None,
+        mismatched: tuple[tuple[str, int], ...],
+    ) -> None:
+        super().__init__("eventlog.replay", message)
+        self.finding = finding
+        self.explanation = explanation
+        self.event = event
+        self.mismatched = mismatched
+
+
+def _classify_mismatch(
+    log: EventLog, checked: CheckedEvents, mismatched: tuple[tuple[str, int], ...], message: str
+) -> ReplayMismatchError:
+    """A :class:`ReplayMismatchError` naming a forged event, or where the log stops."""
+    r = log.records
+    bad_pcrs = {index for _, index in mismatched}
+    forged = [i for i in checked.mismatched if r.pcrs[i] in bad_pcrs]
+    pcr_list = ", ".join(f"{bank} PCR {index}" for bank, index in mismatched)
+    if forged:
+        first = forged[0]
+        names = ", ".join(f"event {i} ({type_name(r.types[i])}, PCR {r.pcrs[i]})" for i in forged)
+        return ReplayMismatchError(
+            message,
+            FORGED_EVENT,
+            f"forged event: {names}: data does not match its digest ({pcr_list} "
+            "do not replay to the quote)",
+            (first, r.pcrs[first], type_name(r.types[first])),
+            mismatched,
+        )
+    last = len(r.pcrs) - 1
+    per_pcr = []
+    for index in sorted(bad_pcrs):
+        in_pcr = [i for i, p in enumerate(r.pcrs) if p == index]
+        per_pcr.append(f"PCR {index}: last logged event {in_pcr[-1] if in_pcr else 'none'}")
+    return ReplayMismatchError(
+        message,
+        INCOMPLETE,
+        f"the log is incomplete after event {last}: every event present matches its "
+        f"digest but {pcr_list} replay short of the quote ({'; '.join(per_pcr)}); "
+        "extends were not logged (a truncated log, or an unlogged or replaced extend: "
+        "a quote cannot tell which)",
+        (last, r.pcrs[last], type_name(r.types[last])) if last >= 0 else None,
+        mismatched,
+    )
+
+
 def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> ReplayedLog:
     """Check that ``log`` replays to ``pcrs`` (quoted values) and return it as trusted.
 
     1. Replay every computable bank.
     2. Compare, in constant time, every (bank, PCR) present in both the
        replay and ``pcrs``; collect every mismatch.
-    3. Any mismatch, or no (bank, PCR) in common at all, raises
-       VerificationError("eventlog.replay", ...) naming each mismatch.
+    3. Any mismatch raises :class:`ReplayMismatchError` (check ``eventlog.replay``)
+       naming each mismatch and classifying it (forged event or incomplete log);
+       no (bank, PCR) in common at all raises VerificationError("eventlog.replay").
     4. Decode and data-check the events; collect quirks and data mismatches
        as warnings.
 
@@ -363,6 +451,7 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
     """
     replayed = replay_log(log)  # step 1
     mismatches: list[str] = []
+    mismatched: list[tuple[str, int]] = []
     verified: dict[str, frozenset[int]] = {}
     for bank, quoted in pcrs.items():  # step 2
         ours = replayed.get(bank)
@@ -373,14 +462,17 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             compared.add(index)
             got, want = ours[index], bytes(quoted[index])
             if len(want) != len(got) or not hmac.compare_digest(got, want):
+                mismatched.append((bank, index))
                 mismatches.append(
                     f"PCR {index} {bank}: log replays to {got.hex()}, quote has {want.hex()}"
                     + _unlogged_hint(log, bank, index, got, want)
                 )
         if compared:
             verified[bank] = frozenset(compared)
+    uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     if mismatches:  # step 3
-        raise VerificationError("eventlog.replay", "; ".join(mismatches))
+        checked = check_all(log.records, log.algorithms, uintn_size=uintn, spec_id=log.spec_id)
+        raise _classify_mismatch(log, checked, tuple(mismatched), "; ".join(mismatches))
     if not verified:
         covered = ", ".join(f"{b} PCRs {sorted(v)}" for b, v in replayed.items()) or "nothing"
         quoted_desc = ", ".join(f"{b} PCRs {sorted(v)}" for b, v in pcrs.items()) or "nothing"
@@ -388,7 +480,6 @@ def verify_log(log: EventLog, pcrs: Mapping[str, Mapping[int, bytes]]) -> Replay
             "eventlog.replay",
             f"the log and the quote share no PCR (log extends {covered}; quote has {quoted_desc})",
         )
-    uintn = log.spec_id.uintn_size if log.spec_id is not None else 2
     checked = check_all(log.records, log.algorithms, uintn_size=uintn, spec_id=log.spec_id)
     warnings = (*summarize_applied(log.quirks, checked.applied), *checked.problems)  # step 4
     return ReplayedLog(
