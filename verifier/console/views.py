@@ -15,6 +15,7 @@ from verifier.console.fleet import PAGE_SIZES, FleetQuery, fleet_counts, fleet_p
 from verifier.console.session import COOKIE, MAX_AGE_S, ConsoleSession, SessionSigner
 from verifier.service.auth import Authenticator, Principal, Role
 from verifier.service.errors import AuthenticationError
+from verifier.service.models import ATTESTER_STATES
 from verifier.service.services import Services
 
 __all__ = ["SECURITY_HEADERS", "console_blueprint"]
@@ -53,6 +54,13 @@ def console_blueprint(
     def _pretty_json(value: Any) -> str:
         # plain text: Jinja's autoescape then escapes it like any other value
         return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+
+    @bp.app_template_filter("age")
+    def _age(seconds: int) -> str:
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"{seconds // size} {unit}"
+        return f"{seconds} s"
 
     def session() -> ConsoleSession | None:
         return signer.read(request.cookies.get(COOKIE))
@@ -122,8 +130,9 @@ def console_blueprint(
 
     def fleet_data() -> dict[str, Any]:
         query = FleetQuery.parse(request.args)
-        data = fleet_page(services.attesters.db, query, now())
-        data["counts"] = fleet_counts(services.attesters.db)
+        counts = fleet_counts(services.attesters.db)
+        data = fleet_page(services.attesters.db, query, now(), counts)
+        data["counts"] = counts
         return data
 
     @bp.get("/api/fleet")
@@ -136,7 +145,9 @@ def console_blueprint(
         s = session()
         if s is None:
             return redirect(url_for("console.login_form"), code=303)
-        return render_template("console/fleet.html", s=s, d=fleet_data(), sizes=PAGE_SIZES)
+        return render_template(
+            "console/fleet.html", s=s, d=fleet_data(), sizes=PAGE_SIZES, states=ATTESTER_STATES
+        )
 
     def attester_data(attester_id: str) -> dict[str, Any]:
         data = services.attesters.get(attester_id)

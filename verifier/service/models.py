@@ -79,6 +79,14 @@ class Attester(Base):
         Index("uq_attesters_ek_vm", "ek_fingerprint", text("coalesce(vm_id, '')"), unique=True),
         Index("ix_attesters_state_id", "state", "id"),
         Index("ix_attesters_deadline", "deadline"),
+        # the console's fleet sorts and prefix search: migration 0006
+        Index("ix_attesters_created_id", "created_at", "id"),
+        Index("ix_attesters_vm_id_id", "vm_id", "id"),
+        Index("ix_attesters_evidence_id", "last_evidence_at", "id"),
+        Index(
+            "ix_attesters_vm_id_prefix", "vm_id", postgresql_ops={"vm_id": "varchar_pattern_ops"}
+        ),
+        Index("ix_attesters_id_prefix", "id", postgresql_ops={"id": "varchar_pattern_ops"}),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

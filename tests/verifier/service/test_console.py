@@ -110,8 +110,16 @@ def test_fleet_page_and_json(service: Service, fleet: dict[str, Any]) -> None:
     ):
         assert value in r.headers[header]
     bad_id = fleet["bad"]["state"].attester_id
-    rows = re.findall(r"<tr>\s*<td>(vm-console-\w+)</td>.*?class=\"verdict-(\w+)\"", r.text, re.S)
-    assert sorted(rows) == [("vm-console-bad", "contraindicated"), ("vm-console-good", "affirming")]
+    rows = re.findall(
+        r"<tr>\s*<td>(vm-console-\w+)</td>.*?class=\"state state-(\w+)\">.*?"
+        r"class=\"verdict-(\w+)\"",
+        r.text,
+        re.S,
+    )
+    assert sorted(rows) == [
+        ("vm-console-bad", "failed", "contraindicated"),
+        ("vm-console-good", "trusted", "affirming"),
+    ]
     assert f'href="/console/attesters/{bad_id}"' in r.text
     # the JSON it renders, by bearer token too
     j = requests.get(
@@ -123,7 +131,25 @@ def test_fleet_page_and_json(service: Service, fleet: dict[str, Any]) -> None:
     assert j["total"] == 1 and j["attesters"][0]["id"] == bad_id
     assert j["attesters"][0]["last_verdict"] == "contraindicated"
     assert j["attesters"][0]["policy"] == "c-bad"
-    assert j["counts"]["contraindicated"] >= 1 and j["counts"]["affirming"] >= 1
+    assert j["attesters"][0]["state"] == "failed"
+    assert j["attesters"][0]["evidence_age_s"] is not None
+    assert j["attesters"][0]["ek_issuer"] and j["attesters"][0]["flags"] == []
+    # counts by state (issue 16's), every state named even at zero
+    assert set(j["counts"]) == {"unknown", "trusted", "failed", "stale"}
+    assert j["counts"]["failed"] >= 1 and j["counts"]["trusted"] >= 1
+    assert j["total"] <= sum(j["counts"].values())
+    r = http.get(f"{service.url}/console/", params={"q": "vm-console-"}, timeout=30)
+    for state in ("trusted", "failed"):
+        shown = re.search(rf'id="count-{state}">(\d+)<', r.text)
+        assert shown is not None and int(shown.group(1)) == j["counts"][state]
+    # the state filter and the evidence-age sort
+    failed = http.get(
+        f"{service.url}/console/api/fleet",
+        params={"q": "vm-console-", "state": "failed", "sort": "evidence"},
+        timeout=30,
+    ).json()
+    assert [a["vm_id"] for a in failed["attesters"]] == ["vm-console-bad"]
+    assert failed["total"] == 1
     # paging: one per page, sorted by VM id
     pages = [
         http.get(
@@ -135,8 +161,9 @@ def test_fleet_page_and_json(service: Service, fleet: dict[str, Any]) -> None:
     ]
     assert [a["vm_id"] for a in pages[0]["attesters"]] == ["vm-console-bad", "vm-console-good"]
     assert pages[1]["attesters"] == [] and pages[1]["pages"] == 1
-    r = http.get(f"{service.url}/console/api/fleet", params={"sort": "ek; drop"}, timeout=30)
-    assert r.status_code == 400 and "sort" in r.json()["detail"]
+    for bad in ({"sort": "ek; drop"}, {"state": "evil"}, {"size": "7"}, {"page": "0"}):
+        r = http.get(f"{service.url}/console/api/fleet", params=bad, timeout=30)
+        assert r.status_code == 400 and next(iter(bad)) in r.json()["detail"], bad
 
 
 def test_failed_attester_page_shows_the_hostile_cmdline_inert(
