@@ -19,12 +19,14 @@ caller (the attestation service) owns that state.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from verifier.ear import Ar4si, TrustVector
@@ -41,7 +43,7 @@ from verifier.policy.rules import (
 )
 from verifier.policy.schema import Policy
 from verifier.quote import PcrValues, Public, Signature, VerifiedQuote, verify_quote
-from vtpm_core.errors import VerificationError
+from vtpm_core.errors import ConfigError, VerificationError
 
 __all__ = ["AppraisalResult", "Appraiser", "Evidence", "QuoteSummary", "appraise", "appraise_log"]
 
@@ -203,8 +205,12 @@ def appraise(
     nonce: bytes,
     ak: Public,
     require_ak_attributes: bool = True,
+    now: datetime | None = None,
 ) -> AppraisalResult:
     """Steps 1-3 above. Returns a result for every well-formed evidence, failing or not.
+
+    ``now``: the appraisal time the policy's ``valid_until`` values are held against
+    (the wall clock when None; a re-appraisal passes its own).
 
     Raises ParseError for malformed evidence (attest, signature, event log),
     ConfigError for an empty nonce or a policy without rules. A failed check
@@ -212,8 +218,22 @@ def appraise(
     and record it. Stateless; :class:`Appraiser` adds caches.
     """
     return _appraise(
-        evidence, _Compiled.of(policy), nonce, ak, require_ak_attributes, _replay_uncached
+        evidence,
+        _Compiled.of(policy),
+        nonce,
+        ak,
+        require_ak_attributes,
+        _replay_uncached,
+        _now(now),
     )
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ConfigError("appraisal time: now must be an aware datetime (UTC)")
+    return now
 
 
 def _replay_uncached(
@@ -248,6 +268,7 @@ def _steps_2_3(
     quoted: Mapping[str, Mapping[int, bytes]],
     summary: QuoteSummary,
     replay: _Replayer,
+    now: datetime,
 ) -> AppraisalResult:
     covered: Mapping[str, frozenset[int]] = {}
     events: ReplayedLog | tuple[()] = ()
@@ -278,7 +299,7 @@ def _steps_2_3(
     # step 3
     return _evaluate(
         policy,
-        BootEvidence(events, quoted, covered),
+        BootEvidence(events, quoted, covered, now),
         Ar4si.TRUSTWORTHY_INSTANCE,
         warnings,
         summary,
@@ -293,11 +314,13 @@ def _appraise(
     ak: Public,
     require_ak_attributes: bool,
     replay: _Replayer,
+    now: datetime,
 ) -> AppraisalResult:
     quote = _step1(evidence, policy, nonce, ak, require_ak_attributes)
     if isinstance(quote, AppraisalResult):
         return quote
-    return _steps_2_3(evidence.eventlog, policy, quote.pcrs.values, QuoteSummary.of(quote), replay)
+    summary = QuoteSummary.of(quote)
+    return _steps_2_3(evidence.eventlog, policy, quote.pcrs.values, summary, replay, now)
 
 
 def _log_key(log: bytes | EventLog | None, quoted: Mapping[str, Mapping[int, bytes]]) -> bytes:
@@ -319,8 +342,10 @@ class Appraiser:
        sends byte-identical logs; the quote (signature, nonce, PCR digest)
        is still verified on every call.
     2. Compiled policies (rule tree, id) per Policy object (held, so its id stays unique).
-    3. The outcome of steps 2-3 keyed by (log key, policy id): replay and rules are
-       pure functions of the log bytes, the quoted PCR values and the policy; the
+    3. The outcome of steps 2-3 keyed by (log key, policy id, window): replay and
+       rules are pure functions of the log bytes, the quoted PCR values, the policy
+       and, through ``valid_until``, the time; "window" is how many of the policy's
+       expiries have passed at ``now``, all the time changes about the outcome. The
        result is returned with this quote's clock/firmware. Step 1 (AK attributes,
        signature, magic, type, nonce, pcrSelect, pcrDigest) runs on every call.
 
@@ -329,7 +354,7 @@ class Appraiser:
 
     def __init__(self, *, log_cache_size: int = 256, policy_cache_size: int = 64) -> None:
         self._logs: OrderedDict[bytes, ReplayedLog] = OrderedDict()
-        self._outcomes: OrderedDict[tuple[bytes, str], AppraisalResult] = OrderedDict()
+        self._outcomes: OrderedDict[tuple[bytes, str, int], AppraisalResult] = OrderedDict()
         self._policies: dict[int, _Compiled] = {}
         self._log_cache_size = log_cache_size
         self._policy_cache_size = policy_cache_size
@@ -374,15 +399,18 @@ class Appraiser:
         nonce: bytes,
         ak: Public,
         require_ak_attributes: bool = True,
+        now: datetime | None = None,
     ) -> AppraisalResult:
         """As :func:`appraise`; the same result, from the caches where they hold it."""
+        at = _now(now)
         compiled = self._compiled(policy)
         quote = _step1(evidence, compiled, nonce, ak, require_ak_attributes)
         if isinstance(quote, AppraisalResult):
             return quote
         summary = QuoteSummary.of(quote)
         quoted = quote.pcrs.values
-        key = (_log_key(evidence.eventlog, quoted), compiled.policy_id)
+        window = bisect.bisect_right(policy.expiries, at)
+        key = (_log_key(evidence.eventlog, quoted), compiled.policy_id, window)
         with self._lock:
             hit = self._outcomes.get(key)
             if hit is not None:
@@ -390,7 +418,7 @@ class Appraiser:
                 self.hits += 1
         if hit is not None:
             return dataclasses.replace(hit, quote=summary)
-        result = _steps_2_3(evidence.eventlog, compiled, quoted, summary, self._replay)
+        result = _steps_2_3(evidence.eventlog, compiled, quoted, summary, self._replay, at)
         with self._lock:
             self.misses += 1
             self._outcomes[key] = result
@@ -399,7 +427,9 @@ class Appraiser:
         return result
 
 
-def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
+def appraise_log(
+    log: bytes | EventLog, policy: Policy, *, now: datetime | None = None
+) -> AppraisalResult:
     """Policy over a log alone (`vtpm policy check`): the log is replayed to itself.
 
     Proves nothing about any machine (no quote): it answers "would this boot
@@ -409,5 +439,5 @@ def appraise_log(log: bytes | EventLog, policy: Policy) -> AppraisalResult:
     parsed = log if isinstance(log, EventLog) else EventLog.parse(log)
     replayed = parsed.verify(parsed.replay())
     warnings = ["offline check: no quote proves this log came from a TPM", *replayed.warnings]
-    evidence = BootEvidence(replayed, replayed.pcrs, replayed.verified)
+    evidence = BootEvidence(replayed, replayed.pcrs, replayed.verified, _now(now))
     return _evaluate(_Compiled.of(policy), evidence, Ar4si.NO_CLAIM, warnings, None, replayed)

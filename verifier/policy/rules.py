@@ -27,6 +27,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from verifier.eventlog import (
@@ -41,7 +42,14 @@ from verifier.eventlog import Text as TextEvent
 from verifier.eventlog.decode import IPL_BYTE_PREFIXES, ipl_kind
 from verifier.eventlog.efivars import variable_name
 from verifier.eventlog.events import EventType
-from verifier.policy.schema import BootApplication, CmdlinePattern, DbPolicy, DbxPolicy, Policy
+from verifier.policy.schema import (
+    BootApplication,
+    CmdlinePattern,
+    DbPolicy,
+    DbxPolicy,
+    Policy,
+    format_time,
+)
 from vtpm_core.errors import ConfigError, VerificationError
 
 __all__ = [
@@ -128,11 +136,23 @@ class BootEvidence:
     the quoted values (bank -> index -> value). Build it only from a
     ReplayedLog (``log.verify(pcrs)``), or its events, and a verified quote.
     Immutable (``covered`` is read once, when it is built). From a ReplayedLog,
-    events are built only as rules read them.
+    events are built only as rules read them. ``now``: the appraisal time, against
+    which ``valid_until`` is enforced (given by the caller, e.g. a re-appraisal's
+    time; the wall clock when None).
     """
 
-    __slots__ = ("_by_index", "_by_type", "_covered", "_log", "_variables", "covered", "pcrs")
+    __slots__ = (
+        "_by_index",
+        "_by_type",
+        "_covered",
+        "_log",
+        "_variables",
+        "covered",
+        "now",
+        "pcrs",
+    )
 
+    now: datetime
     pcrs: Mapping[str, Mapping[int, bytes]]
     covered: Mapping[str, frozenset[int]]
     _log: ReplayedLog | None
@@ -146,8 +166,10 @@ class BootEvidence:
         events: ReplayedLog | tuple[ReplayedEvent, ...],
         pcrs: Mapping[str, Mapping[int, bytes]],
         covered: Mapping[str, frozenset[int]],
+        now: datetime | None = None,
     ) -> None:
         setattr_ = object.__setattr__
+        setattr_(self, "now", datetime.now(UTC) if now is None else now)
         setattr_(self, "pcrs", pcrs)
         setattr_(self, "covered", covered)
         setattr_(self, "_covered", frozenset().union(*covered.values()))
@@ -318,6 +340,36 @@ def _fail(
     return Failure(rule.id, rule.claim, message, expected, actual, event)
 
 
+def _expired(
+    rule: _Named,
+    now: datetime,
+    values: Sequence[BootApplication | CmdlinePattern],
+    event: EventRef,
+) -> Failure:
+    """The event matches only values whose window has closed: which, and when."""
+    last = max(v.valid_until for v in values if v.valid_until is not None)
+    names = ", ".join(
+        f"{_value_name(v)} (valid until {format_time(v.valid_until)})"
+        for v in values
+        if v.valid_until is not None
+    )
+    return Failure(
+        f"{rule.id}.valid_until",
+        rule.claim,
+        f"the allowed value expired: {names}",
+        f"a value valid at {format_time(now)}",
+        f"expired at {format_time(last)}",
+        event,
+    )
+
+
+def _value_name(v: BootApplication | CmdlinePattern) -> str:
+    if isinstance(v, CmdlinePattern):
+        return f"command line {v.describe()}"
+    digest = ", ".join(f"{b}:{d.hex()}" for b, d in v.digests.items())
+    return f"boot application {v.name or '?'} {digest}"
+
+
 def _not_quoted(rule: _Named, message: str, e: ReplayedEvent) -> Failure:
     return _fail(rule, message, f"PCR {e.pcr} quoted", "not quoted", EventRef.of(e))
 
@@ -476,10 +528,16 @@ class BootApplicationsRule(_Collects):
                 )
                 continue
             digests = e.digests
+            expired: list[BootApplication] = []
             for app in allowed:
                 if self._allowed(app, digests, banks):
-                    break
+                    if not app.expired(evidence.now):
+                        break
+                    expired.append(app)
             else:
+                if expired:
+                    failures.append(_expired(self, evidence.now, expired, EventRef.of(e)))
+                    continue
                 bank = "sha256" if "sha256" in digests else banks[0]
                 path = getattr(e.untrusted_decoded, "path_text", None)
                 names = ", ".join(a.name or "?" for a in allowed) or "none"
@@ -571,7 +629,10 @@ class KernelCmdlineRule(_Collects):
                 continue
             good += 1
             text = trusted.value.rstrip("\x00")
-            if not any(c.matches(text) for c in self.allowed):
+            matching = [c for c in self.allowed if c.matches(text)]
+            if matching and all(c.expired(evidence.now) for c in matching):
+                failures.append(_expired(self, evidence.now, matching, EventRef.of(e)))
+            elif not matching:
                 failures.append(
                     _fail(
                         self,

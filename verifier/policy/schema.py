@@ -7,8 +7,11 @@ The document (YAML or JSON; issue 5 "Policies and results")::
     secure_boot: true                # SecureBoot variable (PFP v1.05 §3.3.4.8, PCR 7)
     boot_applications:               # EV_EFI_BOOT_SERVICES_APPLICATION digests (PCR 4)
       - {name: shim, sha256: <hex>}  #   Authenticode digests, any bank
+      - {name: vmlinuz-6.8, sha256: <hex>, valid_until: "2027-01-31T00:00:00Z",
+         note: "predicted from vmlinuz-6.8.efi, replaces event 27"}
     kernel_cmdlines:                 # EV_IPL kernel command lines (PCR 8, 9, 12)
       - {exact: "root=/dev/sda1 ro"}
+      - {exact: "root=/dev/sda1 ro quiet", valid_until: "2027-01-31T00:00:00Z"}
       - {pattern: "root=UUID=[0-9a-f-]+ ro( quiet)?"}   # fullmatch
     firmware:
       scrtm_versions: ["GCE Virtual Firmware v1"]      # EV_S_CRTM_VERSION (PCR 0)
@@ -16,6 +19,14 @@ The document (YAML or JSON; issue 5 "Policies and results")::
     db:  {require: [<hex>, ...]}     # db entries: SHA-256 of a cert, or a hash entry itself
     dbx: {forbid: [<hex>, ...], min_entries: 100}
     pcrs: {sha256: {"7": <hex> | [<hex>, ...]}}       # literal values from the quote
+
+``valid_until`` and ``note`` (issue 20) may be given on any boot application or command
+line. They were added for updates: a policy revision allows the new kernel's values
+*beside* the old ones, and the old (or predicted) ones must stop being accepted at a
+stated time rather than linger forever. ``valid_until`` is an ISO 8601 time with a
+zone (a YAML timestamp without one is UTC, as YAML says); a value is accepted while
+the appraisal time is before it. ``note`` says why the value is there (which
+artefact, which event it replaces); it is part of the policy's id like every key.
 
 Guarantees after :meth:`Policy.load`: every key known, every type right,
 digests the size of their bank, patterns compile, at least one rule
@@ -30,6 +41,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,6 +68,11 @@ BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 3
 _STRUCT = "policy"
 
 
+def _window_dict(until: datetime | None, note: str | None) -> dict[str, str]:
+    out = {} if until is None else {"valid_until": format_time(until)}
+    return out if note is None else out | {"note": note}
+
+
 class PolicyParseError(ParseError):
     """A malformed policy document; ``field`` is the path, e.g. ``policy.pcrs.sha256.7``.
 
@@ -76,10 +93,16 @@ def _err(path: str, message: str) -> ParseError:
 
 @dataclass(frozen=True, slots=True)
 class BootApplication:
-    """An allowed boot application: its Authenticode digest in one or more banks."""
+    """An allowed boot application: its Authenticode digest in one or more banks,
+    accepted until ``valid_until`` (None: no end); ``note``: why it is allowed."""
 
     name: str | None
     digests: Mapping[str, bytes]
+    valid_until: datetime | None = None
+    note: str | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.valid_until is not None and now >= self.valid_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +112,11 @@ class CmdlinePattern:
     exact: str | None
     pattern: str | None
     compiled: re.Pattern[str] | None
+    valid_until: datetime | None = None
+    note: str | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.valid_until is not None and now >= self.valid_until
 
     def matches(self, text: str) -> bool:
         if self.exact is not None:
@@ -209,16 +237,44 @@ def _hex_list(obj: Any, path: str, size: int | None = None) -> tuple[bytes, ...]
     return tuple(_hex(v, f"{path}[{i}]", size) for i, v in enumerate(items))
 
 
+def _time(obj: Any, path: str) -> datetime:
+    """An aware datetime from a YAML timestamp (naive means UTC there) or ISO 8601 text."""
+    if isinstance(obj, datetime):
+        return obj if obj.tzinfo is not None else obj.replace(tzinfo=UTC)
+    text = _str(obj, path)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _err(path, f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise _err(path, f"{text!r} has no time zone (write e.g. 2027-01-31T00:00:00Z)")
+    return value
+
+
+def _window(m: dict[str, Any], p: str) -> tuple[datetime | None, str | None]:
+    until = _time(m["valid_until"], f"{p}.valid_until") if "valid_until" in m else None
+    note = _str(m["note"], f"{p}.note") if "note" in m else None
+    return until, note
+
+
+def format_time(value: datetime) -> str:
+    """``2027-01-31T00:00:00Z``: how policies and findings write a time (UTC)."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+_WINDOW_KEYS = frozenset({"valid_until", "note"})
+
+
 def _boot_apps(obj: Any, path: str) -> tuple[BootApplication, ...]:
     out = []
     for i, item in enumerate(_list(obj, path)):
         p = f"{path}[{i}]"
-        m = _mapping(item, p, frozenset({"name", *BANK_SIZES}))
+        m = _mapping(item, p, frozenset({"name", *BANK_SIZES, *_WINDOW_KEYS}))
         name = _str(m["name"], f"{p}.name") if "name" in m else None
         digests = {b: _hex(m[b], f"{p}.{b}", BANK_SIZES[b]) for b in BANK_SIZES if b in m}
         if not digests:
             raise _err(p, "names no digest (give sha256: <hex> or another bank)")
-        out.append(BootApplication(name, MappingProxyType(digests)))
+        out.append(BootApplication(name, MappingProxyType(digests), *_window(m, p)))
     return tuple(out)
 
 
@@ -231,18 +287,19 @@ def _cmdlines(obj: Any, path: str) -> tuple[CmdlinePattern, ...]:
         p = f"{path}[{i}]"
         if isinstance(item, str):
             item = {"exact": item}
-        m = _mapping(item, p, frozenset({"exact", "pattern"}))
-        if len(m) != 1:
+        m = _mapping(item, p, frozenset({"exact", "pattern", *_WINDOW_KEYS}))
+        if ("exact" in m) == ("pattern" in m):
             raise _err(p, "give exactly one of exact or pattern")
+        window = _window(m, p)
         if "exact" in m:
-            out.append(CmdlinePattern(_str(m["exact"], f"{p}.exact"), None, None))
+            out.append(CmdlinePattern(_str(m["exact"], f"{p}.exact"), None, None, *window))
         else:
             source = _str(m["pattern"], f"{p}.pattern")
             try:
                 compiled = re.compile(source)
             except re.error as exc:
                 raise _err(f"{p}.pattern", f"bad regular expression: {exc}") from None
-            out.append(CmdlinePattern(None, source, compiled))
+            out.append(CmdlinePattern(None, source, compiled, *window))
     return tuple(out)
 
 
@@ -296,8 +353,15 @@ class Policy:
     dbx: DbxPolicy | None
     pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] | None
     _digest: bytes = field(init=False, repr=False, compare=False)
+    _expiries: tuple[datetime, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        values: list[BootApplication | CmdlinePattern] = [
+            *(self.boot_applications or ()),
+            *(self.kernel_cmdlines or ()),
+        ]
+        ends = {v.valid_until for v in values if v.valid_until is not None}
+        object.__setattr__(self, "_expiries", tuple(sorted(ends)))
         # the policy's identity, worked out once: every appraisal reports its id
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "_digest", hashlib.sha256(canonical.encode()).digest())
@@ -420,11 +484,12 @@ class Policy:
             for app in self.boot_applications:
                 entry: dict[str, str] = {} if app.name is None else {"name": app.name}
                 entry.update({b: d.hex() for b, d in app.digests.items()})
-                apps.append(entry)
+                apps.append(entry | _window_dict(app.valid_until, app.note))
             out["boot_applications"] = apps
         if self.kernel_cmdlines is not None:
             out["kernel_cmdlines"] = [
-                {"exact": c.exact} if c.exact is not None else {"pattern": c.pattern}
+                ({"exact": c.exact} if c.exact is not None else {"pattern": c.pattern})
+                | _window_dict(c.valid_until, c.note)
                 for c in self.kernel_cmdlines
             ]
         if self.db is not None:
@@ -445,6 +510,12 @@ class Policy:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100, allow_unicode=True)
+
+    @property
+    def expiries(self) -> tuple[datetime, ...]:
+        """Every distinct ``valid_until``, sorted: an appraisal's outcome depends on the
+        time only through how many of them have passed (what a cache key needs)."""
+        return self._expiries
 
     @property
     def digest(self) -> bytes:
