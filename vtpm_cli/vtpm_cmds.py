@@ -406,9 +406,16 @@ def register(cli: click.Group) -> None:
         revoked = " ".join(f"{s:x}" for s in result.revoked) or "none"
         click.echo(f"{name}: deleted; revoked {revoked}")
         if result.shredded_key is not None:
-            click.echo(
-                f"{name}: key {result.shredded_key} destroyed; its backups cannot be restored"
-            )
+            keys = " ".join(f"{k.provider}/{k.key_id}" for k in result.destroyed_keys)
+            if result.kept_keys:
+                shared = " ".join(f"{k.provider}/{k.key_id}" for k in result.kept_keys)
+                click.echo(f"{name}: keys destroyed: {keys}")
+                click.echo(
+                    f"{name}: WARNING: shared keys kept: {shared}; backups made while the vTPM "
+                    "was wrapped under one of them can still be restored"
+                )
+            else:
+                click.echo(f"{name}: keys destroyed: {keys}; its backups cannot be restored")
         if result.kept:
             kept = " ".join(f"{s:x}" for s in result.kept)
             click.echo(f"{name}: not revoked (still used by a copy): {kept}")

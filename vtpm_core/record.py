@@ -29,6 +29,7 @@ __all__ = [
     "EkRecord",
     "KeyRef",
     "Origin",
+    "RetiredKey",
     "TpmInfo",
     "VtpmRecord",
     "check_name",
@@ -94,6 +95,18 @@ class KeyRef:
 
 
 @dataclass(frozen=True, slots=True)
+class RetiredKey:
+    """A KEK that wrapped this vTPM's data key before a rekey (older backups still need it).
+
+    Kept so that ``vtpm delete --shred`` can destroy every key any backup of
+    this vTPM names, not only the current one.
+    """
+
+    provider: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Origin:
     kind: OriginKind
     source_name: str | None = None
@@ -114,6 +127,8 @@ class VtpmRecord:
     origin: Origin = Origin("created")
     # serials the CA issued for this VM besides those in NV (a copy's second binding)
     bound_serials: tuple[int, ...] = ()
+    # KEKs earlier rekeys moved away from, oldest first (absent from records before issue 15)
+    retired_keys: tuple[RetiredKey, ...] = ()
     raw: bytes = field(default=b"", compare=False, repr=False)
 
     def ek(self, kind: str) -> EkRecord:
@@ -131,9 +146,35 @@ class VtpmRecord:
     def renamed(self, name: str) -> VtpmRecord:
         return replace(self, name=name, raw=b"")
 
+    def rekeyed(self, key: KeyRef) -> VtpmRecord:
+        """This record with ``key`` as its data key, the old KEK retired (unless it is the same)."""
+        old = RetiredKey(self.key.provider, self.key.key_id)
+        same = (key.provider, key.key_id) == (old.provider, old.key_id)
+        retired = (
+            self.retired_keys
+            if same or old in self.retired_keys
+            else (
+                *self.retired_keys,
+                old,
+            )
+        )
+        return replace(self, key=key, retired_keys=retired, raw=b"")
+
+    def all_keys(self) -> tuple[RetiredKey, ...]:
+        """The current KEK and every retired one: what a backup of this vTPM may need."""
+        return (RetiredKey(self.key.provider, self.key.key_id), *self.retired_keys)
+
     # -- JSON ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        doc = self._to_dict()
+        if self.retired_keys:
+            doc["retired_keys"] = [
+                {"provider": k.provider, "key_id": k.key_id} for k in self.retired_keys
+            ]
+        return doc
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "name": self.name,
@@ -249,6 +290,11 @@ class VtpmRecord:
             ),
             bound_serials=tuple(
                 _hex(structure, "bound_serials", s) for s in r.items("bound_serials")
+            ),
+            retired_keys=tuple(
+                RetiredKey(k.text("provider"), k.text("key_id"))
+                for i, item in enumerate(r.items("retired_keys") if r.get("retired_keys") else [])
+                for k in (_Doc(item, structure, f"retired_keys[{i}]."),)
             ),
             raw=raw,
         )

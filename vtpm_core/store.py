@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +94,7 @@ from vtpm_core.record import (
     EK_KINDS,
     KeyRef,
     Origin,
+    RetiredKey,
     VtpmRecord,
     check_name,
 )
@@ -137,7 +138,11 @@ class DeleteResult:
     name: str
     revoked: tuple[int, ...]
     kept: tuple[int, ...]  # still used by another vTPM of this store (a copy)
-    shredded_key: str | None = None  # the KEK destroyed by --shred
+    shredded_key: str | None = None  # the current KEK destroyed by --shred
+    destroyed_keys: tuple[RetiredKey, ...] = ()  # every KEK --shred destroyed (current + retired)
+    # retired KEKs --shred had to keep (shared with another vTPM or a provider's current key):
+    # backups made while the vTPM was wrapped under one of them can still be restored
+    kept_keys: tuple[RetiredKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +450,7 @@ class VtpmStore:
             return self._rekey_data(record, data_key, pid)
         key = self.wrap_new(record.vtpm_id, data_key, pid)
         self._hook("rekey:wrapped")
-        atomic_write(self._dir(name) / RECORD_FILE, replace(record, key=key, raw=b"").to_json())
+        atomic_write(self._dir(name) / RECORD_FILE, record.rekeyed(key).to_json())
         self._hook("rekey:committed")
         return self.get(name)
 
@@ -474,7 +479,7 @@ class VtpmStore:
         new_key = self._rng(DATA_KEY_SIZE)
         key = self.wrap_new(record.vtpm_id, new_key, pid)
         self._hook("rekey-data:wrapped")
-        new_record = replace(record, key=key, raw=b"")
+        new_record = record.rekeyed(key)
         with self.staging() as stage:
             old_dir, new_dir = stage / "old-state", stage / "state"
             old_dir.mkdir()
@@ -761,8 +766,10 @@ class VtpmStore:
         if self.pid(name) is not None:
             raise ConflictError(f"vTPM {name!r} is running; `vtpm stop {name}` first")
         others = [other for other in self.list() if other.name != name]
+        doomed_keys: builtins.list[RetiredKey] = []
+        kept_keys: builtins.list[RetiredKey] = []
         if shred:
-            self._check_shreddable(record, others)
+            doomed_keys, kept_keys = self._check_shreddable(record, others)
         in_use = {s for other in others for s in other.serials}
         revoked: list[int] = []
         kept: list[int] = []
@@ -778,18 +785,16 @@ class VtpmStore:
                         raise  # anything else stops the deletion: the vTPM stays
                 revoked.append(serial)
         self._hook("delete:revoked")
-        shredded = None
-        if shred:
-            provider = self.providers.get(record.key.provider)
+        for key in doomed_keys:
             try:
-                provider.destroy_key(record.key.key_id)
+                self.providers.get(key.provider).destroy_key(key.key_id)
             except (KeyProviderError, StateError) as exc:
                 raise KeyProviderError(
-                    f"vTPM {name!r}: key provider {record.key.provider!r} did not destroy key "
-                    f"{record.key.key_id!r} ({exc}); the vTPM was not deleted"
+                    f"vTPM {name!r}: key provider {key.provider!r} did not destroy key "
+                    f"{key.key_id!r} ({exc}); the vTPM was not deleted"
                 ) from None
-            shredded = record.key.key_id
             self._hook("delete:key-destroyed")
+        shredded = record.key.key_id if shred else None
         tmp = self.root / "tmp"
         doomed = tmp / f"{os.getpid()}-{secrets.token_hex(6)}"
         os.rename(self._dir(name), doomed)
@@ -797,33 +802,59 @@ class VtpmStore:
         self._hook("delete:unlinked")
         _shred(doomed)
         remove_tree(self.run_dir(name))
-        return DeleteResult(name, tuple(revoked), tuple(kept), shredded)
+        return DeleteResult(
+            name, tuple(revoked), tuple(kept), shredded, tuple(doomed_keys), tuple(kept_keys)
+        )
 
-    def _check_shreddable(self, record: VtpmRecord, others: Sequence[VtpmRecord]) -> None:
+    def _check_shreddable(
+        self, record: VtpmRecord, others: Sequence[VtpmRecord]
+    ) -> tuple[builtins.list[RetiredKey], builtins.list[RetiredKey]]:
+        """(keys to destroy, retired keys to keep) for ``delete --shred``; raises before anything.
+
+        The current KEK must be this vTPM's alone (else ConflictError). A
+        retired KEK is destroyed too unless another vTPM of the store uses it
+        (now or as one of its own retired keys) or it is its provider's
+        current shared key: then it is kept and reported. Every provider
+        involved is reached first, so a provider that is down fails the
+        command before the CA revocation.
+        """
         key = record.key
-        sharing = [
-            o.name for o in others if (o.key.provider, o.key.key_id) == (key.provider, key.key_id)
-        ]
-        # reach the provider before anything happens (the CA revocation comes next)
-        try:
-            provider = self.providers.get(key.provider)
+        used = {k for o in others for k in o.all_keys()}
+        current_of: dict[str, str | None] = {}
+        for k in record.all_keys():
+            if k.provider in current_of:
+                continue
             try:
-                current = provider.current_key_id()
-            except ConfigError:
-                current = None
-            provider.has_key(key.key_id)
-        except (KeyProviderError, StateError) as exc:
-            raise KeyProviderError(
-                f"vTPM {record.name!r}: key {key.key_id!r} of key provider {key.provider!r} "
-                f"cannot be shredded ({exc}); nothing was revoked or deleted"
-            ) from None
-        if sharing or current == key.key_id:
+                provider = self.providers.get(k.provider)
+                try:
+                    current_of[k.provider] = provider.current_key_id()
+                except ConfigError:
+                    current_of[k.provider] = None
+                provider.has_key(k.key_id)
+            except (KeyProviderError, StateError) as exc:
+                raise KeyProviderError(
+                    f"vTPM {record.name!r}: key {k.key_id!r} of key provider {k.provider!r} "
+                    f"cannot be shredded ({exc}); nothing was revoked or deleted"
+                ) from None
+        mine = RetiredKey(key.provider, key.key_id)
+        sharing = [o.name for o in others if mine in o.all_keys()]
+        if sharing or current_of[key.provider] == key.key_id:
             users = f"vTPMs {', '.join(sharing)}" if sharing else "new vTPMs"
             raise ConflictError(
                 f"vTPM {record.name!r}: key {key.key_id!r} of key provider {key.provider!r} "
                 f"is shared (also used by {users}); `vtpm rekey {record.name} --to PROVIDER` "
                 "onto a provider with key_per_vtpm first, or delete without --shred"
             )
+        doomed: builtins.list[RetiredKey] = []
+        kept: builtins.list[RetiredKey] = []
+        for k in record.all_keys():
+            if k.provider not in self.providers.configs:
+                kept.append(k)  # a provider since removed from store.json: not ours to reach
+            elif k in used or current_of.get(k.provider) == k.key_id:
+                kept.append(k)
+            else:
+                doomed.append(k)
+        return doomed, kept
 
     # -- backup / restore / clone ----------------------------------------------------------
 

@@ -120,20 +120,30 @@ def test_lifecycle(kstore: VtpmStore, issuer: SmallIssuer, tmp_path: Path) -> No
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "seal" / "out.bin").read_bytes() == SECRET
 
-    # the old key is kept by a rekey: the backup made before still restores
+    # a rekey keeps the old KEKs (retired): the backup made before still restores
     kstore.delete("vm1-restored", issuer=None)
     assert kstore.restore(backup, name="vm1-restored").key == rec.key
-    kstore.delete("vm1-restored", issuer=None, shred=True)  # destroys rec's KEK
-    with pytest.raises(StateError, match=f"missing key '{rec.key.key_id}' of key provider '{pid}'"):
-        kstore.restore(backup, name="vm1-again")
-    assert not kstore.exists("vm1-again") and list((kstore.root / "tmp").iterdir()) == []
+    with pytest.raises(
+        ConflictError, match=f"'{rec.key.key_id}' of key provider '{pid}' is shared"
+    ):
+        kstore.delete("vm1-restored", issuer=None, shred=True)  # vm1 still lists it as retired
+    kstore.delete("vm1-restored", issuer=None)
+    assert [k.key_id for k in kstore.get("vm1").retired_keys] == [
+        rec.key.key_id,
+        kek_only.key.key_id,
+    ]
 
+    # shred destroys the current KEK and every retired one: no backup of vm1 restores
     late = kstore.backup("vm1", tmp_path / "vm1-late.bak")
     result = kstore.delete("vm1", issuer=None, shred=True)
-    assert result.shredded_key == rekeyed.key.key_id
-    assert not kstore.providers.get(pid).has_key(rekeyed.key.key_id)
-    with pytest.raises(StateError, match="missing key"):
-        kstore.restore(late)
+    assert result.shredded_key == rekeyed.key.key_id and result.kept_keys == ()
+    gone = [rekeyed.key.key_id, rec.key.key_id, kek_only.key.key_id]
+    assert [k.key_id for k in result.destroyed_keys] == gone
+    assert not any(kstore.providers.get(pid).has_key(k) for k in gone)
+    for old_backup, key_id in ((backup, rec.key.key_id), (late, rekeyed.key.key_id)):
+        with pytest.raises(StateError, match=f"missing key '{key_id}' of key provider '{pid}'"):
+            kstore.restore(old_backup, name="vm1-again")
+        assert not kstore.exists("vm1-again") and list((kstore.root / "tmp").iterdir()) == []
     # the copy has its own KEK and lives on
     with kstore.running("vm1-copy"):
         pass
@@ -164,7 +174,11 @@ def test_rekey_from_local_to_provider(
         assert again.get("vm1").key == moved.key
         with again.running("vm1"):
             pass
-        again.delete("vm1", issuer=None, shred=True)
+        result = again.delete("vm1", issuer=None, shred=True)
+        # the local shared KEK it was wrapped under before cannot go: it is reported kept
+        assert [k.key_id for k in result.destroyed_keys] == [moved.key.key_id]
+        assert [(k.provider, k.key_id) for k in result.kept_keys] == [("local", rec.key.key_id)]
+        assert again.providers.get("local").has_key(rec.key.key_id)
 
 
 def test_rekey_failing_half_way_keeps_the_old_key(issuer: SmallIssuer, tmp_path: Path) -> None:
