@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -113,6 +114,78 @@ def register(cli: click.Group) -> None:
         updated = Policy.from_dict(doc)
         policy_file.write_text(updated.to_yaml())
         click.echo(f"wrote {policy_file} ({updated.id})")
+
+    @policy.command("predict")
+    @click.option("--eventlog", "log_file", type=_FILE, default=None,
+                  help="The attester's last verified event log (binary).")  # fmt: skip
+    @click.option("--policy", "policy_file", type=_FILE, default=None,
+                  help="Or a (learned) policy to revise.")  # fmt: skip
+    @click.option("--kernel", type=_FILE, multiple=True, help="New kernel EFI binary.")
+    @click.option("--uki", type=_FILE, multiple=True, help="New unified kernel image.")
+    @click.option("--shim", type=_FILE, multiple=True, help="New shim binary.")
+    @click.option("--grub", type=_FILE, multiple=True, help="New GRUB binary.")
+    @click.option("--systemd-boot", "sdboot", type=_FILE, multiple=True,
+                  help="New systemd-boot binary.")  # fmt: skip
+    @click.option("--cmdline", default=None, help="The new kernel command line.")
+    @click.option("--valid-until", "valid_until", required=True,
+                  help="When replaced values stop being accepted (ISO 8601, zone).")  # fmt: skip
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                  required=True, help="Where to write the revised policy (YAML).")  # fmt: skip
+    @click.option("--name", default=None, help="The revision's name (part of its id).")
+    def predict(
+        log_file: Path | None,
+        policy_file: Path | None,
+        kernel: tuple[Path, ...],
+        uki: tuple[Path, ...],
+        shim: tuple[Path, ...],
+        grub: tuple[Path, ...],
+        sdboot: tuple[Path, ...],
+        cmdline: str | None,
+        valid_until: str,
+        output: Path,
+        name: str | None,
+    ) -> None:
+        """Write a policy revision that allows an update's values before it is booted.
+
+        The new binaries' Authenticode digests and the new command line are allowed
+        beside the old values, which are accepted until --valid-until. Every
+        predicted value is printed with the artefact it comes from and the event
+        (or policy entry) it replaces.
+        """
+        from datetime import datetime
+
+        from verifier.policy.predict import Artefact, predict_policy
+
+        if (log_file is None) == (policy_file is None):
+            raise click.UsageError("give exactly one of --eventlog or --policy")
+        try:
+            until = datetime.fromisoformat(valid_until)
+        except ValueError:
+            raise click.BadParameter(f"not an ISO 8601 time: {valid_until!r}") from None
+        artefacts = [
+            Artefact(role, path.name, path.read_bytes())
+            for role, paths in (
+                ("shim", shim),
+                ("grub", grub),
+                ("systemd-boot", sdboot),
+                ("kernel", kernel),
+                ("uki", uki),
+            )
+            for path in paths
+        ]
+        if log_file is not None:
+            log = _read_log(log_file)
+            base: Any = log.verify(log.replay())
+        else:
+            assert policy_file is not None
+            base = Policy.load(policy_file)
+        revised, predictions = predict_policy(
+            base, artefacts, cmdline=cmdline, valid_until=until, name=name
+        )
+        output.write_text(revised.to_yaml())
+        for p in predictions:
+            click.echo(f"predicted {p}")
+        click.echo(f"wrote {output} ({revised.id})")
 
     @cli.group("result")
     def result() -> None:

@@ -74,7 +74,9 @@ def _extend_log(tpm: SwtpmProcess, log: EventLog) -> None:
             esapi.pcr_extend(ESYS_TR.PCR0 + event.pcr, TPML_DIGEST_VALUES(values))
 
 
-def build_lab(state: Path, work: Path, log_path: Path, nonce: bytes = NONCE) -> Lab:
+def build_lab(
+    state: Path, work: Path, log_path: Path, nonce: bytes = NONCE, pcrs: str = QUOTE_PCRS
+) -> Lab:
     data = log_path.read_bytes()
     log = EventLog.parse(data)
     quotes: dict[str, Quoted] = {}
@@ -87,7 +89,7 @@ def build_lab(state: Path, work: Path, log_path: Path, nonce: bytes = NONCE) -> 
                 "-g", hash_alg, "-s", scheme, "-u", f"{kind}.pub", "-n", f"{kind}.name",
             )  # fmt: skip
             _run(
-                tpm, work, "tpm2_quote", "-c", f"{kind}.ctx", "-l", QUOTE_PCRS,
+                tpm, work, "tpm2_quote", "-c", f"{kind}.ctx", "-l", pcrs,
                 "-q", nonce.hex(), "-m", f"{kind}.msg", "-s", f"{kind}.sig",
                 "-o", f"{kind}.pcrs", "-g", hash_alg, "--scheme", scheme,
             )  # fmt: skip
