@@ -222,3 +222,36 @@ def test_rekey_killed(tmp_path: Path, args: list[str], point: str) -> None:
             pass
         assert s.providers.get("local").has_key(old.key_id)  # the old KEK is never lost
         assert list((s.root / "tmp").iterdir()) == []  # the dead rekey's staging is cleared
+
+
+def test_shred_killed_between_keys(tmp_path: Path) -> None:
+    """SIGKILL after the first KEK is destroyed: the vTPM is still listed, cannot start (saying
+    which key is missing), and `delete --shred` again finishes the job."""
+    store = str(tmp_path / "store")
+    assert run("init", "--store", store, "--key-per-vtpm").exit_code == 0
+    r = run("create", "vm1", "--store", store, "--ek", "ecc-p256", "--ek-cert-mode", "external")
+    assert r.exit_code == 0, r.output
+    assert run("rekey", "vm1", "--store", store).exit_code == 0
+    with VtpmStore.open(Path(store)) as s:
+        keys = [k.key_id for k in s.get("vm1").all_keys()]
+    env = dict(os.environ, VTPM_STORE=store, VTPM_CRASH_AT="delete:key-destroyed")
+    proc = subprocess.Popen(
+        [VTPM, "delete", "vm1", "--keep-certs", "--shred"], env=env, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        assert proc.stderr.readline().decode().strip() == "paused at delete:key-destroyed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    with VtpmStore.open(Path(store)) as s:
+        assert s.names() == ["vm1"]
+        assert [s.providers.get("local").has_key(k) for k in keys] == [False, True]
+    r = run("start", "vm1", "--store", store)
+    assert r.exit_code == 1 and f"missing key '{keys[0]}' of key provider 'local'" in r.output
+    r = run("delete", "vm1", "--store", store, "--keep-certs", "--shred")
+    assert r.exit_code == 0, r.output
+    assert "its backups cannot be restored" in r.output
+    with VtpmStore.open(Path(store)) as s:
+        assert s.names() == [] and not any(s.providers.get("local").has_key(k) for k in keys)

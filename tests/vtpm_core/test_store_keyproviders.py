@@ -223,6 +223,15 @@ def test_restore_in_another_store(
         ):
             c.restore(backup)
         assert c.names() == [] and list((c.root / "tmp").iterdir()) == []
+    # PKCS#11: another store on the same token reaches the key and restores
+    with VtpmStore.init(tmp_path / "e", provider_id="hsm",
+                        provider=pkcs11_config(softhsm, tmp_path)) as e:  # fmt: skip
+        hsm_rec = e.create("vm2", issuer=None, ek=["ecc-p256"])
+        hsm_backup = e.backup("vm2", tmp_path / "vm2.bak")
+    with VtpmStore.open(tmp_path / "c") as c:
+        assert c.restore(hsm_backup).key == hsm_rec.key
+        with c.running("vm2"):
+            pass
     # a KMIP client the server does not let use the key: the KMS's answer is named
     with VtpmStore.init(tmp_path / "d", provider_id="kms",
                         provider=kmip_config(kmip, "other-tenant")) as d:  # fmt: skip
