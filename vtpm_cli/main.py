@@ -51,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rekey": ("vtpm_cli.keyprovider_cmds", "Rewrap a vTPM's data key under a new key-encryption key (--to another provider)."),
     "verifier": ("vtpm_cli.verifier_cmds", "Run the attestation service."),
     "attest": ("vtpm_cli.verifier_cmds", "Register + activate on first use, then challenge, quote, evidence; print the verdict."),
+    "agent": ("vtpm_cli.agent_cmds", "Register once, then attest on the verifier's cadence; ride out outages."),
     "check": ("vtpm_cli.verifier_cmds", "Exit 0 only if the latest verdict is affirming, fresh and under the policy."),
     "vm": ("vtpm_cli.demo_cmds", "Boot real VMs (QEMU + OVMF + systemd-boot) with a vTPM attached."),
     "demo": ("vtpm_cli.demo_cmds", "CA + verifier + vTPM + measured boot: an affirming and a contraindicated attestation."),

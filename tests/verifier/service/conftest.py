@@ -118,9 +118,10 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Server:
+    def start(self, port: int | None = None) -> Server:
+        """Start on a free port (or on ``port``: a restart where clients expect it)."""
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = port or free_port()
             self.log = self.home / f"serve-{self.port}.log"
             cmd = [
                 sys.executable,

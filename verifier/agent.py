@@ -1,0 +1,228 @@
+"""`vtpm agent`: the attester as one long-running process in the guest (issue 16).
+
+It registers once (EK certificate from NV, the AK a primary key derived from
+the endorsement seed, so the same AK comes back after any restart without a
+key blob on disk; see :mod:`verifier.attester`), activates, keeps the attester
+id and token in its state file, then attests on the cadence the verifier
+answers with (``next_attestation_s``, 60 s until the first answer).
+
+Faults:
+
+- The verifier unreachable or answering 5xx/429: capped exponential backoff
+  with jitter (``uniform(d/2, d)``, ``d = min(cap, base * 2**n)``, never below
+  ``min_delay_s``), then the next round resumes with the same id and token:
+  no re-registration.
+- The TPM failing or the event log unreadable: the evidence API has no route
+  for "my TPM is broken", so the agent logs one line naming the fault and,
+  after ``tpm_retries`` failed rounds in a row, exits 1 (systemd restarts it
+  slowly, see contrib/systemd/vtpm-agent.service). The verifier sees the
+  missing evidence as the attester going ``stale``.
+- A 4xx answer (token revoked, attester deleted, evidence refused) is not
+  retried as an outage: the round counts as failed and is logged with the
+  verifier's detail.
+
+The event log is sent on every round: the verifier appraises each evidence on
+its own (the policy's boot-event rules need the log each time), so a
+quote-only round would fail a policy. ``ima_delta`` is the hook for IMA lists
+(runtime-integrity issue): None until the evidence API accepts a list.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from verifier.attester import (
+    AttesterState,
+    TpmAttester,
+    VerifierError,
+    attest_once,
+    enroll,
+)
+from vtpm_core.errors import ConfigError, TpmError, VtpmTrustError
+
+__all__ = ["Agent", "AgentConfig", "Backoff", "RoundOutcome"]
+
+LOG = logging.getLogger("vtpm.agent")
+DEFAULT_CADENCE_S = 60.0
+TRUSTED = frozenset({"affirming", "warning"})
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the agent needs (parsed by :mod:`verifier.agent_config`)."""
+
+    url: str
+    tcti: str
+    state_file: Path
+    ca_bundle: Path | None = None
+    token: str | None = None
+    attester_id: str | None = None
+    event_log: Path | None = None
+    vm_id: str | None = None
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    min_delay_s: float = 0.2
+    tpm_retries: int = 3
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter; ``reset`` after a success."""
+
+    base_s: float
+    cap_s: float
+    floor_s: float
+    rng: random.Random
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return max(self.floor_s, self.rng.uniform(ceiling / 2, ceiling))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """One round: the verdict (``None`` when no evidence was appraised) and why not."""
+
+    status: str | None
+    state: str | None
+    next_s: float
+    fault: str | None = None  # "verifier" (retry with backoff), "tpm", "refused"
+
+    @property
+    def trusted(self) -> bool:
+        return self.status in TRUSTED
+
+
+class Agent:
+    """Register once, then rounds of challenge -> quote -> evidence."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._sleep = sleep
+        self.backoff = Backoff(
+            config.backoff_base_s, config.backoff_cap_s, config.min_delay_s, rng or random.Random()
+        )
+        self._http = requests.Session()
+        self._http.verify = str(config.ca_bundle) if config.ca_bundle else True
+        self._cadence = DEFAULT_CADENCE_S
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _state(self, tpm: TpmAttester) -> AttesterState:
+        url = self.config.url
+        if self.config.token and self.config.attester_id:
+            return AttesterState(url, self.config.attester_id, self.config.token)
+        state = AttesterState.load(self.config.state_file)
+        if state is not None and state.verifier == url:
+            return state
+        state = enroll(self._http, url, tpm, vm_id=self.config.vm_id)
+        state.save(self.config.state_file)
+        LOG.info("registered and activated as attester %s", state.attester_id)
+        return state
+
+    def _event_log(self) -> bytes | None:
+        path = self.config.event_log
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise TpmError(f"event log {path} unreadable: {exc.strerror or exc}") from None
+
+    def ima_delta(self) -> bytes | None:
+        """Hook for the IMA list entries since the last round (not sent yet)."""
+        return None
+
+    def round(self) -> RoundOutcome:
+        """One attestation; faults become an outcome, never an exception."""
+        try:
+            with TpmAttester.open(self.config.tcti) as tpm:
+                state = self._state(tpm)
+                log = self._event_log()
+                result = attest_once(self._http, state, tpm, log)
+        except VerifierError as exc:
+            outage = exc.status == 0 or exc.status >= 500 or exc.status == 429
+            LOG.warning("verifier %s: %s", self.config.url, exc.detail)
+            return RoundOutcome(None, None, self._cadence, "verifier" if outage else "refused")
+        except ConfigError:
+            raise
+        except VtpmTrustError as exc:  # TpmError, a malformed challenge, an unreadable log
+            LOG.error("TPM fault, no evidence sent: %s", exc)
+            return RoundOutcome(None, None, self._cadence, "tpm")
+        except Exception as exc:  # tpm2-pytss raises its own TSS2_Exception mid-command
+            LOG.error("TPM fault, no evidence sent: %s", exc)
+            return RoundOutcome(None, None, self._cadence, "tpm")
+        self._cadence = _cadence(result)
+        LOG.info(
+            "attester %s: %s (state %s), next in %.0f s",
+            state.attester_id,
+            result.get("status"),
+            result.get("state"),
+            self._cadence,
+        )
+        return RoundOutcome(str(result.get("status")), _opt_str(result.get("state")), self._cadence)
+
+    def once(self, *, outage_attempts: int = 5) -> RoundOutcome:
+        """``--once``: one appraised round, riding out a short outage (bounded attempts)."""
+        outcome = self.round()
+        for _ in range(outage_attempts - 1):
+            if outcome.fault != "verifier":
+                break
+            self._sleep(self.backoff.next_delay())
+            outcome = self.round()
+        return outcome
+
+    def run(self, *, rounds: int | None = None) -> int:
+        """Attest until stopped (or ``rounds`` appraised); the exit status on a TPM give-up."""
+        tpm_faults = 0
+        done = 0
+        while rounds is None or done < rounds:
+            outcome = self.round()
+            if outcome.fault == "verifier":
+                delay = self.backoff.next_delay()
+                LOG.info("retrying in %.1f s (attempt %d)", delay, self.backoff.failures)
+                self._sleep(delay)
+                continue
+            self.backoff.reset()
+            if outcome.fault == "tpm":
+                tpm_faults += 1
+                if tpm_faults >= self.config.tpm_retries:
+                    LOG.error("giving up after %d TPM faults in a row", tpm_faults)
+                    return 1
+                self._sleep(max(self.config.min_delay_s, min(outcome.next_s, 30.0)))
+                continue
+            tpm_faults = 0
+            done += 1
+            self._sleep(max(self.config.min_delay_s, outcome.next_s))
+        return 0
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _cadence(result: dict[str, Any]) -> float:
+    value = result.get("next_attestation_s")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return DEFAULT_CADENCE_S
