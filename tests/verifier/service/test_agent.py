@@ -246,6 +246,12 @@ def test_once_exit_status_and_bad_config(
     assert ok.returncode == 0, ok.stderr
     doc = json.loads(ok.stdout)
     assert doc["state"] == "trusted" and doc["next_attestation_s"] == CADENCE_S
+    # a token the verifier refuses: one round, not retried as an outage
+    aid = json.loads(a.state_file.read_text())["attester_id"]
+    t0 = time.monotonic()
+    refused = once(a, "--json", VTPM_AGENT_TOKEN="wrong", VTPM_AGENT_ATTESTER_ID=aid)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["fault"] == "refused"
+    assert "verifier http://127.0.0.1:" in refused.stderr and time.monotonic() - t0 < 10
     # the verifier unreachable: a bounded number of attempts, then exit 1
     t0 = time.monotonic()
     down = once(a, VTPM_AGENT_URL="http://127.0.0.1:9")
