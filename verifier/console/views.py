@@ -13,6 +13,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from verifier.console.fleet import PAGE_SIZES, FleetQuery, fleet_counts, fleet_page
 from verifier.console.session import COOKIE, MAX_AGE_S, ConsoleSession, SessionSigner
+from verifier.console.timeline import build_timeline, load_evidence
 from verifier.service.auth import Authenticator, Principal, Role
 from verifier.service.errors import AuthenticationError
 from verifier.service.models import ATTESTER_STATES
@@ -166,5 +167,23 @@ def console_blueprint(
         if s is None:
             return redirect(url_for("console.login_form"), code=303)
         return render_template("console/attester.html", s=s, a=attester_data(attester_id))
+
+    def timeline_data(attester_id: str) -> dict[str, Any]:
+        attester = services.attesters.get(attester_id)  # NotFoundError: 404
+        data = build_timeline(load_evidence(services.attesters.db, attester_id))
+        data["attester"] = {k: attester[k] for k in ("id", "vm_id", "state", "policy")}
+        return data
+
+    @bp.get("/api/attesters/<attester_id>/timeline")
+    def api_timeline(attester_id: str) -> Response:
+        api_principal()
+        return jsonify(timeline_data(attester_id))
+
+    @bp.get("/attesters/<attester_id>/timeline")
+    def timeline(attester_id: str) -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        return render_template("console/timeline.html", s=s, t=timeline_data(attester_id))
 
     return bp

@@ -33,6 +33,7 @@ __all__ = [
     "Attester",
     "AttesterTransition",
     "Base",
+    "LatestEvidence",
     "Nonce",
     "Policy",
     "Result",
@@ -189,6 +190,25 @@ class Result(Base):
     nonce: Mapped[str] = mapped_column(String(128))
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
     ear: Mapped[str] = mapped_column(Text)
+
+
+class LatestEvidence(Base):
+    """The evidence behind an attester's latest result (migration 0007), for the console.
+
+    ``pcrs``: ``{bank: {index: hex}}`` as submitted; they are the TPM's only when
+    ``quote_verified``. ``event_log``: the TCG log as submitted (None: none sent).
+    """
+
+    __tablename__ = "latest_evidence"
+
+    attester_id: Mapped[str] = mapped_column(
+        ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
+    )
+    result_id: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    quote_verified: Mapped[bool] = mapped_column(Boolean)
+    pcrs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    event_log: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Policy(Base):

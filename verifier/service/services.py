@@ -53,6 +53,7 @@ from verifier.service.models import (
     Assignment,
     Attester,
     AttesterTransition,
+    LatestEvidence,
     Nonce,
     Policy,
     Result,
@@ -150,6 +151,14 @@ _RESULT_AND_ATTESTER_PG = (
 _TRANSITION_INSERT = (
     "INSERT INTO attester_transitions (attester_id, from_state, to_state, at, cause, result_id)"
     " VALUES (:aid, :from_state, :to_state, :now, :cause, :rid)"
+)
+# the evidence behind the latest result, for the console's timeline (migration 0007)
+_EVIDENCE_UPSERT = (
+    "INSERT INTO latest_evidence (attester_id, result_id, received_at, quote_verified, pcrs,"
+    " event_log) VALUES (:aid, :rid, :now, :qv, :pcrs, :log)"
+    " ON CONFLICT (attester_id) DO UPDATE SET result_id = excluded.result_id,"
+    " received_at = excluded.received_at, quote_verified = excluded.quote_verified,"
+    " pcrs = excluded.pcrs, event_log = excluded.event_log"
 )
 _NONCE_STATE = "SELECT attester_id, used, expires_at FROM nonces WHERE nonce = :n"
 
@@ -384,7 +393,14 @@ class AttesterService:
     def delete(self, attester_id: str) -> None:
         with self.db.transaction() as session:
             attester = _get_attester(session, attester_id, lock=True)
-            for table in (Nonce, Result, Assignment, ActivationChallenge, AttesterTransition):
+            for table in (
+                Nonce,
+                Result,
+                Assignment,
+                ActivationChallenge,
+                AttesterTransition,
+                LatestEvidence,
+            ):
                 session.execute(delete(table).where(table.attester_id == attester_id))
             session.delete(attester)
 
@@ -627,6 +643,22 @@ class EvidenceService:
                     inserted = conn.one(_RESULT_AND_ATTESTER_PG, values)
                     assert inserted is not None
                 result_id = int(inserted[0])
+                conn.run(
+                    _EVIDENCE_UPSERT,
+                    {
+                        "aid": attester_id,
+                        "rid": result_id,
+                        "now": values["now"],
+                        "qv": appraisal.quote_verified,
+                        "pcrs": conn.json_in(
+                            {
+                                bank: {str(i): v.hex() for i, v in sorted(pcrs.items())}
+                                for bank, pcrs in sorted(evidence.pcrs.items())
+                            }
+                        ),
+                        "log": evidence.event_log,
+                    },
+                )
                 if values["changed"]:
                     # in the same transaction as the state it records: never lost,
                     # never twice (the attester row is locked until the commit)

@@ -10,6 +10,7 @@ from vtpm_core.measured_boot.simulator import (
     SimulatedBoot,
     active_banks,
     build_boot_log,
+    extend_pcrs,
     simulate_boot,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "SimulatedBoot",
     "active_banks",
     "build_boot_log",
+    "extend_pcrs",
     "simulate_boot",
 ]

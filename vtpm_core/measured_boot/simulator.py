@@ -34,7 +34,7 @@ from vtpm_core.measured_boot.tcg_log import BANK_ALG_IDS, EventLogWriter, EventT
 if TYPE_CHECKING:
     from tpm2_pytss import ESAPI
 
-__all__ = ["SimulatedBoot", "active_banks", "build_boot_log", "simulate_boot"]
+__all__ = ["SimulatedBoot", "active_banks", "build_boot_log", "extend_pcrs", "simulate_boot"]
 
 # Owner GUID of the signature entries the simulator writes (any fixed GUID).
 _OWNER = uuid.UUID("0e5d4f66-8b1a-4b8e-9d6f-7674706d2d74")
@@ -154,11 +154,16 @@ def simulate_boot(
     ``banks`` defaults to every allocated bank of the TPM, so the log covers
     what a verifier may quote. Does not reset PCRs: start from a fresh TPM.
     """
+    chosen = tuple(banks) if banks is not None else active_banks(esapi)
+    return extend_pcrs(esapi, build_boot_log(desc, chosen))
+
+
+def extend_pcrs(esapi: ESAPI, log: EventLogWriter) -> SimulatedBoot:
+    """Extend the TPM's PCRs with every event of ``log`` (a :func:`build_boot_log` with
+    events added, say); the log's bytes and the PCR values it extends to."""
     from tpm2_pytss.constants import ESYS_TR
     from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 
-    chosen = tuple(banks) if banks is not None else active_banks(esapi)
-    log = build_boot_log(desc, chosen)
     for pcr, digests in log.extends():
         values = [
             TPMT_HA(hashAlg=BANK_ALG_IDS[bank][0], digest=TPMU_HA(**{bank: digest}))

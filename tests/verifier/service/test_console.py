@@ -3,6 +3,7 @@ swtpm attestations; a hostile kernel command line is shown escaped."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +15,29 @@ from tests.verifier.service.conftest import Service
 from tests.verifier.service.test_http import attest, register
 from verifier.eventlog import EventLog
 from verifier.policy import learn_policy
-from vtpm_core.measured_boot import BootDescription, simulate_boot
+from vtpm_core.measured_boot import BootDescription, build_boot_log, extend_pcrs, uefi
+from vtpm_core.measured_boot.tcg_log import EventLogWriter, EventType
 from vtpm_core.swtpm import SwtpmProcess
 
 pytestmark = [pytest.mark.swtpm]
 
 HOSTILE = "root=/dev/vda <script>alert(1)</script>"
+HOSTILE_VAR = "Boot<script>alert(2)</script>"
+CLAIM = b"Calling EFI Application from Boot Option"
+MEASURED = b"something else was measured"
+
+
+def _bad_boot(log: EventLogWriter) -> None:
+    """The hostile VM's extra events: a boot variable whose name is markup, and a forged
+    EV_EFI_ACTION (its data says CLAIM, its digest is of MEASURED)."""
+    log.add(
+        1,
+        EventType.EV_EFI_VARIABLE_BOOT,
+        uefi.variable_data(uefi.EFI_GLOBAL_VARIABLE, HOSTILE_VAR, b"\x00\x00"),
+    )
+    log.add_digests(
+        4, EventType.EV_EFI_ACTION, CLAIM, {"sha256": hashlib.sha256(MEASURED).digest()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +48,10 @@ def fleet(service: Service, tpm_factory: Callable[[], SwtpmProcess]) -> dict[str
     for name, cmdline in (("good", "root=/dev/vda ro"), ("bad", HOSTILE)):
         tpm = tpm_factory()
         esapi = tpm.esapi()
-        boot = simulate_boot(BootDescription(kernel_cmdline=cmdline), esapi, ["sha256"])
+        writer = build_boot_log(BootDescription(kernel_cmdline=cmdline), ["sha256"])
+        if name == "bad":
+            _bad_boot(writer)
+        boot = extend_pcrs(esapi, writer)
         esapi.close()
         state = register(service, tpm, vm_id=f"vm-console-{name}")
         log = EventLog.parse(boot.eventlog)
@@ -199,3 +220,66 @@ def test_logout_needs_the_csrf_token(service: Service) -> None:
     assert r.status_code == 200 and "<h1>Log in</h1>" in r.text
     r = http.get(f"{service.url}/console/", allow_redirects=False, timeout=30)
     assert r.status_code == 303
+
+
+def _event_row(page: str, index: int) -> str:
+    row = re.search(rf'<tr id="event-{index}" class="([^"]*)">(.*?)</tr>', page, re.S)
+    assert row is not None, f"event {index} not on the page"
+    return row.group(1) + row.group(2)
+
+
+def test_timeline_marks_the_failing_and_the_forged_events(
+    service: Service, fleet: dict[str, Any]
+) -> None:
+    http = _login(service, service.reader)
+    bad_id = fleet["bad"]["state"].attester_id
+    j = http.get(f"{service.url}/console/api/attesters/{bad_id}/timeline", timeout=30).json()
+    assert j["proven"] is True and j["log_error"] is None
+    assert j["evidence"]["result_id"] == fleet["bad"]["result"]["id"]
+    phases = [p["phase"] for p in j["phases"]]
+    assert phases == ["firmware", "secure-boot", "boot-applications", "kernel"]
+    events = {e["index"]: e for p in j["phases"] for g in p["pcrs"] for e in g["events"]}
+    by_phase = {p["phase"]: [g["pcr"] for g in p["pcrs"]] for p in j["phases"]}
+    assert by_phase["secure-boot"] == [7] and by_phase["kernel"] == [9, 12]
+    # the forged event: no decoded data, its claim only as a claim
+    (forged,) = [e for e in events.values() if e["trust"] == "forged"]
+    assert forged["type"] == "EV_EFI_ACTION" and forged["pcr"] == 4
+    assert forged["data"] is None and forged["decoded"] is None
+    assert forged["untrusted_claim"] == repr(CLAIM.decode())
+    # the failing rule, on its event, with expected and actual
+    (cmdline,) = [e for e in events.values() if e["failures"]]
+    assert cmdline["type"] == "EV_IPL" and cmdline["trust"] == "verified"
+    assert cmdline["failures"][0]["rule"] == "kernel_cmdline"
+    assert cmdline["failures"][0]["expected"] == "'root=/dev/vda ro'"
+    assert cmdline["failures"][0]["actual"] == repr(HOSTILE)
+    # the hostile boot variable: its name decoded, verified data, name not covered
+    (var,) = [e for e in events.values() if e["data"] and HOSTILE_VAR in e["data"]]
+    assert var["pcr"] == 1 and var["trust"] == "verified" and var["digest_covers"]
+
+    page = http.get(f"{service.url}/console/attesters/{bad_id}/timeline", timeout=30)
+    assert page.status_code == 200
+    html = page.text
+    assert "<script>" not in html and "<script" not in html
+    assert "Boot&lt;script&gt;alert(2)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    row = _event_row(html, forged["index"])
+    assert "trust-row-forged" in row and "UNTRUSTED: the data does not match its digest" in row
+    assert f"<del>{repr(CLAIM.decode()).replace(chr(39), '&#39;')}</del>" in row
+    assert 'class="decoded"' not in row  # never shown as what was measured
+    row = _event_row(html, cmdline["index"])
+    assert "failed" in row and "kernel_cmdline" in row
+    assert re.search(r'class="mono expected">[^<]*root=/dev/vda ro', row)
+    assert re.search(r'class="mono actual">[^<]*&lt;script&gt;alert\(1\)', row)
+    # the attester page links the failing rule to its event on the timeline
+    attester = http.get(f"{service.url}/console/attesters/{bad_id}", timeout=30).text
+    link = f"/console/attesters/{bad_id}/timeline#event-{cmdline['index']}"
+    assert f'href="{link}"' in attester
+    # the good VM: every event proven, nothing failed
+    good = http.get(
+        f"{service.url}/console/api/attesters/{fleet['good']['state'].attester_id}/timeline",
+        timeout=30,
+    ).json()
+    trusts = {e["trust"] for p in good["phases"] for g in p["pcrs"] for e in g["events"]}
+    assert trusts <= {"verified", "described"} and good["failures"] == []
+    r = http.get(f"{service.url}/console/api/attesters/nope/timeline", timeout=30)
+    assert r.status_code == 404
