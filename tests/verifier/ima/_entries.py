@@ -1,7 +1,8 @@
-"""Plain-value IMA entries for the policy tests, built the way the kernel builds them.
+"""IMA entries for the tests, built the way the kernel builds them, read by the real parser.
 
-Until ``verifier.ima.entries.ImaEntry`` lands these stand in for parsed
-entries: same attribute names, template data serialised as the kernel does
+:class:`Entry` is a specification with the attribute names of
+``verifier.ima.entries.ImaEntry`` (appraisal accepts either); ``to_bytes``
+serialises it on its own, independently of the parser, as the kernel does
 (security/integrity/ima/ima_template_lib.c: each field as a little-endian
 u32 length and its data; ``d-ng`` is ``<algo>:\\0<digest>``, ``n-ng`` the
 path with its NUL), template digests per bank as newer kernels extend
@@ -16,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+
+from verifier.ima.entries import ImaEntry
+from verifier.ima.parse import parse_list
 
 BANK_HASH = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
@@ -43,27 +47,27 @@ class Entry:
             return dng + nng + f(self.signature or b"")
         if self.template_name == "ima-buf":
             return dng + nng + f(self.buf or b"")
-        raise ValueError(self.template_name)
+        return dng + nng  # a template the parser does not know: read as opaque fields
 
     def template_hash(self) -> bytes:
         if self.is_violation:
             return b"\0" * 20
         return hashlib.sha1(self.template_data()).digest()
 
+    def to_bytes(self) -> bytes:
+        """The entry as binary_runtime_measurements holds it (ima_fs.c)."""
+        name = self.template_name.encode()
+        head = struct.pack("<I", self.pcr) + self.template_hash() + struct.pack("<I", len(name))
+        return head + name + struct.pack("<I", len(self.template_data())) + self.template_data()
+
+    def parsed(self, index: int = 0) -> ImaEntry:
+        """What the real parser makes of ``to_bytes``."""
+        (entry,) = parse_list(self.to_bytes(), offset_index=index)
+        return entry
+
     def ascii_line(self) -> str:
         """The line /sys/kernel/security/ima/ascii_runtime_measurements prints."""
-        fields = [
-            str(self.pcr),
-            self.template_hash().hex(),
-            self.template_name,
-            f"{self.digest_algo}:{self.digest.hex()}",
-            self.path.replace(" ", "_"),
-        ]
-        if self.template_name == "ima-sig":
-            fields.append((self.signature or b"").hex())
-        elif self.template_name == "ima-buf":
-            fields.append((self.buf or b"").hex())
-        return " ".join(fields)
+        return self.parsed().to_ascii()
 
 
 def extend_values(entry: Entry) -> dict[str, bytes]:
