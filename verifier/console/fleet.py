@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, Select, func, or_, select
 
 from verifier.service.db import Database
 from verifier.service.models import ATTESTER_STATES, Assignment, Attester, Result
 from vtpm_core.errors import ParseError
 
-__all__ = ["PAGE_SIZES", "SORTS", "FleetQuery", "fleet_counts", "fleet_page"]
+__all__ = ["PAGE_SIZES", "SORTS", "FleetQuery", "fleet_counts", "fleet_page", "page_select"]
 
 PAGE_SIZES = (25, 50, 100)
 MAX_PAGE = 100_000
@@ -110,17 +110,26 @@ def _flag_codes(flags: Any) -> list[str]:
     return [str(f.get("flag", "?")) if isinstance(f, dict) else str(f) for f in flags]
 
 
-def fleet_page(
-    db: Database, query: FleetQuery, now: datetime, counts: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """One page of the fleet table; ``total`` counts the matches of the search.
+def page_select(query: FleetQuery) -> Select[Any]:
+    """The statement of one fleet page (bench/console.py explains it).
 
-    ``counts`` (from :func:`fleet_counts`) saves the count query when nothing is filtered:
-    the total is then their sum."""
-    where = query.where()
+    A deferred join: the inner query picks the page's ids from the sort's index alone
+    (skipping OFFSET index entries, no join), the outer one joins only those rows; a
+    single query with the joins makes PostgreSQL sort the joined table for a deep page."""
     col = SORTS[query.sort]
-    order = (col.desc(), Attester.id.desc()) if query.descending else (col.asc(), Attester.id)
-    stmt = (
+    if query.descending:
+        order: tuple[Any, ...] = (col.desc(), Attester.id.desc())
+    else:
+        order = (col.asc(), Attester.id.asc())
+    ids = (
+        select(Attester.id)
+        .where(*query.where())
+        .order_by(*order)
+        .limit(query.size)
+        .offset((query.page - 1) * query.size)
+        .subquery("page")
+    )
+    return (
         select(
             Attester.id,
             Attester.vm_id,
@@ -134,13 +143,22 @@ def fleet_page(
             Assignment.policy_name,
             Result.status,
         )
+        .join(ids, ids.c.id == Attester.id)
         .outerjoin(Result, Result.id == Attester.latest_result_id)
         .outerjoin(Assignment, Assignment.attester_id == Attester.id)
-        .where(*where)
         .order_by(*order)
-        .limit(query.size)
-        .offset((query.page - 1) * query.size)
     )
+
+
+def fleet_page(
+    db: Database, query: FleetQuery, now: datetime, counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """One page of the fleet table; ``total`` counts the matches of the search.
+
+    ``counts`` (from :func:`fleet_counts`) saves the count query when nothing is filtered:
+    the total is then their sum."""
+    where = query.where()
+    stmt = page_select(query)
     with db.read() as session:
         rows = session.execute(stmt).all()
         if where or counts is None:
