@@ -14,7 +14,6 @@ recorded is ``None`` (OCSP "unknown"), never "good".
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import re
 import threading
@@ -25,7 +24,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from vtpm_core.errors import ConfigError, ConflictError, NotFoundError, StateError
+from vtpm_core.dbfast import FastPath
+from vtpm_core.errors import (
+    ConfigError,
+    ConflictError,
+    ConstraintError,
+    NotFoundError,
+    StateError,
+)
 
 __all__ = ["CertRecord", "Ledger"]
 
@@ -128,6 +134,7 @@ class Ledger:
         self._by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
         # hot-path statements built once (building them per call costs more than SQLite)
         self._insert = self.certs.insert()
+        self._checkpointer_lock = threading.Lock()
         self._fast_sql()
         self._complete = (
             self.certs.update()
@@ -143,15 +150,12 @@ class Ledger:
         self.meta.drop_all(self.engine)
 
     def close(self) -> None:
-        with self._held_lock:
-            held = list(self._held)
-            self._held.clear()
-            self._generation += 1  # threads' cached connections are closed: reconnect
+        if self._fastpath is not None:
+            self._fastpath.close()
+        with self._checkpointer_lock:
             checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.stop()
-        for raw in held:
-            raw.close()
         self.engine.dispose()
 
     # -- reads ---------------------------------------------------------------
@@ -236,115 +240,74 @@ class Ledger:
         return self._write(self._complete_sql, params, self._complete, _COMPLETE_PARAMS)
 
     # The two writes of every issuance bypass SQLAlchemy's statement execution (it costs
-    # ~5x what SQLite itself does): fixed SQL in the driver's paramstyle, values through
-    # the column types' own bind processors, on a pooled DBAPI connection. Reads and
-    # every other write use SQLAlchemy Core.
+    # ~5x what SQLite itself does): fixed SQL on the shared DB-API fast path
+    # (vtpm_core.dbfast: one connection per thread, retried once on a disconnect), values
+    # through the column types' own bind processors. Reads and every other write use
+    # SQLAlchemy Core.
     def _fast_sql(self) -> None:
         dialect = self.engine.dialect
-        self._fast = dialect.name in ("sqlite", "postgresql")
-        mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        insert_cols = list(_INSERT_COLUMNS)
-        self._insert_sql = (
-            f"INSERT INTO {self.certs.name} ({', '.join(insert_cols)}) "  # noqa: S608 - checked prefix
-            f"VALUES ({', '.join([mark] * len(insert_cols))})"
-        )
-        self._complete_sql = (
-            f"UPDATE {self.certs.name} SET status = 'issued', certificate_der = {mark} "  # noqa: S608
-            f"WHERE serial = {mark} AND status = 'pending'"
-        )
-        # (position, processor) per statement; empty on SQLite and psycopg, whose
-        # column types bind these values as they are
-        types = {name: self.certs.c[name].type for name in insert_cols}
-        types["b_der"] = self.certs.c.certificate_der.type
-        types["b_serial"] = self.certs.c.serial.type
-        self._processors: dict[tuple[str, ...], tuple[tuple[int, Any], ...]] = {}
-        for names in (_INSERT_COLUMNS, _COMPLETE_PARAMS):
-            self._processors[names] = tuple(
-                (i, processor)
-                for i, name in enumerate(names)
-                if (processor := types[name].bind_processor(dialect)) is not None
-            )
-        # Each thread keeps one DBAPI connection for these writes, detached from the
-        # pool (a pool checkout and checkin cost ~11 us per issuance); close() closes
-        # them all, and one that fails is dropped and replaced on the next write.
-        self._local = threading.local()
-        self._held: list[Any] = []
-        self._held_lock = threading.Lock()
-        self._generation = 0
         self._sqlite = dialect.name == "sqlite"
         self._checkpointer = None
+        self._fastpath = (
+            FastPath(self.engine, "ledger", self._on_fast_connect)
+            if dialect.name in ("sqlite", "postgresql")
+            else None
+        )
+        self._insert_sql = (
+            f"INSERT INTO {self.certs.name} ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 - checked prefix
+            f"VALUES ({', '.join(':' + c for c in _INSERT_COLUMNS)})"
+        )
+        self._complete_sql = (
+            f"UPDATE {self.certs.name} SET status = 'issued', certificate_der = :b_der "  # noqa: S608
+            "WHERE serial = :b_serial AND status = 'pending'"
+        )
+        # (name, processor) per statement; empty on SQLite and psycopg, whose
+        # column types bind these values as they are
+        types = {name: self.certs.c[name].type for name in _INSERT_COLUMNS}
+        types["b_der"] = self.certs.c.certificate_der.type
+        types["b_serial"] = self.certs.c.serial.type
+        self._processors: dict[tuple[str, ...], tuple[tuple[str, Any], ...]] = {}
+        for names in (_INSERT_COLUMNS, _COMPLETE_PARAMS):
+            self._processors[names] = tuple(
+                (name, processor)
+                for name in names
+                if (processor := types[name].bind_processor(dialect)) is not None
+            )
 
-    def _hot_connection(self) -> tuple[int, Any, Any, Any]:
-        """(generation, pooled connection, its one cursor, its DBAPI commit) of this thread."""
-        cached = getattr(self._local, "raw", None)
-        if cached is not None and cached[0] == self._generation:
-            return cached  # type: ignore[no-any-return]
-        raw = self.engine.raw_connection()
-        raw.detach()
-        connection: Any = raw.dbapi_connection
-        if self._sqlite:
-            # autocommit: each statement is its own transaction (what _write wants)
-            # without the module's implicit BEGIN and the separate COMMIT
-            connection.isolation_level = None
-            # the checkpointer thread checkpoints for this connection; its own automatic
-            # checkpoint stays as a backstop should that thread fall behind
-            cursor = raw.cursor()
-            cursor.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
-            cursor.close()
-        # one DBAPI cursor per hot connection, reused by every write (making and
-        # closing one per statement cost ~2 us each)
-        hot = (self._generation, raw, connection.cursor(), connection.commit)
-        with self._held_lock:
-            self._held.append(raw)
-            self._local.raw = hot
-            if self._sqlite and self._checkpointer is None:
+    def _on_fast_connect(self, connection: Any) -> None:
+        if not self._sqlite:
+            return
+        # the checkpointer thread checkpoints for this connection; its own automatic
+        # checkpoint stays as a backstop should that thread fall behind
+        cursor = connection.cursor()
+        cursor.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
+        cursor.close()
+        with self._checkpointer_lock:
+            if self._checkpointer is None:
                 self._checkpointer = _Checkpointer(self.engine)
-        return hot
-
-    def _drop_hot_connection(self, raw: Any) -> None:
-        self._local.raw = None
-        with self._held_lock:
-            if raw in self._held:
-                self._held.remove(raw)
-        with contextlib.suppress(Exception):  # it failed already; the caller raises
-            raw.close()
 
     def _write(self, sql: str, values: tuple[Any, ...], core: Any, names: tuple[str, ...]) -> bool:
         """Run one statement in its own transaction; False on a constraint violation.
 
         ``values`` are the statement's parameters in ``names``' order.
         """
-        if not self._fast:
+        params = dict(zip(names, values, strict=True))
+        if self._fastpath is None:
             try:
                 with self.engine.begin() as conn:
-                    return bool(
-                        conn.execute(core, dict(zip(names, values, strict=True))).rowcount == 1
-                    )
+                    return bool(conn.execute(core, params).rowcount == 1)
             except IntegrityError:
                 return False
-        processors = self._processors[names]
-        if processors:
-            params = list(values)
-            for i, processor in processors:
-                if params[i] is not None:
-                    params[i] = processor(params[i])
-            values = tuple(params)
-        dbapi = self.engine.dialect.dbapi
-        assert dbapi is not None
-        _, raw, cursor, commit = self._hot_connection()
+        for name, processor in self._processors[names]:
+            if params[name] is not None:
+                params[name] = processor(params[name])
         try:
-            cursor.execute(sql, values)
-            count = cursor.rowcount
-            commit()
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
-        except dbapi.IntegrityError:
-            raw.rollback()
+            count = self._fastpath.connection().run(sql, params)
+        except ConstraintError:
             return False
-        except dbapi.Error as exc:
-            self._drop_hot_connection(raw)
-            raise StateError(f"ledger unavailable: {exc}") from exc
-        return bool(count == 1)
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+        return count == 1
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
         """Record a clone by copy: the same EK (same certificate) bound to another VM."""

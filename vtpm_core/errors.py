@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "ConflictError",
+    "ConstraintError",
     "NotFoundError",
     "ParseError",
     "PermissionDeniedError",
@@ -60,6 +61,10 @@ class NotFoundError(VtpmTrustError):
 
 class ConflictError(VtpmTrustError):
     """The request contradicts what is already recorded."""
+
+
+class ConstraintError(ConflictError):
+    """A database constraint refused a write (a UNIQUE key taken, a foreign key gone)."""
 
 
 class PermissionDeniedError(VtpmTrustError):

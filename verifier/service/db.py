@@ -1,7 +1,8 @@
 """Database engines, transactions and Alembic migrations of the attestation service.
 
-The hot paths (challenge, evidence) run their few statements on a bare pooled
-DB-API connection (:meth:`Database.raw`, :class:`RawConnection`): the driver
+The hot paths (challenge, evidence) run their few statements on the shared
+DB-API fast path (:mod:`vtpm_core.dbfast`, through :meth:`Database.raw` and
+:class:`RawConnection`): the driver
 executes SQL written once, without SQLAlchemy's per-statement compilation,
 result and event machinery, which cost more than the statements themselves.
 Values are stored exactly as SQLAlchemy stores them (SQLite: naive-UTC
@@ -22,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +37,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from vtpm_core.dbfast import FastPath
 from vtpm_core.errors import ConfigError
 
 __all__ = ["Database", "RawConnection", "make_engine", "schema_is_current", "upgrade"]
@@ -137,84 +138,37 @@ class _SqliteWriteQueue:
             self._fd, self._pid = -1, 0
 
 
-_PARAM = re.compile(r"(?<![:\w]):(\w+)")
-
-
 class RawConnection:
-    """A pooled DB-API connection in autocommit mode for the hot paths.
+    """This thread's fast connection (vtpm_core.dbfast) for one request's hot-path statements.
 
     SQL uses ``:name`` parameters. Outside :meth:`write` each statement is its
     own transaction (one consistent snapshot); inside it, the block's statements
     are one transaction, SQLite's begun ``IMMEDIATE`` (the write lock first, as
-    everywhere else in the service). Explicit BEGIN/COMMIT rather than the
-    driver's implicit transactions: on PostgreSQL that saves the round trip of
-    a BEGIN before every read.
-
-    The first statement on a checked-out connection that finds it disconnected
-    (a restarted PostgreSQL) is retried once on a fresh connection, after the
-    hot pool is replaced: nothing was done on the old one, and the hot pool
-    skips the pre-ping round trip.
+    everywhere else in the service). A statement that finds the database gone
+    outside a block (or at its BEGIN) is retried once on a new connection
+    (dbfast's one retry rule); constraint violations arrive as ConstraintError.
     """
 
-    __slots__ = ("_conn", "_db", "_fairy", "_fresh", "_in_tx", "sqlite")
+    __slots__ = ("_conn", "_db", "sqlite")
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._fairy: Any = db.hot_engine.raw_connection()
-        self._conn: Any = self._fairy.dbapi_connection
-        self._fresh = True
-        self._in_tx = False
+        self._conn = db.fast.connection()
         self.sqlite = db.sqlite
-
-    def _execute(self, sql: str, params: Mapping[str, Any] | tuple[()] = ()) -> Any:
-        stmt = self._db.translate(sql)
-        try:
-            return self._conn.execute(stmt, params)
-        except self._db.hot_engine.dialect.loaded_dbapi.Error as exc:
-            if not self._db.hot_engine.dialect.is_disconnect(exc, self._conn, None):
-                raise
-            self._fairy.invalidate(exc)
-            if not self._fresh:
-                raise
-            self._fresh = False
-            self._fairy.close()
-            # the database went away: every pooled connection is as dead as this one
-            self._db.hot_engine.dispose()
-            self._fairy = self._db.hot_engine.raw_connection()
-            self._conn = self._fairy.dbapi_connection
-            return self._conn.execute(stmt, params)
-        finally:
-            self._fresh = False
 
     def one(self, sql: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """The first row of a query, or None."""
-        cur = self._execute(sql, params)
-        try:
-            row = cur.fetchone()
-        finally:
-            cur.close()
-        return None if row is None else tuple(row)
+        return self._conn.one(sql, params)
 
     def run(self, sql: str, params: Mapping[str, Any]) -> int:
         """Execute a statement; the number of rows it changed."""
-        cur = self._execute(sql, params)
-        try:
-            return int(cur.rowcount)
-        finally:
-            cur.close()
+        return self._conn.run(sql, params)
 
     @contextmanager
     def write(self) -> Iterator[None]:
         """One transaction: committed when the block ends, rolled back when it raises."""
-        with self.writing():
-            self._execute("BEGIN IMMEDIATE" if self.sqlite else "BEGIN").close()
-            self._in_tx = True
-            try:
-                yield
-            except BaseException:
-                self._end("ROLLBACK")
-                raise
-            self._end("COMMIT")
+        with self.writing(), self._conn.block():
+            yield
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -230,17 +184,9 @@ class RawConnection:
         finally:
             queue.release()
 
-    def _end(self, command: str) -> None:
-        self._in_tx = False
-        self._conn.execute(command).close()
-
     def close(self) -> None:
-        """Back to the pool (an unfinished transaction rolled back first)."""
-        try:
-            if self._in_tx and self._fairy.is_valid:
-                self._end("ROLLBACK")
-        finally:
-            self._fairy.close()
+        """Done with the request (an unfinished transaction rolled back)."""
+        self._conn.reset()
 
     @property
     def for_update(self) -> str:
@@ -284,21 +230,14 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sqlite = self.engine.dialect.name == "sqlite"
-        # the hot paths' pool: autocommit (RawConnection begins and commits
-        # itself) and no pre-ping round trip (RawConnection retries instead)
-        self.hot_engine = (
-            self.engine
-            if self.sqlite
-            else create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=8)
-        )
-        self._translated: dict[str, str] = {}
+        # the hot paths' connections (one per thread, retried instead of pre-pinged)
+        self.fast = FastPath(self.engine, "verifier database")
         database = self.engine.url.database
         self.write_queue = (
             _SqliteWriteQueue(f"{database}.writers")
             if self.sqlite and database and database != ":memory:"
             else None
         )
-        self.integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(vtpm_readonly=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
@@ -325,17 +264,9 @@ class Database:
         with self._read_engine.connect() as conn:
             yield conn
 
-    def translate(self, sql: str) -> str:
-        """``:name`` parameters in the driver's style (psycopg: ``%(name)s``), cached."""
-        out = self._translated.get(sql)
-        if out is None:
-            out = sql if self.sqlite else _PARAM.sub(r"%(\1)s", sql)
-            self._translated[sql] = out
-        return out
-
     @contextmanager
     def raw(self) -> Iterator[RawConnection]:
-        """A bare pooled DB-API connection for one request's hot-path statements."""
+        """This thread's fast DB-API connection for one request's hot-path statements."""
         conn = RawConnection(self)
         try:
             yield conn
@@ -349,6 +280,5 @@ class Database:
     def dispose(self) -> None:
         if self.write_queue is not None:
             self.write_queue.close()
+        self.fast.close()
         self.engine.dispose()
-        if self.hot_engine is not self.engine:
-            self.hot_engine.dispose()

@@ -59,7 +59,13 @@ from verifier.service.models import (
     Result,
 )
 from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
-from vtpm_core.errors import ConflictError, NotFoundError, PermissionDeniedError, StateError
+from vtpm_core.errors import (
+    ConflictError,
+    ConstraintError,
+    NotFoundError,
+    PermissionDeniedError,
+    StateError,
+)
 
 __all__ = [
     "AttesterService",
@@ -469,7 +475,7 @@ class EvidenceService:
                             "false": False,
                         },
                     )
-                except self.db.integrity_error:
+                except ConstraintError:
                     raise NotFoundError(f"attester {attester_id!r} is not registered") from None
         self.metrics.challenges.inc()
         return {
