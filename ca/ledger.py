@@ -17,12 +17,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError
+from typing import TYPE_CHECKING, Any
 
 from vtpm_core.dbfast import FastPath
 from vtpm_core.errors import (
@@ -32,6 +29,9 @@ from vtpm_core.errors import (
     NotFoundError,
     StateError,
 )
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 __all__ = ["CertRecord", "Ledger"]
 
@@ -81,22 +81,23 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-class Ledger:
-    """Ledger tables (optionally name-prefixed, so tests can isolate their tables)."""
+class _Core:
+    """The ledger's SQLAlchemy side: engine, tables and prepared statements.
 
-    _checkpointer: _Checkpointer | None
+    Built on first use: a one-shot issuance on a SQLite ledger whose tables
+    exist (``vtpm create``) writes through the fast path only and never
+    imports SQLAlchemy (about 0.15 s of a cold start).
+    """
 
-    def __init__(self, url: str, *, prefix: str = "ca_") -> None:
-        if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", prefix):
-            raise ConfigError(f"ledger table prefix {prefix!r}: lower-case letters, digits, _")
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    def __init__(self, url: str, prefix: str) -> None:
+        import sqlalchemy as sa
+
         try:
             self.engine = sa.create_engine(url)
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise StateError(f"cannot open ledger database {url!r}: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.meta = sa.MetaData()
         self.certs = sa.Table(
             f"{prefix}certificates",
@@ -128,26 +129,100 @@ class Ledger:
             sa.Column("clone_of", sa.String(36)),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         )
-        self._by_ek = sa.select(self.certs).where(
-            self.certs.c.ek_public_sha256 == sa.bindparam("h")
-        )
-        self._by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
-        # hot-path statements built once (building them per call costs more than SQLite)
-        self._insert = self.certs.insert()
-        self._checkpointer_lock = threading.Lock()
-        self._fast_sql()
-        self._complete = (
+        self.by_ek = sa.select(self.certs).where(self.certs.c.ek_public_sha256 == sa.bindparam("h"))
+        self.by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
+        self.insert = self.certs.insert()
+        self.complete = (
             self.certs.update()
             .where(self.certs.c.serial == sa.bindparam("b_serial"))
             .where(self.certs.c.status == "pending")
             .values(status="issued", certificate_der=sa.bindparam("b_der"))
         )
 
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a plain ``sqlite:///PATH`` URL (None for anything else)."""
+    if not url.startswith("sqlite:///") or "?" in url:
+        return None
+    path = url[len("sqlite:///") :]
+    return path if path and path != ":memory:" else None
+
+
+class Ledger:
+    """Ledger tables (optionally name-prefixed, so tests can isolate their tables)."""
+
+    _checkpointer: _Checkpointer | None
+
+    def __init__(self, url: str, *, prefix: str = "ca_") -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", prefix):
+            raise ConfigError(f"ledger table prefix {prefix!r}: lower-case letters, digits, _")
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        self.url = url
+        self._prefix = prefix
+        self._certs_name = f"{prefix}certificates"
+        self._bindings_name = f"{prefix}bindings"
+        self._core_lock = threading.Lock()
+        self._core_built: _Core | None = None
+        self._checkpointer = None
+        self._checkpointer_lock = threading.Lock()
+        # The two writes of every issuance bypass SQLAlchemy's statement execution (it
+        # costs ~5x what SQLite itself does): fixed SQL on the shared DB-API fast path
+        # (vtpm_core.dbfast: one connection per thread, retried once on a disconnect).
+        # sqlite3 and psycopg bind these values as SQLAlchemy's column types do (they
+        # have no bind processors there), so Core reads what the fast path writes.
+        # Reads and every other write use SQLAlchemy Core.
+        path = _sqlite_file(url)
+        self._fastpath: FastPath | None
+        if path is not None:
+            self._sqlite = True
+            self._fastpath = FastPath.sqlite_file(
+                path, "ledger", _SQLITE_PRAGMAS, self._on_fast_connect
+            )
+        else:
+            engine = self._core.engine  # built now: a bad URL fails here
+            self._sqlite = engine.dialect.name == "sqlite"
+            self._fastpath = (
+                FastPath.over_engine(engine, "ledger", self._on_fast_connect)
+                if engine.dialect.name in ("sqlite", "postgresql")
+                else None
+            )
+        self._insert_sql = (
+            f"INSERT INTO {self._certs_name} ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 - checked prefix
+            f"VALUES ({', '.join(':' + c for c in _INSERT_COLUMNS)})"
+        )
+        self._complete_sql = (
+            f"UPDATE {self._certs_name} SET status = 'issued', certificate_der = :b_der "  # noqa: S608
+            "WHERE serial = :b_serial AND status = 'pending'"
+        )
+
+    @property
+    def _core(self) -> _Core:
+        core = self._core_built
+        if core is None:
+            with self._core_lock:
+                core = self._core_built
+                if core is None:
+                    core = self._core_built = _Core(self.url, self._prefix)
+        return core
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._core.engine
+
     def create_schema(self) -> None:
-        self.meta.create_all(self.engine)
+        if self._core_built is None and self._fastpath is not None and self._fastpath.sqlite:
+            # both tables there (every open but the first): no SQLAlchemy needed
+            present = self._fastpath.connection().one(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (:c, :b)",
+                {"c": self._certs_name, "b": self._bindings_name},
+            )
+            if present == (2,):
+                return
+        self._core.meta.create_all(self._core.engine)
 
     def drop_schema(self) -> None:
-        self.meta.drop_all(self.engine)
+        self._core.meta.drop_all(self._core.engine)
 
     def close(self) -> None:
         if self._fastpath is not None:
@@ -156,7 +231,8 @@ class Ledger:
             checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.stop()
-        self.engine.dispose()
+        if self._core_built is not None:
+            self._core_built.engine.dispose()
 
     # -- reads ---------------------------------------------------------------
 
@@ -182,40 +258,50 @@ class Ledger:
         )
 
     def find_by_ek(self, spki_sha256: str) -> CertRecord | None:
+        import sqlalchemy as sa
+
         try:
             with self.engine.connect() as conn:
-                row = conn.execute(self._by_ek, {"h": spki_sha256}).first()
+                row = conn.execute(self._core.by_ek, {"h": spki_sha256}).first()
         except sa.exc.OperationalError as exc:
             raise StateError(f"ledger unavailable: {exc.orig}") from exc
         return self._record(row) if row is not None else None
 
     def get(self, serial: int) -> CertRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(self._by_serial, {"s": f"{serial:x}"}).first()
+            row = conn.execute(self._core.by_serial, {"s": f"{serial:x}"}).first()
         if row is None:
             raise NotFoundError(f"no certificate with serial {serial:x}")
         return self._record(row)
 
     def find(self, serial: int) -> CertRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(self._by_serial, {"s": f"{serial:x}"}).first()
+            row = conn.execute(self._core.by_serial, {"s": f"{serial:x}"}).first()
         return self._record(row) if row is not None else None
 
     def all_records(self) -> list[CertRecord]:
+        import sqlalchemy as sa
+
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(self.certs).order_by(self.certs.c.created_at)).all()
+            rows = conn.execute(
+                sa.select(self._core.certs).order_by(self._core.certs.c.created_at)
+            ).all()
         return [self._record(r) for r in rows]
 
     def revoked(self) -> list[CertRecord]:
-        query = sa.select(self.certs).where(self.certs.c.status == "revoked")
+        import sqlalchemy as sa
+
+        query = sa.select(self._core.certs).where(self._core.certs.c.status == "revoked")
         with self.engine.connect() as conn:
             return [self._record(r) for r in conn.execute(query).all()]
 
     def bindings_of(self, record: CertRecord) -> dict[str, str]:
         """vm_id -> kind for every VM this EK is bound to: the certificate's own VM
         ("original", from the certificate row) and each clone by copy."""
-        query = sa.select(self.bindings.c.vm_id, self.bindings.c.kind).where(
-            self.bindings.c.ek_public_sha256 == record.ek_public_sha256
+        import sqlalchemy as sa
+
+        query = sa.select(self._core.bindings.c.vm_id, self._core.bindings.c.kind).where(
+            self._core.bindings.c.ek_public_sha256 == record.ek_public_sha256
         )
         with self.engine.connect() as conn:
             bound = {r.vm_id: r.kind for r in conn.execute(query).all()}
@@ -232,47 +318,12 @@ class Ledger:
             record.key_type, record.vm_id, record.vm_name, record.vtpm_instance_id,
             record.not_before, record.not_after, "pending", record.tbs_der, now,
         )  # fmt: skip
-        return self._write(self._insert_sql, values, self._insert, _INSERT_COLUMNS)
+        return self._write(self._insert_sql, values, "insert", _INSERT_COLUMNS)
 
     def complete(self, serial: int, certificate_der: bytes) -> bool:
         """pending -> issued; False when another process completed it first."""
         params = (certificate_der, f"{serial:x}")
-        return self._write(self._complete_sql, params, self._complete, _COMPLETE_PARAMS)
-
-    # The two writes of every issuance bypass SQLAlchemy's statement execution (it costs
-    # ~5x what SQLite itself does): fixed SQL on the shared DB-API fast path
-    # (vtpm_core.dbfast: one connection per thread, retried once on a disconnect), values
-    # through the column types' own bind processors. Reads and every other write use
-    # SQLAlchemy Core.
-    def _fast_sql(self) -> None:
-        dialect = self.engine.dialect
-        self._sqlite = dialect.name == "sqlite"
-        self._checkpointer = None
-        self._fastpath = (
-            FastPath(self.engine, "ledger", self._on_fast_connect)
-            if dialect.name in ("sqlite", "postgresql")
-            else None
-        )
-        self._insert_sql = (
-            f"INSERT INTO {self.certs.name} ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 - checked prefix
-            f"VALUES ({', '.join(':' + c for c in _INSERT_COLUMNS)})"
-        )
-        self._complete_sql = (
-            f"UPDATE {self.certs.name} SET status = 'issued', certificate_der = :b_der "  # noqa: S608
-            "WHERE serial = :b_serial AND status = 'pending'"
-        )
-        # (name, processor) per statement; empty on SQLite and psycopg, whose
-        # column types bind these values as they are
-        types = {name: self.certs.c[name].type for name in _INSERT_COLUMNS}
-        types["b_der"] = self.certs.c.certificate_der.type
-        types["b_serial"] = self.certs.c.serial.type
-        self._processors: dict[tuple[str, ...], tuple[tuple[str, Any], ...]] = {}
-        for names in (_INSERT_COLUMNS, _COMPLETE_PARAMS):
-            self._processors[names] = tuple(
-                (name, processor)
-                for name in names
-                if (processor := types[name].bind_processor(dialect)) is not None
-            )
+        return self._write(self._complete_sql, params, "complete", _COMPLETE_PARAMS)
 
     def _on_fast_connect(self, connection: Any) -> None:
         if not self._sqlite:
@@ -283,24 +334,24 @@ class Ledger:
         cursor.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
         cursor.close()
         with self._checkpointer_lock:
-            if self._checkpointer is None:
-                self._checkpointer = _Checkpointer(self.engine)
+            if self._checkpointer is None and self._fastpath is not None:
+                self._checkpointer = _Checkpointer(self._fastpath.open)
 
-    def _write(self, sql: str, values: tuple[Any, ...], core: Any, names: tuple[str, ...]) -> bool:
+    def _write(self, sql: str, values: tuple[Any, ...], core: str, names: tuple[str, ...]) -> bool:
         """Run one statement in its own transaction; False on a constraint violation.
 
-        ``values`` are the statement's parameters in ``names``' order.
+        ``values`` are the statement's parameters in ``names``' order; ``core`` names
+        the same statement in :class:`_Core` (for databases without a fast path).
         """
         params = dict(zip(names, values, strict=True))
         if self._fastpath is None:
+            from sqlalchemy.exc import IntegrityError
+
             try:
                 with self.engine.begin() as conn:
-                    return bool(conn.execute(core, params).rowcount == 1)
+                    return bool(conn.execute(getattr(self._core, core), params).rowcount == 1)
             except IntegrityError:
                 return False
-        for name, processor in self._processors[names]:
-            if params[name] is not None:
-                params[name] = processor(params[name])
         try:
             count = self._fastpath.connection().run(sql, params)
         except ConstraintError:
@@ -311,10 +362,12 @@ class Ledger:
 
     def bind_clone(self, record: CertRecord, vm_id: str, clone_of: str, now: dt.datetime) -> None:
         """Record a clone by copy: the same EK (same certificate) bound to another VM."""
+        from sqlalchemy.exc import IntegrityError
+
         try:
             with self.engine.begin() as conn:
                 conn.execute(
-                    self.bindings.insert(),
+                    self._core.bindings.insert(),
                     {
                         "ek_public_sha256": record.ek_public_sha256,
                         "vm_id": vm_id,
@@ -339,8 +392,10 @@ class Ledger:
         if record.status != "issued":
             raise ConflictError(f"certificate {serial:x} is {record.status}, not issued")
         query = (
-            self.certs.update()
-            .where(self.certs.c.serial == f"{serial:x}", self.certs.c.status == "issued")
+            self._core.certs.update()
+            .where(
+                self._core.certs.c.serial == f"{serial:x}", self._core.certs.c.status == "issued"
+            )
             .values(status="revoked", revoked_at=when, revocation_reason=reason)
         )
         with self.engine.begin() as conn:
@@ -362,8 +417,8 @@ _BACKSTOP_PAGES = 10000
 class _Checkpointer:
     """One thread per SQLite ledger running PASSIVE WAL checkpoints when woken."""
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self._engine = engine
+    def __init__(self, connect: Callable[[], tuple[Any, Any]]) -> None:
+        self._connect = connect
         self._commits = 0
         self._wake = threading.Event()
         self._stopping = False
@@ -384,15 +439,14 @@ class _Checkpointer:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        raw = self._engine.raw_connection()
-        raw.detach()
+        raw, conn = self._connect()
         try:
             while True:
                 self._wake.wait()
                 self._wake.clear()
                 if self._stopping:
                     return
-                cursor = raw.cursor()
+                cursor = conn.cursor()
                 try:
                     cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
                     cursor.fetchall()
@@ -405,9 +459,11 @@ class _Checkpointer:
             raw.close()
 
 
+_SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    for pragma in _SQLITE_PRAGMAS:
+        cursor.execute(f"PRAGMA {pragma}")
     cursor.close()

@@ -9,8 +9,10 @@ Everything else keeps using SQLAlchemy on the same engine.
 One connection policy: each thread keeps one DB-API connection per
 :class:`FastPath`, opened through the engine (so its ``connect`` listeners,
 such as SQLite's pragmas, run) and detached from the pool (a checkout and
-checkin cost about 11 us per statement group). It is in autocommit mode: a
-statement outside :meth:`FastConnection.begin` is its own transaction, and a
+checkin cost about 11 us per statement group), or for a SQLite file straight
+through :mod:`sqlite3` (:meth:`FastPath.sqlite_file`: no SQLAlchemy import).
+It is in autocommit mode: a statement outside :meth:`FastConnection.block` is
+its own transaction, and a
 block is an explicit ``BEGIN``/``COMMIT`` (on PostgreSQL that saves a round
 trip before every read). :meth:`FastPath.close` closes every thread's
 connection; one that fails is dropped and the thread opens a new one.
@@ -74,18 +76,7 @@ class FastConnection:
 
     def _connect(self) -> None:
         owner = self._owner
-        try:
-            raw = owner.engine.raw_connection()
-        except Exception as exc:  # sqlalchemy wraps the driver's error
-            orig = getattr(exc, "orig", exc)
-            raise StateError(f"{owner.what} unavailable: {orig}") from exc
-        raw.detach()
-        conn: Any = raw.dbapi_connection
-        if owner.sqlite:
-            conn.isolation_level = None  # no implicit BEGIN: explicit blocks only
-        else:
-            conn.rollback()  # whatever the dialect's first-connect queries began
-            conn.autocommit = True
+        raw, conn = owner.open()
         if owner.on_connect is not None:
             owner.on_connect(conn)
         self._raw, self._conn, self._cursor = raw, conn, conn.cursor()
@@ -175,25 +166,101 @@ class FastPath:
     """
 
     def __init__(
-        self, engine: Engine, what: str, on_connect: Callable[[Any], None] | None = None
+        self,
+        what: str,
+        *,
+        sqlite: bool,
+        dbapi: Any,
+        connect: Callable[[], tuple[Any, Any]],
+        is_disconnect: Callable[[BaseException, Any], bool],
+        on_connect: Callable[[Any], None] | None = None,
     ) -> None:
-        self.engine = engine
         self.what = what
+        self.sqlite = sqlite
+        self.dbapi = dbapi
+        self._open = connect
+        self._is_disconnect = is_disconnect
         self.on_connect = on_connect
-        dialect = engine.dialect
-        if dialect.name not in ("sqlite", "postgresql"):
-            raise StateError(f"{what}: no fast path for database {dialect.name!r}")
-        self.sqlite = dialect.name == "sqlite"
-        self.dbapi: Any = dialect.loaded_dbapi
-        self._is_disconnect = dialect.is_disconnect
         self._translated: dict[str, str] = {}
         self._local = threading.local()
         self._held: list[Any] = []
         self._lock = threading.Lock()
         self._generation = 0
 
+    @classmethod
+    def over_engine(
+        cls, engine: Engine, what: str, on_connect: Callable[[Any], None] | None = None
+    ) -> FastPath:
+        """Connections opened through ``engine`` (its ``connect`` listeners run), detached."""
+        dialect = engine.dialect
+        if dialect.name not in ("sqlite", "postgresql"):
+            raise StateError(f"{what}: no fast path for database {dialect.name!r}")
+        sqlite = dialect.name == "sqlite"
+
+        def connect() -> tuple[Any, Any]:
+            try:
+                raw = engine.raw_connection()
+            except Exception as exc:  # sqlalchemy wraps the driver's error
+                raise StateError(f"{what} unavailable: {getattr(exc, 'orig', exc)}") from exc
+            raw.detach()
+            conn: Any = raw.dbapi_connection
+            if sqlite:
+                conn.isolation_level = None  # no implicit BEGIN: explicit blocks only
+            else:
+                conn.rollback()  # whatever the dialect's first-connect queries began
+                conn.autocommit = True
+            return raw, conn
+
+        return cls(
+            what,
+            sqlite=sqlite,
+            dbapi=dialect.loaded_dbapi,
+            connect=connect,
+            is_disconnect=lambda exc, conn: bool(dialect.is_disconnect(exc, conn, None)),  # type: ignore[arg-type]
+            on_connect=on_connect,
+        )
+
+    @classmethod
+    def sqlite_file(
+        cls,
+        path: str,
+        what: str,
+        pragmas: tuple[str, ...],
+        on_connect: Callable[[Any], None] | None = None,
+    ) -> FastPath:
+        """Connections to one SQLite file straight through :mod:`sqlite3` (no SQLAlchemy
+        import: a one-shot command's cold start), each set up with ``pragmas``."""
+        import sqlite3
+
+        def connect() -> tuple[Any, Any]:
+            try:
+                # closed by close() from whichever thread calls it
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                for pragma in pragmas:
+                    conn.execute(f"PRAGMA {pragma}").close()
+            except sqlite3.Error as exc:
+                raise StateError(f"{what} unavailable: {path}: {exc}") from exc
+            return conn, conn
+
+        def is_disconnect(exc: BaseException, _conn: Any) -> bool:
+            # the rule of SQLAlchemy's pysqlite dialect: a closed handle is a lost connection
+            return isinstance(exc, sqlite3.ProgrammingError) and "closed database" in str(exc)
+
+        return cls(
+            what,
+            sqlite=True,
+            dbapi=sqlite3,
+            connect=connect,
+            is_disconnect=is_disconnect,
+            on_connect=on_connect,
+        )
+
+    def open(self) -> tuple[Any, Any]:
+        """A new DB-API connection in autocommit mode: (what to close, the connection)."""
+        return self._open()
+
     def is_disconnect(self, exc: BaseException, conn: Any) -> bool:
-        return bool(self._is_disconnect(exc, conn, None))  # type: ignore[arg-type]
+        return self._is_disconnect(exc, conn)
 
     def translate(self, sql: str) -> str:
         """``:name`` parameters in the driver's style (psycopg: ``%(name)s``), cached."""

@@ -231,7 +231,7 @@ class Database:
         self.engine = make_engine(url)
         self.sqlite = self.engine.dialect.name == "sqlite"
         # the hot paths' connections (one per thread, retried instead of pre-pinged)
-        self.fast = FastPath(self.engine, "verifier database")
+        self.fast = FastPath.over_engine(self.engine, "verifier database")
         database = self.engine.url.database
         self.write_queue = (
             _SqliteWriteQueue(f"{database}.writers")
