@@ -1,4 +1,3 @@
-# ruff: noqa: E501
 """`vtpm ima show` and `vtpm ima replay` on a list built by the test helper."""
 
 from __future__ import annotations

@@ -20,12 +20,11 @@ import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 
+from verifier.ima.appraise import BANK_SIZES
 from verifier.ima.entries import ImaEntry, hash_name
 from vtpm_core.errors import VerificationError
 
 __all__ = ["BANK_SIZES", "ExtendMode", "extend_value", "extend_values", "replay"]
-
-BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32}
 
 
 class ExtendMode(enum.Enum):
