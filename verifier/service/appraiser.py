@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -323,7 +324,10 @@ class LibraryAppraiser:
         evidence: EvidenceRequest,
         selection: dict[str, tuple[int, ...]],
         policy_body: str | None,
+        now: datetime | None = None,
     ) -> Appraisal:
+        """``now``: the appraisal time (the service's clock) that ``valid_until`` values
+        of the policy are held against; the wall clock when None."""
         ak = self._ak(ak_public)
         # malformed structures are a 400 before anything is consumed or recorded
         attest = Attest.parse(evidence.quote)
@@ -340,6 +344,7 @@ class LibraryAppraiser:
             nonce=nonce,
             ak=ak.public,
             require_ak_attributes=False,
+            now=now,
         )
         return self._from_result(result, attest, selection)
 

@@ -10,6 +10,7 @@ library's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from verifier.service.messages import EvidenceRequest, RegistrationRequest
@@ -93,8 +94,10 @@ class Appraiser(Protocol):
         evidence: EvidenceRequest,
         selection: dict[str, tuple[int, ...]],
         policy_body: str | None,
+        now: datetime | None = None,
     ) -> Appraisal:
-        """Verify and appraise; malformed evidence raises ParseError, failed checks are returned."""
+        """Verify and appraise; malformed evidence raises ParseError, failed checks are returned.
+        ``now``: the appraisal time the policy's ``valid_until`` values are held against."""
         ...
 
     def sign_result(

@@ -554,6 +554,7 @@ class EvidenceService:
                     evidence=evidence,
                     selection=selection,
                     policy_body=policy_body,
+                    now=now,
                 )
             new_flags: list[dict[str, Any]] = []
             if evidence.ak_public is not None:
