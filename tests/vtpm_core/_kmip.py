@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +179,7 @@ def kmip_server(directory: Path) -> Iterator[KmipServer]:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=directory,
+            start_new_session=True,  # its own group: pykmip-server forks a child per session
         )
     try:
         if not _listening(port, proc, 30.0):
@@ -185,3 +188,6 @@ def kmip_server(directory: Path) -> Iterator[KmipServer]:
         yield KmipServer(pki, port, log, proc.pid)
     finally:
         stop_child(proc, STOP_GRACE_S)
+        # The session processes it forked outlive their parent; end the whole group.
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
