@@ -21,6 +21,7 @@ from verifier.service.auth import Authenticator
 from verifier.service.config import ServiceConfig, load_config
 from verifier.service.db import Database, schema_is_current, upgrade
 from verifier.service.errors import install_error_handler
+from verifier.service.fleetstats import FleetCollector, FleetStats
 from verifier.service.metrics import Metrics
 from verifier.service.openapi import openapi_spec
 from verifier.service.ports import Appraiser
@@ -64,7 +65,9 @@ def create_app(
         from verifier.service.appraiser import LibraryAppraiser
 
         appraiser = LibraryAppraiser.from_config(config)
-    metrics = Metrics.create()
+    # attesters per state and evidence age, read at most once per sweep (issue 16)
+    fleet = FleetStats(db, float(config.sweep_interval_s), **({"now": clock} if clock else {}))
+    metrics = Metrics.create(FleetCollector(fleet))
     kwargs: dict[str, Any] = {}
     if clock is not None:
         kwargs["clock"] = clock

@@ -6,12 +6,17 @@ each worker writes its samples to files there and ``GET /metrics`` aggregates
 every worker's (prometheus-client "Multiprocess Mode"); gunicorn's
 ``child_exit`` hook marks dead workers. Without it (tests, one process) the
 metrics live in a registry owned by the app: nothing is global.
+
+The fleet gauges (attesters per state, evidence age: issue 16) are not
+per-worker samples but read from the database, cached
+(:mod:`verifier.service.fleetstats`); the worker answering a scrape adds them.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +25,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -33,11 +41,16 @@ class Metrics:
     results: Counter
     nonce_rejections: Counter
     appraisal_seconds: Histogram
+    fleet: Collector | None = None
 
     @classmethod
-    def create(cls) -> Metrics:
+    def create(cls, fleet: Collector | None = None) -> Metrics:
+        """``fleet``: the collector of the database-wide gauges (none: not exposed)."""
         registry = CollectorRegistry(auto_describe=True)
+        if fleet is not None:
+            registry.register(fleet)
         return cls(
+            fleet=fleet,
             registry=registry,
             requests=Counter(
                 "vtpm_verifier_http_requests",
@@ -79,5 +92,7 @@ class Metrics:
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            if self.fleet is not None:
+                registry.register(self.fleet)
             return bytes(generate_latest(registry))
         return bytes(generate_latest(self.registry))

@@ -29,6 +29,28 @@ _EAR_PROFILE = {
     "schema": {"type": "string", "enum": ["veraison-2023", "ietf-ear-04"]},
 }
 
+# GET /v1/attesters and its history route (issue 16)
+_STATE = {
+    "name": "state",
+    "in": "query",
+    "description": "only attesters in this state",
+    "schema": {"type": "string", "enum": ["unknown", "trusted", "failed", "stale"]},
+}
+_PAGE_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+}
+
+
+def _after(description: str) -> dict[str, Any]:
+    return {
+        "name": "after",
+        "in": "query",
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
 
 def _op(
     summary: str,
@@ -103,7 +125,23 @@ def openapi_spec() -> dict[str, Any]:
                 ok="201",
                 errors=("400", "403", "413", "422"),
             ),
-            "get": _op("List attesters", ["admin", "reader"]),
+            "get": _op(
+                "List attesters in id order, one page at a time (keyset: pass `next` as `after`)",
+                ["admin", "reader"],
+                params=[_STATE, _after("the `next` of the previous page"), _PAGE_LIMIT],
+                errors=("400", "401", "403"),
+            ),
+        },
+        "/v1/attesters/{attester_id}/history": {
+            "get": _op(
+                "State transitions (from, to, at, cause, result_id), newest first, paged",
+                ["admin", "reader", "attester"],
+                params=[
+                    _ID,
+                    _after("the `next` of the previous page (a transition id)"),
+                    _PAGE_LIMIT,
+                ],
+            )
         },
         "/v1/attesters/{attester_id}": {
             "get": _op(

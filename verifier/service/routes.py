@@ -6,6 +6,7 @@ go to the one handler in :mod:`verifier.service.errors`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -60,6 +61,38 @@ def _limit() -> int:
     return int(raw)
 
 
+def _page_limit() -> int:
+    raw = request.args.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ParseError("query", "limit", 0, f"{raw[:32]!r}: expected an integer 1..1000")
+    return int(raw)
+
+
+def _state_filter() -> str | None:
+    from verifier.service.models import ATTESTER_STATES
+
+    raw = request.args.get("state")
+    if raw is not None and raw not in ATTESTER_STATES:
+        raise ParseError(
+            "query", "state", 0, f"{raw[:32]!r}: expected one of {', '.join(ATTESTER_STATES)}"
+        )
+    return raw
+
+
+def _cursor(*, numeric: bool) -> str | None:
+    """``after``: the ``next`` of the previous page, given back as it was."""
+    raw = request.args.get("after")
+    if raw is None:
+        return None
+    ok = raw.isdigit() and len(raw) <= 19 if numeric else _ID_CURSOR.fullmatch(raw)
+    if not ok:
+        raise ParseError("query", "after", 0, f"{raw[:32]!r}: not a cursor this route gave")
+    return raw
+
+
+_ID_CURSOR = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _ear_profile() -> str | None:
     """The relying party's ``ear_profile`` (verifier.ear.PROFILE_NAMES or a full tag)."""
     from verifier.ear import PROFILE_NAMES, profile_named
@@ -111,7 +144,15 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     @bp.get("/v1/attesters")
     def list_attesters() -> Response:
         _principal(auth).require(*_READ)
-        return _json({"attesters": services.attesters.list_all()})
+        state, after, limit = _state_filter(), _cursor(numeric=False), _page_limit()
+        return _json(services.attesters.list_page(state, after, limit))
+
+    @bp.get("/v1/attesters/<attester_id>/history")
+    def history(attester_id: str) -> Response:
+        _principal(auth).require(*_READ, Role.ATTESTER, attester_id=attester_id)
+        after, limit = _cursor(numeric=True), _page_limit()
+        cursor = None if after is None else int(after)
+        return _json(services.attesters.history(attester_id, cursor, limit))
 
     @bp.get("/v1/attesters/<attester_id>")
     def get_attester(attester_id: str) -> Response:

@@ -251,6 +251,18 @@ def state_view(attester: Attester) -> dict[str, Any]:
     }
 
 
+def transition_view(t: AttesterTransition) -> dict[str, Any]:
+    """One recorded state change (issue 16) and its cause."""
+    return {
+        "id": t.id,
+        "from_state": t.from_state,
+        "to_state": t.to_state,
+        "at": _iso(t.at),
+        "cause": t.cause,
+        "result_id": t.result_id,
+    }
+
+
 @dataclass
 class AttesterService:
     db: Database
@@ -389,12 +401,70 @@ class AttesterService:
             assignment = session.get(Assignment, attester_id)
             return attester_view(attester, latest, assignment.policy_name if assignment else None)
 
-    def list_all(self) -> list[dict[str, Any]]:
+    def list_page(self, state: str | None, after: str | None, limit: int) -> dict[str, Any]:
+        """One page of attesters in id order, within ``state`` when given, starting after the
+        id ``after``; ``next`` is the cursor of the following page (None: this was the last).
+
+        A keyset read of ``limit + 1`` entries from ``ix_attesters_state_id`` (with a state)
+        or the primary key: the cost of a page does not grow with the fleet or the page
+        number. An attester that changes state while a client pages appears in the pages of
+        the state it had when each page was read (no snapshot across pages).
+        """
+        cols = (
+            Attester.id,
+            Attester.vm_id,
+            Attester.status,
+            Attester.flags,
+            Attester.state,
+            Attester.state_since,
+            Attester.deadline,
+            Attester.last_evidence_at,
+            Attester.cadence_s,
+        )
+        stmt = select(*cols).order_by(Attester.id).limit(limit + 1)
+        if state is not None:
+            stmt = stmt.where(Attester.state == state)  # = on the index's first column
+        if after is not None:
+            stmt = stmt.where(Attester.id > after)
         with self.db.read() as session:
-            rows = session.scalars(select(Attester).order_by(Attester.created_at)).all()
-            return [
-                {"id": a.id, "vm_id": a.vm_id, "status": a.status, "flags": a.flags} for a in rows
-            ]
+            rows = session.execute(stmt).all()
+        page = [
+            {
+                "id": r.id,
+                "vm_id": r.vm_id,
+                "status": r.status,
+                "flags": r.flags,
+                "state": r.state,
+                "state_since": _iso(r.state_since),
+                "deadline": _iso(r.deadline),
+                "last_evidence_at": _iso(r.last_evidence_at),
+                "cadence_s": r.cadence_s,
+            }
+            for r in rows[:limit]
+        ]
+        return {"attesters": page, "next": page[-1]["id"] if len(rows) > limit else None}
+
+    def history(self, attester_id: str, after: int | None, limit: int) -> dict[str, Any]:
+        """The attester's state transitions, newest first, from before the transition id
+        ``after`` when given; ``next`` as in :meth:`list_page`. Reads
+        ``ix_attester_transitions_attester_id`` backwards, ``limit + 1`` entries."""
+        stmt = (
+            select(AttesterTransition)
+            .where(AttesterTransition.attester_id == attester_id)
+            .order_by(AttesterTransition.id.desc())
+            .limit(limit + 1)
+        )
+        if after is not None:
+            stmt = stmt.where(AttesterTransition.id < after)
+        with self.db.read() as session:
+            _get_attester(session, attester_id)
+            rows = session.scalars(stmt).all()
+            page = [transition_view(t) for t in rows[:limit]]
+        return {
+            "attester_id": attester_id,
+            "transitions": page,
+            "next": str(page[-1]["id"]) if len(rows) > limit else None,
+        }
 
     def delete(self, attester_id: str) -> None:
         with self.db.transaction() as session:
