@@ -3,7 +3,8 @@
 The service's housekeepers (retention's :class:`~verifier.service.retention.Pruner`,
 the deadline :class:`~verifier.service.sweeper.Sweeper`) run inside each service
 process this way. A database error in a round (PostgreSQL restarting, a full
-disk) is logged and the next round tries again; it never reaches a request.
+disk; the DB-API fast path reports it as StateError) is logged and the next
+round tries again; it never reaches a request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 from typing import Self
 
 from sqlalchemy.exc import SQLAlchemyError
+
+from vtpm_core.errors import StateError
 
 __all__ = ["Periodic"]
 
@@ -46,11 +49,15 @@ class Periodic:
     def _round(self) -> None:
         raise NotImplementedError
 
+    def _wait(self) -> bool:
+        """Sleep until the next round is due; True when stopped."""
+        return self._stop.wait(self._interval_s)
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._wait():
             try:
                 self._round()
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, OSError, StateError) as exc:
                 self.failures += 1
                 _LOG.warning(
                     "%s: round failed, retrying in %ss: %s",

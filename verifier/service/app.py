@@ -20,6 +20,7 @@ from verifier.console import console_blueprint
 from verifier.service.auth import Authenticator
 from verifier.service.config import ServiceConfig, load_config
 from verifier.service.db import Database, schema_is_current, upgrade
+from verifier.service.delivery import Deliverer, delivery_policy
 from verifier.service.errors import install_error_handler
 from verifier.service.fleetstats import FleetCollector, FleetStats
 from verifier.service.metrics import Metrics
@@ -29,6 +30,7 @@ from verifier.service.retention import Pruner, RetentionPolicy
 from verifier.service.routes import attester_blueprint, ops_blueprint, policy_blueprint
 from verifier.service.services import Clock, Random, make_services
 from verifier.service.sweeper import Sweeper
+from verifier.service.webhooks import JwsSigner
 from vtpm_core.errors import ConfigError
 
 __all__ = ["create_app"]
@@ -95,6 +97,19 @@ def create_app(
     app.extensions["vtpm_verifier"]["sweeper"] = Sweeper(
         db, float(config.sweep_interval_s), config.sweep_batch, **({"now": clock} if clock else {})
     ).start()
+    # webhook deliveries (issue 16): every worker drains the outbox (delivery.py);
+    # evidence that changed a state wakes this process's deliverer at once
+    deliverer = Deliverer(
+        db,
+        delivery_policy(config),
+        config.webhook_poll_ms / 1000,
+        jws=JwsSigner(config.signing_key_path.read_bytes())
+        if config.webhook_jws and config.signing_key_path is not None
+        else None,
+        **({"now": clock} if clock else {}),
+    ).start()
+    app.extensions["vtpm_verifier"]["deliverer"] = deliverer
+    services.evidence.on_transition = deliverer.wake
     install_error_handler(app)
     app.register_blueprint(attester_blueprint(services, auth))
     app.register_blueprint(policy_blueprint(services, auth))

@@ -100,6 +100,17 @@ class ServiceConfig:
     stale_grace: int = 3
     sweep_interval_s: int = 5
     sweep_batch: int = 500
+    # webhooks (verifier/service/delivery.py): a delivery is tried webhook_max_attempts
+    # times, each send waits webhook_timeout_s, a claim lasts webhook_lease_s (then
+    # another worker retries it); retry n waits min(cap, base * 2**(n-1)) with jitter;
+    # every worker polls the outbox each webhook_poll_ms; webhook_jws adds X-Vtpm-Jws
+    webhook_max_attempts: int = 10
+    webhook_timeout_s: int = 5
+    webhook_lease_s: int = 30
+    webhook_backoff_base_ms: int = 1000
+    webhook_backoff_cap_s: int = 300
+    webhook_poll_ms: int = 500
+    webhook_jws: bool = True
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -161,6 +172,28 @@ def _ear_profile(raw: dict[str, Any]) -> str:
     return profile
 
 
+def _webhook_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    timeout = _positive_int(raw, "webhook_timeout_s", 5, 1, 300)
+    lease = _positive_int(raw, "webhook_lease_s", 30, 2, 3600)
+    if lease <= timeout:
+        raise ConfigError(
+            f"{CONFIG_FILE}: webhook_lease_s ({lease}) must exceed webhook_timeout_s ({timeout}):"
+            " a claim must outlast the send it covers"
+        )
+    jws = raw.get("webhook_jws", True)
+    if not isinstance(jws, bool):
+        raise ConfigError(f"{CONFIG_FILE}: webhook_jws must be true or false, got {jws!r}")
+    return {
+        "webhook_max_attempts": _positive_int(raw, "webhook_max_attempts", 10, 1, 100),
+        "webhook_timeout_s": timeout,
+        "webhook_lease_s": lease,
+        "webhook_backoff_base_ms": _positive_int(raw, "webhook_backoff_base_ms", 1000, 1, 600000),
+        "webhook_backoff_cap_s": _positive_int(raw, "webhook_backoff_cap_s", 300, 1, 86400),
+        "webhook_poll_ms": _positive_int(raw, "webhook_poll_ms", 500, 10, 600000),
+        "webhook_jws": jws,
+    }
+
+
 def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
     if raw.get("schema") != SCHEMA_VERSION:
         raise ConfigError(
@@ -218,6 +251,7 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
         stale_grace=_positive_int(raw, "stale_grace", 3, 1, 100),
         sweep_interval_s=_positive_int(raw, "sweep_interval_s", 5, 1, 3600),
         sweep_batch=_positive_int(raw, "sweep_batch", 500, 1, 100000),
+        **_webhook_settings(raw),
         raw=dict(raw),
     )
 

@@ -160,6 +160,10 @@ class RawConnection:
         """The first row of a query, or None."""
         return self._conn.one(sql, params)
 
+    def all(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Every row of a query."""
+        return [tuple(r) for r in self._conn.execute(sql, params).fetchall()]
+
     def run(self, sql: str, params: Mapping[str, Any]) -> int:
         """Execute a statement; the number of rows it changed."""
         return self._conn.run(sql, params)

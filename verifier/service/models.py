@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -28,6 +29,7 @@ from sqlalchemy.types import DateTime, TypeDecorator
 
 __all__ = [
     "ATTESTER_STATES",
+    "WEBHOOK_STATES",
     "ActivationChallenge",
     "Assignment",
     "Attester",
@@ -38,6 +40,8 @@ __all__ = [
     "Policy",
     "Result",
     "UtcDateTime",
+    "WebhookOutbox",
+    "WebhookSubscription",
 ]
 
 
@@ -65,6 +69,9 @@ class UtcDateTime(TypeDecorator[datetime]):
 # latest evidence was affirming or warning), failed (contraindicated), stale (no fresh
 # evidence before the deadline).
 ATTESTER_STATES = ("unknown", "trusted", "failed", "stale")
+# Webhook deliveries (migration 0008): pending (due at next_attempt_at), delivering (a
+# worker holds the lease), delivered, dead (webhook_max_attempts used up).
+WEBHOOK_STATES = ("pending", "delivering", "delivered", "dead")
 
 
 class Base(DeclarativeBase):
@@ -233,3 +240,45 @@ class Assignment(Base):
         ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
     )
     policy_name: Mapped[str] = mapped_column(ForeignKey("policies.name", ondelete="RESTRICT"))
+
+
+class WebhookSubscription(Base):
+    """A receiver of attester transitions (migration 0008); ``events``: patterns
+    (:func:`verifier.service.webhooks.matches`)."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class WebhookOutbox(Base):
+    """One delivery of one transition to one subscription (migration 0008), written in
+    the transition's transaction; ``state`` is one of WEBHOOK_STATES."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        UniqueConstraint(
+            "subscription_id", "transition_id", name="uq_webhook_outbox_subscription_transition"
+        ),
+        Index("ix_webhook_outbox_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    subscription_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_subscriptions.id", ondelete="CASCADE")
+    )
+    transition_id: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -59,6 +59,7 @@ from verifier.service.models import (
     Result,
 )
 from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
+from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import (
     ConflictError,
     ConstraintError,
@@ -153,10 +154,6 @@ _RESULT_AND_ATTESTER_PG = (
     " state = :state, state_since = CASE WHEN :changed THEN :now ELSE state_since END,"
     " last_evidence_at = :now, cadence_s = :cadence, deadline = :deadline"
     " WHERE id = :aid RETURNING latest_result_id"
-)
-_TRANSITION_INSERT = (
-    "INSERT INTO attester_transitions (attester_id, from_state, to_state, at, cause, result_id)"
-    " VALUES (:aid, :from_state, :to_state, :now, :cause, :rid)"
 )
 # the evidence behind the latest result, for the console's timeline (migration 0007)
 _EVIDENCE_UPSERT = (
@@ -500,6 +497,8 @@ class EvidenceService:
     metrics: Metrics
     clock: Clock = utc_now
     random: Random = secrets.token_bytes
+    # called after a transition committed (the app wakes its webhook deliverer)
+    on_transition: Callable[[], None] | None = None
 
     def challenge(self, attester_id: str, *, token_sha256: str | None = None) -> dict[str, Any]:
         """A fresh nonce bound to the attester, and the PCR selection its policy needs.
@@ -738,23 +737,19 @@ class EvidenceService:
                 )
                 if values["changed"]:
                     # in the same transaction as the state it records: never lost,
-                    # never twice (the attester row is locked until the commit)
+                    # never twice (the attester row is locked until the commit);
+                    # its webhook deliveries with it (transitions.record)
                     cause = {
                         "verdict": status,
                         "failures": [f.get("rule") for f in appraisal.failures],
                         "flags": [f["flag"] for f in flags],
                     }
-                    conn.run(
-                        _TRANSITION_INSERT,
-                        {
-                            "aid": attester_id,
-                            "from_state": old_state,
-                            "to_state": state,
-                            "now": conn.ts(now),
-                            "cause": conn.json_in(cause),
-                            "rid": result_id,
-                        },
+                    record(
+                        conn,
+                        [NewTransition(attester_id, old_state, state, now, cause, result_id)],
                     )
+        if values["changed"] and self.on_transition is not None:
+            self.on_transition()
         self.metrics.results.labels(status=status).inc()
         return {
             "id": result_id,

@@ -15,7 +15,9 @@ Exactly once, with several gunicorn workers and several verifier processes
 sharing one database:
 
 - PostgreSQL: one statement per batch selects the due rows ``FOR UPDATE SKIP
-  LOCKED``, updates them and inserts their transitions (PostgreSQL 15 manual,
+  LOCKED`` and updates them; :func:`~verifier.service.transitions.record`
+  then inserts their transitions and webhook deliveries in the same
+  transaction (PostgreSQL 15 manual,
   SELECT "The Locking Clause": a row locked by another transaction is skipped,
   and in READ COMMITTED a row locked after a concurrent update is re-checked
   against ``deadline < now``, section 13.2.1). Evidence locks the attester row
@@ -38,12 +40,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from sqlalchemy import select, text
+from typing import Any
 
 from verifier.service._periodic import Periodic
-from verifier.service.db import Database
-from verifier.service.models import Attester, AttesterTransition
+from verifier.service.db import Database, RawConnection
+from verifier.service.transitions import NewTransition, record
 
 __all__ = ["SweepCounts", "Sweeper", "cause_time", "sweep"]
 
@@ -51,22 +52,22 @@ _LOG = logging.getLogger(__name__)
 # pg_try_advisory_xact_lock key: "vtpm" "swep" as two 32-bit halves
 LOCK_KEY = 0x7674706D_73776570
 
-# One round trip per batch: lock the due rows (skipping those another transaction
-# holds), mark them stale, record a transition for each.
+# Lock the due rows (skipping those another transaction holds) and mark them stale;
+# their transitions (and webhook deliveries) are then written by transitions.record.
 _SWEEP_PG = (
     "WITH c AS (SELECT id, state, deadline, last_evidence_at, cadence_s FROM attesters"
-    " WHERE deadline < :now ORDER BY deadline LIMIT :batch FOR UPDATE SKIP LOCKED),"
-    " u AS (UPDATE attesters a SET state = 'stale', state_since = :now, deadline = NULL"
+    " WHERE deadline < :now ORDER BY deadline LIMIT :batch FOR UPDATE SKIP LOCKED)"
+    " UPDATE attesters a SET state = 'stale', state_since = :now, deadline = NULL"
     " FROM c WHERE a.id = c.id"
-    " RETURNING a.id, c.state AS from_state, c.deadline, c.last_evidence_at, c.cadence_s)"
-    " INSERT INTO attester_transitions (attester_id, from_state, to_state, at, cause, result_id)"
-    " SELECT id, from_state, 'stale', :now, json_build_object("
-    "'missed_deadline', to_char(deadline AT TIME ZONE 'UTC', :fmt),"
-    " 'last_evidence_at', to_char(last_evidence_at AT TIME ZONE 'UTC', :fmt),"
-    " 'cadence_s', cadence_s), NULL FROM u"
+    " RETURNING a.id, c.state, c.deadline, c.last_evidence_at, c.cadence_s"
 )
-# the same text as cause_time(): PostgreSQL to_char of a UTC timestamp
-_PG_TIME_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+_DUE_SQLITE = (
+    "SELECT id, state, deadline, last_evidence_at, cadence_s FROM attesters"
+    " WHERE deadline < :now ORDER BY deadline LIMIT :batch"
+)
+_MARK_SQLITE = (
+    "UPDATE attesters SET state = 'stale', state_since = :now, deadline = NULL WHERE id = :id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,38 +104,38 @@ def sweep(db: Database, now: datetime, batch: int = 500) -> SweepCounts:
 
 def _sweep_pg(db: Database, now: datetime, batch: int) -> int | None:
     """One batch; None when another transaction holds the sweeping lock."""
-    with db.transaction() as session:
-        got = session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-        if not got.scalar_one():
+    with db.raw() as conn, conn.write():
+        got = conn.one("SELECT pg_try_advisory_xact_lock(:k)", {"k": LOCK_KEY})
+        if got is None or not got[0]:
             return None
-        done = session.execute(
-            text(_SWEEP_PG), {"now": now, "batch": batch, "fmt": _PG_TIME_FORMAT}
-        )
-        return int(done.rowcount)  # type: ignore[attr-defined]
+        rows = conn.all(_SWEEP_PG, {"now": conn.ts(now), "batch": batch})
+        record(conn, [_stale(now, conn, row) for row in rows])
+        return len(rows)
 
 
 def _sweep_sqlite(db: Database, now: datetime, batch: int) -> int:
     """One batch under SQLite's write lock (BEGIN IMMEDIATE)."""
-    with db.transaction() as session:
-        due = session.scalars(
-            select(Attester).where(Attester.deadline < now).order_by(Attester.deadline).limit(batch)
-        ).all()
-        for a in due:
-            session.add(
-                AttesterTransition(
-                    attester_id=a.id,
-                    from_state=a.state,
-                    to_state="stale",
-                    at=now,
-                    cause={
-                        "missed_deadline": cause_time(a.deadline),
-                        "last_evidence_at": cause_time(a.last_evidence_at),
-                        "cadence_s": a.cadence_s,
-                    },
-                )
-            )
-            a.state, a.state_since, a.deadline = "stale", now, None
-        return len(due)
+    with db.raw() as conn, conn.write():
+        rows = conn.all(_DUE_SQLITE, {"now": conn.ts(now), "batch": batch})
+        for row in rows:
+            conn.run(_MARK_SQLITE, {"now": conn.ts(now), "id": row[0]})
+        record(conn, [_stale(now, conn, row) for row in rows])
+        return len(rows)
+
+
+def _stale(now: datetime, conn: RawConnection, row: tuple[Any, ...]) -> NewTransition:
+    attester_id, from_state, deadline, last_evidence_at, cadence_s = row
+    return NewTransition(
+        attester_id=str(attester_id),
+        from_state=str(from_state),
+        to_state="stale",
+        at=now,
+        cause={
+            "missed_deadline": cause_time(conn.from_ts(deadline)),
+            "last_evidence_at": cause_time(conn.from_ts(last_evidence_at)),
+            "cadence_s": cadence_s,
+        },
+    )
 
 
 class Sweeper(Periodic):
