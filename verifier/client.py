@@ -4,11 +4,17 @@
 the verdict is affirming, younger than ``max_age``, and (if named) under the
 given policy. Every reason it fails is listed; the EAR token comes along so a
 caller can verify it offline against ``/.well-known/jwks.json``.
+
+``wait_trusted(...)`` (issue 16, ``vtpm check --wait-trusted``) polls the
+attester's state until it is ``trusted``, fresh failing evidence arrives, or
+the time runs out.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +24,13 @@ import requests
 
 from vtpm_core.errors import ConfigError, VtpmTrustError
 
-__all__ = ["CheckOutcome", "VerifierClient", "junit_xml", "parse_duration"]
+__all__ = [
+    "CheckOutcome",
+    "VerifierClient",
+    "WaitOutcome",
+    "junit_xml",
+    "parse_duration",
+]
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -33,7 +45,39 @@ def parse_duration(text: str) -> timedelta:
 
 
 class ClientError(VtpmTrustError):
-    """The verifier could not be asked, or answered with a problem."""
+    """The verifier could not be asked, or answered with a problem.
+
+    ``retriable``: no answer, or a 5xx/429 one (the verifier restarting, its
+    database reconnecting): asking again later may succeed.
+    """
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+@dataclass(frozen=True, slots=True)
+class WaitOutcome:
+    """How :meth:`VerifierClient.wait_trusted` ended: ``ok`` only when trusted."""
+
+    attester_id: str
+    ok: bool
+    reason: str
+    state: str | None
+    state_since: str | None
+    waited_s: float
+    cause: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attester_id": self.attester_id,
+            "ok": self.ok,
+            "reason": self.reason,
+            "state": self.state,
+            "state_since": self.state_since,
+            "waited_s": round(self.waited_s, 3),
+            "cause": self.cause,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +120,19 @@ class VerifierClient:
         try:
             resp = requests.get(f"{self.url}{path}", headers=headers, timeout=self._timeout)
         except requests.RequestException as exc:
-            raise ClientError(f"cannot reach the verifier at {self.url}: {exc}") from None
+            raise ClientError(
+                f"cannot reach the verifier at {self.url}: {exc}", retriable=True
+            ) from None
         try:
             doc = resp.json()
         except ValueError:
             doc = None
         if resp.status_code >= 400:
             detail = doc.get("detail") if isinstance(doc, dict) else resp.reason
-            raise ClientError(f"verifier answered {resp.status_code} for {path}: {detail}")
+            raise ClientError(
+                f"verifier answered {resp.status_code} for {path}: {detail}",
+                retriable=resp.status_code >= 500 or resp.status_code == 429,
+            )
         if not isinstance(doc, dict):
             raise ClientError(f"verifier answered a non-object for {path}")
         return doc
@@ -144,6 +193,83 @@ class VerifierClient:
             flags=flags,
             ear=latest.get("ear"),
             attester=doc,
+        )
+
+    def wait_trusted(
+        self,
+        attester_id: str,
+        *,
+        timeout_s: float,
+        poll_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> WaitOutcome:
+        """Poll ``GET /v1/attesters/{id}`` every ``poll_s`` until its state is ``trusted``
+        (ok), or it is ``failed`` by evidence newer than the first poll saw (not ok: a
+        failure from before the wait is waited out, the VM may be booting its fix), or
+        ``timeout_s`` passed (not ok). ``unknown`` and ``stale`` are waited on. A
+        retriable error (no connection, 5xx, 429) is waited through; any other (401,
+        403, 404) raises :class:`ClientError` at once."""
+        start = monotonic()
+        first_evidence: str | None = None
+        doc: dict[str, Any] | None = None
+        polls = 0
+        last_error = ""
+        while True:
+            try:
+                doc = self.get(f"/v1/attesters/{attester_id}")
+            except ClientError as exc:
+                if not exc.retriable:
+                    raise
+                last_error = str(exc)
+            else:
+                state = doc.get("state")
+                if polls == 0:
+                    first_evidence = doc.get("last_evidence_at")
+                polls += 1
+                waited = monotonic() - start
+                if state == "trusted":
+                    return self._waited(attester_id, True, "trusted", doc, waited)
+                if state == "failed" and doc.get("last_evidence_at") != first_evidence:
+                    return self._waited(attester_id, False, "failed", doc, waited)
+            waited = monotonic() - start
+            if waited >= timeout_s:
+                if doc is None:
+                    why = f"timed out after {timeout_s:g} s: {last_error}"
+                else:
+                    why = (
+                        f"timed out after {timeout_s:g} s; attester is {doc.get('state')}"
+                        f" since {doc.get('state_since') or 'registration'}"
+                    )
+                return self._waited(attester_id, False, why, doc, waited)
+            sleep(min(poll_s, timeout_s - waited))
+
+    def _waited(
+        self, attester_id: str, ok: bool, reason: str, doc: dict[str, Any] | None, waited: float
+    ) -> WaitOutcome:
+        """The outcome, with the cause of the latest transition (why it is in its state)."""
+        cause = None
+        if doc is not None and doc.get("state") not in (None, "unknown"):
+            try:
+                hist = self.get(f"/v1/attesters/{attester_id}/history?limit=1")
+                last = (hist.get("transitions") or [None])[0]
+                cause = last.get("cause") if isinstance(last, dict) else None
+            except ClientError:
+                cause = None  # the verdict stands without its cause
+        if reason == "failed" and cause:
+            rules = ", ".join(map(str, cause.get("failures") or [])) or "none"
+            flags = ", ".join(map(str, cause.get("flags") or [])) or "none"
+            reason = (
+                f"failed: verdict {cause.get('verdict')}; failing rules: {rules}; flags: {flags}"
+            )
+        return WaitOutcome(
+            attester_id,
+            ok,
+            reason,
+            None if doc is None else doc.get("state"),
+            None if doc is None else doc.get("state_since"),
+            waited,
+            cause,
         )
 
 

@@ -151,7 +151,20 @@ def register(cli: click.Group) -> None:
 
     @cli.command("check")
     @click.option("--verifier", "verifier_url", required=True)
-    @click.option("--attester", "attester_id", required=True)
+    @click.option("--attester", "attester_id", help="the attester whose latest result to check")
+    @click.option(
+        "--wait-trusted",
+        "wait_id",
+        metavar="ATTESTER",
+        help="instead: wait until this attester's state is trusted (CI); exit 1 on failed",
+    )
+    @click.option(
+        "--timeout",
+        "wait_timeout",
+        default="5m",
+        show_default=True,
+        help="with --wait-trusted: give up after this long (90s, 10m, or seconds)",
+    )
     @click.option("--max-age", default="10m", show_default=True, help="e.g. 90s, 10m, 2h")
     @click.option("--policy", help="the result must be under this policy")
     @click.option("--attest-now", is_flag=True, help="attest first (needs --tpm; run in the VM)")
@@ -171,7 +184,9 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def check_cmd(
         verifier_url: str,
-        attester_id: str,
+        attester_id: str | None,
+        wait_id: str | None,
+        wait_timeout: str,
         max_age: str,
         policy: str | None,
         attest_now: bool,
@@ -182,9 +197,31 @@ def register(cli: click.Group) -> None:
         junit: Path | None,
         as_json: bool,
     ) -> None:
-        """Exit 0 only if the latest verdict is affirming, fresh and under the policy."""
+        """Exit 0 only if the latest verdict is affirming, fresh and under the policy
+        (or, with --wait-trusted, once the attester is trusted)."""
         from verifier.client import VerifierClient, junit_xml, parse_duration
 
+        if (attester_id is None) == (wait_id is None):
+            raise ConfigError("give exactly one of --attester and --wait-trusted")
+        if wait_id is not None:
+            timeout = wait_timeout.strip()
+            seconds = (
+                float(timeout) if timeout.isdigit() else parse_duration(timeout).total_seconds()
+            )
+            waited = VerifierClient(verifier_url, _read_token(token_file)).wait_trusted(
+                wait_id, timeout_s=seconds
+            )
+            if as_json:
+                click.echo(json.dumps(waited.to_json(), indent=2))
+            else:
+                verdict = "PASS" if waited.ok else "FAIL"
+                click.echo(
+                    f"{verdict} attester {wait_id}: {waited.reason} ({waited.waited_s:.1f} s)"
+                )
+            if not waited.ok:
+                sys.exit(1)
+            return
+        assert attester_id is not None
         age = parse_duration(max_age)
         if attest_now:
             from verifier.attester import DEFAULT_EVENTLOG, attest
