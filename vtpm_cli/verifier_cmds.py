@@ -197,8 +197,10 @@ def register(cli: click.Group) -> None:
         junit: Path | None,
         as_json: bool,
     ) -> None:
-        """Exit 0 only if the latest verdict is affirming, fresh and under the policy
-        (or, with --wait-trusted, once the attester is trusted)."""
+        """Exit 0 only if the latest verdict is affirming, fresh and under the policy.
+
+        With --wait-trusted: exit 0 once the attester is trusted, 1 on fresh failing
+        evidence or at the timeout."""
         from verifier.client import VerifierClient, junit_xml, parse_duration
 
         if (attester_id is None) == (wait_id is None):
