@@ -27,10 +27,15 @@ from verifier.service.metrics import Metrics
 from verifier.service.openapi import openapi_spec
 from verifier.service.ports import Appraiser
 from verifier.service.retention import Pruner, RetentionPolicy
-from verifier.service.routes import attester_blueprint, ops_blueprint, policy_blueprint
-from verifier.service.services import Clock, Random, make_services
+from verifier.service.routes import (
+    attester_blueprint,
+    ops_blueprint,
+    policy_blueprint,
+    webhook_blueprint,
+)
+from verifier.service.services import Clock, Random, make_services, utc_now
 from verifier.service.sweeper import Sweeper
-from verifier.service.webhooks import JwsSigner
+from verifier.service.webhooks import JwsSigner, WebhookService
 from vtpm_core.errors import ConfigError
 
 __all__ = ["create_app"]
@@ -110,10 +115,12 @@ def create_app(
     ).start()
     app.extensions["vtpm_verifier"]["deliverer"] = deliverer
     services.evidence.on_transition = deliverer.wake
+    webhooks = WebhookService(db, clock or utc_now)
     install_error_handler(app)
     app.register_blueprint(attester_blueprint(services, auth))
     app.register_blueprint(policy_blueprint(services, auth))
-    app.register_blueprint(ops_blueprint(services, openapi_spec()))
+    app.register_blueprint(webhook_blueprint(webhooks, auth))
+    app.register_blueprint(ops_blueprint(services, openapi_spec(), webhooks.metrics_text))
     app.register_blueprint(console_blueprint(services, auth, config.admin_token_sha256))
 
     @app.before_request

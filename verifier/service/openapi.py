@@ -78,6 +78,77 @@ def _op(
     return op
 
 
+def _webhook_paths() -> dict[str, Any]:
+    """Webhook subscriptions and deliveries (issue 16; docs/continuous.md "Webhooks")."""
+    subscription = {
+        "type": "object",
+        "required": ["url"],
+        "properties": {
+            "url": {"type": "string", "format": "uri", "maxLength": 2048},
+            "events": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "'*', a state (transitions into it) or 'FROM->TO' with '*' "
+                "on either side; states: unknown, trusted, failed, stale. Default ['*']",
+            },
+            "secret": {
+                "type": "string",
+                "minLength": 16,
+                "maxLength": 128,
+                "description": "HMAC key of X-Vtpm-Signature (default: generated, returned once)",
+            },
+            "enabled": {"type": "boolean"},
+        },
+    }
+    sub_id = {
+        "name": "subscription_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    delivery_id = {
+        "name": "delivery_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer"},
+    }
+    state = {
+        "name": "state",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["pending", "delivering", "delivered", "dead"]},
+    }
+    webhook = {"name": "webhook", "in": "query", "schema": {"type": "string"}}
+    limit = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    return {
+        "/v1/webhooks": {
+            "get": _op("List webhook subscriptions (secrets not shown)", ["admin"]),
+            "post": _op(
+                "Subscribe a URL to attester transitions", ["admin"], body=subscription, ok="201"
+            ),
+        },
+        "/v1/webhooks/{subscription_id}": {
+            "delete": _op(
+                "Remove a subscription and its deliveries", ["admin"], params=[sub_id], ok="204"
+            )
+        },
+        "/v1/webhook-deliveries": {
+            "get": _op(
+                "Deliveries, newest first, by state (dead: the dead letters)",
+                ["admin"],
+                params=[state, webhook, limit],
+            )
+        },
+        "/v1/webhook-deliveries/{delivery_id}/redeliver": {
+            "post": _op(
+                "Queue a delivery again now, attempts reset",
+                ["admin"],
+                params=[delivery_id],
+                errors=("401", "403", "404", "409"),
+            )
+        },
+    }
+
+
 def _put_policy(policy: dict[str, Any]) -> dict[str, Any]:
     """PUT takes JSON ``{policy}`` or the policy file itself (what ``vtpm policy learn`` wrote)."""
     op = _op("Create or replace a policy", ["admin"], params=[_NAME], body=policy)
@@ -206,6 +277,7 @@ def openapi_spec() -> dict[str, Any]:
             "put": _put_policy(policy),
             "delete": _op("Delete an unassigned policy", ["admin"], params=[_NAME], ok="204"),
         },
+        **_webhook_paths(),
         "/.well-known/jwks.json": {"get": _op("The keys that sign EAR results", None, errors=())},
         "/healthz": {"get": _op("Liveness and database reachability", None, errors=())},
         "/metrics": {"get": _op("Prometheus metrics", None, errors=())},

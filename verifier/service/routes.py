@@ -7,7 +7,7 @@ go to the one handler in :mod:`verifier.service.errors`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,9 +23,10 @@ from verifier.service.messages import (
 )
 from verifier.service.metrics import CONTENT_TYPE_LATEST
 from verifier.service.services import Services
+from verifier.service.webhooks import WebhookService
 from vtpm_core.errors import ParseError
 
-__all__ = ["attester_blueprint", "ops_blueprint", "policy_blueprint"]
+__all__ = ["attester_blueprint", "ops_blueprint", "policy_blueprint", "webhook_blueprint"]
 
 _READ = (Role.ADMIN, Role.READER)
 
@@ -261,7 +262,48 @@ def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     return bp
 
 
-def ops_blueprint(services: Services, openapi_spec: dict[str, Any]) -> Blueprint:
+def webhook_blueprint(webhooks: WebhookService, auth: Authenticator) -> Blueprint:
+    """Webhook subscriptions and their deliveries (issue 16): admin only (the secrets)."""
+    from verifier.service.webhooks import WebhookRequest
+
+    bp = Blueprint("webhooks", __name__)
+
+    @bp.post("/v1/webhooks")
+    def add_webhook() -> Response:
+        _principal(auth).require(Role.ADMIN)
+        return _json(webhooks.add(WebhookRequest.parse(_body("WebhookRequest"))), 201)
+
+    @bp.get("/v1/webhooks")
+    def list_webhooks() -> Response:
+        _principal(auth).require(Role.ADMIN)
+        return _json({"webhooks": webhooks.list_all()})
+
+    @bp.delete("/v1/webhooks/<subscription_id>")
+    def remove_webhook(subscription_id: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        webhooks.remove(subscription_id)
+        return Response(status=204)
+
+    @bp.get("/v1/webhook-deliveries")
+    def deliveries() -> Response:
+        _principal(auth).require(Role.ADMIN)
+        state = request.args.get("state")
+        sub = request.args.get("webhook")
+        return _json({"deliveries": webhooks.deliveries(state, _limit(), sub)})
+
+    @bp.post("/v1/webhook-deliveries/<int:delivery_id>/redeliver")
+    def redeliver(delivery_id: int) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        return _json(webhooks.redeliver(delivery_id))
+
+    return bp
+
+
+def ops_blueprint(
+    services: Services,
+    openapi_spec: dict[str, Any],
+    extra_metrics: Callable[[], bytes] | None = None,
+) -> Blueprint:
     bp = Blueprint("ops", __name__)
 
     @bp.get("/healthz")
@@ -271,7 +313,10 @@ def ops_blueprint(services: Services, openapi_spec: dict[str, Any]) -> Blueprint
 
     @bp.get("/metrics")
     def metrics() -> Response:
-        return Response(services.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+        text = services.metrics.exposition()
+        if extra_metrics is not None:  # the webhook outbox's depth, read at scrape time
+            text += extra_metrics()
+        return Response(text, content_type=CONTENT_TYPE_LATEST)
 
     @bp.get("/openapi.json")
     def openapi() -> Response:

@@ -320,20 +320,24 @@ class WebhookService:
             return delivery_view(d)
 
     def depth(self) -> dict[str, int]:
-        """Outbox rows per state (``delivered`` is history, counted too)."""
+        """Undelivered outbox rows per state (``delivered`` rows are history, not depth):
+        each count a range of ``ix_webhook_outbox_state_next``."""
+        states = [s for s in WEBHOOK_STATES if s != "delivered"]
         with self.db.read() as session:
             counts = dict(
                 session.execute(
-                    select(WebhookOutbox.state, func.count()).group_by(WebhookOutbox.state)
+                    select(WebhookOutbox.state, func.count())
+                    .where(WebhookOutbox.state.in_(states))
+                    .group_by(WebhookOutbox.state)
                 ).all()
             )
-        return {s: int(counts.get(s, 0)) for s in WEBHOOK_STATES}
+        return {s: int(counts.get(s, 0)) for s in states}
 
     def metrics_text(self) -> bytes:
-        """``vtpm_verifier_webhook_outbox{state=...}``: the outbox's rows per state, read from
+        """``vtpm_verifier_webhook_outbox{state=...}``: undelivered rows per state, read from
         the database at scrape time (one truth for every worker and process)."""
         lines = [
-            "# HELP vtpm_verifier_webhook_outbox Webhook deliveries in the outbox by state",
+            "# HELP vtpm_verifier_webhook_outbox Undelivered webhook deliveries by state",
             "# TYPE vtpm_verifier_webhook_outbox gauge",
             *(f'vtpm_verifier_webhook_outbox{{state="{s}"}} {n}' for s, n in self.depth().items()),
         ]
