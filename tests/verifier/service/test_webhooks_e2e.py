@@ -10,7 +10,10 @@ swtpm attester and a real receiver process; SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,10 +137,7 @@ def test_real_transitions_arrive_signed_once_through_outage_and_restart(
         back = _attest(s, tpm, state)
         assert back["state"] == "trusted"
         _wait(lambda: _pending_attempts(s) >= 1)
-        assert s.server.proc is not None
-        s.server.proc.kill()
-        s.server.proc.wait(30)
-        s.server.proc = None
+        _kill_verifier(s.server)
         receiver.start()
         s.server.start(s.server.port)
         _wait(lambda: len(receiver.requests()) >= 3)
@@ -156,3 +156,23 @@ def test_real_transitions_arrive_signed_once_through_outage_and_restart(
 def _pending_attempts(s: Setup) -> int:
     rows = s.call("GET", "/v1/webhook-deliveries?state=pending").json()["deliveries"]
     return max((d["attempts"] for d in rows), default=0)
+
+
+def _kill_verifier(server: Server) -> None:
+    """SIGKILL the gunicorn master and its workers (by PID): the verifier host dies."""
+    proc, server.proc = server.proc, None
+    assert proc is not None
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in [proc.pid, *map(int, children)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(30)
+    for pid in map(int, children):  # reparented: gone once /proc forgets them
+        _wait(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return True
