@@ -19,6 +19,7 @@ BENCHES = [
     "appraise.py",
     "http_attest.py",
     "keyprovider.py",
+    "ima.py",
 ]
 
 
