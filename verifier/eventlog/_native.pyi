@@ -5,6 +5,14 @@ calls it for the common case and keeps the Python readers for everything else.
 Neither function raises for any content of a log, only for arguments a caller
 got wrong (ValueError; non-int PCRs, types or ids included: none is read
 through ``__index__``).
+
+Kept (bench/tricks.py, 2026-12-07, medians of 9, against the Python readers with
+the walk off and ``replay.extend_in_python``): parse 0.04 ms vs 0.35 ms (8.7x) and
+replay 0.05 vs 0.19 ms on the typical 83-event log, 2.0 vs 6.9 ms parse over the 19
+corpus logs, 0.5 vs 13.3 ms parse (26x) and 1.4 vs 5.5 ms replay on a 1 MiB log.
+The ~0.45 ms per typical log is a sixth of a server-side attestation (~2.4 ms at
+the measured 830/s on 2 workers) and ~17 ms per MiB of a large physical log: a
+service's rate notices it, a single ``vtpm eventlog replay`` process does not.
 """
 
 MAX_BANKS: int
