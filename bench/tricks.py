@@ -9,10 +9,10 @@ Run: .venv/bin/python bench/tricks.py [--runs N]
     verify, every ReplayedEvent built) for the typical log with each version.
 (b) spliced DER in the CA: ``EkIssuance.build_tbs`` (TBS from cut template
     parts) against the TBS of ``EkIssuance.build`` (cryptography's
-    CertificateBuilder, signed by the stand-in key as a plain CA would); and
-    ``CertifiableEk.load``'s spliced P-256 SubjectPublicKeyInfo against
-    ``CertifiableEk.from_key`` (cryptography's encoder). Each next to one whole
-    in-process issuance (parse, template check, build, lint, record, sign, store).
+    CertificateBuilder, signed by the stand-in key as a plain CA would), next to
+    one whole in-process issuance (parse, template check, build, lint, record,
+    sign, store). (The spliced P-256 SubjectPublicKeyInfo of ca/ek.py was timed
+    here against cryptography's encoder: 18.4 vs 19.7 us per EK load; removed.)
 (c) the C record walk and replay (verifier/eventlog/_native.c): parse with the
     walk against parse with it off (``parse.MAX_BANKS = 0``: every record through
     ``_parse_agile_fast``), and ``_native.extend_bank`` against
@@ -57,7 +57,6 @@ from verifier.eventlog import EventLog, parse, replay  # noqa: E402
 from verifier.eventlog.parse import Event  # noqa: E402
 from verifier.eventlog.replay import ReplayedEvent  # noqa: E402
 from vtpm_core.errors import ParseError  # noqa: E402
-from vtpm_core.tpm.templates import read_ek_tpm2b  # noqa: E402
 
 
 def median(fn: Callable[[], object], runs: int, inner: int = 1) -> float:
@@ -177,22 +176,6 @@ def bench_spliced_der(runs: int) -> None:
                 lambda: tbs_of(issuance.build(request, now, now, after, serial)), runs, 200
             )
             line("TBSCertificate (P-256 EK)", trick, plain, "us")
-            raw = keys[1][0]
-            trick = median(lambda: CertifiableEk.load(raw, allow_bare_key=False), runs, 200)
-            loaded = CertifiableEk.load(raw, allow_bare_key=False)
-
-            def plain_load() -> CertifiableEk:
-                # CertifiableEk.load's template path with cryptography's SPKI encoder
-                fast = read_ek_tpm2b(raw)
-                assert fast is not None
-                public, template = fast
-                return CertifiableEk.from_key(
-                    public.public_key(), template=template.id, name=public.name().hex(), raw=raw
-                )
-
-            assert plain_load() == loaded
-            plain = median(plain_load, runs, 200)
-            line("EK load + SPKI (P-256)", trick, plain, "us")
             fresh = iter(keys[2:])
 
             def issue_one() -> None:

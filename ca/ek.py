@@ -17,17 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from vtpm_core.errors import VerificationError
-from vtpm_core.tpm.algorithms import EccCurve
-from vtpm_core.tpm.public import EccParameters, EccPoint, Public
+from vtpm_core.tpm.public import Public
 from vtpm_core.tpm.templates import read_ek_tpm2b, require_ek_template
 
 __all__ = ["CertifiableEk"]
 
 EkPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-# SubjectPublicKeyInfo { AlgorithmIdentifier { id-ecPublicKey, prime256v1 },
-# BIT STRING { 0 unused bits, 04 (uncompressed) || x || y } } up to x (RFC 5480)
-_P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004")
+# (The P-256 SubjectPublicKeyInfo was once spliced here from the point's bytes; it
+# saved 1.3 us of a 310 us issuance, bench/tricks.py 2026-12-07: cryptography encodes it.)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,25 +57,6 @@ class CertifiableEk:
         if fast is not None:
             public, ek_template = fast
             key = public.public_key()  # validates the point (or the modulus)
-            unique = public.unique
-            if (
-                isinstance(unique, EccPoint)
-                and isinstance(public.parameters, EccParameters)
-                and public.parameters.curve == EccCurve.NIST_P256
-                and len(unique.x) == len(unique.y) == 32
-            ):
-                # the SubjectPublicKeyInfo cryptography would write, spliced from the
-                # point the key was made from (tests pin the equality)
-                spki = _P256_SPKI_PREFIX + unique.x + unique.y
-                return cls(
-                    key,
-                    spki,
-                    hashlib.sha256(spki).hexdigest(),
-                    public.name().hex(),
-                    ek_template.id,
-                    "ecc-nist-p256",
-                    bytes(data),
-                )
             return cls.from_key(
                 key, template=ek_template.id, name=public.name().hex(), raw=bytes(data)
             )

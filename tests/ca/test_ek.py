@@ -1,4 +1,4 @@
-"""CertifiableEk.load's spliced P-256 SubjectPublicKeyInfo equals cryptography's encoding."""
+"""CertifiableEk.load's template path (read_ek_tpm2b) gives what from_key gives for the key."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def test_there_are_p256_templates() -> None:
     index=st.integers(min_value=0),
     strip=st.booleans(),
 )
-def test_spliced_spki_equals_cryptography(scalar: int, index: int, strip: bool) -> None:
-    """Fast (spliced) and slow (from_key) paths agree on every field, for 32-byte
+def test_template_path_equals_from_key(scalar: int, index: int, strip: bool) -> None:
+    """The template path and from_key agree on every field, for 32-byte
     coordinates and for coordinates sent without their leading zero bytes."""
     template = P256_TEMPLATES[index % len(P256_TEMPLATES)]
     key = ec.derive_private_key(scalar, ec.SECP256R1()).public_key()
