@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attest": ("vtpm_cli.verifier_cmds", "Register + activate on first use, then challenge, quote, evidence; print the verdict."),
     "agent": ("vtpm_cli.agent_cmds", "Register once, then attest on the verifier's cadence; ride out outages."),
     "check": ("vtpm_cli.verifier_cmds", "Exit 0 only if the latest verdict is affirming, fresh and under the policy."),
+    "webhooks": ("vtpm_cli.webhook_cmds", "Webhook subscriptions to attester transitions, and their deliveries."),
     "vm": ("vtpm_cli.demo_cmds", "Boot real VMs (QEMU + OVMF + systemd-boot) with a vTPM attached."),
     "demo": ("vtpm_cli.demo_cmds", "CA + verifier + vTPM + measured boot: an affirming and a contraindicated attestation."),
 }  # fmt: skip

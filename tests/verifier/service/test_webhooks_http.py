@@ -3,13 +3,17 @@ listed by state, redeliver, the outbox gauge on /metrics."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from tests.verifier.service.test_webhooks_outbox import _attester
 from verifier.service import create_app, init_home, load_config
@@ -17,6 +21,7 @@ from verifier.service.config import add_reader_token
 from verifier.service.db import Database
 from verifier.service.services import utc_now
 from verifier.service.transitions import NewTransition, record
+from vtpm_cli.main import cli
 
 
 @pytest.fixture
@@ -121,3 +126,59 @@ def test_only_the_admin_sees_webhooks(app: tuple[Flask, str, str]) -> None:
     assert _call(c, "GET", "/v1/webhooks", reader).status_code == 403
     assert _call(c, "GET", "/v1/webhook-deliveries", reader).status_code == 403
     assert c.get("/v1/webhooks").status_code == 401
+
+
+def test_the_cli_drives_the_api(app: tuple[Flask, str, str], tmp_path: Path) -> None:
+    flask_app, admin, _reader = app
+    server = make_server("127.0.0.1", 0, flask_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        token = tmp_path / "admin.token"
+        token.write_text(admin + "\n")
+        secret = tmp_path / "secret"
+        secret.write_text("0123456789abcdef-secret\n")
+        run = CliRunner().invoke
+        base = ["--verifier", url, "--token-file", str(token)]
+        r = run(
+            cli,
+            [
+                "webhooks",
+                "add",
+                *base,
+                "--url",
+                "http://127.0.0.1:9/h",
+                "--event",
+                "failed",
+                "--event",
+                "trusted->stale",
+                "--secret-file",
+                str(secret),
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        sub = json.loads(r.output)
+        assert sub["events"] == ["failed", "trusted->stale"]
+        assert sub["secret"] == "0123456789abcdef-secret"
+        r = run(cli, ["webhooks", "list", *base])
+        assert r.exit_code == 0 and sub["id"] in r.output and "undelivered=0" in r.output
+
+        db: Database = flask_app.extensions["vtpm_verifier"]["db"]
+        _attester(db, "a1")
+        with db.raw() as conn, conn.write():
+            record(conn, [NewTransition("a1", "trusted", "failed", utc_now(), {})])
+        r = run(cli, ["webhooks", "deliveries", *base, "--state", "pending"])
+        assert r.exit_code == 0 and "a1 trusted->failed" in r.output, r.output
+        delivery = r.output.split()[0]
+        r = run(cli, ["webhooks", "redeliver", *base, delivery])
+        assert r.exit_code == 0 and json.loads(r.output)["state"] == "pending"
+        r = run(cli, ["webhooks", "remove", *base, sub["id"]])
+        assert r.exit_code == 0, r.output
+        r = run(cli, ["webhooks", "remove", *base, sub["id"]])
+        assert r.exit_code == 1 and "404" in r.output and "does not exist" in r.output
+        r = run(cli, ["webhooks", "list", "--verifier", url], env={"VTPM_VERIFIER_TOKEN": ""})
+        assert r.exit_code == 2 and "admin token is needed" in r.output
+    finally:
+        server.shutdown()
+        server.server_close()
