@@ -20,6 +20,7 @@ BENCHES = [
     "http_attest.py",
     "keyprovider.py",
     "ima.py",
+    "webhooks.py",
 ]
 
 
