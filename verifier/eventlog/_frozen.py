@@ -1,39 +1,19 @@
-"""Building many slotted frozen dataclass instances fast (the parse and check loops).
+"""The read-only base of the event log's slotted classes that are not dataclasses.
 
-A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``;
-setting each slot through its descriptor's ``__set__`` is cheaper, but is still a
-call per field. :func:`unfrozen_twin` gives a plain class with the same slots in
-the same order: an instance of it is filled with ordinary attribute stores, then
-becomes an instance of the frozen class by ``__class__`` assignment (which CPython
-allows only between classes with the same instance layout, and checks). The
-result is the same object ``cls(...)`` would build: same type, same slot values.
+:class:`Immutable` is the base of EventLog and ReplayedLog (lazily built caches in
+slots), as read-only as a frozen dataclass.
 
-:class:`Immutable` is the base of the slotted classes that are not dataclasses
-(EventLog, ReplayedLog: lazily built caches in slots) and are as read-only.
+Round 1 also built Event, ReplayedEvent and AppliedQuirk here as instances of an
+"unfrozen twin" class re-classed to the frozen one (no ``object.__setattr__`` per
+field). Issue 19 removed it: bench/tricks.py (2026-12-07, medians of 9) timed
+0.36 against 0.84 us per Event, which is 0.13-0.24 ms for ``vtpm eventlog
+replay``'s work on the typical 83-event log with every event built (0.96 against
+1.20 ms), about 0.2% of that command's process: nothing a user would notice.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-__all__ = ["Immutable", "unfrozen_twin"]
-
-
-def unfrozen_twin(cls: type) -> Any:
-    """A class with ``cls``'s slots and no ``__setattr__`` of its own (see module doc).
-
-    Raises TypeError at import if ``cls`` is not a slotted dataclass whose slots are
-    exactly its fields, or if CPython refuses the layout.
-    """
-    slots = getattr(cls, "__slots__", None)
-    fields = tuple(f.name for f in dataclasses.fields(cls))
-    if slots != fields or hasattr(object.__new__(cls), "__dict__"):
-        raise TypeError(f"{cls.__name__}: slots {slots!r} are not its fields {fields!r}")
-    twin = type(f"_Unfrozen{cls.__name__}", (), {"__slots__": slots, "__module__": __name__})
-    probe: Any = object.__new__(twin)
-    probe.__class__ = cls  # TypeError here if the layouts differ
-    return twin
+__all__ = ["Immutable"]
 
 
 class Immutable:

@@ -47,7 +47,7 @@ from verifier.eventlog.parse import (
     SpecIdEvent,
     StartupLocality,
 )
-from verifier.eventlog.quirks import QUIRKS, AppliedQuirk, applied_quirk
+from verifier.eventlog.quirks import QUIRKS, AppliedQuirk
 from vtpm_core.errors import ParseError
 
 __all__ = [
@@ -460,7 +460,7 @@ def checker(
     whole_covers = _COVERS[_whole]
     # type -> the quirk form and candidate that proved its last event
     hints: dict[int, tuple[_Form, int, str, str, str]] = {}
-    hintable, quirk = _HINTABLE, applied_quirk
+    hintable, quirk = _HINTABLE, AppliedQuirk
 
     def proves(candidate: bytes, pairs: _Pairs) -> bool:
         # step 3: every bank must match (a loop: all() would cost a generator per call)
@@ -981,7 +981,7 @@ class CheckedEvents:
         if decoded is FRAMED:
             decoded = LazyDecode(event.data_offset, self.uintn_size, self.limits)
         if type(quirks) is str:
-            quirks = (applied_quirk(quirks, event.index, QUIRKS[quirks].summary),)
+            quirks = (AppliedQuirk(quirks, event.index, QUIRKS[quirks].summary),)
         return decoded, verified, quirks, problems, covers  # type: ignore[return-value]
 
 

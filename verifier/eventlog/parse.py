@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
-from verifier.eventlog._frozen import Immutable, unfrozen_twin
+from verifier.eventlog._frozen import Immutable
 from verifier.eventlog._native import MAX_BANKS, walk_records
 from verifier.eventlog._reader import Reader
 from verifier.eventlog.algorithms import HashAlgorithm, algorithm_by_id
@@ -243,7 +243,7 @@ class Records:
         if built is None:
             names, digests = self.names, self.digests
             end = self.ends[index]
-            built = self.built[index] = _event(
+            built = self.built[index] = Event(
                 index,
                 self.offsets[index],
                 self.pcrs[index],
@@ -465,35 +465,6 @@ def _is_padding(data: bytes, offset: int, starts: dict[int, int]) -> bool:
     return fill == 0xFF or len(data) - offset >= MIN_PADDING
 
 
-def _event(
-    index: int,
-    offset: int,
-    pcr: int,
-    event_type: int,
-    digests: Mapping[str, bytes],
-    untrusted_data: bytes,
-    raw: bytes,
-) -> Event:
-    """``Event(...)``, for the parse loop: the same frozen object, built without the
-    dataclass ``__init__``'s one ``object.__setattr__`` call per field."""
-    event = _new_object(_UnfrozenEvent)
-    event.index = index
-    event.offset = offset
-    event.pcr = pcr
-    event.event_type = event_type
-    event.digests = digests
-    event.untrusted_data = untrusted_data
-    event.raw = raw
-    event.__class__ = Event
-    return event  # type: ignore[no-any-return]
-
-
-_new_object = object.__new__
-_UnfrozenEvent = unfrozen_twin(Event)
-"""Event's slots without its frozen ``__setattr__``: ``Event(...)`` without the
-``__init__``'s ``object.__setattr__`` per field (see verifier/eventlog/_frozen.py)."""
-
-
 def _padding_quirk(data: bytes, offset: int) -> AppliedQuirk:
     return AppliedQuirk(
         "log-trailing-padding",
@@ -653,7 +624,7 @@ def _parse_agile_fast(
     stop = pos + 4 + size
     if size > limits.max_event_data or stop > end:
         return None
-    return _event(
+    return Event(
         index,
         offset,
         pcr,

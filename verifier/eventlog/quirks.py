@@ -14,9 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from verifier.eventlog._frozen import unfrozen_twin
-
-__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "applied_quirk", "summarize", "summarize_applied"]
+__all__ = ["QUIRKS", "AppliedQuirk", "Quirk", "summarize", "summarize_applied"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +37,6 @@ class AppliedQuirk:
     def __str__(self) -> str:
         where = f"event {self.event_index}" if self.event_index is not None else "log"
         return f"quirk {self.quirk_id} applied to {where}: {self.detail}"
-
-
-def applied_quirk(quirk_id: str, event_index: int | None, detail: str) -> AppliedQuirk:
-    """``AppliedQuirk(...)`` for the digest check's loop, without the frozen
-    ``__init__``'s setattr per field (the same object: its slots, set directly)."""
-    applied = _new_object(_UnfrozenAppliedQuirk)
-    applied.quirk_id = quirk_id
-    applied.event_index = event_index
-    applied.detail = detail
-    applied.__class__ = AppliedQuirk
-    return applied  # type: ignore[no-any-return]
-
-
-_new_object = object.__new__
-_UnfrozenAppliedQuirk = unfrozen_twin(AppliedQuirk)
 
 
 _TABLE = (

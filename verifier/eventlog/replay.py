@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from verifier.eventlog._frozen import Immutable, unfrozen_twin
+from verifier.eventlog._frozen import Immutable
 from verifier.eventlog._native import extend_bank
 from verifier.eventlog.algorithms import HashAlgorithm
 from verifier.eventlog.decode import (
@@ -337,29 +337,13 @@ class ReplayedLog(Immutable):
         return tuple(event(i) for i in self._checked.mismatched)
 
 
-_UnfrozenReplayedEvent = unfrozen_twin(ReplayedEvent)
-"""ReplayedEvent's slots without its frozen ``__setattr__`` (what ``_replayed_event`` fills)."""
-_new_object = object.__new__
-
-
 def _replayed_event(event: Event, checked: CheckedEvents) -> ReplayedEvent:
-    """``ReplayedEvent(...)`` from the parsed event and its check: plain attribute stores,
-    then the frozen class (see verifier/eventlog/_frozen.py)."""
+    """``ReplayedEvent`` from the parsed event and its check."""
     decoded, verified, quirks, problems, covers = checked.outcome(event)
-    replayed = _new_object(_UnfrozenReplayedEvent)
-    replayed.index = event.index
-    replayed.offset = event.offset
-    replayed.pcr = event.pcr
-    replayed.event_type = event.event_type
-    replayed.digests = event.digests
-    replayed.untrusted_data = event.untrusted_data
-    replayed.data_verified = verified
-    replayed.problems = problems
-    replayed.quirks = quirks
-    replayed.digest_covers = covers
-    replayed._decoded = decoded
-    replayed.__class__ = ReplayedEvent
-    return replayed  # type: ignore[no-any-return]
+    return ReplayedEvent(
+        event.index, event.offset, event.pcr, event.event_type, event.digests,
+        event.untrusted_data, verified, problems, quirks, covers, decoded,
+    )  # fmt: skip
 
 
 class ReplayMismatchError(VerificationError):
