@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -374,3 +375,32 @@ def test_a_killed_workers_claim_expires_and_is_delivered_by_another(
     assert time.monotonic() - t0 < FAST.lease_s + 5
     [row] = _outbox(db)
     assert row.attempts == 2 and len(receiver.requests()) == 1
+
+
+def test_concurrent_workers_send_each_delivery_once(
+    db: Database, url: str, receiver: Receiver
+) -> None:
+    receiver.start()
+    _subscribe(db, receiver.url)
+    for i in range(30):
+        _attester(db, f"c{i:02}")
+        _transition(db, f"c{i:02}")
+    small = DeliveryPolicy(max_attempts=4, timeout_s=2.0, lease_s=30.0, batch=4)
+    engines = [Database(url) for _ in range(3)]  # as three processes: own connections
+
+    def work(d: Database) -> None:
+        while deliver_round(d, small, utc) != (0, 0):
+            pass
+
+    try:
+        threads = [threading.Thread(target=work, args=(d,)) for d in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for d in engines:
+            d.dispose()
+    assert {r.state for r in _outbox(db)} == {"delivered"}
+    sent = [json.loads(r["body"])["attester_id"] for r in receiver.requests()]
+    assert sorted(sent) == [f"c{i:02}" for i in range(30)]  # each once
