@@ -144,6 +144,7 @@ class _Names:
     policy_is_list: bool  # -04: ear_appraisal_policy_ids is an array of strings
     failures: str
     overall_status: bool  # -04 only: an optional top-level ear_status
+    reappraisal: str  # our extension: the result re-appraised stored evidence (issue 20)
 
 
 _NAMES = {
@@ -155,6 +156,7 @@ _NAMES = {
         False,
         "vtpm.failures",
         False,
+        "vtpm.reappraisal",
     ),
     EAR_PROFILE_04: _Names(
         "ear_verifier_id",
@@ -164,6 +166,7 @@ _NAMES = {
         True,
         "vtpm_failures",
         True,
+        "vtpm_reappraisal",
     ),
 }
 # the top-level claims this module writes (besides the profile's verifier id
@@ -359,11 +362,16 @@ class EarSigner:
         *,
         submod: str = DEFAULT_SUBMOD,
         profile: str | None = None,
+        reappraisal: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The claims set in ``profile`` (default: the signer's).
 
         The submod's status is the worse of ``result.status`` and its trust
         vector's worst claim (AR4SI section 3.2): never better than a claim.
+        ``reappraisal``: this result appraised stored evidence again without a
+        new quote (issue 20); carried as ``vtpm.reappraisal`` (``vtpm_reappraisal``
+        in -04), which names the original evidence's time: the freshness the
+        nonce proves is that one, not ``iat``.
         """
         if not 8 <= len(nonce) <= 64:
             # EAT (RFC 9711 §4.1) bounds a nonce to 8..64 bytes
@@ -386,6 +394,7 @@ class EarSigner:
             subject=attester_id,
             submods={submod: sub},
             overall=None,
+            reappraisal=reappraisal,
         )
 
     def sign(
@@ -397,9 +406,18 @@ class EarSigner:
         *,
         submod: str = DEFAULT_SUBMOD,
         profile: str | None = None,
+        reappraisal: Mapping[str, Any] | None = None,
     ) -> str:
         """An ES256 JWT carrying ``result`` as an EAR in ``profile``, bound to ``nonce``."""
-        claims = self.claims(result, nonce, attester_id, policy_id, submod=submod, profile=profile)
+        claims = self.claims(
+            result,
+            nonce,
+            attester_id,
+            policy_id,
+            submod=submod,
+            profile=profile,
+            reappraisal=reappraisal,
+        )
         return self._encode_jwt(claims)
 
     def _encode_jwt(self, claims: dict[str, Any]) -> str:
@@ -423,7 +441,9 @@ class EarSigner:
         ear = verify_result(token, self.jwks(), now=self._clock)
         names = _NAMES[ear.profile]
         known = (
-            _TOP_LEVEL | {names.verifier_id} | ({names.status} if names.overall_status else set())
+            _TOP_LEVEL
+            | {names.verifier_id, names.reappraisal}
+            | ({names.status} if names.overall_status else set())
         )
         extra = sorted(set(ear.claims) - known)
         if extra:
@@ -449,6 +469,7 @@ class EarSigner:
             subject=ear.attester_id,
             submods=ear.submods,
             overall=overall,
+            reappraisal=ear.claims.get(names.reappraisal),
         )
         return self._encode_jwt(claims)
 
@@ -503,6 +524,7 @@ def _encode(
     subject: str | None,
     submods: Mapping[str, EarSubmod],
     overall: str | None,
+    reappraisal: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The claims set of ``profile``. In -04 the overall ``ear_status`` is ``overall`` or,
     by default, the worst submod's (never better: draft-ietf-rats-ear-04 section 3)."""
@@ -539,6 +561,8 @@ def _encode(
         worst = _worst_submod(submods.values())
         out[names.status] = worst if overall is None else _worse(overall, worst)
     out["submods"] = body
+    if reappraisal is not None:
+        out[names.reappraisal] = dict(reappraisal)
     return out
 
 

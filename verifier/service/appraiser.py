@@ -470,9 +470,11 @@ class LibraryAppraiser:
         nonce: bytes,
         attester_id: str,
         flags: list[dict[str, Any]],
+        reappraisal: dict[str, Any] | None = None,
     ) -> str:
         """The EAR (``verifier.ear.EarSigner``): every failing rule and lineage flag in
-        ``vtpm.failures``; a flagged attester's instance-identity is untrustworthy."""
+        ``vtpm.failures``; a flagged attester's instance-identity is untrustworthy.
+        ``reappraisal``: the ``vtpm.reappraisal`` claim of a re-appraisal (issue 20)."""
         vector = TrustVector.from_json(appraisal.trust_vector)
         summaries = [_summary(f) for f in appraisal.failures]
         for flag in flags:
@@ -490,7 +492,9 @@ class LibraryAppraiser:
                 executables=vector.executables,
             )
         verdict = _Verdict(status, vector, tuple(summaries))
-        return self._signer.sign(verdict, nonce, attester_id, appraisal.policy_id or "none")
+        return self._signer.sign(
+            verdict, nonce, attester_id, appraisal.policy_id or "none", reappraisal=reappraisal
+        )
 
     def ear_as(self, token: str, profile: str | None = None) -> str:
         """A stored EAR in ``profile`` (None: the configured ``ear_profile``).

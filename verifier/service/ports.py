@@ -108,8 +108,10 @@ class Appraiser(Protocol):
         nonce: bytes,
         attester_id: str,
         flags: list[dict[str, Any]],
+        reappraisal: dict[str, Any] | None = None,
     ) -> str:
-        """The EAR JWT: ``status`` (lineage flags included), every failure and flag."""
+        """The EAR JWT: ``status`` (lineage flags included), every failure and flag;
+        ``reappraisal``: set when stored evidence was appraised again (issue 20)."""
         ...
 
     def ear_as(self, token: str, profile: str | None = None) -> str:

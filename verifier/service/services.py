@@ -60,6 +60,7 @@ from verifier.service.models import (
 )
 from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
 from verifier.service.transitions import NewTransition, record
+from verifier.service.reappraise import ReappraisalService
 from vtpm_core.errors import (
     ConflictError,
     ConstraintError,
@@ -666,6 +667,11 @@ class EvidenceService:
                     "policy": policy_name,
                     "policy_id": appraisal.policy_id,
                     "policy_sha256": policy_sha,
+                    # what re-appraisal needs besides latest_evidence (issue 20)
+                    "evidence": {
+                        "quote": _b64(evidence.quote),
+                        "signature": _b64(evidence.signature),
+                    },
                     "clock": None
                     if appraisal.clock is None
                     else {
@@ -885,6 +891,7 @@ class Services:
     policies: PolicyService
     appraiser: Appraiser
     metrics: Metrics
+    reappraisal: ReappraisalService
 
 
 def make_services(
@@ -902,4 +909,5 @@ def make_services(
         policies=PolicyService(db, appraiser, clock),
         appraiser=appraiser,
         metrics=metrics,
+        reappraisal=ReappraisalService(db, config, appraiser, clock),
     )
