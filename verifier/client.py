@@ -116,9 +116,17 @@ class VerifierClient:
         self._timeout = timeout
 
     def get(self, path: str) -> dict[str, Any]:
+        return self._call("GET", path, None)
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", path, body)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            resp = requests.get(f"{self.url}{path}", headers=headers, timeout=self._timeout)
+            resp = requests.request(
+                method, f"{self.url}{path}", headers=headers, json=body, timeout=self._timeout
+            )
         except requests.RequestException as exc:
             raise ClientError(
                 f"cannot reach the verifier at {self.url}: {exc}", retriable=True

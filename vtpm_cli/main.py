@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-quote": ("vtpm_cli.quote_cmds", "Verify a TPM2_Quote made by tpm2_quote (and, with --eventlog, replay the log)."),
     "ek": ("vtpm_cli.quote_cmds vtpm_cli.ek_cmds", "Endorsement Key certificates."),
     "ima": ("vtpm_cli.ima_policy_cmds vtpm_cli.ima_list_cmds", "IMA measurement lists and runtime policies (PCR 10)."),
-    "policy": ("vtpm_cli.policy_cmds", "Reference-value policies over replayed, digest-checked boot events."),
+    "policy": ("vtpm_cli.policy_cmds vtpm_cli.policy_fleet_cmds", "Reference-value policies over replayed, digest-checked boot events."),
     "result": ("vtpm_cli.policy_cmds", "Signed attestation results (EAR JWTs)."),
     "init": ("vtpm_cli.vtpm_cmds", "Create a vTPM store and its key-encryption key (mode 0600)."),
     "create": ("vtpm_cli.vtpm_cmds", "Create a vTPM: fresh encrypted state, EKs certified by the CA, certs in NV, locked."),

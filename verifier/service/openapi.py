@@ -170,6 +170,19 @@ def openapi_spec() -> dict[str, Any]:
             "vm_id": {"type": "string"},
         },
     }
+    reappraisal = {
+        "type": "object",
+        "required": ["against"],
+        "properties": {
+            "against": {
+                "oneOf": [
+                    {"const": "fleet"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                ],
+                "description": '"fleet" (every attester with stored evidence) or attester ids',
+            }
+        },
+    }
     evidence = {
         "type": "object",
         "required": ["nonce", "quote", "signature", "pcrs"],
@@ -278,6 +291,23 @@ def openapi_spec() -> dict[str, Any]:
             "delete": _op("Delete an unassigned policy", ["admin"], params=[_NAME], ok="204"),
         },
         **_webhook_paths(),
+        # issue 20: appraise each attester's stored evidence again (no new quote)
+        "/v1/policies/{name}/dry-run": {
+            "post": _op(
+                "Which attesters would change verdict under this policy, and why (writes nothing)",
+                ["admin"],
+                params=[_NAME],
+                body=reappraisal,
+            )
+        },
+        "/v1/policies/{name}/apply": {
+            "post": _op(
+                "Assign this policy and record each new verdict as a re-appraisal",
+                ["admin"],
+                params=[_NAME],
+                body=reappraisal,
+            )
+        },
         "/.well-known/jwks.json": {"get": _op("The keys that sign EAR results", None, errors=())},
         "/healthz": {"get": _op("Liveness and database reachability", None, errors=())},
         "/metrics": {"get": _op("Prometheus metrics", None, errors=())},

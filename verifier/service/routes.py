@@ -22,6 +22,7 @@ from verifier.service.messages import (
     decode_json,
 )
 from verifier.service.metrics import CONTENT_TYPE_LATEST
+from verifier.service.reappraise import ReappraisalRequest
 from verifier.service.services import Services
 from verifier.service.webhooks import WebhookService
 from vtpm_core.errors import ParseError
@@ -252,6 +253,18 @@ def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
         else:
             req = PolicyRequest.parse(_body("PolicyRequest"), name=name)
         return _json(services.policies.put(req, create_only=False))
+
+    @bp.post("/v1/policies/<name>/dry-run")
+    def dry_run_policy(name: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        req = ReappraisalRequest.parse(_body("ReappraisalRequest"))
+        return _json(services.reappraisal.dry_run(check_name(name, "url", "name"), req))
+
+    @bp.post("/v1/policies/<name>/apply")
+    def apply_policy(name: str) -> Response:
+        _principal(auth).require(Role.ADMIN)
+        req = ReappraisalRequest.parse(_body("ReappraisalRequest"))
+        return _json(services.reappraisal.apply(check_name(name, "url", "name"), req))
 
     @bp.delete("/v1/policies/<name>")
     def delete_policy(name: str) -> Response:

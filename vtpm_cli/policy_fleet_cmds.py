@@ -1,0 +1,111 @@
+"""Policies against the fleet's stored evidence: `vtpm policy dry-run` (issue 20).
+
+Talks to a running verifier with the admin token: the verifier re-appraises
+each attester's latest evidence (no new quote) and answers which verdicts
+would change and why. Exit status: 0 nothing would change (or ``--apply``
+recorded the verdicts), 1 some attester would change verdict, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vtpm_core.errors import ConfigError
+
+
+def _admin_token(token_file: Path | None) -> str:
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc}") from None
+    else:
+        token = os.environ.get("VTPM_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise ConfigError("the admin token is needed: --token-file or $VTPM_ADMIN_TOKEN")
+    return token
+
+
+def _failure_text(f: dict[str, Any]) -> str:
+    text = f"{f.get('rule')}: expected {f.get('expected')}, got {f.get('actual')}"
+    event = f.get("event")
+    if isinstance(event, dict):
+        text += f" (event {event.get('index')}, PCR {event.get('pcr')})"
+    return text
+
+
+def print_summary(doc: dict[str, Any]) -> None:
+    """The dry run's answer as lines: one per changed attester, its reasons below it."""
+    verb = "changed" if doc["applied"] else "would change"
+    click.echo(
+        f"policy {doc['policy']} v{doc['policy_version']}: {doc['reappraised']} re-appraised "
+        f"(evidence as stored, no new quote), {len(doc['changed'])} {verb}, "
+        f"{doc['unchanged']} unchanged, {len(doc['skipped'])} skipped"
+    )
+    for c in doc["changed"]:
+        name = f" ({c['vm_id']})" if c.get("vm_id") else ""
+        click.echo(
+            f"  {c['attester_id']}{name}: {c['from']} -> {c['to']}"
+            f" (evidence of {c['evidence_received_at']})"
+        )
+        for f in c["failures"]:
+            click.echo(f"    - {_failure_text(f)}")
+        for rule in c["resolved"]:
+            click.echo(f"    + {rule} now passes")
+        for flag in c["flags"]:
+            click.echo(f"    - lineage flag {flag}")
+    for s in doc["skipped"]:
+        click.echo(f"  skipped {s['attester_id']}: {s['reason']}")
+
+
+def register(cli: click.Group) -> None:
+    """Add ``dry-run`` to the ``policy`` group (registered by vtpm_cli.policy_cmds)."""
+    policy = cli.commands["policy"]
+    assert isinstance(policy, click.Group)
+
+    @policy.command("dry-run")
+    @click.argument("policy_name", metavar="POLICY")
+    @click.option("--against", "against", multiple=True, required=True,
+                  help="'fleet' (all attesters with stored evidence) or ids.")  # fmt: skip
+    @click.option("--verifier", "verifier_url", required=True, help="http://HOST:PORT")
+    @click.option("--token-file", type=click.Path(path_type=Path),
+                  help="the admin token (default: $VTPM_ADMIN_TOKEN)")  # fmt: skip
+    @click.option("--apply", "apply", is_flag=True,
+                  help="Assign POLICY and record the new verdicts as re-appraisals.")  # fmt: skip
+    @click.option("--json", "as_json", is_flag=True)
+    def dry_run(
+        policy_name: str,
+        against: tuple[str, ...],
+        verifier_url: str,
+        token_file: Path | None,
+        apply: bool,
+        as_json: bool,
+    ) -> None:
+        """Which attesters would change verdict under POLICY, and why.
+
+        The verifier appraises each attester's latest stored evidence again,
+        without a new quote: the freshness is the original evidence's. Nothing
+        changes unless --apply is given; then POLICY is assigned and each new
+        verdict is recorded as a re-appraisal (results, EAR, state history).
+        """
+        from verifier.client import VerifierClient
+
+        ids: list[str] = [a for item in against for a in item.replace(",", " ").split()]
+        if "fleet" in ids and len(ids) > 1:
+            raise click.UsageError("--against fleet or attester ids, not both")
+        body: dict[str, Any] = {"against": "fleet" if ids == ["fleet"] else ids}
+        client = VerifierClient(verifier_url, _admin_token(token_file), timeout=600)
+        route = "apply" if apply else "dry-run"
+        doc = client.post(f"/v1/policies/{policy_name}/{route}", body)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            print_summary(doc)
+        if doc["changed"] and not apply:
+            sys.exit(1)
