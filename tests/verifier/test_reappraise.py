@@ -32,6 +32,7 @@ from verifier.service.models import (
     AttesterTransition,
     LatestEvidence,
     Result,
+    WebhookOutbox,
 )
 from vtpm_cli.main import cli
 
@@ -137,7 +138,11 @@ def test_dry_run_lists_changes_and_writes_nothing_apply_records_reappraisals(
     assert (change["from"], change["to"], change["failures"]) == ("warning", "affirming", [])
     assert snapshot(v) == before
 
-    # 3. apply "never" to A only: assignment, a re-appraisal result, EAR claim, transition
+    # 3. apply "never" to A only: assignment, a re-appraisal result, EAR claim, transition,
+    # and the transition's webhook delivery queued with it
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["trusted->failed"]}
+    r = v.call("POST", "/v1/webhooks", v.admin, json=hook)
+    assert r.status_code in (200, 201), r.text
     r = v.call("POST", "/v1/policies/never/apply", v.admin, json={"against": [a.attester_id]})
     assert r.status_code == 200, r.text
     doc = r.json()
@@ -174,6 +179,13 @@ def test_dry_run_lists_changes_and_writes_nothing_apply_records_reappraisals(
     assert (tr.from_state, tr.to_state, tr.result_id) == ("trusted", "failed", result_id)
     assert tr.cause["reappraisal"] == marker and tr.cause["failures"] == ["pcrs.sha256.7"]
     assert row(v, b.attester_id).state == "trusted"  # B was not named
+    with v.db.read() as s:
+        [queued] = [
+            o.payload
+            for o in s.scalars(select(WebhookOutbox))
+            if o.payload["attester_id"] == a.attester_id
+        ]
+    assert queued["transition_id"] == tr.id and queued["cause"]["reappraisal"] == marker
 
     # 4. the results API serves it, marked; a re-appraisal is itself re-appraisable
     results = v.call("GET", f"/v1/attesters/{a.attester_id}/results", v.reader).json()

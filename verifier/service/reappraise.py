@@ -26,7 +26,8 @@ deadline leaves the attester stale.
 
 ``dry_run`` writes nothing. ``apply`` assigns the policy and records each new
 verdict as a result, with state and transitions as fresh evidence would
-(``services.py`` evidence step 3), one transaction per attester; an attester
+(``services.py`` evidence step 3, transitions and their webhook deliveries by
+``transitions.record``), one transaction per attester; an attester
 whose latest result changed while it was re-appraised is skipped, never
 overwritten.
 """
@@ -46,15 +47,9 @@ from sqlalchemy.orm import Session
 from verifier.service.config import ServiceConfig
 from verifier.service.db import Database
 from verifier.service.messages import EvidenceRequest
-from verifier.service.models import (
-    Assignment,
-    Attester,
-    AttesterTransition,
-    LatestEvidence,
-    Policy,
-    Result,
-)
+from verifier.service.models import Attester, LatestEvidence, Policy, Result
 from verifier.service.ports import Appraisal, Appraiser
+from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import NotFoundError, ParseError, VtpmTrustError
 from vtpm_core.tpm import Attest, QuoteInfo
 
@@ -73,6 +68,24 @@ REAPPRAISAL_FRESHNESS = "original-evidence"
 _TRUSTED_VERDICTS = frozenset({"affirming", "warning"})
 _MAX_ATTESTERS = 10_000  # ids named in one request (the whole fleet: "fleet")
 _BATCH = 500
+
+# apply's writes, one transaction per attester (the evidence path's statements, services.py)
+_LOCK_ATTESTER = "SELECT latest_result_id, state, flags, cadence_s FROM attesters WHERE id = :aid"
+_ASSIGN_UPSERT = (
+    "INSERT INTO assignments (attester_id, policy_name) VALUES (:aid, :p)"
+    " ON CONFLICT (attester_id) DO UPDATE SET policy_name = excluded.policy_name"
+)
+_RESULT_INSERT = (
+    "INSERT INTO results (attester_id, created_at, status, policy_name, nonce, report, ear)"
+    " VALUES (:aid, :now, :status, :policy, :n, :report, :ear) RETURNING id"
+)
+# last_evidence_at stays: no new evidence arrived
+_ATTESTER_AFTER = (
+    "UPDATE attesters SET latest_result_id = :rid, state = :state,"
+    " state_since = CASE WHEN :changed THEN :now ELSE state_since END, deadline = :deadline"
+    " WHERE id = :aid"
+)
+_EVIDENCE_POINT = "UPDATE latest_evidence SET result_id = :rid WHERE attester_id = :aid"
 
 
 def _iso(t: datetime) -> str:
@@ -393,16 +406,13 @@ class ReappraisalService:
             "policy": policy.name,
             "policy_version": policy.version,
         }
-        with self.db.transaction() as session:
-            attester = session.get(Attester, s.attester_id, with_for_update=True)
-            if attester is None or attester.latest_result_id != s.result_id:
+        with self.db.raw() as conn, conn.write():
+            locked = conn.one(_LOCK_ATTESTER + conn.for_update, {"aid": s.attester_id})
+            if locked is None or locked[0] != s.result_id:
                 return None
-            assignment = session.get(Assignment, s.attester_id)
-            if assignment is None:
-                session.add(Assignment(attester_id=s.attester_id, policy_name=policy.name))
-            else:
-                assignment.policy_name = policy.name
-            flags = list(attester.flags or [])
+            old_state, flags_json, cadence = locked[1], locked[2], locked[3]
+            flags = list(conn.json_out(flags_json) or [])
+            conn.run(_ASSIGN_UPSERT, {"aid": s.attester_id, "p": policy.name})
             report: dict[str, Any] = {
                 "status": r.status,
                 "appraisal_status": a.status,
@@ -435,52 +445,55 @@ class ReappraisalService:
                 flags=flags,
                 reappraisal=marker,
             )
-            result = Result(
-                attester_id=s.attester_id,
-                created_at=now,
-                status=r.status,
-                policy_name=policy.name,
-                nonce=s.nonce.hex(),
-                report=report,
-                ear=ear,
+            inserted = conn.one(
+                _RESULT_INSERT,
+                {
+                    "aid": s.attester_id,
+                    "now": conn.ts(now),
+                    "status": r.status,
+                    "policy": policy.name,
+                    "n": s.nonce.hex(),
+                    "report": conn.json_in(report),
+                    "ear": ear,
+                },
             )
-            session.add(result)
-            session.flush()
-            attester.latest_result_id = result.id
-            evidence = session.get(LatestEvidence, s.attester_id)
-            if evidence is not None:
-                evidence.result_id = result.id
-            old_state = attester.state
-            state, deadline = self._state(attester, r.status, s.received_at, now)
-            attester.state = state
-            attester.deadline = deadline
+            assert inserted is not None
+            result_id = int(inserted[0])
+            state, deadline = self._state(cadence, r.status, s.received_at, now)
+            conn.run(
+                _ATTESTER_AFTER,
+                {
+                    "aid": s.attester_id,
+                    "rid": result_id,
+                    "state": state,
+                    "changed": state != old_state,
+                    "now": conn.ts(now),
+                    "deadline": None if deadline is None else conn.ts(deadline),
+                },
+            )
+            conn.run(_EVIDENCE_POINT, {"aid": s.attester_id, "rid": result_id})
             if state != old_state:
-                attester.state_since = now
-                session.add(
-                    AttesterTransition(
-                        attester_id=s.attester_id,
-                        from_state=old_state,
-                        to_state=state,
-                        at=now,
-                        cause={
-                            "verdict": r.status,
-                            "failures": [f.get("rule") for f in a.failures],
-                            "flags": [f.get("flag") for f in flags],
-                            "reappraisal": marker,
-                        },
-                        result_id=result.id,
-                    )
+                # the one writer of transitions: its webhook deliveries commit with it
+                cause = {
+                    "verdict": r.status,
+                    "failures": [f.get("rule") for f in a.failures],
+                    "flags": [f.get("flag") for f in flags],
+                    "reappraisal": marker,
+                }
+                record(
+                    conn,
+                    [NewTransition(s.attester_id, old_state, state, now, cause, result_id)],
                 )
-            return result.id
+            return result_id
 
     def _state(
-        self, attester: Attester, status: str, received_at: datetime, now: datetime
+        self, cadence_s: int | None, status: str, received_at: datetime, now: datetime
     ) -> tuple[str, datetime | None]:
         """The state a re-appraisal leaves: failed on contraindicated; otherwise trusted
         until the deadline the original evidence earned, stale once that has passed."""
         if status not in _TRUSTED_VERDICTS:
             return "failed", None
-        cadence = attester.cadence_s or self.config.attest_cadence_s
+        cadence = cadence_s or self.config.attest_cadence_s
         deadline = received_at + timedelta(seconds=cadence * self.config.stale_grace)
         if deadline <= now:
             return "stale", None

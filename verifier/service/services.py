@@ -59,8 +59,8 @@ from verifier.service.models import (
     Result,
 )
 from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
-from verifier.service.transitions import NewTransition, record
 from verifier.service.reappraise import ReappraisalService
+from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import (
     ConflictError,
     ConstraintError,
