@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,10 +30,17 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from tests._pgcluster import PgCluster
 from tests._server import answers, free_port
 from verifier.ear import EarSigner
 from verifier.service.db import Database, upgrade
-from verifier.service.delivery import DeliveryPolicy, backoff_s, claim, deliver_round
+from verifier.service.delivery import (
+    Deliverer,
+    DeliveryPolicy,
+    backoff_s,
+    claim,
+    deliver_round,
+)
 from verifier.service.models import Attester, AttesterTransition, WebhookOutbox
 from verifier.service.sweeper import sweep
 from verifier.service.transitions import NewTransition, record
@@ -46,7 +54,7 @@ from verifier.service.webhooks import (
     verify_jws,
 )
 from vtpm_core._process import stop_child
-from vtpm_core.errors import ParseError, VerificationError
+from vtpm_core.errors import ParseError, StateError, VerificationError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -404,3 +412,40 @@ def test_concurrent_workers_send_each_delivery_once(
     assert {r.state for r in _outbox(db)} == {"delivered"}
     sent = [json.loads(r["body"])["attester_id"] for r in receiver.requests()]
     assert sorted(sent) == [f"c{i:02}" for i in range(30)]  # each once
+
+
+@pytest.mark.postgres
+def test_the_service_worker_rides_out_a_postgresql_restart(receiver: Receiver) -> None:
+    # a directory the postgres user can reach (pytest's tmp_path is 0700 for root)
+    with (
+        tempfile.TemporaryDirectory(prefix="webhooks-pg-") as base,
+        PgCluster.create(Path(base)) as pg,
+    ):
+        database = Database(pg.url())
+        upgrade(database.engine)
+        receiver.start()
+        worker = Deliverer(database, FAST, interval_s=0.05).start()
+        try:
+            _subscribe(database, receiver.url)
+            _attester(database, "p1")
+            _attester(database, "p2")
+            _transition(database, "p1")
+            pg.restart(down_s=1.0)  # the worker is polling (or mid-claim) meanwhile
+            _until(lambda: _try(lambda: _transition(database, "p2")), timeout=30)
+            _until(lambda: len(receiver.requests()) >= 2, timeout=30)
+            time.sleep(0.3)
+            sent = sorted(json.loads(r["body"])["attester_id"] for r in receiver.requests())
+            assert sent == ["p1", "p2"]
+            assert worker.is_alive() and worker.rounds > 0
+        finally:
+            worker.stop()
+            database.dispose()
+
+
+def _try(action: Callable[[], object]) -> bool:
+    """True once ``action`` ran without the database being unavailable."""
+    try:
+        action()
+    except StateError:
+        return False
+    return True
