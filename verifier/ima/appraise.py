@@ -507,6 +507,7 @@ def advance(
     running = dict(base.pcr10)
     hashers = {b: _hasher(b) for b in banks}
     proven: int | None = 0 if _equal(running, quoted_pcr10) else None
+    first, target = banks[0], quoted_pcr10[banks[0]]
     if proven is None:
         for n, entry in enumerate(entries, start=1):
             values = extend_values(entry)
@@ -517,7 +518,8 @@ def advance(
                         "ima.extend", f"entry {base.count + n - 1}: no {bank} template digest"
                     )
                 running[bank] = hashers[bank](running[bank] + value)
-            if _equal(running, quoted_pcr10):
+            # PCR values are public: a plain == finds the candidate, _equal confirms it
+            if running[first] == target and _equal(running, quoted_pcr10):
                 proven = n
                 break
     if proven is None:

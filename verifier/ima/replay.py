@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 from verifier.ima.appraise import BANK_SIZES
 from verifier.ima.entries import ImaEntry, hash_name
@@ -58,7 +60,33 @@ def extend_values(
 ) -> Callable[[ImaEntry], Mapping[str, bytes]]:
     """``entry -> {bank: value}`` for ``verifier.ima.appraise.advance``."""
     chosen = tuple(banks)
+    if mode is ExtendMode.PER_BANK:
+        try:
+            makers = tuple((b, _constructor(b)) for b in chosen)
+        except (ValueError, VerificationError):
+            makers = None  # extend_value names the bank on first use
+        if makers is not None:
+            ones = MappingProxyType({b: b"\xff" * _size(b) for b in chosen})
+
+            def per_bank(entry: ImaEntry) -> Mapping[str, bytes]:
+                # the hot path of incremental appraisal: one hash object per bank, no lookups
+                if entry.is_violation:
+                    return ones
+                data = entry.template_data
+                return {b: make(data).digest() for b, make in makers}
+
+            return per_bank
     return lambda entry: {b: extend_value(entry, b, mode) for b in chosen}
+
+
+def _constructor(bank: str) -> Callable[[bytes], Any]:
+    _size(bank)
+    name = hash_name(bank)
+    constructor = getattr(hashlib, name, None)
+    if constructor is not None:
+        return constructor  # type: ignore[no-any-return]
+    hashlib.new(name)  # ValueError where this hashlib lacks it
+    return lambda data: hashlib.new(name, data)
 
 
 def replay(
