@@ -21,6 +21,7 @@ BENCHES = [
     "keyprovider.py",
     "ima.py",
     "webhooks.py",
+    "continuous.py",
 ]
 
 
