@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from vtpm_core.errors import ConstraintError, StateError, VtpmTrustError
+from vtpm_core.errors import ConstraintError, StateError, UnavailableError, VtpmTrustError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -53,7 +53,7 @@ def project_error(dbapi: Any, exc: BaseException, what: str) -> VtpmTrustError:
     """The project's error for driver error ``exc`` of module ``dbapi`` (sqlite3, psycopg)."""
     if isinstance(exc, dbapi.IntegrityError):
         return ConstraintError(f"{what}: constraint violated: {exc}")
-    return StateError(f"{what} unavailable: {exc}")
+    return UnavailableError(f"{what} unavailable: {exc}")
 
 
 class FastConnection:
@@ -87,8 +87,10 @@ class FastConnection:
         self.in_block = False
         if raw is not None:
             self._owner._release(raw)
+            # the driver's connection itself, not the pool's wrapper: that would roll
+            # back first and, on a connection the server cut, log a traceback for it
             with contextlib.suppress(Exception):  # it failed already; the caller raises
-                raw.close()
+                self._conn.close()
 
     def execute(self, sql: str, params: Mapping[str, Any] | tuple[()] = ()) -> Any:
         """Run one statement; the cursor (fetch from it before the next statement)."""
@@ -201,7 +203,7 @@ class FastPath:
             try:
                 raw = engine.raw_connection()
             except Exception as exc:  # sqlalchemy wraps the driver's error
-                raise StateError(f"{what} unavailable: {getattr(exc, 'orig', exc)}") from exc
+                raise UnavailableError(f"{what} unavailable: {getattr(exc, 'orig', exc)}") from exc
             raw.detach()
             conn: Any = raw.dbapi_connection
             if sqlite:
@@ -239,7 +241,7 @@ class FastPath:
                 for pragma in pragmas:
                     conn.execute(f"PRAGMA {pragma}").close()
             except sqlite3.Error as exc:
-                raise StateError(f"{what} unavailable: {path}: {exc}") from exc
+                raise UnavailableError(f"{what} unavailable: {path}: {exc}") from exc
             return conn, conn
 
         def is_disconnect(exc: BaseException, _conn: Any) -> bool:

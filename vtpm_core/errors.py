@@ -22,6 +22,7 @@ __all__ = [
     "PermissionDeniedError",
     "StateError",
     "TpmError",
+    "UnavailableError",
     "VerificationError",
     "VtpmTrustError",
 ]
@@ -73,6 +74,10 @@ class PermissionDeniedError(VtpmTrustError):
 
 class StateError(VtpmTrustError):
     """Stored state is missing, locked, or cannot be decrypted."""
+
+
+class UnavailableError(StateError):
+    """A database or service could not be reached or lost the connection: retriable."""
 
 
 class TpmError(VtpmTrustError):

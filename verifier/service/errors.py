@@ -4,7 +4,10 @@ Problem bodies: ``{"type": "urn:vtpm-trust:problem:<slug>", "title": ...,
 "status": ..., "detail": ...}`` with ``Content-Type: application/problem+json``
 (RFC 9457, sections 3 and 3.1). ``detail`` names what was wrong (the structure,
 field and offset of a parse error; the check of a verification error).
-Unexpected exceptions answer 500 with a fixed text: no internals leak.
+Unexpected exceptions answer 500 with a fixed text: no internals leak. A lost
+database connection (PostgreSQL restarting, a backend terminated) answers 503
+with ``Retry-After: 1`` and a fixed text: the client may retry; the next request
+reconnects (pool pre-ping, the fast path's reconnect).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from flask import Flask, Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from vtpm_core.errors import (
@@ -23,6 +27,7 @@ from vtpm_core.errors import (
     ParseError,
     PermissionDeniedError,
     StateError,
+    UnavailableError,
     VerificationError,
     VtpmTrustError,
 )
@@ -73,6 +78,8 @@ class Problem:
         resp.content_type = "application/problem+json"
         if self.status == 401:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="vtpm-verifier"'
+        if self.status == 503:
+            resp.headers["Retry-After"] = "1"
         return resp
 
 
@@ -89,8 +96,21 @@ _MAPPING: tuple[tuple[type[VtpmTrustError], int, str, str], ...] = (
 )
 
 
+_UNAVAILABLE = Problem(
+    503, "unavailable", "Temporarily unavailable", "database connection lost; retry"
+)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, UnavailableError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
 def problem_for(exc: BaseException) -> Problem:
     """The problem a given exception becomes (internal errors hide their text)."""
+    if _connection_lost(exc):
+        return _UNAVAILABLE
     if isinstance(exc, HTTPException):
         code = exc.code or 500
         slug = {413: "too-large", 404: "not-found", 405: "method-not-allowed"}.get(
@@ -109,7 +129,9 @@ def install_error_handler(app: Flask) -> None:
 
     def handle(exc: Exception) -> Response:
         problem = problem_for(exc)
-        if problem.status >= 500:
+        if problem.status == 503:
+            _log.warning("database unavailable while serving a request: %s", exc)
+        elif problem.status >= 500:
             _log.exception("internal error while serving a request")
         return problem.response()
 

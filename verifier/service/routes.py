@@ -321,7 +321,7 @@ def ops_blueprint(
 
     @bp.get("/healthz")
     def healthz() -> Response:
-        services.attesters.db.ping()  # fails (500) when the database is unreachable
+        services.attesters.db.ping()  # 503 (retriable) when the database is unreachable
         return _json({"status": "ok"})
 
     @bp.get("/metrics")
