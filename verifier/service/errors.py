@@ -102,9 +102,17 @@ _UNAVAILABLE = Problem(
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    if isinstance(exc, UnavailableError | OperationalError | InterfaceError):
+    """The database could not be reached or dropped the connection (retriable), as
+    opposed to a broken schema or query (a 500). PostgreSQL's OperationalError is
+    the connection class (psycopg: lost, refused, server shutting down); SQLite's
+    also covers "no such table", which is not retriable."""
+    if isinstance(exc, UnavailableError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    lost = isinstance(exc, OperationalError | InterfaceError)
+    return lost and type(orig).__module__.startswith("psycopg")
 
 
 def problem_for(exc: BaseException) -> Problem:
