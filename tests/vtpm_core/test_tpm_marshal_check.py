@@ -7,6 +7,8 @@ changing what a ``Public`` is.
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,29 @@ def test_a_refused_key_is_refused_every_time() -> None:
     for _ in range(2):
         with pytest.raises(ParseError, match="not a point on the curve"):
             bad.public_key()
+
+
+def test_the_check_loads_the_bindings_without_the_tpm2_pytss_package() -> None:
+    """A fresh process checks a quote with tpm2-pytss's extension alone (not its package,
+    which imports ESAPI, FAPI and cryptography.x509); a later ``import tpm2_pytss``
+    uses that same extension module."""
+    code = (
+        "import sys\n"
+        "from vtpm_core.tpm import Attest, _marshal\n"
+        f"data = open({str(DATA / 'swtpm_quote_ecc_ecdsa.tpms_attest')!r}, 'rb').read()\n"
+        "Attest.parse(data)\n"
+        "try:\n"
+        "    _marshal.check('TPMS_ATTEST', data + b'x')\n"
+        "except Exception as exc:\n"
+        "    print('REFUSED', exc)\n"
+        "print('PACKAGE', 'tpm2_pytss' in sys.modules, 'cryptography.x509' in sys.modules)\n"
+        "import tpm2_pytss\n"
+        "from tpm2_pytss._libtpm2_pytss import lib\n"
+        "print('SAME', lib is _marshal._bindings().lib)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "REFUSED TPMS_ATTEST.tpm2-tss at byte 135: libtss2-mu read 135 of 136 bytes" in out
+    assert "PACKAGE False False" in out
+    assert "SAME True" in out
