@@ -18,22 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-
-if TYPE_CHECKING:
-    from verifier.eventlog import ReplayedLog
-    from verifier.policy import Policy
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
-from verifier.ekcert import (
-    CertificateRevocationList,
-    EkValidationOptions,
-    ParsedCertificate,
-    PublicKey,
-    TrustStore,
-    ValidatedEkCertificate,
-    validate_ek_certificate,
-)
+if TYPE_CHECKING:
+    # (verifier.ekcert, ~30 ms of imports with cryptography.x509, only for `vtpm ek
+    # verify`: imported there, so `vtpm verify-quote` starts without it)
+    from verifier.ekcert import ParsedCertificate, PublicKey, ValidatedEkCertificate
+    from verifier.eventlog import ReplayedLog
+    from verifier.policy import Policy
 from verifier.quote import QUOTE_CHECKS, VerifiedQuote, verify_quote
 from vtpm_core.errors import ConfigError, ParseError, VerificationError
 from vtpm_core.tpm import Attest, PcrSelection, PcrValues, Public
@@ -165,6 +158,13 @@ def ek_verify(
     Builds a path to a trust anchor given with --roots, checks the TCG EK
     profile, the key against --ek-public and revocation against --crl.
     """
+    from verifier.ekcert import (
+        CertificateRevocationList,
+        EkValidationOptions,
+        TrustStore,
+        validate_ek_certificate,
+    )
+
     if not roots:
         raise ConfigError("--roots is required (a directory or PEM bundle of trust anchors)")
     trust = TrustStore.load(roots, intermediates)
