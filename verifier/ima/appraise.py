@@ -265,7 +265,6 @@ def _appraise_one(
         )  # fmt: skip
     algo = canonical_algorithm(entry.digest_algo)
     digest: Digest = (algo, entry.digest)
-    actual = format_digest(digest)
     # 3
     if path == BOOT_AGGREGATE and template in FILE_TEMPLATES:
         if digest in allowed_aggregates or digest in policy.digests.get(BOOT_AGGREGATE, ()):
@@ -280,7 +279,7 @@ def _appraise_one(
             if expected
             else "boot_aggregate not checked: no quoted PCRs 0-9 given and none in the policy"
         )
-        return EntryFailure(index, path, template, reason, actual, tuple(expected))
+        return EntryFailure(index, path, template, reason, format_digest(digest), tuple(expected))
     # 4
     if policy.excludes and policy.excludes.match(path) is not None:
         count.excluded += 1
@@ -306,7 +305,7 @@ def _appraise_one(
         if check is None and template in SIGNED_TEMPLATES and has_keys:
             check = SignatureCheck(SignatureState.ABSENT)
         return EntryFailure(
-            index, path, template, reason, actual, listed,
+            index, path, template, reason, format_digest(digest), listed,
             check.describe() if check is not None else None,
         )  # fmt: skip
     # 6
@@ -323,7 +322,7 @@ def _appraise_one(
             return EntryFailure(
                 index, path, template,
                 "key not allowed in this keyring" if allowed else "keyring not in the policy",
-                actual, tuple(sorted(format_digest(d) for d in allowed or ())),
+                format_digest(digest), tuple(sorted(format_digest(d) for d in allowed or ())),
             )  # fmt: skip
         allowed = policy.ima_buf.get(path)
         if allowed is not None and digest in allowed:
@@ -332,10 +331,12 @@ def _appraise_one(
         return EntryFailure(
             index, path, template,
             "buffer not allowed" if allowed else "buffer name not in the policy",
-            actual, tuple(sorted(format_digest(d) for d in allowed or ())),
+            format_digest(digest), tuple(sorted(format_digest(d) for d in allowed or ())),
         )  # fmt: skip
     # 7
-    return EntryFailure(index, path, template, f"template {template!r} is not appraised", actual)
+    return EntryFailure(
+        index, path, template, f"template {template!r} is not appraised", format_digest(digest)
+    )
 
 
 # -- incremental state -----------------------------------------------------------------
@@ -505,19 +506,19 @@ def advance(
         )
     # 3
     running = dict(base.pcr10)
-    hashers = {b: _hasher(b) for b in banks}
+    plan = tuple((b, BANK_SIZES[b], _hasher(b)) for b in banks)
     proven: int | None = 0 if _equal(running, quoted_pcr10) else None
     first, target = banks[0], quoted_pcr10[banks[0]]
     if proven is None:
         for n, entry in enumerate(entries, start=1):
             values = extend_values(entry)
-            for bank in banks:
+            for bank, size, hasher in plan:
                 value = values.get(bank)
-                if value is None or len(value) != BANK_SIZES[bank]:
+                if value is None or len(value) != size:
                     raise VerificationError(
                         "ima.extend", f"entry {base.count + n - 1}: no {bank} template digest"
                     )
-                running[bank] = hashers[bank](running[bank] + value)
+                running[bank] = hasher(running[bank] + value)
             # PCR values are public: a plain == finds the candidate, _equal confirms it
             if running[first] == target and _equal(running, quoted_pcr10):
                 proven = n
