@@ -121,11 +121,23 @@ class VerifierClient:
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", path, body)
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def post_bytes(self, path: str, data: bytes) -> dict[str, Any]:
+        return self._call("POST", path, None, data)
+
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, data: bytes | None = None
+    ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        if data is not None:
+            headers["Content-Type"] = "application/octet-stream"
         try:
             resp = requests.request(
-                method, f"{self.url}{path}", headers=headers, json=body, timeout=self._timeout
+                method,
+                f"{self.url}{path}",
+                headers=headers,
+                json=body,
+                data=data,
+                timeout=self._timeout,
             )
         except requests.RequestException as exc:
             raise ClientError(

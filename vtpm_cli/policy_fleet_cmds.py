@@ -1,4 +1,5 @@
-"""Policies against the fleet's stored evidence: `vtpm policy dry-run` (issue 20).
+"""Policies against the fleet's stored evidence: `vtpm policy dry-run`, `vtpm policy
+dbx-update` (issue 20).
 
 Talks to a running verifier with the admin token: the verifier re-appraises
 each attester's latest evidence (no new quote) and answers which verdicts
@@ -108,4 +109,82 @@ def register(cli: click.Group) -> None:
         else:
             print_summary(doc)
         if doc["changed"] and not apply:
+            sys.exit(1)
+
+    @policy.command("dbx-update")
+    @click.argument("update_file", metavar="FILE",
+                    type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
+    @click.option("--eventlog", "logs", multiple=True,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Scan these logs (offline, replayed against themselves).")  # fmt: skip
+    @click.option("--verifier", "verifier_url", help="Scan the fleet's stored evidence.")
+    @click.option("--token-file", type=click.Path(path_type=Path),
+                  help="the admin token (default: $VTPM_ADMIN_TOKEN)")  # fmt: skip
+    @click.option("--json", "as_json", is_flag=True)
+    def dbx_update(
+        update_file: Path,
+        logs: tuple[Path, ...],
+        verifier_url: str | None,
+        token_file: Path | None,
+        as_json: bool,
+    ) -> None:
+        """Which boots a dbx update revokes, and which run an older dbx.
+
+        FILE: the authenticated variable (EFI_VARIABLE_AUTHENTICATION_2 + signature
+        lists; its KEK signature is not checked here) or Microsoft's dbx_info JSON.
+        With --verifier, every attester's stored evidence whose quote verified; with
+        --eventlog, the given logs. Exit 1 when a boot is revoked or a dbx is old.
+        """
+        from verifier.dbx import DbxUpdate, scan
+
+        data = update_file.read_bytes()
+        update = DbxUpdate.parse(data)
+        if (verifier_url is None) == (not logs):
+            raise click.UsageError("give --verifier or --eventlog")
+        if verifier_url is not None:
+            from verifier.client import VerifierClient
+
+            client = VerifierClient(verifier_url, _admin_token(token_file), timeout=600)
+            doc = client.post_bytes("/v1/dbx/report", data)
+        else:
+            from verifier.eventlog import EventLog
+
+            revoked, old = [], []
+            for path in logs:
+                log = EventLog.parse(path.read_bytes())
+                entry = {"log": str(path), **scan(log.verify(log.replay()), update).to_json()}
+                if entry["revoked"]:
+                    revoked.append(entry)
+                if not entry["dbx_current"]:
+                    old.append(entry)
+            doc = {"update": update.summary(), "scanned": len(logs), "revoked": revoked,
+                   "old_dbx": old, "skipped": []}  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            u = doc["update"]
+            click.echo(
+                f"dbx update ({u['source']}): {u['hashes']} hashes, {u['certificates']} "
+                f"certificates, {u['svns']} SVNs; {doc['scanned']} boots scanned"
+            )
+            for e in doc["revoked"]:
+                who = e.get("attester_id") or e.get("log")
+                for f in e["revoked"]:
+                    name = f" ({f['name']})" if f.get("name") else ""
+                    click.echo(
+                        f"  REVOKED {who}: {f['kind']} {f['value']}{name}"
+                        f" (event {f['event']}, PCR {f['pcr']})"
+                    )
+            for e in doc["old_dbx"]:
+                who = e.get("attester_id") or e.get("log")
+                if e["dbx_missing"] is None:
+                    click.echo(f"  OLD DBX {who}: no dbx measurement to compare")
+                else:
+                    click.echo(
+                        f"  OLD DBX {who}: {e['dbx_missing']} of the update's hashes missing"
+                        f" ({e['dbx_entries']} entries measured)"
+                    )
+            for s in doc["skipped"]:
+                click.echo(f"  skipped {s['attester_id']}: {s['reason']}")
+        if doc["revoked"] or doc["old_dbx"]:
             sys.exit(1)

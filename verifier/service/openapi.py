@@ -300,6 +300,28 @@ def openapi_spec() -> dict[str, Any]:
                 body=reappraisal,
             )
         },
+        "/v1/dbx/report": {
+            "post": {
+                **_op(
+                    "Which attesters booted what a dbx update revokes, or run an older dbx",
+                    ["admin"],
+                    errors=("400", "401", "403"),
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "EFI_VARIABLE_AUTHENTICATION_2 dbx update, or"
+                                " Microsoft's dbx_info JSON",
+                            }
+                        }
+                    },
+                },
+            }
+        },
         "/v1/policies/{name}/apply": {
             "post": _op(
                 "Assign this policy and record each new verdict as a re-appraisal",

@@ -44,6 +44,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from verifier.dbx import DbxUpdate, scan
+from verifier.eventlog import EventLog
 from verifier.service.config import ServiceConfig
 from verifier.service.db import Database
 from verifier.service.messages import EvidenceRequest
@@ -51,7 +53,7 @@ from verifier.service.models import Attester, LatestEvidence, Policy, Result
 from verifier.service.ports import Appraisal, Appraiser
 from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import NotFoundError, ParseError, VtpmTrustError
-from vtpm_core.tpm import Attest, QuoteInfo
+from vtpm_core.tpm import Attest, PcrValues, QuoteInfo
 
 __all__ = [
     "REAPPRAISAL_FRESHNESS",
@@ -137,6 +139,7 @@ class StoredEvidence:
     result_policy: str | None  # the policy that result was appraised under
     failures: tuple[dict[str, Any], ...]  # the latest result's failing rules
     quote_b64: tuple[str, str] | None  # (quote, signature) as stored, carried on
+    quote_verified: bool = False  # when stored: the PCRs are the TPM's
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +221,7 @@ def _stored(attester: Attester, evidence: LatestEvidence, result: Result) -> Sto
         result_policy=result.policy_name,
         failures=tuple(report.get("failures") or ()),
         quote_b64=quote_b64,
+        quote_verified=bool(evidence.quote_verified),
     )
 
 
@@ -370,6 +374,47 @@ class ReappraisalService:
             "verdicts": dict(sorted(counts.items())),
             "changed": changed,
             "unchanged": len(done) - len(changed),
+            "skipped": skipped,
+        }
+
+    # -- dbx updates ---------------------------------------------------------------------
+
+    def dbx_report(self, update: DbxUpdate) -> dict[str, Any]:
+        """Which attesters' stored boots ``update`` revokes (by Authenticode hash or
+        certificate) and which measured a dbx without all of its hash entries. Reads
+        only logs whose quote verified, replayed against the quoted PCRs. Writes nothing."""
+        revoked: list[dict[str, Any]] = []
+        stale_dbx: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
+        scanned = 0
+        for item in self.stored(None):
+            if isinstance(item, tuple):
+                continue
+            ev = item.evidence
+            if ev is None or ev.event_log is None:
+                skipped.append({"attester_id": item.attester_id, "reason": "no stored event log"})
+                continue
+            if not item.quote_verified:
+                skipped.append({"attester_id": item.attester_id, "reason": "quote did not verify"})
+                continue
+            try:
+                log = EventLog.parse(ev.event_log)
+                replayed = log.verify(PcrValues(ev.pcrs).values)
+            except VtpmTrustError as exc:
+                skipped.append({"attester_id": item.attester_id, "reason": str(exc)})
+                continue
+            scanned += 1
+            found = scan(replayed, update)
+            entry = {"attester_id": item.attester_id, "vm_id": item.vm_id, **found.to_json()}
+            if found.revoked:
+                revoked.append(entry)
+            if not found.current:
+                stale_dbx.append(entry)
+        return {
+            "update": update.summary(),
+            "scanned": scanned,
+            "revoked": revoked,
+            "old_dbx": stale_dbx,
             "skipped": skipped,
         }
 

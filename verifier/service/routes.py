@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from verifier.dbx import DbxUpdate
 from verifier.service.auth import AttesterToken, Authenticator, Principal, Role
 from verifier.service.messages import (
     ActivationRequest,
@@ -265,6 +266,12 @@ def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
         _principal(auth).require(Role.ADMIN)
         req = ReappraisalRequest.parse(_body("ReappraisalRequest"))
         return _json(services.reappraisal.apply(check_name(name, "url", "name"), req))
+
+    @bp.post("/v1/dbx/report")
+    def dbx_report() -> Response:
+        _principal(auth).require(Role.ADMIN)
+        update = DbxUpdate.parse(request.get_data(cache=False))
+        return _json(services.reappraisal.dbx_report(update))
 
     @bp.delete("/v1/policies/<name>")
     def delete_policy(name: str) -> Response:
