@@ -12,11 +12,14 @@ Faults:
   with jitter (``uniform(d/2, d)``, ``d = min(cap, base * 2**n)``, never below
   ``min_delay_s``), then the next round resumes with the same id and token:
   no re-registration.
-- The TPM failing or the event log unreadable: the evidence API has no route
-  for "my TPM is broken", so the agent logs one line naming the fault and,
-  after ``tpm_retries`` failed rounds in a row, exits 1 (systemd restarts it
-  slowly, see contrib/systemd/vtpm-agent.service). The verifier sees the
-  missing evidence as the attester going ``stale``.
+- The TPM failing or the event log unreadable: the agent logs one line naming
+  the fault and reports the first of a run of faults to the verifier
+  (``POST /v1/attesters/{id}/faults``, kind ``tpm`` or ``event_log``), which
+  marks the attester ``failed`` at once with the fault as the cause, instead
+  of leaving it trusted until its deadline; after ``tpm_retries`` failed
+  rounds in a row it exits 1 (systemd restarts it slowly, see
+  contrib/systemd/vtpm-agent.service). A report that cannot be delivered is
+  logged and not retried: the attester then goes ``stale`` at its deadline.
 - A 4xx answer (token revoked, attester deleted, evidence refused) is not
   retried as an outage: the round counts as failed and is logged with the
   verifier's detail.
@@ -51,6 +54,12 @@ from vtpm_core.errors import ConfigError, TpmError, VtpmTrustError
 __all__ = ["Agent", "AgentConfig", "Backoff", "RoundOutcome"]
 
 LOG = logging.getLogger("vtpm.agent")
+
+
+class EventLogError(TpmError):
+    """The firmware event log could not be read (reported as kind ``event_log``)."""
+
+
 DEFAULT_CADENCE_S = 60.0
 TRUSTED = frozenset({"affirming", "warning"})
 
@@ -100,6 +109,8 @@ class RoundOutcome:
     state: str | None
     next_s: float
     fault: str | None = None  # "verifier" (retry with backoff), "tpm", "refused"
+    fault_kind: str | None = None  # for a "tpm" fault: "tpm" or "event_log" (the report's)
+    detail: str | None = None
 
     @property
     def trusted(self) -> bool:
@@ -147,7 +158,34 @@ class Agent:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise TpmError(f"event log {path} unreadable: {exc.strerror or exc}") from None
+            raise EventLogError(f"event log {path} unreadable: {exc.strerror or exc}") from None
+
+    def report_fault(self, kind: str, detail: str) -> bool:
+        """Tell the verifier this attester cannot produce evidence; True when it heard.
+        Needs the attester's id and token (none before the first registration)."""
+        if self.config.token and self.config.attester_id:
+            state: AttesterState | None = AttesterState(
+                self.config.url, self.config.attester_id, self.config.token
+            )
+        else:
+            state = AttesterState.load(self.config.state_file)
+        if state is None or state.verifier != self.config.url:
+            return False
+        try:
+            resp = self._http.post(
+                f"{self.config.url.rstrip('/')}/v1/attesters/{state.attester_id}/faults",
+                json={"kind": kind, "detail": detail[:500]},
+                headers={"Authorization": f"Bearer {state.token}"},
+                timeout=10,
+            )
+        except requests.RequestException as exc:
+            LOG.warning("fault not reported, verifier unreachable: %s", exc)
+            return False
+        if resp.status_code != 200:
+            LOG.warning("fault not reported: verifier answered %d", resp.status_code)
+            return False
+        LOG.info("reported %s fault to the verifier (state failed)", kind)
+        return True
 
     def ima_delta(self) -> bytes | None:
         """Hook for the IMA list entries since the last round (not sent yet)."""
@@ -166,12 +204,15 @@ class Agent:
             return RoundOutcome(None, None, self._cadence, "verifier" if outage else "refused")
         except ConfigError:
             raise
-        except VtpmTrustError as exc:  # TpmError, a malformed challenge, an unreadable log
+        except EventLogError as exc:
             LOG.error("TPM fault, no evidence sent: %s", exc)
-            return RoundOutcome(None, None, self._cadence, "tpm")
+            return RoundOutcome(None, None, self._cadence, "tpm", "event_log", str(exc))
+        except VtpmTrustError as exc:  # TpmError, a malformed challenge
+            LOG.error("TPM fault, no evidence sent: %s", exc)
+            return RoundOutcome(None, None, self._cadence, "tpm", "tpm", str(exc))
         except Exception as exc:  # tpm2-pytss raises its own TSS2_Exception mid-command
             LOG.error("TPM fault, no evidence sent: %s", exc)
-            return RoundOutcome(None, None, self._cadence, "tpm")
+            return RoundOutcome(None, None, self._cadence, "tpm", "tpm", str(exc))
         self._cadence = _cadence(result)
         LOG.info(
             "attester %s: %s (state %s), next in %.0f s",
@@ -206,6 +247,8 @@ class Agent:
             self.backoff.reset()
             if outcome.fault == "tpm":
                 tpm_faults += 1
+                if tpm_faults == 1:  # once per run of faults, not once per retry
+                    self.report_fault(outcome.fault_kind or "tpm", outcome.detail or "")
                 if tpm_faults >= self.config.tpm_retries:
                     LOG.error("giving up after %d TPM faults in a row", tpm_faults)
                     return 1

@@ -19,6 +19,7 @@ from vtpm_core.errors import ParseError
 __all__ = [
     "ActivationRequest",
     "EvidenceRequest",
+    "FaultReport",
     "PolicyRequest",
     "RegistrationRequest",
     "decode_json",
@@ -114,6 +115,32 @@ class ActivationRequest:
         s = "ActivationRequest"
         _unknown(obj, s, {"secret"})
         return cls(_req(_b64(obj, s, "secret")))
+
+
+FAULT_KINDS = ("tpm", "event_log")
+
+
+@dataclass(frozen=True, slots=True)
+class FaultReport:
+    """``POST /v1/attesters/{id}/faults`` (issue 16): the agent could not produce evidence.
+
+    ``kind``: ``tpm`` (the TPM failed or is gone) or ``event_log`` (unreadable);
+    ``detail``: the agent's one-line message, at most 500 characters.
+    """
+
+    kind: str
+    detail: str
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> FaultReport:
+        s = "FaultReport"
+        _unknown(obj, s, {"kind", "detail"})
+        kind, detail = obj.get("kind"), obj.get("detail", "")
+        if kind not in FAULT_KINDS:
+            raise ParseError(s, "kind", 0, f"expected one of {', '.join(FAULT_KINDS)}")
+        if not isinstance(detail, str) or len(detail) > 500:
+            raise ParseError(s, "detail", 0, "expected a string of at most 500 characters")
+        return cls(str(kind), detail)
 
 
 def parse_pcrs(value: object, structure: str = "EvidenceRequest") -> dict[str, dict[int, bytes]]:

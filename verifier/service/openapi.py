@@ -262,6 +262,23 @@ def openapi_spec() -> dict[str, Any]:
                 errors=("400", "401", "403", "404", "409", "410", "413"),
             )
         },
+        "/v1/attesters/{attester_id}/faults": {
+            "post": _op(
+                "The agent cannot produce evidence (TPM failed, event log unreadable): "
+                "the attester is failed at once, the fault recorded as the cause",
+                ["attester"],
+                params=[_ID],
+                body={
+                    "type": "object",
+                    "required": ["kind"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["tpm", "event_log"]},
+                        "detail": {"type": "string", "maxLength": 500},
+                    },
+                },
+                errors=("400", "401", "403", "404", "409"),
+            )
+        },
         "/v1/attesters/{attester_id}/results": {
             "get": _op(
                 "Results, newest first",

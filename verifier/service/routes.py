@@ -18,6 +18,7 @@ from verifier.service.auth import AttesterToken, Authenticator, Principal, Role
 from verifier.service.messages import (
     ActivationRequest,
     EvidenceRequest,
+    FaultReport,
     PolicyRequest,
     check_name,
     decode_json,
@@ -203,6 +204,19 @@ def attester_blueprint(services: Services, auth: Authenticator) -> Blueprint:
             result = services.evidence.submit(attester_id, req, token_sha256=cred.sha256)
             # just signed in the configured profile: re-signed only when asked for another
             return _json(result if profile is None else _in_profile(services, result, profile))
+
+    @bp.post("/v1/attesters/<attester_id>/faults")
+    def fault(attester_id: str) -> Response:
+        # the attester's own token only, like evidence (issue 16: a TPM fault reported)
+        cred = auth.classify(request.headers.get("Authorization"))
+        if isinstance(cred, Principal):
+            cred.require(Role.ATTESTER, attester_id=attester_id)  # never passes: 403
+            raise AssertionError("unreachable")
+        with _authentication_first(auth, attester_id, Role.ATTESTER):
+            report = FaultReport.parse(_body("FaultReport"))
+            return _json(
+                services.evidence.report_fault(attester_id, report, token_sha256=cred.sha256)
+            )
 
     @bp.get("/v1/attesters/<attester_id>/results")
     def results(attester_id: str) -> Response:

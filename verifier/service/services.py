@@ -44,6 +44,7 @@ from verifier.service.errors import ExpiredError, TokenMismatchError
 from verifier.service.messages import (
     ActivationRequest,
     EvidenceRequest,
+    FaultReport,
     PolicyRequest,
     RegistrationRequest,
 )
@@ -163,6 +164,12 @@ _EVIDENCE_UPSERT = (
     " ON CONFLICT (attester_id) DO UPDATE SET result_id = excluded.result_id,"
     " received_at = excluded.received_at, quote_verified = excluded.quote_verified,"
     " pcrs = excluded.pcrs, event_log = excluded.event_log"
+)
+# an agent's fault report (issue 16): the attester fails closed, no deadline
+_FAULT_READ = "SELECT token_sha256, activated_at, state FROM attesters WHERE id = :aid"
+_FAULT_MARK = (
+    "UPDATE attesters SET state = 'failed', deadline = NULL,"
+    " state_since = CASE WHEN :changed THEN :now ELSE state_since END WHERE id = :aid"
 )
 _NONCE_STATE = "SELECT attester_id, used, expires_at FROM nonces WHERE nonce = :n"
 
@@ -769,6 +776,31 @@ class EvidenceService:
             "state": state,
             "next_attestation_s": cadence,
         }
+
+    def report_fault(
+        self, attester_id: str, fault: FaultReport, *, token_sha256: str
+    ) -> dict[str, Any]:
+        """The attester's agent says it cannot produce evidence (its TPM failed, its log is
+        unreadable): the attester is ``failed`` at once, not left trusted until its
+        deadline, with one transition whose cause is ``{"fault", "detail"}`` (none
+        when it was failed already). Only the attester's own token may report: it can
+        only make its own standing worse."""
+        now = self.clock()
+        with self.db.raw() as conn, conn.write():
+            row = conn.one(_FAULT_READ + conn.for_update, {"aid": attester_id})
+            if row is None or not _token_ok(token_sha256, row[0]):
+                raise TokenMismatchError("the token is not this attester's")
+            if row[1] is None:
+                raise StateError(f"attester {attester_id} is not activated")
+            old_state = str(row[2])
+            changed = old_state != "failed"
+            conn.run(_FAULT_MARK, {"aid": attester_id, "now": conn.ts(now), "changed": changed})
+            if changed:
+                cause = {"fault": fault.kind, "detail": fault.detail}
+                record(conn, [NewTransition(attester_id, old_state, "failed", now, cause)])
+        if changed and self.on_transition is not None:
+            self.on_transition()
+        return {"attester_id": attester_id, "state": "failed", "recorded": changed}
 
 
 def _ak_name_of(appraiser: Appraiser, ak_public: bytes) -> str:

@@ -190,3 +190,49 @@ def test_postgres_backends_terminated_clients_see_retriable_errors(
     assert r.status_code == 200 and r.json()["state"] == "trusted"
     log = pg_service.server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_tpm_killed_agent_reports_the_fault_once_and_stops(
+    pg_service: Service, agent: AgentProc
+) -> None:
+    agent.start()
+    wait_for(lambda: verdicts(agent) >= 1, 30, "the first verdict")
+    aid = json.loads(agent.state_file.read_text())["attester_id"]
+    assert agent.tpm.pid is not None
+    os.kill(agent.tpm.pid, signal.SIGKILL)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=30) == 1  # bounded: tpm_retries faults, then exit
+    assert agent.count(r"^TPM fault, no evidence sent") == 3
+    assert agent.count(r"^reported tpm fault to the verifier") == 1  # once, not per retry
+    r = pg_service.call("GET", f"/v1/attesters/{aid}", pg_service.reader)
+    assert r.json()["state"] == "failed" and r.json()["deadline"] is None
+    r = pg_service.call("GET", f"/v1/attesters/{aid}/history", pg_service.reader)
+    last = r.json()["transitions"][0]
+    assert (last["from_state"], last["to_state"], last["cause"]["fault"]) == (
+        "trusted",
+        "failed",
+        "tpm",
+    )
+    assert last["cause"]["detail"] and last["result_id"] is None
+    assert history(pg_service, aid) == [("unknown", "trusted"), ("trusted", "failed")]
+
+
+def test_fault_reports_are_the_attesters_own(pg_service: Service, agent: AgentProc) -> None:
+    agent.start()
+    wait_for(lambda: verdicts(agent) >= 1, 30, "the first verdict")
+    agent.stop()
+    state = json.loads(agent.state_file.read_text())
+    aid, token = state["attester_id"], state["token"]
+    path = f"/v1/attesters/{aid}/faults"
+    body = {"kind": "tpm", "detail": "x"}
+    assert pg_service.call("POST", path, pg_service.admin, json=body).status_code == 403
+    assert pg_service.call("POST", path, "not-a-token", json=body).status_code == 401
+    r = pg_service.call("POST", path, token, json={"kind": "cpu"})
+    assert r.status_code == 400 and r.json()["detail"].startswith("FaultReport.kind"), r.text
+    r = pg_service.call("POST", path, token, json={"kind": "event_log", "detail": "y" * 501})
+    assert r.status_code == 400 and r.json()["detail"].startswith("FaultReport.detail")
+    assert history(pg_service, aid) == [("unknown", "trusted")]  # none of those counted
+    first = pg_service.call("POST", path, token, json={"kind": "event_log", "detail": "gone"})
+    again = pg_service.call("POST", path, token, json={"kind": "event_log", "detail": "gone"})
+    assert first.json()["recorded"] is True and again.json()["recorded"] is False
+    assert history(pg_service, aid) == [("unknown", "trusted"), ("trusted", "failed")]
