@@ -120,12 +120,18 @@ def register(cli: click.Group) -> None:
     @click.option("--verifier", "verifier_url", help="Scan the fleet's stored evidence.")
     @click.option("--token-file", type=click.Path(path_type=Path),
                   help="the admin token (default: $VTPM_ADMIN_TOKEN)")  # fmt: skip
+    @click.option("--base", "base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="With -o: the policy to add the update's dbx currency rule to.")  # fmt: skip
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Write BASE with dbx.require = the update's hashes (YAML).")  # fmt: skip
     @click.option("--json", "as_json", is_flag=True)
     def dbx_update(
         update_file: Path,
         logs: tuple[Path, ...],
         verifier_url: str | None,
         token_file: Path | None,
+        base: Path | None,
+        output: Path | None,
         as_json: bool,
     ) -> None:
         """Which boots a dbx update revokes, and which run an older dbx.
@@ -134,11 +140,27 @@ def register(cli: click.Group) -> None:
         lists; its KEK signature is not checked here) or Microsoft's dbx_info JSON.
         With --verifier, every attester's stored evidence whose quote verified; with
         --eventlog, the given logs. Exit 1 when a boot is revoked or a dbx is old.
+        With --base and -o: only write the policy revision whose dbx rule requires the
+        update's hashes (dbx currency), to dry-run and assign like any policy.
         """
         from verifier.dbx import DbxUpdate, scan
 
         data = update_file.read_bytes()
         update = DbxUpdate.parse(data)
+        if (base is None) != (output is None):
+            raise click.UsageError("--base and -o go together")
+        if base is not None and output is not None:
+            from verifier.policy import Policy
+
+            doc = Policy.load(base).to_dict()
+            doc["dbx"] = {
+                **(doc.get("dbx") or {}),
+                "require": sorted(h.hex() for h in update.hashes),
+            }
+            revised = Policy.load(json.dumps(doc))
+            output.write_text(revised.to_yaml())
+            click.echo(f"wrote {output} ({revised.id}): dbx requires {len(update.hashes)} entries")
+            return
         if (verifier_url is None) == (not logs):
             raise click.UsageError("give --verifier or --eventlog")
         if verifier_url is not None:

@@ -29,13 +29,15 @@ from hypothesis import strategies as st
 
 from tests.conftest import CORPUS
 from tests.verifier.appraisal_lab import _extend_log
-from tests.verifier.service.test_state import TpmFactory, Verifier, enrol
+from tests.verifier.service.test_state import TpmFactory, Verifier, assign, enrol, row
 from tests.verifier.test_reappraise import ek_ca, pg_database, tpm_factory, verifier
+from verifier.appraisal import appraise_log
 from verifier.attester import TpmAttester, attest_once
 from verifier.dbx import DbxScan, DbxUpdate, scan
 from verifier.eventlog import EventLog
 from verifier.eventlog.efivars import EfiVariable, SignatureData, SignatureDatabase
 from verifier.eventlog.guids import EFI_CERT_SHA256, EFI_CERT_X509
+from verifier.policy import Policy, learn_policy
 from vtpm_cli.main import cli
 from vtpm_core.errors import ParseError
 
@@ -219,6 +221,32 @@ def test_cli_offline_against_a_log(corpus: Corpus, tmp_path: Path) -> None:
     assert "OLD DBX" in out.output
 
 
+def test_dbx_currency_as_a_policy_rule(corpus: Corpus, tmp_path: Path) -> None:
+    """``dbx-update --base -o`` writes dbx.require; a boot whose dbx lacks an entry fails
+    ``dbx.require`` naming it, one whose dbx holds them all passes."""
+    log = EventLog.parse(corpus.data)
+    learned = learn_policy(log.verify(log.replay()), name="corpus")
+    base = tmp_path / "base.yaml"
+    base.write_text(learned.to_yaml())
+    held = [d for d in corpus.dbx if len(d) == 32][:3]
+    for hashes, verdict in ((held, "affirming"), ([*held, b"\x33" * 32], "contraindicated")):
+        f = tmp_path / "update.json"
+        f.write_bytes(ms_json(hashes))
+        out_file = tmp_path / "revised.yaml"
+        out = CliRunner().invoke(
+            cli, ["policy", "dbx-update", str(f), "--base", str(base), "-o", str(out_file)]
+        )
+        assert out.exit_code == 0, out.output
+        revised = Policy.load(out_file)
+        assert revised.dbx is not None and set(revised.dbx.require) == set(hashes)
+        result = appraise_log(corpus.data, revised)
+        assert result.status == verdict, result.failures
+        if verdict == "contraindicated":
+            [fail] = [f for f in result.failures if f.rule == "dbx.require"]
+            assert fail.expected == "dbx with " + "33" * 32
+            assert fail.actual == "absent"
+
+
 @pytest.mark.swtpm
 def test_fleet_report_from_stored_evidence(
     verifier: Verifier,
@@ -274,3 +302,16 @@ def test_fleet_report_from_stored_evidence(
     )
     assert out.exit_code == 1, out.output
     assert f"REVOKED {a.attester_id}: hash" in out.output
+
+    # dbx currency as a rule: the stored boot is re-appraised (no new quote) and fails it
+    held = [d for d in corpus.dbx if len(d) == 32][:2]
+    rule = {"version": 1, "name": "dbx-current", "dbx": {"require": [h.hex() for h in held]}}
+    rule["dbx"]["require"].append("44" * 32)
+    r = v.call("PUT", "/v1/policies/dbx-current", v.admin, json={"policy": rule})
+    assert r.status_code == 200, r.text
+    r = v.call("POST", "/v1/policies/dbx-current/apply", v.admin, json={"against": [a.attester_id]})
+    [change] = r.json()["changed"]
+    assert (change["from"], change["to"]) == ("warning", "contraindicated")
+    assert [f["rule"] for f in change["failures"]] == ["dbx.require"]
+    assert row(v, a.attester_id).state == "failed"
+    assign(v, a.attester_id, None)

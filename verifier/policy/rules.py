@@ -750,7 +750,8 @@ class DbRule(_Collects):
 @dataclass(frozen=True, slots=True)
 class DbxRule(_Collects):
     """The measured dbx (PCR 7) holds none of the ``forbid`` entries (e.g. the hash of a
-    known-good shim you want to stay bootable) and at least ``min_entries`` revocations."""
+    known-good shim you want to stay bootable), at least ``min_entries`` revocations and
+    every ``require`` entry (dbx currency: the entries a dbx update added)."""
 
     policy: DbxPolicy
     id: str = "dbx"
@@ -779,6 +780,23 @@ class DbxRule(_Collects):
                         )
             else:
                 count = _entry_count(var)
+            if self.policy.require:
+                # dbx currency (issue 20): every entry of the update is in the measured dbx
+                have = _References(var)
+                missing = [ref for ref in self.policy.require if ref not in have]
+                if missing:
+                    failures.append(
+                        Failure(
+                            f"{self.id}.require",
+                            self.claim,
+                            f"dbx lacks {len(missing)} of the {len(self.policy.require)} "
+                            "entries the policy requires (an older dbx)",
+                            f"dbx with {missing[0].hex()}"
+                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+                            "absent",
+                            EventRef.of(e),
+                        )
+                    )
             if self.policy.min_entries is not None and count < self.policy.min_entries:
                 failures.append(
                     Failure(

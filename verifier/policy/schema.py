@@ -17,7 +17,8 @@ The document (YAML or JSON; issue 5 "Policies and results")::
       scrtm_versions: ["GCE Virtual Firmware v1"]      # EV_S_CRTM_VERSION (PCR 0)
       pcr0: {sha256: [<hex>, ...]}
     db:  {require: [<hex>, ...]}     # db entries: SHA-256 of a cert, or a hash entry itself
-    dbx: {forbid: [<hex>, ...], min_entries: 100}
+    dbx: {forbid: [<hex>, ...], min_entries: 100,
+          require: [<hex>, ...]}     # dbx currency (issue 20): entries a dbx update added
     pcrs: {sha256: {"7": <hex> | [<hex>, ...]}}       # literal values from the quote
 
 ``valid_until`` and ``note`` (issue 20) may be given on any boot application or command
@@ -143,6 +144,8 @@ class DbPolicy:
 class DbxPolicy:
     forbid: tuple[bytes, ...]
     min_entries: int | None
+    # dbx currency (issue 20): the measured dbx holds every one of these (a dbx update's)
+    require: tuple[bytes, ...] = ()
 
 
 # -- a small typed reader over the loaded document ---------------------------------------
@@ -433,14 +436,15 @@ class Policy:
             db = DbPolicy(_hex_list(d["require"], "policy.db.require"))
         dbx = None
         if "dbx" in m:
-            d = _mapping(m["dbx"], "policy.dbx", frozenset({"forbid", "min_entries"}))
+            d = _mapping(m["dbx"], "policy.dbx", frozenset({"forbid", "min_entries", "require"}))
             if not d:
-                raise _err("policy.dbx", "empty: give forbid and/or min_entries")
+                raise _err("policy.dbx", "empty: give forbid, min_entries and/or require")
             forbid = _hex_list(d["forbid"], "policy.dbx.forbid") if "forbid" in d else ()
             min_entries = (
                 _int(d["min_entries"], "policy.dbx.min_entries") if "min_entries" in d else None
             )
-            dbx = DbxPolicy(forbid, min_entries)
+            require = _hex_list(d["require"], "policy.dbx.require") if "require" in d else ()
+            dbx = DbxPolicy(forbid, min_entries, require)
         return cls(
             version=version,
             name=_str(m["name"], "policy.name") if "name" in m else None,
@@ -500,6 +504,8 @@ class Policy:
                 dbx["forbid"] = [v.hex() for v in self.dbx.forbid]
             if self.dbx.min_entries is not None:
                 dbx["min_entries"] = self.dbx.min_entries
+            if self.dbx.require:
+                dbx["require"] = [v.hex() for v in self.dbx.require]
             out["dbx"] = dbx
         if self.pcrs is not None:
             out["pcrs"] = {
