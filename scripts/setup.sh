@@ -26,6 +26,8 @@ declare -A NEED=(
   [/usr/bin/sbsign]=sbsigntool
   [/usr/bin/psql]=postgresql-client
   [/usr/bin/evmctl]=ima-evm-utils
+  [/usr/bin/chromium]=chromium
+  [/usr/bin/chromedriver]=chromium-driver
 )
 missing=()
 for f in "${!NEED[@]}"; do [ -e "$f" ] || missing+=("${NEED[$f]}"); done
