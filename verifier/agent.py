@@ -224,13 +224,16 @@ class Agent:
         return RoundOutcome(str(result.get("status")), _opt_str(result.get("state")), self._cadence)
 
     def once(self, *, outage_attempts: int = 5) -> RoundOutcome:
-        """``--once``: one appraised round, riding out a short outage (bounded attempts)."""
+        """``--once``: one appraised round, riding out a short outage (bounded attempts);
+        a TPM fault is reported to the verifier, as in :meth:`run`."""
         outcome = self.round()
         for _ in range(outage_attempts - 1):
             if outcome.fault != "verifier":
                 break
             self._sleep(self.backoff.next_delay())
             outcome = self.round()
+        if outcome.fault == "tpm":
+            self.report_fault(outcome.fault_kind or "tpm", outcome.detail or "")
         return outcome
 
     def run(self, *, rounds: int | None = None) -> int:

@@ -25,7 +25,7 @@ import requests
 import sqlalchemy
 
 from tests.verifier.service.conftest import EkCa, Server, Service, make_home, provision_tpm
-from tests.verifier.service.test_agent import AgentProc, verdicts, wait_for
+from tests.verifier.service.test_agent import AgentProc, once, verdicts, wait_for
 from vtpm_core.swtpm import SwtpmProcess
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.postgres]
@@ -235,4 +235,16 @@ def test_fault_reports_are_the_attesters_own(pg_service: Service, agent: AgentPr
     first = pg_service.call("POST", path, token, json={"kind": "event_log", "detail": "gone"})
     again = pg_service.call("POST", path, token, json={"kind": "event_log", "detail": "gone"})
     assert first.json()["recorded"] is True and again.json()["recorded"] is False
+    assert history(pg_service, aid) == [("unknown", "trusted"), ("trusted", "failed")]
+
+
+def test_once_with_a_dead_tpm_reports_it(pg_service: Service, agent: AgentProc) -> None:
+    done = once(agent)
+    assert done.returncode == 0, done.stderr
+    aid = json.loads(agent.state_file.read_text())["attester_id"]
+    assert agent.tpm.pid is not None
+    os.kill(agent.tpm.pid, signal.SIGKILL)
+    failed = once(agent, "-v")
+    assert failed.returncode == 1
+    assert "reported tpm fault to the verifier" in failed.stderr, failed.stderr
     assert history(pg_service, aid) == [("unknown", "trusted"), ("trusted", "failed")]
