@@ -317,51 +317,42 @@ class ReappraisalService:
 
     # -- dry run -----------------------------------------------------------------------
 
-    def _run(
-        self, name: str, request: ReappraisalRequest
-    ) -> tuple[Policy, datetime, list[Reappraisal], list[dict[str, str]]]:
+    def _run(self, name: str, request: ReappraisalRequest, *, record: bool) -> dict[str, Any]:
+        """Re-appraise one attester at a time (streamed: only the changed verdicts' views
+        are kept, never the evidence), recording each when ``record``."""
         with self.db.read() as session:
             policy = self._policy(session, name)
             session.expunge(policy)
         now = self.clock()
-        done: list[Reappraisal] = []
+        counts: dict[str, int] = {}
+        changed: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
+        done = 0
         for item in self.stored(request.attesters):
             if isinstance(item, tuple):
                 skipped.append({"attester_id": item[0], "reason": item[1]})
                 continue
             try:
-                done.append(reappraise(self.appraiser, item, policy.body, now=now))
+                r = reappraise(self.appraiser, item, policy.body, now=now)
             except VtpmTrustError as exc:  # stored bytes that no longer parse
                 skipped.append({"attester_id": item.attester_id, "reason": str(exc)})
-        return policy, now, done, skipped
-
-    def dry_run(self, name: str, request: ReappraisalRequest) -> dict[str, Any]:
-        """Which attesters would change verdict under policy ``name``, and why. Writes nothing."""
-        policy, now, done, skipped = self._run(name, request)
-        return self._summary(policy, now, request, done, skipped, applied=False)
-
-    @staticmethod
-    def _summary(
-        policy: Policy,
-        now: datetime,
-        request: ReappraisalRequest,
-        done: list[Reappraisal],
-        skipped: list[dict[str, str]],
-        *,
-        applied: bool,
-        results: dict[str, int] | None = None,
-    ) -> dict[str, Any]:
-        changed = []
-        for r in done:
+                continue
+            result_id = self._record(policy, r, now) if record else None
+            if record and result_id is None:
+                skipped.append(
+                    {
+                        "attester_id": item.attester_id,
+                        "reason": "new evidence arrived during the re-appraisal",
+                    }
+                )
+                continue
+            done += 1
+            counts[r.status] = counts.get(r.status, 0) + 1
             if r.changed:
                 view = r.view()
-                if results is not None and r.stored.attester_id in results:
-                    view["result_id"] = results[r.stored.attester_id]
+                if result_id is not None:
+                    view["result_id"] = result_id
                 changed.append(view)
-        counts: dict[str, int] = {}
-        for r in done:
-            counts[r.status] = counts.get(r.status, 0) + 1
         return {
             "policy": policy.name,
             "policy_version": policy.version,
@@ -369,13 +360,17 @@ class ReappraisalService:
             "against": "fleet" if request.attesters is None else list(request.attesters),
             "appraised_at": _iso(now),
             "freshness": REAPPRAISAL_FRESHNESS,
-            "applied": applied,
-            "reappraised": len(done),
+            "applied": record,
+            "reappraised": done,
             "verdicts": dict(sorted(counts.items())),
             "changed": changed,
-            "unchanged": len(done) - len(changed),
+            "unchanged": done - len(changed),
             "skipped": skipped,
         }
+
+    def dry_run(self, name: str, request: ReappraisalRequest) -> dict[str, Any]:
+        """Which attesters would change verdict under policy ``name``, and why. Writes nothing."""
+        return self._run(name, request, record=False)
 
     # -- dbx updates ---------------------------------------------------------------------
 
@@ -423,22 +418,7 @@ class ReappraisalService:
     def apply(self, name: str, request: ReappraisalRequest) -> dict[str, Any]:
         """Assign policy ``name`` to each attester re-appraised and record its new verdict
         as a re-appraisal result (state and transition as for evidence)."""
-        policy, now, done, skipped = self._run(name, request)
-        results: dict[str, int] = {}
-        kept: list[Reappraisal] = []
-        for r in done:
-            result_id = self._record(policy, r, now)
-            if result_id is None:
-                skipped.append(
-                    {
-                        "attester_id": r.stored.attester_id,
-                        "reason": "new evidence arrived during the re-appraisal",
-                    }
-                )
-                continue
-            results[r.stored.attester_id] = result_id
-            kept.append(r)
-        return self._summary(policy, now, request, kept, skipped, applied=True, results=results)
+        return self._run(name, request, record=True)
 
     def _record(self, policy: Policy, r: Reappraisal, now: datetime) -> int | None:
         s = r.stored
