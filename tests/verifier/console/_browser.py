@@ -63,3 +63,12 @@ def save_page(driver: webdriver.Chrome, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     driver.set_window_size(*WINDOW)
+
+
+def save_view(driver: webdriver.Chrome, path: Path, top: Any, height: int = 1300) -> None:
+    """A screenshot of ``height`` pixels of the page from the element ``top`` down."""
+    driver.set_window_size(WINDOW[0], height)
+    driver.execute_script("arguments[0].scrollIntoView()", top)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(path))
+    driver.set_window_size(*WINDOW)

@@ -19,7 +19,7 @@ from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.verifier.console._browser import response_headers, save_page
+from tests.verifier.console._browser import response_headers, save_page, save_view
 from tests.verifier.service.conftest import Service
 from tests.verifier.service.test_console import HOSTILE, HOSTILE_VAR
 
@@ -101,8 +101,6 @@ def test_operator_clicks_from_the_fleet_to_the_failing_event(
     (forged,) = browser.find_elements(By.CSS_SELECTOR, "tr.trust-row-forged")
     assert "UNTRUSTED: the data does not match its digest" in forged.text
     assert not forged.find_elements(By.CSS_SELECTOR, ".decoded")
-    if screenshots:
-        save_page(browser, screenshots / "console-timeline.png")
     # 4. the failing event: click its number; the page lands on it, rule beside it
     (failed,) = browser.find_elements(By.CSS_SELECTOR, "tr.event.failed")
     index = failed.get_attribute("id")
@@ -117,6 +115,8 @@ def test_operator_clicks_from_the_fleet_to_the_failing_event(
     assert failed.find_element(By.CSS_SELECTOR, ".rule").text == "kernel_cmdline"
     assert failed.find_element(By.CSS_SELECTOR, ".expected").text == "'root=/dev/vda ro'"
     assert failed.find_element(By.CSS_SELECTOR, ".actual").text == repr(HOSTILE)
+    if screenshots:  # the forged event and, below it, the failing one
+        save_view(browser, screenshots / "console-timeline.png", forged)
     # the attester page's link to the event lands on the same row
     browser.back()
     browser.back()
