@@ -188,6 +188,11 @@ def test_postgres_backends_terminated_clients_see_retriable_errors(
     wait_for(lambda: verdicts(agent) >= before + 2, 30, "verdicts after the cuts")
     r = pg_service.call("GET", f"/v1/attesters/{aid}", pg_service.reader)
     assert r.status_code == 200 and r.json()["state"] == "trusted"
+    # the fleet gauges under gunicorn's multiprocess metrics, beside the workers' own
+    text = pg_service.call("GET", "/metrics").text
+    assert 'vtpm_verifier_attesters{state="trusted"}' in text, text[-2000:]
+    assert "vtpm_verifier_evidence_age_seconds_count" in text
+    assert "vtpm_verifier_http_requests_total" in text
     log = pg_service.server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
 

@@ -88,7 +88,10 @@ def fleet(
     try:
         yield Fleet(app, db, reader, ids)
     finally:
-        app.extensions["vtpm_verifier"]["sweeper"].stop()
+        ext = app.extensions["vtpm_verifier"]
+        for worker in ("pruner", "sweeper", "deliverer"):
+            if worker in ext:
+                ext[worker].stop()
         db.dispose()
 
 
