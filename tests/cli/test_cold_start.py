@@ -50,3 +50,36 @@ def test_verify_quote_imports_neither_ekcert_nor_x509_nor_the_tpm2_pytss_package
     # the libtss2-mu cross-check ran: its extension is loaded, the package is not
     assert "tpm2_pytss._libtpm2_pytss" in modules
     assert not {"tpm2_pytss", "verifier.ekcert", "cryptography.x509"} & modules
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    return set(out.split())
+
+
+def test_the_ca_package_imports_a_name_only_when_it_is_read() -> None:
+    """``vtpm create --ca-home`` imports ca.issuer: not the HTTP server (Flask), the
+    HTTP client (requests) or the revocation code; ``from ca import X`` still works."""
+    modules = _modules_after("import ca.issuer")
+    assert not {"flask", "requests", "ca.http", "ca.client", "ca.revocation"} & modules
+    import ca
+
+    for name in ca.__all__:
+        assert getattr(ca, name).__name__ == name
+    from ca import HttpCaIssuer, create_app
+
+    assert HttpCaIssuer.__module__ == "ca.client" and create_app.__module__ == "ca.http"
+
+
+def test_the_tpm_package_imports_a_structure_family_only_when_it_is_read() -> None:
+    """``vtpm create`` reads one TPM2B_PUBLIC: the quote's structures stay unimported,
+    and every name of ``vtpm_core.tpm`` is still there when read."""
+    modules = _modules_after("import vtpm_core.tpm.public, vtpm_core.tpm.templates")
+    assert not {"vtpm_core.tpm.attest", "vtpm_core.tpm.pcr", "vtpm_core.tpm.signature"} & modules
+    import vtpm_core.tpm as tpm
+
+    for name in tpm.__all__:
+        assert getattr(tpm, name) is getattr(sys.modules[tpm._HOME[name]], name)
