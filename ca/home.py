@@ -23,9 +23,9 @@ import hashlib
 import hmac
 import itertools
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from cryptography import x509
@@ -44,8 +44,10 @@ from ca.keys import (
 from ca.ledger import Ledger
 from ca.lint import LintCache
 from ca.profile import EkProfile, parse_subject
-from ca.revocation import Revocation
 from vtpm_core.errors import ConfigError, PermissionDeniedError, StateError
+
+if TYPE_CHECKING:
+    from ca.revocation import Revocation
 
 __all__ = ["ROLES", "CaHome", "OpenedCa", "Token"]
 
@@ -70,8 +72,21 @@ class OpenedCa:
     profile: EkProfile
     ledger: Ledger
     issuance: EkIssuance
-    revocation: Revocation
     tokens: tuple[Token, ...]
+    crl_validity: dt.timedelta = dt.timedelta(days=7)
+    _revocation: Revocation | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def revocation(self) -> Revocation:
+        """Revocation (CRL, OCSP), made when first asked for: ``vtpm create`` never
+        imports it. Stateless, so two threads making one each get equal services."""
+        revocation = self._revocation
+        if revocation is None:
+            from ca.revocation import Revocation
+
+            revocation = Revocation(self.material, self.ledger, crl_validity=self.crl_validity)
+            object.__setattr__(self, "_revocation", revocation)
+        return revocation
 
     def role_of(self, token: str) -> str:
         """The role of a bearer token; PermissionDeniedError when unknown."""
@@ -349,8 +364,8 @@ class CaHome:
             EkIssuance(
                 material, profile, ledger, lint_cache=LintCache(self.path / "lint-cache", cert)
             ),
-            Revocation(material, ledger, crl_validity=dt.timedelta(days=crl_days)),
             tokens,
+            dt.timedelta(days=crl_days),
         )
 
     # -- tokens ------------------------------------------------------------------
