@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from flask import Flask, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from vtpm_core.errors import (
@@ -106,8 +107,8 @@ def _connection_lost(exc: BaseException) -> bool:
     opposed to a broken schema or query (a 500). PostgreSQL's OperationalError is
     the connection class (psycopg: lost, refused, server shutting down); SQLite's
     also covers "no such table", which is not retriable."""
-    if isinstance(exc, UnavailableError):
-        return True
+    if isinstance(exc, UnavailableError | PoolTimeoutError):
+        return True  # a pool checkout that waited pool_timeout: overloaded, retriable
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     orig = getattr(exc, "orig", None)
