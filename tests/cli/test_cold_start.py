@@ -83,3 +83,15 @@ def test_the_tpm_package_imports_a_structure_family_only_when_it_is_read() -> No
 
     for name in tpm.__all__:
         assert getattr(tpm, name) is getattr(sys.modules[tpm._HOME[name]], name)
+
+
+def test_the_lint_cache_key_reads_pkilints_version_without_importlib_metadata() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom ca.lint import _pkilint_version\n"
+         "print(_pkilint_version(), 'importlib.metadata' in sys.modules)"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    from importlib import metadata
+
+    assert out == [metadata.version("pkilint"), "False"]
