@@ -45,6 +45,12 @@ __all__ = [
 ]
 
 
+# Result ids grow by a fleet's cadence (100,000 attesters at 60 s: 144 M a day,
+# past 2^31 in ~15 days): 64-bit on PostgreSQL (migration 0009); SQLite's
+# INTEGER (the rowid) is 64-bit already.
+_RESULT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
 
@@ -114,7 +120,7 @@ class Attester(Base):
     reset_count: Mapped[int | None] = mapped_column(Integer)
     restart_count: Mapped[int | None] = mapped_column(Integer)
     clock: Mapped[int | None] = mapped_column(BigInteger)
-    latest_result_id: Mapped[int | None] = mapped_column(Integer)
+    latest_result_id: Mapped[int | None] = mapped_column(_RESULT_ID)
     # continuous attestation (migration 0005): one of ATTESTER_STATES and since when;
     # deadline: when a trusted attester goes stale without new evidence (else NULL)
     state: Mapped[str] = mapped_column(String(16), server_default="unknown")
@@ -143,7 +149,7 @@ class AttesterTransition(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(UtcDateTime())
     cause: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result_id: Mapped[int | None] = mapped_column(Integer)
+    result_id: Mapped[int | None] = mapped_column(_RESULT_ID)
 
 
 class ActivationChallenge(Base):
@@ -189,7 +195,7 @@ class Result(Base):
         Index("ix_results_created_at", "created_at"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(_RESULT_ID, primary_key=True, autoincrement=True)
     attester_id: Mapped[str] = mapped_column(ForeignKey("attesters.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     status: Mapped[str] = mapped_column(String(32))
@@ -211,7 +217,7 @@ class LatestEvidence(Base):
     attester_id: Mapped[str] = mapped_column(
         ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
     )
-    result_id: Mapped[int] = mapped_column(Integer)
+    result_id: Mapped[int] = mapped_column(_RESULT_ID)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     quote_verified: Mapped[bool] = mapped_column(Boolean)
     pcrs: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -130,3 +130,56 @@ def test_0005_backfills_state_from_the_latest_result(db: Database) -> None:
     with db.engine.connect() as conn:
         indexes = {r[0] for r in conn.exec_driver_sql(sql)}
     assert {"uq_attesters_ek_vm", "ix_attesters_state_id", "ix_attesters_deadline"} <= indexes
+
+
+def _result(aid: str, rid: int | None = None) -> dict[str, object]:
+    values: dict[str, object] = {
+        "attester_id": aid,
+        "created_at": T0,
+        "status": "affirming",
+        "policy_name": None,
+        "nonce": "00",
+        "report": {},
+        "ear": "x",
+    }
+    if rid is not None:
+        values["id"] = rid
+    return values
+
+
+def test_0009_result_ids_pass_2_to_the_31(db: Database) -> None:
+    """After 0009 result ids (the key, its sequence, every column naming one) hold values
+    past 2^31 - 1 on both backends; 0008 -> 0009 keeps the rows (issue 18)."""
+    _to(db, "0008")
+    with db.engine.begin() as conn:
+        conn.execute(insert(Attester.__table__).values(_attester("big")))
+        kept = conn.execute(insert(Result).values(_result("big")).returning(Result.id))
+        kept_id = kept.scalar_one()
+    _to(db, "head")
+    past = 2**31 + 7
+    with db.engine.begin() as conn:
+        if db.sqlite:
+            conn.execute(insert(Result).values(_result("big", past)))
+        else:  # the sequence itself must count past 2^31 (serial made it AS integer)
+            conn.exec_driver_sql(f"SELECT setval('results_id_seq', {past - 1})")
+        rid = conn.execute(insert(Result).values(_result("big")).returning(Result.id)).scalar_one()
+        assert rid == past + (1 if db.sqlite else 0)
+        conn.execute(
+            Attester.__table__.update()
+            .where(Attester.__table__.c.id == "big")
+            .values(latest_result_id=rid)
+        )
+        conn.execute(
+            insert(AttesterTransition).values(
+                attester_id="big",
+                at=T0,
+                from_state="unknown",
+                to_state="trusted",
+                result_id=rid,
+                cause={},
+            )
+        )
+    with db.read() as s:
+        assert s.get_one(Attester, "big").latest_result_id == rid
+        ids = s.scalars(select(Result.id).order_by(Result.id)).all()
+        assert ids[0] == kept_id and ids[-1] == rid
