@@ -12,12 +12,14 @@ from flask import Blueprint, Response, jsonify, redirect, render_template, reque
 from werkzeug.wrappers import Response as BaseResponse
 
 from verifier.console.fleet import PAGE_SIZES, FleetQuery, fleet_counts, fleet_page
+from verifier.console.policies import policy_detail, policy_diff, policy_list
 from verifier.console.session import COOKIE, MAX_AGE_S, ConsoleSession, SessionSigner
 from verifier.console.timeline import build_timeline, load_evidence
 from verifier.service.auth import Authenticator, Principal, Role
 from verifier.service.errors import AuthenticationError
 from verifier.service.models import ATTESTER_STATES
 from verifier.service.services import Services
+from vtpm_core.errors import ParseError
 
 __all__ = ["SECURITY_HEADERS", "console_blueprint"]
 
@@ -194,5 +196,52 @@ def console_blueprint(
         if s is None:
             return redirect(url_for("console.login_form"), code=303)
         return render_template("console/timeline.html", s=s, t=timeline_data(attester_id))
+
+    # Policies: read-only pages (no form changes state here; the diff form is a GET).
+    def diff_names() -> tuple[str, str]:
+        a, b = request.args.get("a", ""), request.args.get("b", "")
+        for field, value in (("a", a), ("b", b)):
+            if not value:
+                raise ParseError("query", field, 0, "a policy diff needs ?a=NAME&b=NAME")
+        return a, b
+
+    @bp.get("/api/policies")
+    def api_policies() -> Response:
+        api_principal()
+        return jsonify(policy_list(services.policies.db))
+
+    @bp.get("/policies")
+    def policies() -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        return render_template("console/policies.html", s=s, d=policy_list(services.policies.db))
+
+    @bp.get("/api/policies-diff")
+    def api_policy_diff() -> Response:
+        api_principal()
+        return jsonify(policy_diff(services.policies.db, *diff_names()))
+
+    @bp.get("/policies-diff")
+    def policy_diff_page() -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        d = policy_diff(services.policies.db, *diff_names())
+        return render_template("console/policy_diff.html", s=s, d=d)
+
+    @bp.get("/api/policies/<name>")
+    def api_policy(name: str) -> Response:
+        api_principal()
+        return jsonify(policy_detail(services.policies.db, name))
+
+    @bp.get("/policies/<name>")
+    def policy(name: str) -> Page:
+        s = session()
+        if s is None:
+            return redirect(url_for("console.login_form"), code=303)
+        d = policy_detail(services.policies.db, name)
+        names = [p["name"] for p in policy_list(services.policies.db)["policies"]]
+        return render_template("console/policy.html", s=s, p=d, names=names)
 
     return bp

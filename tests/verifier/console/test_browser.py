@@ -186,3 +186,64 @@ def test_login_origin_check_follows_fetch_metadata(service: Service) -> None:
     ):
         r = requests.post(url, data=form, headers=headers, allow_redirects=False, timeout=30)
         assert r.status_code == status, headers
+
+
+def test_policies_list_detail_users_and_diff(
+    browser: webdriver.Chrome, service: Service, fleet: dict[str, Any]
+) -> None:
+    _login(browser, service)
+    bad_id = fleet["bad"]["state"].attester_id
+    browser.find_element(By.ID, "nav-policies").click()
+    _arrive(browser, f"{service.url}/console/policies")
+    rows = {
+        r.find_element(By.CSS_SELECTOR, "a.policy").text: r.find_element(By.CSS_SELECTOR, ".users")
+        for r in browser.find_elements(By.CSS_SELECTOR, "#policies tbody tr")
+    }
+    assert set(rows) == {"c-bad", "c-good"} and {r.text for r in rows.values()} == {"1"}
+    browser.find_element(By.LINK_TEXT, "c-bad").click()
+    _arrive(browser, f"{service.url}/console/policies/c-bad")
+    text = browser.find_element(By.ID, "policy-text").text
+    assert "root=/dev/vda ro" in text and "<script>" not in text  # the policy the VM failed
+    (user,) = browser.find_elements(By.CSS_SELECTOR, "#users tbody tr")
+    assert user.find_element(By.CSS_SELECTOR, "a.attester").text == bad_id
+    assert "vm-console-bad" in user.text and "failed" in user.text
+    browser.find_element(By.ID, "diff").click()  # against the one other policy, c-good
+    _arrive(browser, f"{service.url}/console/policies-diff?a=c-bad&b=c-good")
+    added = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".diff-add")]
+    removed = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".diff-del")]
+    assert any("c-good" in t for t in added) and any("c-bad" in t for t in removed)
+    # the JSON twins, by reader token
+    h = service.headers(service.reader)
+    listed = requests.get(f"{service.url}/console/api/policies", headers=h, timeout=30).json()
+    assert {(p["name"], p["attesters"]) for p in listed["policies"]} == {
+        ("c-bad", 1),
+        ("c-good", 1),
+    }
+    one = requests.get(f"{service.url}/console/api/policies/c-bad", headers=h, timeout=30).json()
+    assert one["attesters"] == [{"id": bad_id, "vm_id": "vm-console-bad", "state": "failed"}]
+    assert (
+        one["attesters_total"] == 1 and one["version"] == 1 and "root=/dev/vda ro" in one["policy"]
+    )
+    diff = requests.get(
+        f"{service.url}/console/api/policies-diff",
+        params={"a": "c-bad", "b": "c-good"},
+        headers=h,
+        timeout=30,
+    ).json()
+    assert diff["identical"] is False and diff["a"]["name"] == "c-bad"
+    assert {"+", "-", "@"} <= {line["op"] for line in diff["lines"]}
+    same = requests.get(
+        f"{service.url}/console/api/policies-diff",
+        params={"a": "c-bad", "b": "c-bad"},
+        headers=h,
+        timeout=30,
+    ).json()
+    assert same["identical"] is True and same["lines"] == []
+    for params, status in (({"a": "c-bad"}, 400), ({"a": "c-bad", "b": "nope"}, 404)):
+        r = requests.get(
+            f"{service.url}/console/api/policies-diff", params=params, headers=h, timeout=30
+        )
+        assert r.status_code == status, (params, r.text)
+    assert requests.get(f"{service.url}/console/api/policies", timeout=30).status_code == 401
+    r = requests.get(f"{service.url}/console/policies", allow_redirects=False, timeout=30)
+    assert r.status_code == 303
