@@ -9,7 +9,15 @@ signature here. Input is always DER we just produced ourselves.
 
 from __future__ import annotations
 
-__all__ = ["encode_tlv", "read_tlv", "replace_signature", "tbs_of"]
+__all__ = [
+    "decode_oid",
+    "encode_integer",
+    "encode_oid",
+    "encode_tlv",
+    "read_tlv",
+    "replace_signature",
+    "tbs_of",
+]
 
 
 def read_tlv(data: bytes, offset: int) -> tuple[int, int, int]:
@@ -53,3 +61,44 @@ def tbs_of(signed: bytes) -> bytes:
     _, content, _ = read_tlv(signed, 0)
     _, _, tbs_end = read_tlv(signed, content)
     return signed[content:tbs_end]
+
+
+def encode_oid(dotted: str) -> bytes:
+    """OBJECT IDENTIFIER (X.690 8.19): the first two arcs as 40 * a + b, each arc in
+    base-128 with the high bit set on all but its last byte."""
+    try:
+        arcs = [int(a) for a in dotted.split(".")]
+    except ValueError:
+        arcs = []
+    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] > 39) or min(arcs) < 0:
+        raise ValueError(f"not an OID: {dotted!r}")
+    body = bytearray()
+    for arc in (40 * arcs[0] + arcs[1], *arcs[2:]):
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return encode_tlv(0x06, bytes(body))
+
+
+def decode_oid(der: bytes) -> str:
+    """The dotted form of a DER OBJECT IDENTIFIER (the whole TLV)."""
+    tag, start, end = read_tlv(der, 0)
+    if tag != 0x06 or end != len(der) or start == end or der[end - 1] & 0x80:
+        raise ValueError("not a DER OBJECT IDENTIFIER")
+    arcs, value = [], 0
+    for byte in der[start:end]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, (first, arcs[0] - 40 * first, *arcs[1:])))
+
+
+def encode_integer(value: int) -> bytes:
+    """INTEGER (X.690 8.3): minimal two's complement."""
+    size = (value + (value < 0)).bit_length() // 8 + 1
+    return encode_tlv(0x02, value.to_bytes(size, "big", signed=True))

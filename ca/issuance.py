@@ -22,13 +22,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from asn1crypto import core as asn1
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from ca.der import encode_tlv, read_tlv
+from ca.der import decode_oid, encode_integer, encode_oid, encode_tlv, read_tlv
 from ca.ek import CertifiableEk
 from ca.keys import SigningKey
 from ca.ledger import CertRecord, Ledger
@@ -98,14 +97,14 @@ def _tpm_specification_der(spec: TpmSpecification) -> bytes:
     """
     value = encode_tlv(
         0x30,
-        asn1.UTF8String(spec.family).dump()
-        + asn1.Integer(spec.level).dump()
-        + asn1.Integer(spec.revision).dump(),
+        encode_tlv(0x0C, spec.family.encode())
+        + encode_integer(spec.level)
+        + encode_integer(spec.revision),
     )
     # Attribute ::= SEQUENCE { type OID, values SET OF value }
     attribute = encode_tlv(
         0x30,
-        asn1.ObjectIdentifier(OID_TPM_SPECIFICATION.dotted_string).dump() + encode_tlv(0x31, value),
+        encode_oid(OID_TPM_SPECIFICATION.dotted_string) + encode_tlv(0x31, value),
     )
     return encode_tlv(0x30, attribute)
 
@@ -501,7 +500,7 @@ _EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 
 def _oid(dotted: str) -> bytes:
-    return bytes(asn1.ObjectIdentifier(dotted).dump())
+    return encode_oid(dotted)
 
 
 _OID_MANUFACTURER = _oid(OID_TPM_MANUFACTURER.dotted_string)
@@ -573,7 +572,7 @@ class _TbsTemplate:
         while pos < ext_end:
             _, inner, end = read_tlv(cut[7], pos)
             _, oid_start, oid_end = read_tlv(cut[7], inner)
-            dotted = asn1.ObjectIdentifier.load(cut[7][inner:oid_end]).dotted
+            dotted = decode_oid(cut[7][inner:oid_end])
             extensions.append((dotted, cut[7][pos:end]))
             pos = end
             del oid_start

@@ -74,12 +74,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asn1crypto import core as asn1
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from ca.der import read_tlv
+from ca.der import encode_oid, read_tlv
 from vtpm_core.errors import VerificationError
 from vtpm_core.vm_identity import VM_IDENTITY_OID
 
@@ -312,7 +311,7 @@ def _check_times(validity: bytes) -> None:
 _OID_SKI = b"\x06\x03\x55\x1d\x0e"  # 2.5.29.14
 # cryptography does not parse this extension's value (an UnrecognizedExtension): a
 # full parse checks nothing in it either
-_OID_VM_IDENTITY = bytes(asn1.ObjectIdentifier(VM_IDENTITY_OID).dump())
+_OID_VM_IDENTITY = encode_oid(VM_IDENTITY_OID)
 
 
 def _extensions_parse(
@@ -358,8 +357,8 @@ def _is_key_identifier(value: bytes) -> bool:
 
 
 _CACHE_FORMAT = b"vtpm-trust lint-cache 1"
-_OID_RSA = bytes(asn1.ObjectIdentifier("1.2.840.113549.1.1.1").dump())
-_OID_EC = bytes(asn1.ObjectIdentifier("1.2.840.10045.2.1").dump())
+_OID_RSA = encode_oid("1.2.840.113549.1.1.1")
+_OID_EC = encode_oid("1.2.840.10045.2.1")
 _MAX_ENTRY = 1 << 16  # an EK certificate is ~1 KiB
 
 

@@ -31,10 +31,10 @@ ASN.1 (DER)::
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from dataclasses import dataclass
-
-from asn1crypto import core
+from typing import Any
 
 from vtpm_core.errors import ParseError
 
@@ -55,13 +55,22 @@ VM_IDENTITY_OID_X667 = f"2.25.{VM_IDENTITY_UUID.int}"
 _MAX_TEXT = 1024
 
 
-class _VmIdentityAsn1(core.Sequence):  # type: ignore[misc]
-    _fields = [  # noqa: RUF012 - asn1crypto's declaration style
-        ("vm_id", core.UTF8String),
-        ("vm_name", core.UTF8String),
-        ("vtpm_instance_id", core.UTF8String),
-        ("created_at", core.GeneralizedTime),
-    ]
+@functools.cache
+def _decoder() -> Any:
+    """The asn1crypto declaration :meth:`VmIdentity.parse` decodes with, made when
+    first needed: an issuance only builds (by hand), so ``vtpm create`` does not
+    import asn1crypto."""
+    from asn1crypto import core
+
+    class _VmIdentityAsn1(core.Sequence):  # type: ignore[misc]
+        _fields = [  # noqa: RUF012 - asn1crypto's declaration style
+            ("vm_id", core.UTF8String),
+            ("vm_name", core.UTF8String),
+            ("vtpm_instance_id", core.UTF8String),
+            ("created_at", core.GeneralizedTime),
+        ]
+
+    return _VmIdentityAsn1
 
 
 def _tlv(tag: int, content: bytes) -> bytes:
@@ -123,7 +132,7 @@ class VmIdentity:
         fields gives back exactly ``data``.
         """
         try:
-            value = _VmIdentityAsn1.load(bytes(data), strict=True)
+            value = _decoder().load(bytes(data), strict=True)
             vm_id_text = value["vm_id"].native
             vm_name = value["vm_name"].native
             instance = value["vtpm_instance_id"].native

@@ -95,3 +95,8 @@ def test_the_lint_cache_key_reads_pkilints_version_without_importlib_metadata() 
     from importlib import metadata
 
     assert out == [metadata.version("pkilint"), "False"]
+
+
+def test_an_issuance_path_imports_no_asn1crypto() -> None:
+    modules = _modules_after("import ca.issuer, ca.lint, vtpm_core.vm_identity")
+    assert not {m for m in modules if m.startswith("asn1crypto")}
