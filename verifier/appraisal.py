@@ -262,6 +262,26 @@ def _step1(
         return _failed_before_policy(policy, exc.check, str(exc), INSTANCE_IDENTITY, None)
 
 
+_PHASED_PCR = 11
+
+
+def _replayed_pcrs(
+    policy: Policy, quoted: Mapping[str, Mapping[int, bytes]]
+) -> Mapping[str, Mapping[int, bytes]]:
+    """The quoted PCRs the log must replay to. PCR 11 (issue 20): systemd-pcrphase extends
+    it after ExitBootServices(), so the firmware log holds only the stub's part and never
+    replays to a quote of a booted machine. A policy that pins PCR 11 in a bank by literal
+    values (a UKI's predicted phases) appraises it from the quote alone: it is left out of
+    that bank's replay, so none of its events is trusted (no rule reads them)."""
+    pinned = [b for b, p in (policy.pcrs or {}).items() if _PHASED_PCR in p]
+    if not pinned:
+        return quoted
+    return {
+        bank: ({i: v for i, v in values.items() if i != _PHASED_PCR} if bank in pinned else values)
+        for bank, values in quoted.items()
+    }
+
+
 def _steps_2_3(
     log: bytes | EventLog | None,
     policy: _Compiled,
@@ -277,7 +297,7 @@ def _steps_2_3(
     # step 2
     if log is not None:
         try:
-            replayed = replay(log, quoted)
+            replayed = replay(log, _replayed_pcrs(policy.policy, quoted))
         except ReplayMismatchError as exc:  # its own finding: incomplete log or forged event
             where = None if exc.event is None else EventRef(*exc.event)
             return _failed_before_policy(

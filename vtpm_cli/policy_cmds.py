@@ -127,6 +127,14 @@ def register(cli: click.Group) -> None:
     @click.option("--systemd-boot", "sdboot", type=_FILE, multiple=True,
                   help="New systemd-boot binary.")  # fmt: skip
     @click.option("--cmdline", default=None, help="The new kernel command line.")
+    @click.option("--pcrlock", "pcrlocks", multiple=True,
+                  type=click.Path(exists=True, path_type=Path),
+                  help="A systemd .pcrlock file or NNN-name.pcrlock.d (variants).")  # fmt: skip
+    @click.option("--pcr11-json", "pcr11_json", type=_FILE, multiple=True,
+                  help="PCR 11 values from `systemd-measure calculate --json`.")  # fmt: skip
+    @click.option("--phase", "phases", multiple=True,
+                  help="Boot phase(s) a UKI's PCR 11 is predicted at (default: the four"
+                  " systemd-measure uses, enter-initrd ... :ready).")  # fmt: skip
     @click.option("--valid-until", "valid_until", required=True,
                   help="When replaced values stop being accepted (ISO 8601, zone).")  # fmt: skip
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -141,6 +149,9 @@ def register(cli: click.Group) -> None:
         grub: tuple[Path, ...],
         sdboot: tuple[Path, ...],
         cmdline: str | None,
+        pcrlocks: tuple[Path, ...],
+        pcr11_json: tuple[Path, ...],
+        phases: tuple[str, ...],
         valid_until: str,
         output: Path,
         name: str | None,
@@ -150,11 +161,15 @@ def register(cli: click.Group) -> None:
         The new binaries' Authenticode digests and the new command line are allowed
         beside the old values, which are accepted until --valid-until. Every
         predicted value is printed with the artefact it comes from and the event
-        (or policy entry) it replaces.
+        (or policy entry) it replaces. systemd's predictions are read as shipped:
+        .pcrlock components (PCR 4 boot applications, PCR 11 values) and the PCR 11
+        values of a UKI (from --uki itself, held against its .pcrsig, or --pcr11-json).
         """
         from datetime import datetime
 
+        from verifier.policy.pcrlock import load_component
         from verifier.policy.predict import Artefact, predict_policy
+        from verifier.policy.uki import DEFAULT_PHASES, parse_measure_json
 
         if (log_file is None) == (policy_file is None):
             raise click.UsageError("give exactly one of --eventlog or --policy")
@@ -180,7 +195,14 @@ def register(cli: click.Group) -> None:
             assert policy_file is not None
             base = Policy.load(policy_file)
         revised, predictions = predict_policy(
-            base, artefacts, cmdline=cmdline, valid_until=until, name=name
+            base,
+            artefacts,
+            cmdline=cmdline,
+            valid_until=until,
+            name=name,
+            pcrlock=[load_component(p) for p in pcrlocks],
+            pcr11=[v for p in pcr11_json for v in parse_measure_json(p.read_bytes(), p.name)],
+            phases=phases or DEFAULT_PHASES,
         )
         output.write_text(revised.to_yaml())
         for p in predictions:

@@ -44,6 +44,7 @@ _PE32 = 0x10B
 _PE32_PLUS = 0x20B
 _CERT_TABLE_INDEX = 4  # IMAGE_DIRECTORY_ENTRY_SECURITY
 _MAX_SECTIONS = 96  # the PE/COFF spec's Windows loader limit
+_MAX_ZERO_FILL = 1 << 26  # a section mapped 64 MiB past its file data is no UKI resource
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class PeSection:
     name: bytes
     pointer_to_raw_data: int
     size_of_raw_data: int
+    virtual_size: int = 0  # (what a loader maps; 0: SizeOfRawData)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +166,8 @@ class PeImage:
                     s + 16,
                     "section data overlaps the certificate table",
                 )
-            sections.append(PeSection(data[s : s + 8].rstrip(b"\0"), ptr, size))
+            vsize = int(struct.unpack_from("<I", data, s + 8)[0])
+            sections.append(PeSection(data[s : s + 8].rstrip(b"\0"), ptr, size, vsize))
         return cls(
             raw=bytes(data),
             pe32_plus=pe32_plus,
@@ -175,6 +178,19 @@ class PeImage:
             size_of_headers=size_of_headers,
             sections=tuple(sections),
         )
+
+    def section_data(self, section: PeSection) -> bytes:
+        """The section as a loader maps it: ``VirtualSize`` bytes of its raw data, zero
+        filled past ``SizeOfRawData`` (PE/COFF 3.5); all raw data when VirtualSize is 0."""
+        size = section.virtual_size or section.size_of_raw_data
+        if size - section.size_of_raw_data > _MAX_ZERO_FILL:
+            raise ParseError(
+                _STRUCT, f"Section {section.name!r}.VirtualSize", 0,
+                f"{size} bytes, {size - section.size_of_raw_data} past its raw data",
+            )  # fmt: skip
+        start = section.pointer_to_raw_data
+        raw = self.raw[start : start + min(size, section.size_of_raw_data)]
+        return raw + bytes(size - len(raw))
 
     def digest(self, hash_name: str = "sha256") -> bytes:
         """The Authenticode digest with ``hash_name`` (any hashlib name: sha1, sha256, ...)."""

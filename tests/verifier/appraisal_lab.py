@@ -11,6 +11,7 @@ reproduced (swtpm starts at locality 0) and are refused.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,26 @@ def _extend_log(tpm: SwtpmProcess, log: EventLog) -> None:
 
 
 def build_lab(
-    state: Path, work: Path, log_path: Path, nonce: bytes = NONCE, pcrs: str = QUOTE_PCRS
+    state: Path,
+    work: Path,
+    log_path: Path,
+    nonce: bytes = NONCE,
+    pcrs: str = QUOTE_PCRS,
+    unlogged: Sequence[tuple[int, bytes]] = (),
 ) -> Lab:
+    """``unlogged``: (PCR, data) extended after the log with TPM2_PCR_Event (the TPM
+    hashes the data in every bank) and logged nowhere, as systemd-pcrphase's are."""
     data = log_path.read_bytes()
     log = EventLog.parse(data)
     quotes: dict[str, Quoted] = {}
     with SwtpmProcess(state) as tpm:
         _extend_log(tpm, log)
+        if unlogged:
+            from tpm2_pytss import ESYS_TR, TPM2B_EVENT
+
+            with tpm.esapi() as esapi:
+                for pcr, event in unlogged:
+                    esapi.pcr_event(ESYS_TR.PCR0 + pcr, TPM2B_EVENT(event))
         _run(tpm, work, "tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
         for kind, (key, hash_alg, scheme) in AKS.items():
             _run(

@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 from verifier.eventlog import (
@@ -47,6 +48,7 @@ from verifier.policy.schema import (
     CmdlinePattern,
     DbPolicy,
     DbxPolicy,
+    PcrWindow,
     Policy,
     format_time,
 )
@@ -689,13 +691,15 @@ class ScrtmVersionRule(_Collects):
 
 @dataclass(frozen=True, slots=True)
 class PcrValueRule(_Collects):
-    """A quoted PCR value is one of the allowed literals."""
+    """A quoted PCR value is one of the allowed literals, and (issue 20) a value with a
+    window is accepted only until its ``valid_until``."""
 
     bank: str
     index: int
     allowed: tuple[bytes, ...]
     id: str
     claim: str = CONFIGURATION
+    windows: Mapping[bytes, PcrWindow] = field(default_factory=lambda: MappingProxyType({}))
 
     def failures(self, evidence: BootEvidence) -> tuple[Failure, ...]:
         values = evidence.pcrs.get(self.bank)
@@ -709,9 +713,31 @@ class PcrValueRule(_Collects):
                     "not quoted",
                 ),
             )
+        expired: list[tuple[bytes, PcrWindow]] = []
         for allowed in self.allowed:
             if hmac.compare_digest(value, allowed):
-                return ()
+                window = self.windows.get(allowed)
+                if window is None or not window.expired(evidence.now):
+                    return ()
+                expired.append((allowed, window))
+        if expired:
+            last = max(w.valid_until for _, w in expired if w.valid_until is not None)
+            names = ", ".join(
+                f"{self.bank} PCR {self.index} {v.hex()}"
+                + (f" ({w.note})" if w.note else "")
+                + f" (valid until {format_time(w.valid_until)})"
+                for v, w in expired
+                if w.valid_until is not None
+            )
+            return (
+                Failure(
+                    f"{self.id}.valid_until",
+                    self.claim,
+                    f"the allowed value expired: {names}",
+                    f"a value valid at {format_time(evidence.now)}",
+                    f"expired at {format_time(last)}",
+                ),
+            )
         return (_fail(self, f"{self.bank} PCR {self.index} value", self._expected(), value.hex()),)
 
     def _expected(self) -> str:
@@ -833,6 +859,14 @@ def rules_for(policy: Policy) -> AllOf:
     if policy.pcrs is not None:
         for bank, pcrs in policy.pcrs.items():
             for index, values in pcrs.items():
-                claim = EXECUTABLES if index in (0, 2, 4) else CONFIGURATION
-                rules.append(PcrValueRule(bank, index, values, f"pcrs.{bank}.{index}", claim))
+                claim = EXECUTABLES if index in (0, 2, 4, 11) else CONFIGURATION
+                windows = {
+                    v: policy.pcr_windows[(bank, index, v)]
+                    for v in values
+                    if (bank, index, v) in policy.pcr_windows
+                }
+                rule_id = f"pcrs.{bank}.{index}"
+                rules.append(
+                    PcrValueRule(bank, index, values, rule_id, claim, MappingProxyType(windows))
+                )
     return AllOf(tuple(rules), "policy")

@@ -19,10 +19,13 @@ The document (YAML or JSON; issue 5 "Policies and results")::
     db:  {require: [<hex>, ...]}     # db entries: SHA-256 of a cert, or a hash entry itself
     dbx: {forbid: [<hex>, ...], min_entries: 100,
           require: [<hex>, ...]}     # dbx currency (issue 20): entries a dbx update added
-    pcrs: {sha256: {"7": <hex> | [<hex>, ...]}}       # literal values from the quote
+    pcrs: {sha256: {"7": <hex> | [<hex>, ...],        # literal values from the quote
+                    "11": [{value: <hex>, valid_until: "2027-01-31T00:00:00Z",
+                            note: "UKI vmlinuz-a.efi, phase ...:ready"}, <hex>]}}
 
-``valid_until`` and ``note`` (issue 20) may be given on any boot application or command
-line. They were added for updates: a policy revision allows the new kernel's values
+``valid_until`` and ``note`` (issue 20) may be given on any boot application, command
+line or literal PCR value (a value then is a mapping ``{value, valid_until, note}``).
+They were added for updates: a policy revision allows the new kernel's values
 *beside* the old ones, and the old (or predicted) ones must stop being accepted at a
 stated time rather than linger forever. ``valid_until`` is an ISO 8601 time with a
 zone (a YAML timestamp without one is UTC, as YAML says); a value is accepted while
@@ -59,6 +62,7 @@ __all__ = [
     "DbPolicy",
     "DbxPolicy",
     "FirmwarePolicy",
+    "PcrWindow",
     "Policy",
     "PolicyParseError",
 ]
@@ -127,6 +131,18 @@ class CmdlinePattern:
 
     def describe(self) -> str:
         return repr(self.exact) if self.exact is not None else f"/{self.pattern}/"
+
+
+@dataclass(frozen=True, slots=True)
+class PcrWindow:
+    """The window of one literal PCR value (issue 20: e.g. a UKI's predicted PCR 11):
+    accepted until ``valid_until`` (None: no end); ``note``: why it is allowed."""
+
+    valid_until: datetime | None
+    note: str | None
+
+    def expired(self, now: datetime) -> bool:
+        return self.valid_until is not None and now >= self.valid_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,9 +322,15 @@ def _cmdlines(obj: Any, path: str) -> tuple[CmdlinePattern, ...]:
     return tuple(out)
 
 
-def _pcr_values(obj: Any, path: str) -> Mapping[str, Mapping[int, tuple[bytes, ...]]]:
+_PcrValues = Mapping[str, Mapping[int, tuple[bytes, ...]]]
+_PcrWindows = Mapping[tuple[str, int, bytes], PcrWindow]
+
+
+def _pcr_values(obj: Any, path: str) -> tuple[_PcrValues, _PcrWindows]:
+    """The literal values per bank and PCR, and the windows of those given as mappings."""
     banks = _mapping(obj, path, frozenset(BANK_SIZES))
     out: dict[str, Mapping[int, tuple[bytes, ...]]] = {}
+    windows: dict[tuple[str, int, bytes], PcrWindow] = {}
     for bank, pcrs in banks.items():
         bp = f"{path}.{bank}"
         if not isinstance(pcrs, dict) or not pcrs:
@@ -321,9 +343,26 @@ def _pcr_values(obj: Any, path: str) -> Mapping[str, Mapping[int, tuple[bytes, .
                 raise _err(f"{bp}.{key}", "PCR index is not an integer") from None
             if not 0 <= index <= 23:
                 raise _err(f"{bp}.{key}", "PCR index out of range 0..23")
-            values[index] = _hex_list(val, f"{bp}.{key}", BANK_SIZES[bank])
+            items = val if isinstance(val, list) else [val]
+            if not items:
+                raise _err(f"{bp}.{key}", "empty list: nothing would match")
+            got: list[bytes] = []
+            for i, item in enumerate(items):
+                p = f"{bp}.{key}" if not isinstance(val, list) else f"{bp}.{key}[{i}]"
+                if isinstance(item, dict):
+                    m = _mapping(item, p, frozenset({"value", *_WINDOW_KEYS}))
+                    if "value" not in m:
+                        raise _err(f"{p}.value", "missing")
+                    value = _hex(m["value"], f"{p}.value", BANK_SIZES[bank])
+                    window = PcrWindow(*_window(m, p))
+                    if window.valid_until is not None or window.note is not None:
+                        windows[(bank, index, value)] = window
+                else:
+                    value = _hex(item, p, BANK_SIZES[bank])
+                got.append(value)
+            values[index] = tuple(got)
         out[bank] = MappingProxyType(dict(sorted(values.items())))
-    return MappingProxyType(out)
+    return MappingProxyType(out), MappingProxyType(windows)
 
 
 _TOP = frozenset(
@@ -355,6 +394,10 @@ class Policy:
     db: DbPolicy | None
     dbx: DbxPolicy | None
     pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] | None
+    # windows of literal PCR values, by (bank, index, value); values absent here have none
+    pcr_windows: Mapping[tuple[str, int, bytes], PcrWindow] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     _digest: bytes = field(init=False, repr=False, compare=False)
     _expiries: tuple[datetime, ...] = field(init=False, repr=False, compare=False)
 
@@ -364,6 +407,7 @@ class Policy:
             *(self.kernel_cmdlines or ()),
         ]
         ends = {v.valid_until for v in values if v.valid_until is not None}
+        ends |= {w.valid_until for w in self.pcr_windows.values() if w.valid_until is not None}
         object.__setattr__(self, "_expiries", tuple(sorted(ends)))
         # the policy's identity, worked out once: every appraisal reports its id
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -445,6 +489,7 @@ class Policy:
             )
             require = _hex_list(d["require"], "policy.dbx.require") if "require" in d else ()
             dbx = DbxPolicy(forbid, min_entries, require)
+        pcrs, windows = _pcr_values(m["pcrs"], "policy.pcrs") if "pcrs" in m else (None, {})
         return cls(
             version=version,
             name=_str(m["name"], "policy.name") if "name" in m else None,
@@ -464,7 +509,8 @@ class Policy:
             firmware=firmware,
             db=db,
             dbx=dbx,
-            pcrs=_pcr_values(m["pcrs"], "policy.pcrs") if "pcrs" in m else None,
+            pcrs=pcrs,
+            pcr_windows=MappingProxyType(dict(windows)),
         )
 
     # -- serialisation -------------------------------------------------------------------
@@ -509,10 +555,16 @@ class Policy:
             out["dbx"] = dbx
         if self.pcrs is not None:
             out["pcrs"] = {
-                b: {str(i): [v.hex() for v in vs] for i, vs in p.items()}
+                b: {str(i): [self._pcr_value(b, i, v) for v in vs] for i, vs in p.items()}
                 for b, p in self.pcrs.items()
             }
         return out
+
+    def _pcr_value(self, bank: str, index: int, value: bytes) -> str | dict[str, str]:
+        window = self.pcr_windows.get((bank, index, value))
+        if window is None:
+            return value.hex()
+        return {"value": value.hex()} | _window_dict(window.valid_until, window.note)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100, allow_unicode=True)
