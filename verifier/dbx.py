@@ -15,12 +15,19 @@ Two inputs name the same revocations:
   (SHA-1 hex of the certificate), ``svns[]`` (Windows boot manager SVNs, read
   and counted, not matched).
 
+- an SBAT revocation (:mod:`verifier.sbat`): an ``SbatLevel`` (``sbat,1,<datestamp>``
+  then ``component,generation`` lines, shim's SbatLevel_Variable.txt format), alone or
+  with the boot binaries whose ``.sbat`` is known (JSON, what the CLI sends).
+
 :func:`scan` holds one replayed event log against an update: the boot
 applications (PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION, whose SHA-256 digest is
 the image's Authenticode hash) the update revokes, the authorities (PCR 7
 EV_EFI_VARIABLE_AUTHORITY, the db certificate that verified an image) it
 revokes, and whether the measured dbx already holds every hash entry of the
-update (dbx currency). Only events whose digests the replay proves are read.
+update (dbx currency). For an SBAT revocation: the boot applications whose digest is a
+known binary with a component below the level (``sbat``), and whether the ``SbatLevel``
+shim measured (PCR 7 EV_EFI_VARIABLE_AUTHORITY) already holds the level's generations
+(SBAT currency). Only events whose digests the replay proves are read.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 from verifier.eventlog import ReplayedLog
 from verifier.eventlog.efivars import EfiVariable, SignatureData, SignatureDatabase
 from verifier.eventlog.guids import EFI_CERT_SHA256, EFI_CERT_X509
+from verifier.sbat import SbatLevel, SbatRevocation
 from vtpm_core.errors import ParseError
 
 __all__ = ["DbxFinding", "DbxScan", "DbxUpdate", "scan"]
@@ -51,19 +59,36 @@ class DbxUpdate:
     """What an update revokes: Authenticode SHA-256 hashes, certificates (by SHA-1 and
     SHA-256 thumbprint), and (JSON only) the names of the images and SVN entries."""
 
-    source: str  # "authenticated-variable" | "microsoft-json"
+    source: str  # "authenticated-variable" | "microsoft-json" | "sbat-level"
     hashes: frozenset[bytes]
     cert_sha1: frozenset[bytes]
     cert_sha256: frozenset[bytes]
     names: dict[bytes, str]  # hash -> file name (JSON)
     svns: int
+    sbat: SbatRevocation | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> DbxUpdate:
-        """Either format: JSON when it starts with ``{`` (after whitespace)."""
-        if data.lstrip()[:1] == b"{":
+        """Any format: an SbatLevel when it starts with ``sbat,``; JSON when it starts with
+        ``{`` (an SBAT revocation when it has ``sbat_level``); else the authenticated
+        variable."""
+        head = data.lstrip()
+        if head.startswith(b"sbat,"):
+            return cls.of_sbat(SbatRevocation(SbatLevel.parse(data), {}))
+        if head[:1] == b"{":
+            try:
+                doc = json.loads(data)
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+            if isinstance(doc, dict) and "sbat_level" in doc:
+                return cls.of_sbat(SbatRevocation.parse_json(doc))
             return cls.parse_json(data)
         return cls.parse_authenticated(data)
+
+    @classmethod
+    def of_sbat(cls, revocation: SbatRevocation) -> DbxUpdate:
+        empty: frozenset[bytes] = frozenset()
+        return cls("sbat-level", empty, empty, empty, {}, 0, revocation)
 
     @classmethod
     def parse_authenticated(cls, data: bytes) -> DbxUpdate:
@@ -130,12 +155,19 @@ class DbxUpdate:
                    len(svns))  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "source": self.source,
             "hashes": len(self.hashes),
             "certificates": len(self.cert_sha1),
             "svns": self.svns,
         }
+        if self.sbat is not None:
+            out["sbat_level"] = {
+                "datestamp": self.sbat.level.datestamp,
+                "generations": dict(self.sbat.level.generations),
+                "binaries": len(self.sbat.binaries),
+            }
+        return out
 
 
 def _hex(value: Any, size: int, structure: str, where: str) -> bytes:
@@ -150,17 +182,19 @@ def _hex(value: Any, size: int, structure: str, where: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class DbxFinding:
-    """One revoked thing the log shows booted: ``kind`` is ``hash`` or ``certificate``."""
+    """One revoked thing the log shows booted: ``kind`` is ``hash``, ``certificate`` or
+    ``sbat`` (a known binary with components below the level: ``detail``)."""
 
     kind: str
     event: int
     pcr: int
     what: str  # the Authenticode hash or certificate SHA-256, hex
     name: str | None
+    detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "event": self.event, "pcr": self.pcr, "value": self.what,
-                "name": self.name}  # fmt: skip
+                "name": self.name, "detail": self.detail}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,22 +205,36 @@ class DbxScan:
     revoked: tuple[DbxFinding, ...]
     dbx_entries: int | None
     dbx_missing: int | None
+    # SBAT (an SbatLevel update only): the measured level's datestamp (None: none measured)
+    # and what it lacks of the update's level
+    sbat_level: str | None = None
+    sbat_behind: tuple[str, ...] | None = None
 
     @property
     def current(self) -> bool:
         return self.dbx_missing == 0
 
+    @property
+    def sbat_current(self) -> bool:
+        return self.sbat_behind is None or (self.sbat_level is not None and not self.sbat_behind)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "revoked": [f.to_json() for f in self.revoked],
             "dbx_entries": self.dbx_entries,
             "dbx_missing": self.dbx_missing,
             "dbx_current": self.current,
         }
+        if self.sbat_behind is not None:
+            out |= {"sbat_level": self.sbat_level, "sbat_behind": list(self.sbat_behind),
+                    "sbat_current": self.sbat_current}  # fmt: skip
+        return out
 
 
 def scan(log: ReplayedLog, update: DbxUpdate) -> DbxScan:
     """What ``update`` says about the boot in ``log`` (only digest-proven events count)."""
+    if update.sbat is not None:
+        return _scan_sbat(log, update.sbat)
     found: list[DbxFinding] = []
     for e in log.events:
         if e.pcr == 4 and e.event_type == _BOOT_APPLICATION:
@@ -218,3 +266,31 @@ def scan(log: ReplayedLog, update: DbxUpdate) -> DbxScan:
             entries = len(have)
             missing = len(update.hashes - have)
     return DbxScan(tuple(found), entries, missing)
+
+
+def _scan_sbat(log: ReplayedLog, revocation: SbatRevocation) -> DbxScan:
+    """Known binaries booted below the level; the measured SbatLevel against it."""
+    found: list[DbxFinding] = []
+    measured: SbatLevel | None = None
+    for e in log.events:
+        if e.pcr == 4 and e.event_type == _BOOT_APPLICATION:
+            binary = revocation.binaries.get(e.digests.get("sha256", b""))
+            below = [] if binary is None else revocation.level.revokes(binary.entries)
+            if binary is not None and below:
+                found.append(
+                    DbxFinding(
+                        "sbat", e.index, e.pcr, binary.sha256.hex(), binary.name, ", ".join(below)
+                    )
+                )
+        elif e.pcr == 7 and e.event_type == _AUTHORITY and e.data_verified:
+            var = e.decoded
+            if isinstance(var, EfiVariable) and var.name == "SbatLevel":
+                try:
+                    measured = SbatLevel.parse(var.data, f"event {e.index}")
+                except ParseError:
+                    measured = None  # (an unreadable level is no level: not current)
+    if measured is None:
+        return DbxScan(tuple(found), None, None, None, ("no SbatLevel measured",))
+    return DbxScan(
+        tuple(found), None, None, measured.datestamp, tuple(measured.behind(revocation.level))
+    )

@@ -124,10 +124,14 @@ def register(cli: click.Group) -> None:
                   help="With -o: the policy to add the update's dbx currency rule to.")  # fmt: skip
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
                   help="Write BASE with dbx.require = the update's hashes (YAML).")  # fmt: skip
+    @click.option("--binary", "binaries", multiple=True,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="With an SbatLevel FILE: a boot binary whose .sbat is known.")  # fmt: skip
     @click.option("--json", "as_json", is_flag=True)
     def dbx_update(
         update_file: Path,
         logs: tuple[Path, ...],
+        binaries: tuple[Path, ...],
         verifier_url: str | None,
         token_file: Path | None,
         base: Path | None,
@@ -137,18 +141,32 @@ def register(cli: click.Group) -> None:
         """Which boots a dbx update revokes, and which run an older dbx.
 
         FILE: the authenticated variable (EFI_VARIABLE_AUTHENTICATION_2 + signature
-        lists; its KEK signature is not checked here) or Microsoft's dbx_info JSON.
+        lists; its KEK signature is not checked here), Microsoft's dbx_info JSON, or an
+        SBAT level (shim's SbatLevel text): then each --binary (shim, GRUB,
+        systemd-boot, ...) is known by its Authenticode digest and its .sbat, and a boot
+        that ran one with a component below the level is revoked; a measured SbatLevel
+        behind the level is reported as an old SBAT level.
         With --verifier, every attester's stored evidence whose quote verified; with
         --eventlog, the given logs. Exit 1 when a boot is revoked or a dbx is old.
         With --base and -o: only write the policy revision whose dbx rule requires the
         update's hashes (dbx currency), to dry-run and assign like any policy.
         """
         from verifier.dbx import DbxUpdate, scan
+        from verifier.sbat import SbatBinary, SbatRevocation
 
         data = update_file.read_bytes()
         update = DbxUpdate.parse(data)
+        if binaries:
+            if update.sbat is None:
+                raise click.UsageError("--binary goes with an SbatLevel FILE")
+            known = [SbatBinary.of_image(p.read_bytes(), p.name) for p in binaries]
+            revocation = SbatRevocation(update.sbat.level, {b.sha256: b for b in known})
+            update = DbxUpdate.of_sbat(revocation)
+            data = revocation.to_json()
         if (base is None) != (output is None):
             raise click.UsageError("--base and -o go together")
+        if base is not None and output is not None and update.sbat is not None:
+            raise click.UsageError("an SBAT level has no dbx entries to require (no -o)")
         if base is not None and output is not None:
             from verifier.policy import Policy
 
@@ -171,32 +189,48 @@ def register(cli: click.Group) -> None:
         else:
             from verifier.eventlog import EventLog
 
-            revoked, old = [], []
+            revoked, old, old_sbat = [], [], []
             for path in logs:
                 log = EventLog.parse(path.read_bytes())
-                entry = {"log": str(path), **scan(log.verify(log.replay()), update).to_json()}
+                found = scan(log.verify(log.replay()), update)
+                entry = {"log": str(path), **found.to_json()}
                 if entry["revoked"]:
                     revoked.append(entry)
-                if not entry["dbx_current"]:
+                if update.sbat is None and not found.current:
                     old.append(entry)
+                if not found.sbat_current:
+                    old_sbat.append(entry)
             doc = {"update": update.summary(), "scanned": len(logs), "revoked": revoked,
-                   "old_dbx": old, "skipped": []}  # fmt: skip
+                   "old_dbx": old, "old_sbat": old_sbat, "skipped": []}  # fmt: skip
         if as_json:
             click.echo(json.dumps(doc, indent=2))
         else:
             u = doc["update"]
-            click.echo(
-                f"dbx update ({u['source']}): {u['hashes']} hashes, {u['certificates']} "
-                f"certificates, {u['svns']} SVNs; {doc['scanned']} boots scanned"
-            )
+            if "sbat_level" in u:
+                lv = u["sbat_level"]
+                gens = ", ".join(f"{c} {g}" for c, g in lv["generations"].items()) or "none"
+                click.echo(
+                    f"SBAT level {lv['datestamp']} ({gens}); {lv['binaries']} binaries known;"
+                    f" {doc['scanned']} boots scanned"
+                )
+            else:
+                click.echo(
+                    f"dbx update ({u['source']}): {u['hashes']} hashes, {u['certificates']} "
+                    f"certificates, {u['svns']} SVNs; {doc['scanned']} boots scanned"
+                )
             for e in doc["revoked"]:
                 who = e.get("attester_id") or e.get("log")
                 for f in e["revoked"]:
                     name = f" ({f['name']})" if f.get("name") else ""
+                    detail = f": {f['detail']}" if f.get("detail") else ""
                     click.echo(
-                        f"  REVOKED {who}: {f['kind']} {f['value']}{name}"
+                        f"  REVOKED {who}: {f['kind']} {f['value']}{name}{detail}"
                         f" (event {f['event']}, PCR {f['pcr']})"
                     )
+            for e in doc.get("old_sbat", []):
+                who = e.get("attester_id") or e.get("log")
+                level = e["sbat_level"] or "none"
+                click.echo(f"  OLD SBAT {who}: measured {level}; {', '.join(e['sbat_behind'])}")
             for e in doc["old_dbx"]:
                 who = e.get("attester_id") or e.get("log")
                 if e["dbx_missing"] is None:
@@ -208,5 +242,5 @@ def register(cli: click.Group) -> None:
                     )
             for s in doc["skipped"]:
                 click.echo(f"  skipped {s['attester_id']}: {s['reason']}")
-        if doc["revoked"] or doc["old_dbx"]:
+        if doc["revoked"] or doc["old_dbx"] or doc.get("old_sbat"):
             sys.exit(1)

@@ -320,7 +320,8 @@ def openapi_spec() -> dict[str, Any]:
         "/v1/dbx/report": {
             "post": {
                 **_op(
-                    "Which attesters booted what a dbx update revokes, or run an older dbx",
+                    "Which attesters booted what a dbx update or SBAT level revokes, or run an"
+                    " older dbx or SbatLevel",
                     ["admin"],
                     errors=("400", "401", "403"),
                 ),
@@ -331,8 +332,9 @@ def openapi_spec() -> dict[str, Any]:
                             "schema": {
                                 "type": "string",
                                 "format": "binary",
-                                "description": "EFI_VARIABLE_AUTHENTICATION_2 dbx update, or"
-                                " Microsoft's dbx_info JSON",
+                                "description": "EFI_VARIABLE_AUTHENTICATION_2 dbx update,"
+                                " Microsoft's dbx_info JSON, an SbatLevel (text), or"
+                                ' {"sbat_level", "binaries": [{name, sha256, sbat}]}',
                             }
                         }
                     },

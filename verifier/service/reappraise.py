@@ -375,11 +375,14 @@ class ReappraisalService:
     # -- dbx updates ---------------------------------------------------------------------
 
     def dbx_report(self, update: DbxUpdate) -> dict[str, Any]:
-        """Which attesters' stored boots ``update`` revokes (by Authenticode hash or
-        certificate) and which measured a dbx without all of its hash entries. Reads
-        only logs whose quote verified, replayed against the quoted PCRs. Writes nothing."""
+        """Which attesters' stored boots ``update`` revokes (by Authenticode hash,
+        certificate or SBAT generation) and which measured a dbx without all of its hash
+        entries, or (an SBAT revocation) an SbatLevel behind it. Reads only logs whose
+        quote verified, replayed against the quoted PCRs (but PCR 11, which no scan reads
+        and systemd-pcrphase extends unlogged). Writes nothing."""
         revoked: list[dict[str, Any]] = []
         stale_dbx: list[dict[str, Any]] = []
+        stale_sbat: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
         scanned = 0
         for item in self.stored(None):
@@ -394,7 +397,10 @@ class ReappraisalService:
                 continue
             try:
                 log = EventLog.parse(ev.event_log)
-                replayed = log.verify(PcrValues(ev.pcrs).values)
+                quoted = PcrValues(ev.pcrs).values
+                replayed = log.verify(
+                    {b: {i: v for i, v in p.items() if i != 11} for b, p in quoted.items()}
+                )
             except VtpmTrustError as exc:
                 skipped.append({"attester_id": item.attester_id, "reason": str(exc)})
                 continue
@@ -403,13 +409,16 @@ class ReappraisalService:
             entry = {"attester_id": item.attester_id, "vm_id": item.vm_id, **found.to_json()}
             if found.revoked:
                 revoked.append(entry)
-            if not found.current:
+            if update.sbat is None and not found.current:
                 stale_dbx.append(entry)
+            if not found.sbat_current:
+                stale_sbat.append(entry)
         return {
             "update": update.summary(),
             "scanned": scanned,
             "revoked": revoked,
             "old_dbx": stale_dbx,
+            "old_sbat": stale_sbat,
             "skipped": skipped,
         }
 
