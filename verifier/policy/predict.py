@@ -305,7 +305,7 @@ def _predict_component(
                 "nothing (no base log to hold them against)",
             )
         )
-    if not out:
+    if not out and not comp.records(_PCR11):
         out.append(Prediction(f"component {comp.name} changes nothing", comp.name, "nothing"))
     return out
 
@@ -392,6 +392,12 @@ def _base_pcr11(
     return out
 
 
+def _phase_text(phase: str) -> str:
+    if phase.startswith("after "):
+        return phase  # (.pcrlock: the components extended so far)
+    return f"phase {phase or '(stub only)'}"
+
+
 def _predict_pcr11(
     values: Sequence[Pcr11Value],
     base: ReplayedLog | Policy,
@@ -428,7 +434,7 @@ def _predict_pcr11(
         items.append({"value": v.value.hex(), "note": f"predicted: {v.describe()}"})
         out.append(
             Prediction(
-                f"PCR 11 {v.bank}:{v.value.hex()} (phase {v.phase or '(stub only)'})",
+                f"PCR 11 {v.bank}:{v.value.hex()} ({_phase_text(v.phase)})",
                 v.source,
                 f"{replaced}" + (f" (old values valid until {until})" if old else ""),
             )

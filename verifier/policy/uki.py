@@ -84,6 +84,8 @@ class Pcr11Value:
     source: str
 
     def describe(self) -> str:
+        if self.phase.startswith("after "):
+            return f"{self.source}, {self.phase}"
         return f"{self.source}, phase {self.phase or '(stub only)'}"
 
 
