@@ -24,6 +24,12 @@ Faults:
   retried as an outage: the round counts as failed and is logged with the
   verifier's detail.
 
+Where the evidence comes from is the agent's *backend* (:class:`AttesterBackend`):
+:class:`TctiBackend`, a TPM through a TCTI (swtpm, ``/dev/tpmrm0``) with tpm2-pytss,
+or :class:`verifier.guest_attester.GuestBackend`, a booted VM's TPM driven over its
+serial channel (``vtpm vm boot --verifier URL --rounds N``). The loop above is the
+same code for both.
+
 The event log is sent on every round: the verifier appraises each evidence on
 its own (the policy's boot-event rules need the log each time), so a
 quote-only round would fail a policy. ``ima_delta`` is the hook for IMA lists
@@ -35,10 +41,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -51,7 +58,15 @@ from verifier.attester import (
 )
 from vtpm_core.errors import ConfigError, TpmError, VtpmTrustError
 
-__all__ = ["Agent", "AgentConfig", "Backoff", "RoundOutcome"]
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AttesterBackend",
+    "AttesterSession",
+    "Backoff",
+    "RoundOutcome",
+    "TctiBackend",
+]
 
 LOG = logging.getLogger("vtpm.agent")
 
@@ -70,7 +85,7 @@ class AgentConfig:
 
     url: str
     tcti: str
-    state_file: Path
+    state_file: Path | None  # None: the attester state lives in memory (a VM's boot)
     ca_bundle: Path | None = None
     token: str | None = None
     attester_id: str | None = None
@@ -117,6 +132,65 @@ class RoundOutcome:
         return self.status in TRUSTED
 
 
+class AttesterSession(Protocol):
+    """One round's access to the attesting TPM (see :class:`AttesterBackend`)."""
+
+    def enroll(
+        self, http: requests.Session, verifier: str, *, vm_id: str | None = None
+    ) -> AttesterState:
+        """Register and activate; the new attester's state."""
+        ...
+
+    def attest(self, http: requests.Session, state: AttesterState) -> dict[str, Any]:
+        """Challenge -> quote -> evidence (with the event log); the verifier's answer.
+
+        Raises VerifierError for the verifier's refusals and outages, EventLogError
+        for an unreadable log, TpmError (or the TSS's own exception) for the TPM."""
+        ...
+
+
+class AttesterBackend(Protocol):
+    """Where evidence comes from: ``open()`` gives one round its :class:`AttesterSession`."""
+
+    def open(self) -> AbstractContextManager[AttesterSession]: ...
+
+
+class _TctiSession:
+    def __init__(self, tpm: TpmAttester, event_log: Path | None) -> None:
+        self._tpm = tpm
+        self._event_log = event_log
+
+    def enroll(
+        self, http: requests.Session, verifier: str, *, vm_id: str | None = None
+    ) -> AttesterState:
+        return enroll(http, verifier, self._tpm, vm_id=vm_id)
+
+    def attest(self, http: requests.Session, state: AttesterState) -> dict[str, Any]:
+        log = None
+        if self._event_log is not None:
+            try:
+                log = self._event_log.read_bytes()
+            except OSError as exc:
+                raise EventLogError(
+                    f"event log {self._event_log} unreadable: {exc.strerror or exc}"
+                ) from None
+        return attest_once(http, state, self._tpm, log)
+
+
+@dataclass(frozen=True, slots=True)
+class TctiBackend:
+    """A TPM through a tpm2-tss TCTI, opened afresh each round (a TPM that went away and
+    came back is picked up again), and the firmware event log from a file."""
+
+    tcti: str
+    event_log: Path | None = None
+
+    @contextmanager
+    def open(self) -> Iterator[AttesterSession]:
+        with TpmAttester.open(self.tcti) as tpm:
+            yield _TctiSession(tpm, self.event_log)
+
+
 class Agent:
     """Register once, then rounds of challenge -> quote -> evidence."""
 
@@ -124,11 +198,14 @@ class Agent:
         self,
         config: AgentConfig,
         *,
+        backend: AttesterBackend | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        self.backend: AttesterBackend = backend or TctiBackend(config.tcti, config.event_log)
         self._sleep = sleep
+        self._attester: AttesterState | None = None  # registered during this run
         self.backoff = Backoff(
             config.backoff_base_s, config.backoff_cap_s, config.min_delay_s, rng or random.Random()
         )
@@ -139,37 +216,39 @@ class Agent:
     def close(self) -> None:
         self._http.close()
 
-    def _state(self, tpm: TpmAttester) -> AttesterState:
+    @property
+    def attester(self) -> AttesterState | None:
+        """The attester this run registered as or resumed (None before the first round)."""
+        return self._attester
+
+    def _known(self) -> AttesterState | None:
+        """The attester this agent is, if known: configured, registered in this run, or
+        in the state file (for this verifier)."""
         url = self.config.url
         if self.config.token and self.config.attester_id:
             return AttesterState(url, self.config.attester_id, self.config.token)
-        state = AttesterState.load(self.config.state_file)
-        if state is not None and state.verifier == url:
-            return state
-        state = enroll(self._http, url, tpm, vm_id=self.config.vm_id)
-        state.save(self.config.state_file)
-        LOG.info("registered and activated as attester %s", state.attester_id)
-        return state
-
-    def _event_log(self) -> bytes | None:
-        path = self.config.event_log
-        if path is None:
+        if self._attester is not None and self._attester.verifier == url:
+            return self._attester
+        if self.config.state_file is None:
             return None
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise EventLogError(f"event log {path} unreadable: {exc.strerror or exc}") from None
+        state = AttesterState.load(self.config.state_file)
+        return state if state is not None and state.verifier == url else None
+
+    def _state(self, session: AttesterSession) -> AttesterState:
+        state = self._known()
+        if state is None:
+            state = session.enroll(self._http, self.config.url, vm_id=self.config.vm_id)
+            if self.config.state_file is not None:
+                state.save(self.config.state_file)
+            LOG.info("registered and activated as attester %s", state.attester_id)
+        self._attester = state
+        return state
 
     def report_fault(self, kind: str, detail: str) -> bool:
         """Tell the verifier this attester cannot produce evidence; True when it heard.
         Needs the attester's id and token (none before the first registration)."""
-        if self.config.token and self.config.attester_id:
-            state: AttesterState | None = AttesterState(
-                self.config.url, self.config.attester_id, self.config.token
-            )
-        else:
-            state = AttesterState.load(self.config.state_file)
-        if state is None or state.verifier != self.config.url:
+        state = self._known()
+        if state is None:
             return False
         try:
             resp = self._http.post(
@@ -194,10 +273,9 @@ class Agent:
     def round(self) -> RoundOutcome:
         """One attestation; faults become an outcome, never an exception."""
         try:
-            with TpmAttester.open(self.config.tcti) as tpm:
-                state = self._state(tpm)
-                log = self._event_log()
-                result = attest_once(self._http, state, tpm, log)
+            with self.backend.open() as session:
+                state = self._state(session)
+                result = session.attest(self._http, state)
         except VerifierError as exc:
             outage = exc.status == 0 or exc.status >= 500 or exc.status == 429
             LOG.warning("verifier %s: %s", self.config.url, exc.detail)
@@ -236,12 +314,21 @@ class Agent:
             self.report_fault(outcome.fault_kind or "tpm", outcome.detail or "")
         return outcome
 
-    def run(self, *, rounds: int | None = None) -> int:
-        """Attest until stopped (or ``rounds`` appraised); the exit status on a TPM give-up."""
+    def run(
+        self,
+        *,
+        rounds: int | None = None,
+        on_round: Callable[[RoundOutcome], None] | None = None,
+    ) -> int:
+        """Attest until stopped (or ``rounds`` appraised); the exit status on a TPM give-up.
+        ``on_round`` sees every round's outcome (faults included). No sleep follows the
+        last of ``rounds``."""
         tpm_faults = 0
         done = 0
         while rounds is None or done < rounds:
             outcome = self.round()
+            if on_round is not None:
+                on_round(outcome)
             if outcome.fault == "verifier":
                 delay = self.backoff.next_delay()
                 LOG.info("retrying in %.1f s (attempt %d)", delay, self.backoff.failures)
@@ -259,7 +346,8 @@ class Agent:
                 continue
             tpm_faults = 0
             done += 1
-            self._sleep(max(self.config.min_delay_s, outcome.next_s))
+            if rounds is None or done < rounds:
+                self._sleep(max(self.config.min_delay_s, outcome.next_s))
         return 0
 
 

@@ -26,40 +26,47 @@ import base64
 import binascii
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
-from verifier.attester import AttesterState
+from verifier.attester import AttesterState, VerifierError
 from verifier.credential import Credential
-from vtpm_core.errors import ConfigError, StateError, TpmError, VtpmTrustError
+from vtpm_core.errors import ConfigError, StateError, TpmError
 from vtpm_core.vm.channel import GuestChannel, validate_selection
 
 __all__ = [
     "GuestAttestation",
     "GuestAttestationError",
+    "GuestBackend",
     "assign_policy",
     "attest_guest",
     "check_loopback_url",
     "check_verifier",
+    "guest_attest_once",
     "guest_attest_steps",
+    "guest_enroll",
 ]
 
 _TIMEOUT = 30.0
 
 
-class GuestAttestationError(VtpmTrustError):
-    """A step of the guest's attestation failed: the verifier refused it or could not be asked."""
+class GuestAttestationError(VerifierError):
+    """A step of the guest's attestation failed: the verifier refused it or could not be asked.
+
+    A :class:`~verifier.attester.VerifierError`, so :class:`verifier.agent.Agent` treats
+    it like the swtpm attester's (status 0 or 5xx: an outage, retried with backoff).
+    """
 
     def __init__(self, step: str, status: int, detail: str) -> None:
+        super().__init__(status, detail)
         self.step = step
-        self.status = status
-        self.detail = detail
         where = f"verifier answered {status}" if status else "verifier unreachable"
-        super().__init__(f"{step}: {where}: {detail}")
+        self.args = (f"{step}: {where}: {detail}",)
 
 
 @dataclass
@@ -178,6 +185,92 @@ def _selection_text(step: str, selection: Any) -> str:
     return validate_selection("+".join(parts))
 
 
+def guest_enroll(
+    channel: GuestChannel,
+    http: requests.Session,
+    url: str,
+    *,
+    admin_token: str | None = None,
+    timings: dict[str, float] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> AttesterState:
+    """Steps 1-2 (module docstring): register the guest's EK and AK, activate; the state.
+
+    ``url`` must already be checked (:func:`check_loopback_url`).
+    """
+    timings = {} if timings is None else timings
+    t = clock()
+    ident = _guest("hello", channel.hello)
+    if ident.ek_cert_der is None:
+        raise StateError(
+            "register: the guest's TPM has no EK certificate in NV 0x01C00002 "
+            "(create the vTPM with `vtpm create`, which has our CA issue it)"
+        )
+    body = {
+        "ek_certificate": _b64(ident.ek_cert_der),
+        "ek_public": _b64(ident.ek_public_tpm2b),
+        "ak_public": _b64(ident.ak_public_tpm2b),
+    }
+    reg = _call(http, "register", f"{url}/v1/attesters", token=admin_token, body=body)
+    attester_id = reg.get("attester_id")
+    if not isinstance(attester_id, str):
+        raise GuestAttestationError("register", 201, "answer has no attester_id")
+    # the service sends TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (size-prefixed)
+    cred = Credential(
+        _tpm2b_content("credential_blob", _unb64("register", reg, "credential_blob")),
+        _tpm2b_content("encrypted_secret", _unb64("register", reg, "encrypted_secret")),
+    )
+    timings["register"] = clock() - t
+    t = clock()
+    secret = _guest("activate", lambda: channel.activate_credential(cred.to_tpm2_tools()))
+    act = _call(
+        http,
+        "activate",
+        f"{url}/v1/attesters/{attester_id}/activation",
+        body={"secret": _b64(secret)},
+    )
+    token = act.get("token")
+    if not isinstance(token, str):
+        raise GuestAttestationError("activate", 200, "answer has no token")
+    timings["activate"] = clock() - t
+    return AttesterState(url, attester_id, token)
+
+
+def guest_attest_once(
+    channel: GuestChannel,
+    http: requests.Session,
+    state: AttesterState,
+    *,
+    timings: dict[str, float] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Steps 3-4 (module docstring): challenge, the guest's quote, evidence; the verdict."""
+    timings = {} if timings is None else timings
+    base = f"{state.verifier}/v1/attesters/{state.attester_id}"
+    t = clock()
+    ch = _call(http, "challenge", f"{base}/challenges", token=state.token)
+    nonce = _unb64("challenge", ch, "nonce")
+    selection = _selection_text("challenge", ch.get("pcr_selection"))
+    quote = _guest("quote", lambda: channel.quote(nonce, selection))
+    timings["quote"] = clock() - t
+    t = clock()
+    pcrs = {
+        bank: {str(i): v.hex() for i, v in sorted(values.items())}
+        for bank, values in quote.untrusted_pcr_values().items()
+    }
+    evidence: dict[str, Any] = {
+        "nonce": _b64(nonce),
+        "quote": _b64(quote.message),
+        "signature": _b64(quote.signature),
+        "pcrs": pcrs,
+    }
+    if quote.eventlog:
+        evidence["event_log"] = _b64(quote.eventlog)
+    result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
+    timings["evidence"] = clock() - t
+    return result
+
+
 def guest_attest_steps(
     channel: GuestChannel,
     verifier_url: str,
@@ -200,67 +293,56 @@ def guest_attest_steps(
     registered = False
     with requests.Session() as http:
         if state is None or state.verifier != url:
-            t = clock()
-            ident = _guest("hello", channel.hello)
-            if ident.ek_cert_der is None:
-                raise StateError(
-                    "register: the guest's TPM has no EK certificate in NV 0x01C00002 "
-                    "(create the vTPM with `vtpm create`, which has our CA issue it)"
-                )
-            body = {
-                "ek_certificate": _b64(ident.ek_cert_der),
-                "ek_public": _b64(ident.ek_public_tpm2b),
-                "ak_public": _b64(ident.ak_public_tpm2b),
-            }
-            reg = _call(http, "register", f"{url}/v1/attesters", token=admin_token, body=body)
-            attester_id = reg.get("attester_id")
-            if not isinstance(attester_id, str):
-                raise GuestAttestationError("register", 201, "answer has no attester_id")
-            # the service sends TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (size-prefixed)
-            cred = Credential(
-                _tpm2b_content("credential_blob", _unb64("register", reg, "credential_blob")),
-                _tpm2b_content("encrypted_secret", _unb64("register", reg, "encrypted_secret")),
+            state = guest_enroll(
+                channel, http, url, admin_token=admin_token, timings=timings, clock=clock
             )
-            timings["register"] = clock() - t
-            t = clock()
-            secret = _guest("activate", lambda: channel.activate_credential(cred.to_tpm2_tools()))
-            act = _call(
-                http,
-                "activate",
-                f"{url}/v1/attesters/{attester_id}/activation",
-                body={"secret": _b64(secret)},
-            )
-            token = act.get("token")
-            if not isinstance(token, str):
-                raise GuestAttestationError("activate", 200, "answer has no token")
-            state = AttesterState(url, attester_id, token)
             registered = True
-            timings["activate"] = clock() - t
             if on_registered is not None:
                 on_registered(state)
-        base = f"{url}/v1/attesters/{state.attester_id}"
-        t = clock()
-        ch = _call(http, "challenge", f"{base}/challenges", token=state.token)
-        nonce = _unb64("challenge", ch, "nonce")
-        selection = _selection_text("challenge", ch.get("pcr_selection"))
-        quote = _guest("quote", lambda: channel.quote(nonce, selection))
-        timings["quote"] = clock() - t
-        t = clock()
-        pcrs = {
-            bank: {str(i): v.hex() for i, v in sorted(values.items())}
-            for bank, values in quote.untrusted_pcr_values().items()
-        }
-        evidence: dict[str, Any] = {
-            "nonce": _b64(nonce),
-            "quote": _b64(quote.message),
-            "signature": _b64(quote.signature),
-            "pcrs": pcrs,
-        }
-        if quote.eventlog:
-            evidence["event_log"] = _b64(quote.eventlog)
-        result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
-        timings["evidence"] = clock() - t
+        result = guest_attest_once(channel, http, state, timings=timings, clock=clock)
     return GuestAttestation(state, result, registered, timings)
+
+
+class GuestBackend:
+    """The attester backend of :class:`verifier.agent.Agent` for a booted VM: every TPM
+    command goes to the guest over ``channel`` (tpm2-tools in the guest), so the agent's
+    loop (cadence, backoff, fault reports) is the same code as for a swtpm.
+
+    The guest creates a new AK each boot (``tpm2 createak``): the attester state is
+    kept by the agent for this boot only. ``on_registered`` runs after each new
+    activation (e.g. :func:`assign_policy`); ``registrations`` counts them.
+    """
+
+    def __init__(
+        self,
+        channel: GuestChannel,
+        *,
+        admin_token: str | None = None,
+        on_registered: Callable[[AttesterState], None] | None = None,
+    ) -> None:
+        self._channel = channel
+        self._admin_token = admin_token
+        self._on_registered = on_registered
+        self.registrations = 0
+
+    @contextmanager
+    def open(self) -> Iterator[GuestBackend]:
+        yield self  # the channel stays open across rounds; its owner closes it
+
+    def enroll(
+        self, http: requests.Session, verifier: str, *, vm_id: str | None = None
+    ) -> AttesterState:
+        if vm_id is not None:
+            raise ConfigError("a VM guest registers with its EK certificate's VM id, not vm_id")
+        url = check_loopback_url(verifier)
+        state = guest_enroll(self._channel, http, url, admin_token=self._admin_token)
+        self.registrations += 1
+        if self._on_registered is not None:
+            self._on_registered(state)
+        return state
+
+    def attest(self, http: requests.Session, state: AttesterState) -> dict[str, Any]:
+        return guest_attest_once(self._channel, http, state)
 
 
 def assign_policy(verifier_url: str, admin_token: str, attester_id: str, policy: str) -> None:

@@ -16,7 +16,9 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -36,6 +38,9 @@ from vtpm_core.vm import (
     measured_load_options,
     validate_selection,
 )
+
+if TYPE_CHECKING:
+    from verifier.agent import RoundOutcome
 
 _DEFAULT_STORE = (
     Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -77,11 +82,15 @@ def _vm_boot(
     verifier: str | None = None,
     token_file: Path | None = None,
     policy: str | None = None,
+    rounds: int | None = None,
 ) -> None:
     if not name or set(name) - _NAME_CHARS or name.startswith("."):
         raise ConfigError(f"bad VM name {name!r} (letters, digits, '.', '_', '-')")
     validate_selection(pcrs)
-    attest = _verifier_step(verifier, token_file, policy)
+    if rounds is not None and verifier is None:
+        raise ConfigError("--rounds needs --verifier URL")
+    echo = (lambda _line: None) if as_json else click.echo
+    attest = _verifier_step(verifier, token_file, policy, rounds, echo)
     loader_entry(cmdline)  # refuse a bad command line before any download or build
     out_dir = out if out is not None else Path.cwd() / f"vm-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +150,10 @@ def _vm_boot(
         "out": str(out_dir),
         "console": str(art.console_log) if art else None,
     }
-    if verdict is not None:
+    if isinstance(verdict, _AgentRun):
+        (out_dir / "result.json").write_text(json.dumps(verdict.to_json(), indent=1) + "\n")
+        summary["verifier"] = verdict.to_json()
+    elif verdict is not None:
         (out_dir / "result.json").write_text(json.dumps(verdict.to_json(), indent=1) + "\n")
         summary["verifier"] = {
             k: verdict.to_json().get(k) for k in ("attester_id", "status", "policy", "timings")
@@ -158,14 +170,89 @@ def _vm_boot(
     click.echo(f"  quote over {pcrs}, nonce {nonce.hex()}")
     click.echo(f"  firmware event log: {len(quote.eventlog)} bytes")
     click.echo(f"  written to {out_dir} (check with tpm2_checkquote -u ak.pub -m quote.msg ...)")
-    if verdict is not None:
+    if isinstance(verdict, _AgentRun):
+        click.echo(
+            f"verifier {verifier}: attester {verdict.attester_id}, "
+            f"{len(verdict.rounds)} rounds, registered {verdict.registrations} time(s)"
+        )
+        _fail_unless_affirming(verdict)
+    elif verdict is not None:
         _echo_verdict(verifier or "", verdict)
         _fail_unless_affirming(verdict)
 
 
+@dataclass
+class _AgentRun:
+    """`--rounds N`: what the agent loop did against the guest's TPM."""
+
+    attester_id: str | None
+    registrations: int
+    exit_status: int
+    rounds: list[RoundOutcome] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attester_id": self.attester_id,
+            "registrations": self.registrations,
+            "exit_status": self.exit_status,
+            "rounds": [
+                {"status": r.status, "state": r.state, "next_attestation_s": r.next_s}
+                | ({"fault": r.fault, "detail": r.detail} if r.fault else {})
+                for r in self.rounds
+            ],
+        }
+
+    @property
+    def affirming(self) -> bool:
+        return (
+            self.exit_status == 0
+            and bool(self.rounds)
+            and all(r.status == "affirming" for r in self.rounds)
+        )
+
+
+def _agent_rounds(
+    url: str,
+    token: str | None,
+    assign: Callable[[AttesterState], None],
+    rounds: int,
+    echo: Callable[[str], None],
+) -> Callable[[GuestChannel], _AgentRun]:
+    """`--rounds N`: `vtpm agent`'s loop (verifier.agent.Agent) with the guest as its TPM."""
+    from verifier.agent import Agent, AgentConfig
+    from verifier.guest_attester import GuestBackend
+
+    def run(channel: GuestChannel) -> _AgentRun:
+        backend = GuestBackend(channel, admin_token=token, on_registered=assign)
+        agent = Agent(AgentConfig(url=url, tcti="guest", state_file=None), backend=backend)
+        done: list[RoundOutcome] = []
+
+        def seen(outcome: RoundOutcome) -> None:
+            done.append(outcome)
+            what = outcome.status or f"no verdict ({outcome.fault}: {outcome.detail or '-'})"
+            n = len(done)
+            echo(f"  round {n}: {what}, state {outcome.state}, next in {outcome.next_s:g} s")
+
+        try:
+            status = agent.run(rounds=rounds, on_round=seen)
+        finally:
+            agent.close()
+        appraised = [r for r in done if r.fault is None]
+        known = agent.attester
+        return _AgentRun(
+            known.attester_id if known else None, backend.registrations, status, appraised
+        )
+
+    return run
+
+
 def _verifier_step(
-    verifier: str | None, token_file: Path | None, policy: str | None
-) -> Callable[[GuestChannel], GuestAttestation] | None:
+    verifier: str | None,
+    token_file: Path | None,
+    policy: str | None,
+    rounds: int | None = None,
+    echo: Callable[[str], None] = click.echo,
+) -> Callable[[GuestChannel], GuestAttestation | _AgentRun] | None:
     """`--verifier`: the guest attests against the running service (checked before booting)."""
     from verifier.guest_attester import (
         assign_policy,
@@ -195,6 +282,9 @@ def _verifier_step(
         if policy is not None and token is not None:
             assign_policy(url, token, state.attester_id, policy)
 
+    if rounds is not None:
+        return _agent_rounds(url, token, assign, rounds, echo)
+
     def run(channel: GuestChannel) -> GuestAttestation:
         return guest_attest_steps(channel, url, admin_token=token, on_registered=assign)
 
@@ -221,7 +311,16 @@ def _echo_verdict(url: str, verdict: GuestAttestation) -> None:
         click.echo(f"  warning: {warn.get('message') if isinstance(warn, dict) else warn}")
 
 
-def _fail_unless_affirming(verdict: GuestAttestation | None) -> None:
+def _fail_unless_affirming(verdict: GuestAttestation | _AgentRun | None) -> None:
+    if isinstance(verdict, _AgentRun):
+        if not verdict.affirming:
+            seen = ", ".join(str(r.status) for r in verdict.rounds) or "none"
+            raise VerificationError(
+                "verdict",
+                f"not every round was affirming (verdicts: {seen};"
+                f" agent exit status {verdict.exit_status})",
+            )
+        return
     if verdict is not None and verdict.result.get("status") != "affirming":
         raise VerificationError(
             "verdict",
@@ -314,6 +413,12 @@ def _register_vm(cli: click.Group) -> None:
         help="The verifier's admin token (needed for --policy).",
     )
     @click.option("--policy", help="Assign this verifier policy to the attester before quoting.")
+    @click.option(
+        "--rounds",
+        type=click.IntRange(1, 100000),
+        help="With --verifier: run `vtpm agent`'s loop for N appraised rounds on the "
+        "verifier's cadence (the guest's TPM as the agent's), then power off.",
+    )
     def boot(
         name: str,
         kernel: Path | None,
@@ -329,6 +434,7 @@ def _register_vm(cli: click.Group) -> None:
         verifier: str | None,
         token_file: Path | None,
         policy: str | None,
+        rounds: int | None,
     ) -> None:
         """Boot VM NAME with its vTPM, quote its boot PCRs with a fresh nonce, power it off.
 
@@ -345,6 +451,12 @@ def _register_vm(cli: click.Group) -> None:
         (register with the EK certificate, activate, challenge, quote,
         evidence with the firmware log), the result goes to result.json and
         the exit status is 1 unless the verdict is affirming.
+
+        With --rounds N as well, the host runs the continuous-attestation
+        agent's loop (registration once, rounds on the cadence the verifier
+        answers with, backoff through outages, fault reports) with the guest's
+        TPM, for N appraised rounds; exit 1 unless every one was affirming.
+        --timeout must cover the boot and the rounds.
         """
         _vm_boot(
             name,
@@ -361,6 +473,7 @@ def _register_vm(cli: click.Group) -> None:
             verifier,
             token_file,
             policy,
+            rounds,
         )
 
 

@@ -1,7 +1,7 @@
 """verifier.guest_attester failure paths: a scripted guest and the real verifier (gunicorn).
 
-The success path needs a real VM and is in tests/vm/test_boot.py and
-tests/vm/test_cli.py; here every step that can fail does, with our errors.
+The success path needs a real VM and is in tests/vm/test_boot.py, tests/vm/test_cli.py
+and tests/vm/test_agent_vm.py; here every step that can fail does, with our errors.
 """
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.verifier.service.conftest import Server
+from verifier.agent import Agent, AgentConfig
 from verifier.attester import AttesterState
-from verifier.guest_attester import GuestAttestationError, attest_guest, check_loopback_url
+from verifier.guest_attester import (
+    GuestAttestationError,
+    GuestBackend,
+    attest_guest,
+    check_loopback_url,
+)
 from verifier.service.config import init_home
 from vtpm_core.errors import ConfigError, StateError
 from vtpm_core.vm import GuestChannel
@@ -117,3 +123,41 @@ def test_fail_challenge_with_an_unknown_token(
     state = AttesterState(verifier_url, "00000000-0000-0000-0000-000000000000", "not-a-token")
     with pytest.raises(GuestAttestationError, match=r"^challenge: verifier answered 40[13]: "):
         attest_guest(chan, verifier_url, state=state)
+
+
+def _guest_agent(chan: GuestChannel, url: str) -> Agent:
+    backend = GuestBackend(chan)
+    return Agent(AgentConfig(url=url, tcti="guest", state_file=None), backend=backend)
+
+
+def test_agent_round_through_the_guest_a_guest_error_is_a_tpm_fault(
+    guest: tuple[GuestChannel, socket.socket], verifier_url: str
+) -> None:
+    """`vtpm vm boot --rounds`: the agent's loop with the guest as its TPM; a guest ERR
+    becomes a reportable TPM fault (not retried as an outage), nothing registered."""
+    chan, peer = guest
+    _answer(peer, "ERR HELLO no TPM: /dev/tpmrm0 missing")
+    agent = _guest_agent(chan, verifier_url)
+    try:
+        outcome = agent.round()
+    finally:
+        agent.close()
+    assert (outcome.status, outcome.fault, outcome.fault_kind) == (None, "tpm", "tpm")
+    assert outcome.detail is not None and "no TPM: /dev/tpmrm0 missing" in outcome.detail
+    assert agent.attester is None
+
+
+def test_agent_round_through_the_guest_verifier_down_is_an_outage(
+    guest: tuple[GuestChannel, socket.socket],
+) -> None:
+    chan, peer = guest
+    _answer(peer, f"OK HELLO {B(b'cert')} - {B(EK_PUB)} {B(AK_PUB)} {B(AK_NAME)}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = _guest_agent(chan, f"http://127.0.0.1:{port}")
+    try:
+        outcome = agent.round()
+    finally:
+        agent.close()
+    assert outcome.fault == "verifier"  # retried with backoff by Agent.run, state kept

@@ -83,6 +83,8 @@ def test_vm_boot_writes_verifiable_evidence(
         (["vm", "boot", "ok", "--verifier", "http://192.0.2.1:80"], "only a loopback verifier"),
         (["vm", "boot", "ok", "--verifier", "https://127.0.0.1:1"], "expected http://127.0.0.1"),
         (["vm", "boot", "ok", "--policy", "p"], "need --verifier URL"),
+        (["vm", "boot", "ok", "--rounds", "2"], "--rounds needs --verifier URL"),
+        (["vm", "boot", "ok", "--rounds", "0"], "0 is not in the range"),
         (
             ["vm", "boot", "ok", "--verifier", "http://127.0.0.1:1", "--policy", "p"],
             "--policy needs the admin token",
@@ -96,6 +98,8 @@ def test_vm_boot_writes_verifiable_evidence(
         "fail/verifier/not-loopback",
         "fail/verifier/https",
         "fail/policy/without-verifier",
+        "fail/rounds/without-verifier",
+        "fail/rounds/zero",
         "fail/policy/without-token",
     ],
 )
