@@ -78,7 +78,7 @@ class DbxUpdate:
         if head[:1] == b"{":
             try:
                 doc = json.loads(data)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 doc = None
             if isinstance(doc, dict) and "sbat_level" in doc:
                 return cls.of_sbat(SbatRevocation.parse_json(doc))
@@ -129,7 +129,7 @@ class DbxUpdate:
         s = "dbx_info"
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ParseError(s, "json", getattr(exc, "pos", 0), str(exc)) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
             raise ParseError(s, "images", 0, "expected an object of architectures")

@@ -10,6 +10,7 @@ booted machine); quoted by tpm2-tools with PCR 11."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.verifier.appraisal_lab import Lab, build_lab
 from verifier.appraisal import AppraisalResult, Evidence, appraise
@@ -458,3 +461,20 @@ def test_windowed_pcr_values_in_the_schema() -> None:
         with pytest.raises(ParseError) as exc:
             Policy.from_dict({"version": 1, "pcrs": {"sha256": {"11": [h, bad]}}})
         assert exc.value.field == f"policy.pcrs.sha256.11[1].{field}"
+
+
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_only_parse_and_config_errors_escape(data: bytes) -> None:
+    for reader in (
+        lambda: parse_pcrlock(data, "x"),
+        lambda: parse_measure_json(data, "x"),
+        lambda: check_pcrsig(data, None, (), "x"),
+        lambda: uki_pcr11(data, "x"),
+    ):
+        with contextlib.suppress(ParseError, ConfigError):
+            reader()
+
+
+def test_deep_json_is_a_parse_error() -> None:
+    with pytest.raises(ParseError, match="recursion"):
+        parse_pcrlock(b"[" * 100_000, "deep.pcrlock")

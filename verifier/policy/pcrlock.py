@@ -86,7 +86,7 @@ def parse_pcrlock(data: bytes, source: str) -> tuple[Record, ...]:
         raise ParseError(s, "(file)", 0, f"larger than {_MAX_FILE} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ParseError(s, "json", getattr(exc, "pos", 0), str(exc)) from None
     if not isinstance(doc, dict):
         raise ParseError(s, "(top)", 0, f"expected an object, got {type(doc).__name__}")

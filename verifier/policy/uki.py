@@ -148,7 +148,7 @@ def parse_measure_json(data: bytes, source: str) -> tuple[Pcr11Value, ...]:
     s = f"systemd-measure JSON {source}"
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ParseError(s, "json", getattr(exc, "pos", 0), str(exc)) from None
     if not isinstance(doc, dict) or not doc:
         raise ParseError(s, "(top)", 0, "expected an object of banks")
@@ -210,7 +210,7 @@ def check_pcrsig(
     s = f".pcrsig of {source}"
     try:
         doc = json.loads(pcrsig.rstrip(b"\0"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ParseError(s, "json", getattr(exc, "pos", 0), str(exc)) from None
     if not isinstance(doc, dict):
         raise ParseError(s, "(top)", 0, "expected an object of banks")
