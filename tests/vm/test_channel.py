@@ -247,3 +247,74 @@ def test_only_our_errors_escape(answer: bytes) -> None:
     finally:
         host.close()
         guest.close()
+
+
+def test_ima_list_reads_in_chunks_up_to_the_first_size(
+    pair: tuple[GuestChannel, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vtpm_core.vm import channel
+
+    chan, guest = pair
+    monkeypatch.setattr(channel, "IMA_CHUNK", 4)
+    # 10 bytes from offset 2: chunks at 2, 6 (then 2 bytes at 10); the list grew meanwhile
+    _send(guest, f"OK IMA 12 {B(b'cdef')}", f"OK IMA 14 {B(b'ghij')}", f"OK IMA 14 {B(b'klmn')}")
+    assert chan.ima_list(2) == b"cdefghijkl"
+    assert _received(guest) == "IMA 2 4\nIMA 6 4\nIMA 10 4\n"
+    _send(guest, "OK IMA 5 -")  # nothing new
+    assert chan.ima_list(5) == b""
+
+
+@pytest.mark.parametrize(
+    ("answers", "start", "bound", "error", "match"),
+    [
+        (["ERR IMA measurement is off (boot with vtpm.ima=1)"], 0, 100, TpmError, "is off"),
+        (["OK IMA x12 -"], 0, 100, ParseError, "not decimal"),
+        (["OK IMA 3 -"], 5, 100, ParseError, "shorter than 5"),
+        (["OK IMA 500 -"], 0, 100, ParseError, "500 list bytes from offset 0 exceed 100"),
+        ([f"OK IMA 6 {B(b'ab')}"], 0, 100, ParseError, "2 bytes at offset 0, expected 4"),
+        ([f"OK IMA 6 {B(b'abcd')}", "OK IMA 5 -"], 0, 100, ParseError, r"shrank \(6 -> 5\)"),
+        (["OK IMA 6 %%"], 0, 100, ParseError, "not base64"),
+        (["OK IMA 6"], 0, 100, ParseError, "expected 2 fields"),
+    ],
+    ids=[
+        "fail/guest/ima-off",
+        "fail/answer/size-not-decimal",
+        "fail/answer/shorter-than-offset",
+        "fail/answer/over-bound",
+        "fail/answer/short-chunk",
+        "fail/answer/list-shrank",
+        "fail/answer/not-base64",
+        "fail/answer/field-count",
+    ],
+)
+def test_ima_list_bad_answers(
+    pair: tuple[GuestChannel, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[str],
+    start: int,
+    bound: int,
+    error: type[Exception],
+    match: str,
+) -> None:
+    from vtpm_core.vm import channel
+
+    chan, guest = pair
+    monkeypatch.setattr(channel, "IMA_CHUNK", 4)
+    _send(guest, *answers)
+    with pytest.raises(error, match=match):
+        chan.ima_list(start, max_bytes=bound)
+
+
+def test_exec_copy(pair: tuple[GuestChannel, socket.socket]) -> None:
+    chan, guest = pair
+    _send(guest, "OK EXECCOPY /tmp/run/busybox-x1 0")
+    assert chan.exec_copy("x1") == ("/tmp/run/busybox-x1", 0)
+    assert _received(guest) == "EXECCOPY x1\n"
+    for bad in ("", "A", "a b", "a/b", "x" * 33):
+        with pytest.raises(ParseError, match="bad program name"):
+            chan.exec_copy(bad)
+    _send(guest, "OK EXECCOPY tmp 0")
+    with pytest.raises(ParseError, match="bad answer"):
+        chan.exec_copy("x1")
+    with pytest.raises(ParseError, match="bad offset"):
+        chan.ima_list(-1)

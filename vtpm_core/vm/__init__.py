@@ -3,10 +3,13 @@
 Build once (cached): :func:`fetch_debian_kernel` → :func:`build_initramfs` →
 :func:`build_esp`; then per boot: start a :class:`~vtpm_core.swtpm.SwtpmProcess`
 with ``transport="qemu"``, run a :class:`QemuVm`, and drive the guest's TPM
-through :class:`GuestChannel` (hello, activate_credential, quote, close).
+through :class:`GuestChannel` (hello, activate_credential, quote, ima_list,
+exec_copy, close). A command line from :func:`ima_cmdline` boots the guest
+with IMA measuring into PCR 10.
 """
 
 from vtpm_core.vm.channel import (
+    IMA_CMDLINE_FLAG,
     PROTOCOL_VERSION,
     GuestChannel,
     GuestIdentity,
@@ -22,13 +25,14 @@ from vtpm_core.vm.esp import (
     measured_load_options,
     sign_efi,
 )
-from vtpm_core.vm.guest import GuestSession, boot_guest, guest_esp
+from vtpm_core.vm.guest import GuestSession, boot_guest, guest_esp, ima_cmdline
 from vtpm_core.vm.initramfs import Initramfs, build_initramfs, newc_archive
 from vtpm_core.vm.kernel import DebianKernel, default_cache_dir, fetch_debian_kernel
 from vtpm_core.vm.qemu import OvmfFirmware, QemuVm, VmArtifacts, ovmf_firmware
 
 __all__ = [
     "DEFAULT_CMDLINE",
+    "IMA_CMDLINE_FLAG",
     "PROTOCOL_VERSION",
     "DebianKernel",
     "EspImage",
@@ -47,6 +51,7 @@ __all__ = [
     "default_cache_dir",
     "fetch_debian_kernel",
     "guest_esp",
+    "ima_cmdline",
     "loader_entry",
     "measured_load_options",
     "newc_archive",

@@ -37,6 +37,9 @@ from vtpm_core.errors import ParseError, TpmError
 from vtpm_core.tpm.pcr import PcrValues
 
 __all__ = [
+    "IMA_CHUNK",
+    "IMA_CMDLINE_FLAG",
+    "MAX_IMA_LIST",
     "MAX_LINE",
     "PROTOCOL_VERSION",
     "GuestChannel",
@@ -49,6 +52,10 @@ PROTOCOL_VERSION = 1
 READY_LINE = f"VTPM-GUEST {PROTOCOL_VERSION} READY"
 MAX_LINE = 4 << 20  # an event log of a few MiB still fits
 MAX_NONCE = 64  # TPM2B_DATA holds at most sizeof(TPMU_HA)
+IMA_CMDLINE_FLAG = "vtpm.ima=1"  # on the kernel command line: the guest loads its IMA policy
+IMA_CHUNK = 1 << 20  # list bytes per IMA answer: 1.4 MB of base64, well inside MAX_LINE
+MAX_IMA_LIST = 64 << 20  # default bound on one fetch (~300,000 entries)
+_EXEC_NAME_RE = re.compile(r"^[a-z0-9-]{1,32}$")
 _BANK_RE = re.compile(r"^(sha1|sha256|sha384|sha512):(\d{1,2}(?:,\d{1,2})*)$")
 _STRUCT = "GuestChannel"
 
@@ -230,6 +237,64 @@ class GuestChannel:
         pcrs = _b64("quote_pcrs", f[2], 3) or b""
         log = _b64("eventlog", f[3], 4, optional=True) or b""
         return GuestQuote(msg, sig, pcrs, log, bytes(nonce), selection)
+
+    def ima_list(self, start: int = 0, *, max_bytes: int = MAX_IMA_LIST) -> bytes:
+        """The guest's ``binary_runtime_measurements`` from byte ``start`` to its end.
+
+        Read in chunks of :data:`IMA_CHUNK` bytes; the end is the list's size
+        at the first answer (the list only grows, so later chunks continue
+        the same bytes). ``start`` is the byte length of what the caller
+        already has (an entry boundary), so the answer is the delta. Raises
+        ParseError when an answer is malformed or the delta exceeds
+        ``max_bytes``; TpmError when the guest runs without IMA. Not
+        checked here: the entries themselves (``verifier.ima.parse``).
+        """
+        if start < 0 or max_bytes < 1:
+            raise ParseError(_STRUCT, "ima_offset", 0, f"bad offset {start} or bound {max_bytes}")
+        out = bytearray()
+        end: int | None = None
+        offset = start
+        while end is None or offset < end:
+            f = self._command("IMA", [str(offset), str(IMA_CHUNK)], 2)
+            if not f[0].isdigit():
+                raise ParseError(_STRUCT, "ima_size", 1, f"list size {f[0][:20]!r} not decimal")
+            size = int(f[0])
+            if end is None:
+                if size < start:
+                    raise ParseError(
+                        _STRUCT, "ima_size", 1, f"list of {size} bytes is shorter than {start}"
+                    )
+                if size - start > max_bytes:
+                    raise ParseError(
+                        _STRUCT, "ima_size", 1,
+                        f"{size - start} list bytes from offset {start} exceed {max_bytes}",
+                    )  # fmt: skip
+                end = size
+            elif size < end:
+                raise ParseError(_STRUCT, "ima_size", 1, f"the list shrank ({end} -> {size})")
+            chunk = _b64("ima_list", f[1], 2, optional=True) or b""
+            want = min(IMA_CHUNK, end - offset)
+            if len(chunk) < want or len(chunk) > IMA_CHUNK:
+                raise ParseError(
+                    _STRUCT, "ima_list", 2,
+                    f"{len(chunk)} bytes at offset {offset}, expected {want}",
+                )  # fmt: skip
+            out += chunk[:want]
+            offset += want
+        return bytes(out)
+
+    def exec_copy(self, name: str) -> tuple[str, int]:
+        """Have the guest run a program no policy knows; return its path and exit status.
+
+        The guest writes ``/tmp/run/busybox-NAME`` (busybox's bytes followed
+        by ``NAME\n``) and executes it; with IMA on, the kernel measures it.
+        """
+        if not _EXEC_NAME_RE.match(name):
+            raise ParseError(_STRUCT, "name", 0, f"bad program name {name!r} ([a-z0-9-]{{1,32}})")
+        f = self._command("EXECCOPY", [name], 2)
+        if not f[0].startswith("/") or not f[1].isdigit():
+            raise ParseError(_STRUCT, "EXECCOPY", 1, f"bad answer {' '.join(f)[:80]!r}")
+        return f[0], int(f[1])
 
     def close(self) -> None:
         """Ask the guest to power off (best effort) and close the socket. Idempotent."""

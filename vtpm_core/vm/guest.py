@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm_core.swtpm import SwtpmProcess
-from vtpm_core.vm.channel import GuestChannel
+from vtpm_core.vm.channel import IMA_CMDLINE_FLAG, GuestChannel
 from vtpm_core.vm.esp import DEFAULT_CMDLINE, EspImage, build_esp
 from vtpm_core.vm.initramfs import build_initramfs
 from vtpm_core.vm.kernel import default_cache_dir, fetch_debian_kernel
 from vtpm_core.vm.qemu import QemuVm, VmArtifacts
 
-__all__ = ["GuestSession", "boot_guest", "guest_esp"]
+__all__ = ["GuestSession", "boot_guest", "guest_esp", "ima_cmdline"]
 
 
 @dataclass
@@ -31,6 +31,13 @@ class GuestSession:
     vm: QemuVm
     esp: EspImage
     artifacts: VmArtifacts | None = None  # set when the session has ended
+
+
+def ima_cmdline(cmdline: str = DEFAULT_CMDLINE) -> str:
+    """``cmdline`` with the flag that makes the guest load its IMA policy (once)."""
+    if IMA_CMDLINE_FLAG in cmdline.split():
+        return cmdline
+    return f"{cmdline} {IMA_CMDLINE_FLAG}"
 
 
 def guest_esp(

@@ -16,9 +16,19 @@
 #   guest: OK ACTIVATE <secret>
 #   host:  QUOTE <nonce> <pcr selection, e.g. sha256:0,1,2>
 #   guest: OK QUOTE <TPMS_ATTEST> <TPMT_SIGNATURE> <tpm2-tools pcrs file> <event log>
+#   host:  IMA <byte offset> <max bytes>
+#   guest: OK IMA <list bytes> <binary_runtime_measurements from the offset, at most max bytes>
+#   host:  EXECCOPY <name: [a-z0-9-], 1-32 characters>
+#   guest: OK EXECCOPY <path> <exit status>  ran a copy of busybox with the name appended
 #   host:  POWEROFF
 #   guest: OK POWEROFF                    then the VM powers off
 # Any failure: "ERR <COMMAND> <one-line message>", and the guest keeps serving.
+#
+# IMA: with "vtpm.ima=1" on the kernel command line, the policy below is
+# loaded before anything else runs, so the kernel measures into PCR 10 every
+# program executed, every file mapped executable and every kernel module
+# loaded from then on. The initramfs root is tmpfs, which the built-in tcb
+# policy skips: this policy has no fsmagic exclusions.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
 mount -t proc proc /proc
@@ -27,8 +37,25 @@ mount -t devtmpfs devtmpfs /dev
 mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 
+IMA_DIR=/sys/kernel/security/ima
+IMA=off
+read -r CMDLINE < /proc/cmdline
+case " $CMDLINE " in
+  *" vtpm.ima=1 "*)
+    # one write: this kernel has no CONFIG_IMA_WRITE_POLICY, so the policy is set once
+    if printf '%s\n' \
+      "measure func=BPRM_CHECK template=ima-sig" \
+      "measure func=FILE_MMAP mask=MAY_EXEC template=ima-sig" \
+      "measure func=MODULE_CHECK template=ima-sig" > $IMA_DIR/policy; then
+      IMA=on
+    else
+      IMA="policy refused"
+    fi
+    ;;
+esac
+
 log() { echo "VTPM-GUEST: $* uptime=$(cut -d' ' -f1 /proc/uptime)" > /dev/console; }
-log "init"
+log "init ima=$IMA"
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci qemu_fw_cfg; do
   insmod /lib/modules/$m.ko 2>/dev/null || log "insmod $m failed"
 done
@@ -111,6 +138,40 @@ do_quote() {
   say "OK QUOTE $(b64 q.msg) $(b64 q.sig) $(b64 q.pcrs) $(b64 eventlog.bin)"
 }
 
+do_ima() {
+  case "$1:$2" in
+    *[!0-9:]* | :* | *:) say "ERR IMA offset and size must be decimal numbers"; return ;;
+  esac
+  if [ ${#1} -gt 12 ] || [ ${#2} -gt 12 ]; then say "ERR IMA offset or size too large"; return; fi
+  if [ "$IMA" != on ]; then say "ERR IMA measurement is $IMA (boot with vtpm.ima=1)"; return; fi
+  rm -f ima.bin ima.part
+  # one read of the whole list: the kernel gives whole entries, and the list only grows
+  if ! cat $IMA_DIR/binary_runtime_measurements > ima.bin 2> tool.err; then
+    say "ERR IMA cannot read binary_runtime_measurements: $(head -c 200 tool.err | tr '\r\n' '  ')"
+    return
+  fi
+  size=$(wc -c < ima.bin)
+  if [ "$1" -gt "$size" ]; then say "ERR IMA offset $1 is past the list's $size bytes"; return; fi
+  tail -c +$(($1 + 1)) ima.bin | head -c "$2" > ima.part
+  say "OK IMA $size $(b64 ima.part)"
+}
+
+do_execcopy() {
+  case "$1" in
+    "" | *[!a-z0-9-]*) say "ERR EXECCOPY name must be [a-z0-9-]"; return ;;
+  esac
+  if [ ${#1} -gt 32 ]; then say "ERR EXECCOPY name longer than 32 characters"; return; fi
+  mkdir -p /tmp/run
+  copy=/tmp/run/busybox-$1
+  # a program no policy learned: busybox's bytes plus the name (busybox-* runs as busybox)
+  if ! { cat /bin/busybox && echo "$1"; } > $copy || ! chmod 755 $copy; then
+    say "ERR EXECCOPY cannot write $copy"
+    return
+  fi
+  $copy true > /dev/null 2>&1
+  say "OK EXECCOPY $copy $?"
+}
+
 # announce until the host speaks (it may connect after the first line went out)
 line=""
 while [ -z "$line" ]; do
@@ -126,6 +187,8 @@ while :; do
     HELLO) do_hello ;;
     ACTIVATE) do_activate "$2" ;;
     QUOTE) do_quote "$2" "$3" ;;
+    IMA) do_ima "$2" "$3" ;;
+    EXECCOPY) do_execcopy "$2" ;;
     POWEROFF) say "OK POWEROFF"; break ;;
     "") ;;
     *) say "ERR $(printf '%s' "$cmd" | cut -c1-32) unknown command" ;;
