@@ -149,7 +149,8 @@ def register(cli: click.Group) -> None:
         With --verifier, every attester's stored evidence whose quote verified; with
         --eventlog, the given logs. Exit 1 when a boot is revoked or a dbx is old.
         With --base and -o: only write the policy revision whose dbx rule requires the
-        update's hashes (dbx currency), to dry-run and assign like any policy.
+        update's hashes (dbx currency), or, for an SBAT level, whose sbat rule requires
+        its generations (SBAT currency), to dry-run and assign like any policy.
         """
         from verifier.dbx import DbxUpdate, scan
         from verifier.sbat import SbatBinary, SbatRevocation
@@ -166,7 +167,18 @@ def register(cli: click.Group) -> None:
         if (base is None) != (output is None):
             raise click.UsageError("--base and -o go together")
         if base is not None and output is not None and update.sbat is not None:
-            raise click.UsageError("an SBAT level has no dbx entries to require (no -o)")
+            from verifier.policy import Policy
+
+            gens = dict(update.sbat.level.generations)
+            if not gens:
+                raise click.UsageError("the SBAT level names no component generation to require")
+            doc = Policy.load(base).to_dict()
+            doc["sbat"] = {"min_level": gens}
+            revised = Policy.load(json.dumps(doc))
+            output.write_text(revised.to_yaml())
+            names = ", ".join(f"{c} {g}" for c, g in gens.items())
+            click.echo(f"wrote {output} ({revised.id}): SbatLevel requires {names}")
+            return
         if base is not None and output is not None:
             from verifier.policy import Policy
 
@@ -208,9 +220,9 @@ def register(cli: click.Group) -> None:
             u = doc["update"]
             if "sbat_level" in u:
                 lv = u["sbat_level"]
-                gens = ", ".join(f"{c} {g}" for c, g in lv["generations"].items()) or "none"
+                listed = ", ".join(f"{c} {g}" for c, g in lv["generations"].items()) or "none"
                 click.echo(
-                    f"SBAT level {lv['datestamp']} ({gens}); {lv['binaries']} binaries known;"
+                    f"SBAT level {lv['datestamp']} ({listed}); {lv['binaries']} binaries known;"
                     f" {doc['scanned']} boots scanned"
                 )
             else:

@@ -16,12 +16,14 @@ from hypothesis import strategies as st
 
 from tests.conftest import CORPUS
 from tests.verifier.appraisal_lab import _extend_log
-from tests.verifier.service.test_state import TpmFactory, Verifier, enrol
+from tests.verifier.service.test_state import TpmFactory, Verifier, assign, enrol, row
 from tests.verifier.test_reappraise import ek_ca, pg_database, tpm_factory, verifier
 from tests.vtpm_core.test_authenticode import make_pe
+from verifier.appraisal import appraise_log
 from verifier.attester import TpmAttester, attest_once
 from verifier.dbx import DbxUpdate, scan
 from verifier.eventlog import EventLog
+from verifier.policy import Policy, learn_policy
 from verifier.sbat import SbatBinary, SbatLevel, SbatRevocation, parse_sbat
 from vtpm_cli.main import cli
 from vtpm_core.errors import ConfigError, ParseError
@@ -143,6 +145,54 @@ def test_cli_offline(tmp_path: Path) -> None:
     assert not_sbat.exit_code != 0 and "Traceback" not in not_sbat.output
 
 
+def test_sbat_currency_as_a_policy_rule(tmp_path: Path) -> None:
+    """``dbx-update LEVEL --base -o`` writes sbat.min_level; the corpus boot (measured level
+    shim 2) fails it naming the event and what is behind, and passes a level it holds."""
+    learned = learn_policy(_replayed(LOG.read_bytes()), name="corpus")
+    base = tmp_path / "base.yaml"
+    base.write_text(learned.to_yaml())
+    level = tmp_path / "SbatLevel.txt"
+    for text, verdict in ((b"sbat,1,2023012900\nshim,2\ngrub,3\n", "affirming"),
+                          (LEVEL_SHIM4, "contraindicated")):  # fmt: skip
+        level.write_bytes(text)
+        out_file = tmp_path / "revised.yaml"
+        out = CliRunner().invoke(
+            cli, ["policy", "dbx-update", str(level), "--base", str(base), "-o", str(out_file)]
+        )
+        assert out.exit_code == 0, out.output
+        assert "SbatLevel requires shim" in out.output
+        result = appraise_log(LOG.read_bytes(), Policy.load(out_file))
+        assert result.status == verdict, [str(f) for f in result.failures]
+    [fail] = [f for f in result.failures if f.rule == "sbat.min_level"]
+    assert fail.expected == "an SbatLevel with shim 4, grub 3, grub.debian 4"
+    assert fail.actual == "shim 2 < 4" and fail.event is not None and fail.event.index == 32
+    assert "2023012900 is behind" in fail.message
+    # no shim, no SbatLevel: not current
+    no_shim = Policy.from_dict(
+        learn_policy(_replayed(_debian_boot_log())).to_dict() | {"sbat": {"min_level": {"grub": 3}}}
+    )
+    [absent] = appraise_log(_debian_boot_log(), no_shim).failures
+    assert (absent.rule, absent.actual) == ("sbat.min_level", "absent")
+
+
+@pytest.mark.parametrize(
+    ("sbat", "field"),
+    [
+        pytest.param({}, "policy.sbat.min_level", id="fail/missing"),
+        pytest.param({"min_level": {}}, "policy.sbat.min_level", id="fail/empty"),
+        pytest.param({"min_level": {"grub": -1}}, "policy.sbat.min_level.grub", id="fail/neg"),
+        pytest.param({"min_level": {"gr ub": 1}}, "policy.sbat.min_level.gr ub", id="fail/name"),
+        pytest.param({"min_level": {"grub": 1}, "x": 1}, "policy.sbat.x", id="fail/key"),
+    ],
+)
+def test_malformed_sbat_rule(sbat: dict[str, object], field: str) -> None:
+    with pytest.raises(ParseError) as exc:
+        Policy.from_dict({"version": 1, "sbat": sbat})
+    assert exc.value.field == field
+    ok = Policy.from_dict({"version": 1, "sbat": {"min_level": {"shim": 4}}})
+    assert ok.to_dict()["sbat"] == {"min_level": {"shim": 4}}
+
+
 @pytest.mark.parametrize(
     ("data", "field"),
     [
@@ -228,3 +278,16 @@ def test_fleet_sbat_report(verifier: Verifier, tpm_factory: TpmFactory, tmp_path
     )  # fmt: skip
     assert out.exit_code == 1, out.output
     assert f"OLD SBAT {a.attester_id}: measured 2023012900; shim 2 < 4" in out.output
+
+    # SBAT currency as a rule: the stored boot is re-appraised (no new quote) and fails it
+    rule = {"version": 1, "name": "sbat-current", "sbat": {"min_level": {"shim": 4}}}
+    r = v.call("PUT", "/v1/policies/sbat-current", v.admin, json={"policy": rule})
+    assert r.status_code == 200, r.text
+    against = {"against": [a.attester_id]}
+    r = v.call("POST", "/v1/policies/sbat-current/apply", v.admin, json=against)
+    [change] = r.json()["changed"]
+    assert change["to"] == "contraindicated"
+    failures = [(f["rule"], f["actual"]) for f in change["failures"]]
+    assert failures == [("sbat.min_level", "shim 2 < 4")]
+    assert row(v, a.attester_id).state == "failed"
+    assign(v, a.attester_id, None)

@@ -50,9 +50,11 @@ from verifier.policy.schema import (
     DbxPolicy,
     PcrWindow,
     Policy,
+    SbatPolicy,
     format_time,
 )
-from vtpm_core.errors import ConfigError, VerificationError
+from verifier.sbat import SbatLevel
+from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 __all__ = [
     "AllOf",
@@ -67,6 +69,7 @@ __all__ = [
     "PcrValueRule",
     "PolicyViolationError",
     "Rule",
+    "SbatRule",
     "ScrtmVersionRule",
     "SecureBootRule",
     "rules_for",
@@ -837,6 +840,62 @@ class DbxRule(_Collects):
         return failures
 
 
+_SBAT_UNTRUSTED = (
+    "SbatLevel is in a PCR the quote does not cover",
+    "SbatLevel event data does not match its digest (forged?)",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SbatRule(_Collects):
+    """SBAT currency (issue 20): the SbatLevel shim measured into PCR 7
+    (EV_EFI_VARIABLE_AUTHORITY "SbatLevel", rhboot/shim SBAT.md) holds at least every
+    generation of ``min_level``; a machine whose level is behind still lets binaries an
+    SBAT revocation names boot. No SbatLevel measured (no shim) fails too."""
+
+    policy: SbatPolicy
+    id: str = "sbat.min_level"
+    claim: str = EXECUTABLES
+
+    def failures(self, evidence: BootEvidence) -> list[Failure]:
+        failures: list[Failure] = []
+        want = ", ".join(f"{c} {g}" for c, g in self.policy.min_level.items())
+        expected = f"an SbatLevel with {want}"
+        found = 0
+        for e in evidence.of_type(EventType.EV_EFI_VARIABLE_AUTHORITY):
+            var = e.untrusted_decoded
+            if not isinstance(var, EfiVariable) or var.name != "SbatLevel":
+                continue
+            trusted = _trusted(self, evidence, e, EfiVariable, _SBAT_UNTRUSTED, failures)
+            if trusted is None:
+                continue
+            found += 1
+            try:
+                level = SbatLevel.parse(trusted.data, f"event {e.index}")
+            except ParseError as exc:
+                where = EventRef.of(e)
+                failures.append(_fail(self, "unreadable SbatLevel", expected, str(exc), where))
+                continue
+            behind = [
+                f"{c} {level.generations.get(c, 0)} < {g}"
+                for c, g in self.policy.min_level.items()
+                if level.generations.get(c, 0) < g
+            ]
+            if behind:
+                failures.append(
+                    _fail(
+                        self,
+                        f"the measured SbatLevel {level.datestamp} is behind (an older SBAT level)",
+                        expected,
+                        ", ".join(behind),
+                        EventRef.of(e),
+                    )
+                )
+        if not found and not failures:
+            failures.append(_fail(self, "no SbatLevel was measured", expected, "absent"))
+        return failures
+
+
 def rules_for(policy: Policy) -> AllOf:
     """The policy as one all-of rule. Raises ConfigError for a policy with no rules."""
     rules: list[Rule] = []
@@ -856,6 +915,8 @@ def rules_for(policy: Policy) -> AllOf:
         rules.append(DbRule(policy.db))
     if policy.dbx is not None:
         rules.append(DbxRule(policy.dbx))
+    if policy.sbat is not None:
+        rules.append(SbatRule(policy.sbat))
     if policy.pcrs is not None:
         for bank, pcrs in policy.pcrs.items():
             for index, values in pcrs.items():

@@ -19,6 +19,8 @@ The document (YAML or JSON; issue 5 "Policies and results")::
     db:  {require: [<hex>, ...]}     # db entries: SHA-256 of a cert, or a hash entry itself
     dbx: {forbid: [<hex>, ...], min_entries: 100,
           require: [<hex>, ...]}     # dbx currency (issue 20): entries a dbx update added
+    sbat: {min_level: {shim: 4, grub: 3}}   # SBAT currency (issue 20): the measured
+                                     #   SbatLevel (PCR 7) holds these generations
     pcrs: {sha256: {"7": <hex> | [<hex>, ...],        # literal values from the quote
                     "11": [{value: <hex>, valid_until: "2027-01-31T00:00:00Z",
                             note: "UKI vmlinuz-a.efi, phase ...:ready"}, <hex>]}}
@@ -65,6 +67,7 @@ __all__ = [
     "PcrWindow",
     "Policy",
     "PolicyParseError",
+    "SbatPolicy",
 ]
 
 SCHEMA_VERSION = 1
@@ -131,6 +134,14 @@ class CmdlinePattern:
 
     def describe(self) -> str:
         return repr(self.exact) if self.exact is not None else f"/{self.pattern}/"
+
+
+@dataclass(frozen=True, slots=True)
+class SbatPolicy:
+    """SBAT currency (issue 20): the minimum generation per component the SbatLevel shim
+    measured must hold (what an SBAT revocation's level says)."""
+
+    min_level: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +293,7 @@ def format_time(value: datetime) -> str:
 
 
 _WINDOW_KEYS = frozenset({"valid_until", "note"})
+_SBAT_COMPONENT = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 def _boot_apps(obj: Any, path: str) -> tuple[BootApplication, ...]:
@@ -375,6 +387,7 @@ _TOP = frozenset(
         "firmware",
         "db",
         "dbx",
+        "sbat",
         "pcrs",
     }
 )
@@ -394,6 +407,7 @@ class Policy:
     db: DbPolicy | None
     dbx: DbxPolicy | None
     pcrs: Mapping[str, Mapping[int, tuple[bytes, ...]]] | None
+    sbat: SbatPolicy | None = None
     # windows of literal PCR values, by (bank, index, value); values absent here have none
     pcr_windows: Mapping[tuple[str, int, bytes], PcrWindow] = field(
         default_factory=lambda: MappingProxyType({})
@@ -490,6 +504,24 @@ class Policy:
             require = _hex_list(d["require"], "policy.dbx.require") if "require" in d else ()
             dbx = DbxPolicy(forbid, min_entries, require)
         pcrs, windows = _pcr_values(m["pcrs"], "policy.pcrs") if "pcrs" in m else (None, {})
+        sbat = None
+        if "sbat" in m:
+            d = _mapping(m["sbat"], "policy.sbat", frozenset({"min_level"}))
+            if "min_level" not in d:
+                raise _err("policy.sbat.min_level", "missing")
+            levels = d["min_level"]
+            if not isinstance(levels, dict) or not levels:
+                raise _err(
+                    "policy.sbat.min_level",
+                    "expected a non-empty mapping of component to generation",
+                )
+            gens: dict[str, int] = {}
+            for comp, gen in levels.items():
+                path = f"policy.sbat.min_level.{comp}"
+                if not isinstance(comp, str) or not _SBAT_COMPONENT.fullmatch(comp):
+                    raise _err(path, "not an SBAT component name")
+                gens[comp] = _int(gen, path)
+            sbat = SbatPolicy(MappingProxyType(gens))
         return cls(
             version=version,
             name=_str(m["name"], "policy.name") if "name" in m else None,
@@ -510,6 +542,7 @@ class Policy:
             db=db,
             dbx=dbx,
             pcrs=pcrs,
+            sbat=sbat,
             pcr_windows=MappingProxyType(dict(windows)),
         )
 
@@ -553,6 +586,8 @@ class Policy:
             if self.dbx.require:
                 dbx["require"] = [v.hex() for v in self.dbx.require]
             out["dbx"] = dbx
+        if self.sbat is not None:
+            out["sbat"] = {"min_level": dict(self.sbat.min_level)}
         if self.pcrs is not None:
             out["pcrs"] = {
                 b: {str(i): [self._pcr_value(b, i, v) for v in vs] for i, vs in p.items()}

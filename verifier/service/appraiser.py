@@ -55,6 +55,7 @@ _RULE_PCRS: dict[str, tuple[int, ...]] = {
     "secure_boot": (7,),
     "db": (7,),
     "dbx": (7,),
+    "sbat": (7,),
     "firmware": (0,),
     "boot_applications": (4,),
     "kernel_cmdlines": (8, 9, 12),
