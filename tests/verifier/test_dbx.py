@@ -188,6 +188,7 @@ def test_microsoft_json_and_dbx_currency(corpus: Corpus) -> None:
             auth_file([b"\x11" * 32])[:-5], "EFI_SIGNATURE_LIST", id="fail/auth/truncated-list"
         ),
         pytest.param(b"{not json", "json", id="fail/json/syntax"),
+        pytest.param(b'{"images": ' + b"[" * 100_000, "dbx_info.json", id="fail/json/deep"),
         pytest.param(b'{"images": []}', "images", id="fail/json/images"),
         pytest.param(
             b'{"images": {"x64": [{"authenticodeHash": "abc"}]}}',

@@ -38,6 +38,8 @@ def decode_json(body: bytes, structure: str) -> dict[str, Any]:
         raise ParseError(structure, "body", exc.start, "not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ParseError(structure, "body", exc.pos, f"malformed JSON: {exc.msg}") from None
+    except RecursionError:  # "[[[[..." past the interpreter's recursion limit
+        raise ParseError(structure, "body", 0, "malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ParseError(
             structure, "body", 0, f"expected a JSON object, got {type(value).__name__}"

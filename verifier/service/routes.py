@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from verifier.dbx import DbxUpdate
 from verifier.service.auth import AttesterToken, Authenticator, Principal, Role
@@ -38,8 +39,24 @@ def _principal(auth: Authenticator) -> Principal:
     return auth.authenticate(request.headers.get("Authorization"))
 
 
+def _request_bytes() -> bytes:
+    """The request body; 413 past ``max_body_bytes`` with or without a Content-Length.
+
+    Werkzeug refuses a Content-Length over the limit, but a chunked body it reads up
+    to the limit and stops without a word: the first ``max_body_bytes`` of a longer
+    body would be parsed as if they were all of it. A body that fills the limit
+    exactly is therefore checked for one more byte on the server's own stream.
+    """
+    data = request.get_data(cache=False)
+    limit = request.max_content_length
+    at_limit = limit is not None and request.content_length is None and len(data) >= limit
+    if at_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return data
+
+
 def _body(structure: str) -> dict[str, Any]:
-    return decode_json(request.get_data(cache=False), structure)
+    return decode_json(_request_bytes(), structure)
 
 
 _YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/plain"})
@@ -47,7 +64,7 @@ _YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", 
 
 def _text(structure: str) -> str:
     try:
-        return request.get_data(cache=False).decode("utf-8")
+        return _request_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ParseError(structure, "body", exc.start, "not UTF-8") from None
 
@@ -284,7 +301,7 @@ def policy_blueprint(services: Services, auth: Authenticator) -> Blueprint:
     @bp.post("/v1/dbx/report")
     def dbx_report() -> Response:
         _principal(auth).require(Role.ADMIN)
-        update = DbxUpdate.parse(request.get_data(cache=False))
+        update = DbxUpdate.parse(_request_bytes())
         return _json(services.reappraisal.dbx_report(update))
 
     @bp.delete("/v1/policies/<name>")
