@@ -478,3 +478,20 @@ def test_only_parse_and_config_errors_escape(data: bytes) -> None:
 def test_deep_json_is_a_parse_error() -> None:
     with pytest.raises(ParseError, match="recursion"):
         parse_pcrlock(b"[" * 100_000, "deep.pcrlock")
+
+
+def test_pcr11_only_from_a_policy_base(pcrlock_dir: Path, ukis: dict[str, Path]) -> None:
+    """A base policy pinning PCR 11 alone (no boot applications) and only the phase
+    components: the new values are added, the old ones windowed, nothing else touched."""
+    old = "ab" * 32
+    base = Policy.from_dict({"version": 1, "pcrs": {"sha256": {"11": old}}})
+    phases = [load_component(p) for p in sorted(pcrlock_dir.glob("[789]*.pcrlock"))]
+    policy, predictions = predict_policy(base, [], cmdline=None, valid_until=UNTIL, pcrlock=phases)
+    values = policy.to_dict()["pcrs"]["sha256"]["11"]
+    assert values[0] == {"value": old, "valid_until": "2027-01-31T00:00:00Z",
+                         "note": "PCR 11 of the base (a base policy value); accepted until"
+                         " 2027-01-31T00:00:00Z"}  # fmt: skip
+    ready = hashlib.sha256(bytes(32) + hashlib.sha256(b"enter-initrd").digest()).digest()
+    assert values[1]["value"] == ready.hex()  # (after 750-enter-initrd, from zero)
+    assert "boot_applications" not in policy.to_dict()
+    assert len(predictions) == 4

@@ -165,7 +165,8 @@ def predict_policy(
         )
     until = format_time(valid_until)
     predictions: list[Prediction] = []
-    slots = _slots(base, doc) if artefacts or pcrlock else []
+    needs_slot = artefacts or any(c.records(4) for c in pcrlock)
+    slots = _slots(base, doc) if needs_slot else []
     for art in artefacts:
         predictions.append(_predict_binary(art, slots, doc, until))
     new11: list[Pcr11Value] = list(pcr11)
@@ -246,7 +247,7 @@ def _predict_component(
 ) -> list[Prediction]:
     """A component's PCR 4 records as boot applications; its other records (but PCR 11)
     confirmed against the base log."""
-    apps: list[dict[str, Any]] = doc["boot_applications"]
+    apps: list[dict[str, Any]] = doc.get("boot_applications", [])
     out: list[Prediction] = []
     logged: dict[tuple[int, str, bytes], str] = {}
     if isinstance(base, ReplayedLog):
