@@ -34,6 +34,7 @@ from vtpm_core.vm import (
     GuestChannel,
     boot_guest,
     guest_esp,
+    ima_cmdline,
     loader_entry,
     measured_load_options,
     validate_selection,
@@ -47,6 +48,8 @@ _DEFAULT_STORE = (
     / "vtpm-trust"
     / "store"
 )  # the same default as `vtpm create`
+BOOT_PCRS = "sha256:0,1,2,3,4,5,6,7,8,9"
+IMA_PCRS = "sha1:10+sha256:0,1,2,3,4,5,6,7,8,9,10"  # boot_aggregate: PCRs 0-9; both PCR 10 banks
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -76,17 +79,24 @@ def _vm_boot(
     state: Path | None,
     store_path: Path,
     out: Path | None,
-    pcrs: str,
+    pcrs: str | None,
     timeout: float,
     as_json: bool,
     verifier: str | None = None,
     token_file: Path | None = None,
     policy: str | None = None,
     rounds: int | None = None,
+    ima: bool = False,
 ) -> None:
     if not name or set(name) - _NAME_CHARS or name.startswith("."):
         raise ConfigError(f"bad VM name {name!r} (letters, digits, '.', '_', '-')")
+    if pcrs is None:
+        pcrs = IMA_PCRS if ima else BOOT_PCRS
     validate_selection(pcrs)
+    if ima and not _selects_pcr10(pcrs):
+        raise ConfigError(f"--ima needs PCR 10 in --pcrs (got {pcrs!r})")
+    if ima:
+        cmdline = ima_cmdline(cmdline)
     if rounds is not None and verifier is None:
         raise ConfigError("--rounds needs --verifier URL")
     echo = (lambda _line: None) if as_json else click.echo
@@ -102,6 +112,8 @@ def _vm_boot(
         ident = session.channel.hello()
         nonce = secrets.token_bytes(32)
         quote = session.channel.quote(nonce, pcrs)
+        # read after the quote: the list covers it (IMA lists an entry before extending)
+        ima_list = session.channel.ima_list(0) if ima else None
         ready = session.channel.ready_after_s
         verdict = attest(session.channel) if attest is not None else None
     vtpm_source = str(state) if state is not None else f"{store_path} ({name})"
@@ -116,6 +128,7 @@ def _vm_boot(
         "quote.sig": quote.signature,
         "quote.pcrs": quote.pcrs_tpm2_tools,
         "eventlog.bin": quote.eventlog,
+        "ima.bin": ima_list or b"",
     }
     for fname, data in files.items():
         if data:
@@ -134,6 +147,7 @@ def _vm_boot(
         + "\n"
     )
     art = session.artifacts
+    ima_info = _ima_summary(ima_list)
     summary = {
         "name": name,
         "protocol": PROTOCOL_VERSION,
@@ -147,6 +161,7 @@ def _vm_boot(
         "pcrs": pcrs,
         "nonce": nonce.hex(),
         "eventlog_bytes": len(quote.eventlog),
+        "ima": ima_info,
         "out": str(out_dir),
         "console": str(art.console_log) if art else None,
     }
@@ -163,12 +178,18 @@ def _vm_boot(
         _fail_unless_affirming(verdict)
         return
     sb = "on" if secure_boot else "off"
-    click.echo(f"vm {name}: guest ready after {summary['boot_seconds']} s (secure boot {sb})")
+    on = ", IMA on" if ima else ""
+    click.echo(f"vm {name}: guest ready after {summary['boot_seconds']} s (secure boot {sb}{on})")
     cert = f"{len(ident.ek_cert_der)} bytes" if ident.ek_cert_der else "none"
     click.echo(f"  EK certificate (NV 0x01C00002): {cert}")
     click.echo(f"  AK name: {ident.ak_name.hex()}")
     click.echo(f"  quote over {pcrs}, nonce {nonce.hex()}")
     click.echo(f"  firmware event log: {len(quote.eventlog)} bytes")
+    if ima_list is not None and ima_info is not None:
+        click.echo(
+            f"  IMA list: {ima_info['entries']} entries, {len(ima_list)} bytes "
+            "(ima.bin; vtpm ima replay ima.bin)"
+        )
     click.echo(f"  written to {out_dir} (check with tpm2_checkquote -u ak.pub -m quote.msg ...)")
     if isinstance(verdict, _AgentRun):
         click.echo(
@@ -244,6 +265,20 @@ def _agent_rounds(
         )
 
     return run
+
+
+def _selects_pcr10(selection: str) -> bool:
+    return any("10" in bank.split(":")[1].split(",") for bank in selection.split("+"))
+
+
+def _ima_summary(data: bytes | None) -> dict[str, int] | None:
+    """Entries and bytes of the guest's list; its template hashes checked (ParseError,
+    VerificationError for a forged entry). The list is proven only by a verifier."""
+    if data is None:
+        return None
+    from verifier.ima.parse import parse_list
+
+    return {"entries": len(parse_list(data)), "bytes": len(data)}
 
 
 def _verifier_step(
@@ -399,7 +434,10 @@ def _register_vm(cli: click.Group) -> None:
         help="Use this bare (unencrypted) swtpm state directory instead of the store.",
     )
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output dir.")
-    @click.option("--pcrs", default="sha256:0,1,2,3,4,5,6,7,8,9", show_default=True)
+    @click.option(
+        "--pcrs",
+        help=f"tpm2-tools PCR selection [default: {BOOT_PCRS}; with --ima: {IMA_PCRS}].",
+    )
     @click.option("--timeout", default=240.0, show_default=True, help="Hard limit, seconds.")
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
     @click.option(
@@ -419,6 +457,11 @@ def _register_vm(cli: click.Group) -> None:
         help="With --verifier: run `vtpm agent`'s loop for N appraised rounds on the "
         "verifier's cadence (the guest's TPM as the agent's), then power off.",
     )
+    @click.option(
+        "--ima",
+        is_flag=True,
+        help="Boot with IMA measuring into PCR 10 (vtpm.ima=1) and fetch its list (ima.bin).",
+    )
     def boot(
         name: str,
         kernel: Path | None,
@@ -428,13 +471,14 @@ def _register_vm(cli: click.Group) -> None:
         store_path: Path,
         state: Path | None,
         out: Path | None,
-        pcrs: str,
+        pcrs: str | None,
         timeout: float,
         as_json: bool,
         verifier: str | None,
         token_file: Path | None,
         policy: str | None,
         rounds: int | None,
+        ima: bool,
     ) -> None:
         """Boot VM NAME with its vTPM, quote its boot PCRs with a fresh nonce, power it off.
 
@@ -451,6 +495,12 @@ def _register_vm(cli: click.Group) -> None:
         (register with the EK certificate, activate, challenge, quote,
         evidence with the firmware log), the result goes to result.json and
         the exit status is 1 unless the verdict is affirming.
+
+        With --ima, the kernel command line gets vtpm.ima=1: the guest loads
+        an IMA policy first thing (programs executed, files mapped executable,
+        kernel modules; template ima-sig, SHA-256), the quote covers PCR 10
+        (default --pcrs sha1:10+sha256:0-10) and the measurement list read
+        after it is written to ima.bin (binary_runtime_measurements).
 
         With --rounds N as well, the host runs the continuous-attestation
         agent's loop (registration once, rounds on the cadence the verifier
@@ -474,6 +524,7 @@ def _register_vm(cli: click.Group) -> None:
             token_file,
             policy,
             rounds,
+            ima,
         )
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from tests.vm.conftest import (
@@ -83,6 +84,7 @@ def test_vm_boot_writes_verifiable_evidence(
         (["vm", "boot", "ok", "--verifier", "http://192.0.2.1:80"], "only a loopback verifier"),
         (["vm", "boot", "ok", "--verifier", "https://127.0.0.1:1"], "expected http://127.0.0.1"),
         (["vm", "boot", "ok", "--policy", "p"], "need --verifier URL"),
+        (["vm", "boot", "ok", "--ima", "--pcrs", "sha256:0,9"], "--ima needs PCR 10"),
         (["vm", "boot", "ok", "--rounds", "2"], "--rounds needs --verifier URL"),
         (["vm", "boot", "ok", "--rounds", "0"], "0 is not in the range"),
         (
@@ -98,6 +100,7 @@ def test_vm_boot_writes_verifiable_evidence(
         "fail/verifier/not-loopback",
         "fail/verifier/https",
         "fail/policy/without-verifier",
+        "fail/ima/no-pcr10",
         "fail/rounds/without-verifier",
         "fail/rounds/zero",
         "fail/policy/without-token",
@@ -139,3 +142,42 @@ def test_vm_boot_refuses_a_verifier_that_is_down_before_booting(tmp_path: Path) 
     assert "connection refused" in result.output
     assert time.monotonic() - t0 < 10  # no VM was started
     assert not (tmp_path / "run").exists()
+
+
+def test_vm_boot_ima_writes_the_list_the_quote_covers(
+    tmp_path: Path, guest_images: GuestImages, vm_verifier: VmVerifier
+) -> None:
+    """`vtpm vm boot --ima`: ima.bin replays (`vtpm ima replay`) to the PCR 10 values
+    tpm2_checkquote finds in the quote, in both banks; the plain boot is unchanged."""
+    prov = provision_vtpm(tmp_path / "vtpm", name="cli-ima", ca_dir=vm_verifier.ca)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "vm", "boot", "cli-ima", "--store", str(prov.store.root), "--out", str(out),
+            "--kernel", str(guest_images.kernel.vmlinuz),
+            "--initrd", str(guest_images.initramfs.path), "--ima", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["cmdline"] == f"{DEFAULT_CMDLINE} vtpm.ima=1"
+    assert summary["pcrs"] == "sha1:10+sha256:0,1,2,3,4,5,6,7,8,9,10"
+    assert summary["ima"]["bytes"] == (out / "ima.bin").stat().st_size
+    assert summary["ima"]["entries"] > 10
+    nonce = (out / "nonce.bin").read_bytes()
+    check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
+    done = subprocess.run(
+        [*check.split(" "), nonce.hex()], cwd=out, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    quoted = yaml.safe_load(done.stdout)["pcrs"]
+    replayed = CliRunner().invoke(cli, ["ima", "replay", str(out / "ima.bin"), "--json"])
+    assert replayed.exit_code == 0, replayed.output
+    pcr10 = json.loads(replayed.output)
+    size = {"sha1": 20, "sha256": 32}
+    for bank in ("sha1", "sha256"):
+        assert pcr10[bank]["10"] == int(quoted[bank][10]).to_bytes(size[bank], "big").hex()
+    assert json.loads((out / "pcrs.json").read_text())["sha1"] == {"10": pcr10["sha1"]["10"]}
+    console = (out / "run" / "console.log").read_text(errors="replace")
+    assert "VTPM-GUEST: init ima=on" in console
