@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from vtpm_core.errors import ConfigError
-from vtpm_core.issuer import EkCertificateIssuer
+from vtpm_core.issuer import DeferredIssuer, EkCertificateIssuer, OpenedIssuer
 from vtpm_core.record import EK_KINDS, VtpmRecord
 from vtpm_core.store import DEFAULT_EKS, VtpmStore
 
@@ -92,16 +92,26 @@ def _issuer(
     ca_token_file: Path | None,
     *,
     required: bool = True,
+    deferred: bool = False,
 ) -> Iterator[EkCertificateIssuer | None]:
+    """The issuer the CA options name. ``deferred``: a local CA is opened when first
+    used or when its ``open()`` is called (`vtpm create` overlaps it with the TPM's
+    key generation); its passphrase file is read at once either way."""
     if ca_home is not None and ca_url is not None:
         raise ConfigError("give either --ca-home or --ca-url, not both")
     if ca_home is not None:
-        from ca.issuer import LocalCaIssuer
         from ca.keys import read_passphrase
 
-        local = LocalCaIssuer.open(
-            ca_home, passphrase=_passphrase(ca_passphrase_file, read_passphrase)
-        )
+        passphrase = _passphrase(ca_passphrase_file, read_passphrase)
+
+        def open_ca() -> OpenedIssuer:
+            from ca.issuer import LocalCaIssuer
+
+            return LocalCaIssuer.open(ca_home, passphrase=passphrase)
+
+        local = DeferredIssuer(open_ca)
+        if not deferred:
+            local.open()
         try:
             yield local
         finally:
@@ -269,9 +279,12 @@ def register(cli: click.Group) -> None:
         if external and (ca_home is not None or ca_url is not None):
             raise ConfigError("--ek-cert-mode external takes no CA (--ca-home/--ca-url)")
         with _issuer(ca_home, ca_passphrase_file, ca_url, ca_token_file,
-                     required=not external) as issuer:  # fmt: skip
+                     required=not external, deferred=count is None) as issuer:  # fmt: skip
             if count is None:
-                record = store.create(name, issuer=issuer, ek=kinds, key_provider=key_provider)
+                prepare = issuer.open if isinstance(issuer, DeferredIssuer) else lambda: None
+                record = store.create(
+                    name, issuer=issuer, ek=kinds, key_provider=key_provider, prepare=prepare
+                )
                 if as_json:
                     _echo_json(_summary(record))
                 else:

@@ -33,6 +33,7 @@ from vtpm_core._atomic import atomic_write
 from vtpm_core.errors import ConflictError, NotFoundError, ParseError, StateError, VerificationError
 from vtpm_core.provision import (
     EK_CERT_NV_ATTRIBUTES_LOCKED,
+    EsapiTpm,
     read_nv,
     read_nv_attributes,
     write_certificate,
@@ -284,7 +285,7 @@ def import_certificate(
         else:
             if attrs is not None:  # (4)
                 _undefine(esapi, ek.nv_index)
-            write_certificate(esapi, ek.nv_index, der, lock=True)  # (5)
+            write_certificate(EsapiTpm(esapi), ek.nv_index, der, lock=True)  # (5)
         attrs = _nv_state(esapi, ek.nv_index)
         back = read_nv(esapi, ek.nv_index)  # (6)
     if attrs != EK_CERT_NV_ATTRIBUTES_LOCKED or not hmac.compare_digest(back, der):

@@ -38,7 +38,7 @@ from vtpm_core.errors import ConflictError, StateError, TpmError
 from vtpm_core.swtpm import SwtpmProcess, free_tcp_port_pair, swtpm_available
 
 if TYPE_CHECKING:
-    from tpm2_pytss import ESAPI
+    from vtpm_core.tpm_client import RawTpm
 
 __all__ = [
     "DetachedSwtpm",
@@ -58,6 +58,9 @@ STATE_FILE = "tpm2-00.permall"
 _PID_FILE = "swtpm.pid"
 _LOG_FILE = "swtpm.log"
 _STOP_GRACE_S = 3.0
+# a provisioning command answers in well under a second (RSA key generation included);
+# a swtpm that stops answering must not hang `vtpm create`
+_PROVISION_TIMEOUT_S = 30.0
 # what swtpm 0.7.1 logs when the key does not decrypt the state
 _BAD_KEY_MARKERS = (
     "Verification of HMAC failed",
@@ -204,25 +207,30 @@ def start_swtpm(
 @contextlib.contextmanager
 def provisioning_tpm(
     state_dir: Path, data_key: bytes, ctx: KeyContext, *, log_file: Path
-) -> Iterator[ESAPI]:
+) -> Iterator[RawTpm]:
     """A swtpm child for one provisioning session, with no polling and no socket file.
 
     We bind and listen on an abstract unix socket (Linux; no file system
     entry), hand the listening descriptor to swtpm (``--server
     type=unixio,fd=N``) and connect at once: the kernel queues the connection
     and our first command until swtpm is up, so nothing waits in a sleep
-    loop. swtpm starts the TPM itself (``startup-clear``). On exit the ESAPI
-    context and socket are closed and swtpm is stopped by PID.
+    loop. swtpm starts the TPM itself (``startup-clear``). The commands are
+    :class:`vtpm_core.tpm_client.RawTpm`'s (why: its docstring). On exit the
+    socket is closed and swtpm is stopped by PID; if swtpm died, the error
+    says why from its log.
     """
-    from tpm2_pytss import ESAPI
-
-    from vtpm_core.swtpm import UnixSocketTcti
+    from vtpm_core.tpm_client import RawTpm
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client: socket.socket | None = None
     proc: subprocess.Popen[bytes] | None = None
-    esapi: ESAPI | None = None
     r = -1
+
+    def io_error(exc: OSError) -> Exception:  # swtpm died or hung up: say why
+        return _diagnose(_log_tail(log_file, 0), ctx) or TpmError(
+            f"vTPM {ctx.vtpm!r}: swtpm did not answer ({exc}); see {log_file}"
+        )
+
     try:
         listener.bind(f"\0vtpm-trust-{os.getpid()}-{secrets.token_hex(8)}")
         listener.listen(1)
@@ -238,19 +246,11 @@ def provisioning_tpm(
         os.close(r)
         r = -1
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(_PROVISION_TIMEOUT_S)
         client.connect(listener.getsockname())
         listener.close()
-        try:
-            esapi = ESAPI(UnixSocketTcti(client))
-        except Exception as exc:  # swtpm died before answering: say why
-            diagnosed = _diagnose(_log_tail(log_file, 0), ctx)
-            raise diagnosed or TpmError(
-                f"vTPM {ctx.vtpm!r}: swtpm did not answer ({exc}); see {log_file}"
-            ) from None
-        yield esapi
+        yield RawTpm(client, on_io_error=io_error)
     finally:
-        if esapi is not None:
-            esapi.close()
         if client is not None:
             client.close()
         listener.close()

@@ -9,10 +9,17 @@ issuer: for it the vTPM exports a request and imports the signed result.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["EkCertificateIssuer", "EkCertificateRequest", "IssuedEkCertificate"]
+__all__ = [
+    "DeferredIssuer",
+    "EkCertificateIssuer",
+    "EkCertificateRequest",
+    "IssuedEkCertificate",
+    "OpenedIssuer",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +63,36 @@ class EkCertificateIssuer(Protocol):
     def revoke_ek_certificate(self, serial: int, reason: str) -> None:
         """Revoke a certificate this issuer issued (RFC 5280 reason name)."""
         ...
+
+
+class OpenedIssuer(EkCertificateIssuer, Protocol):
+    def close(self) -> None: ...
+
+
+class DeferredIssuer:
+    """An issuer opened when first needed, or when :meth:`open` is called.
+
+    `vtpm create --ca-home` opens the CA (about 60 ms of imports and key
+    loading) while the TPM generates the RSA EK, instead of before starting
+    the TPM: :meth:`VtpmStore.create`'s ``prepare`` calls :meth:`open`.
+    """
+
+    def __init__(self, opener: Callable[[], OpenedIssuer]) -> None:
+        self._opener = opener
+        self._issuer: OpenedIssuer | None = None
+
+    def open(self) -> OpenedIssuer:
+        if self._issuer is None:
+            self._issuer = self._opener()
+        return self._issuer
+
+    def issue_ek_certificate(self, request: EkCertificateRequest) -> IssuedEkCertificate:
+        return self.open().issue_ek_certificate(request)
+
+    def revoke_ek_certificate(self, serial: int, reason: str) -> None:
+        self.open().revoke_ek_certificate(serial, reason)
+
+    def close(self) -> None:
+        if self._issuer is not None:
+            self._issuer.close()
+            self._issuer = None

@@ -12,8 +12,10 @@ The attribute set is what real TPMs and swtpm_setup use: PLATFORMCREATE,
 PPWRITE, WRITEDEFINE, PPREAD, OWNERREAD, AUTHREAD, NO_DA; after the lock the
 TPM reports WRITTEN and WRITELOCKED too (0x62072801).
 
-This is the one module of the vTPM store that talks tpm2-pytss; no pytss
-object leaves it. Transient EK handles are flushed before returning (swtpm
+The commands go through :class:`ProvisioningTpm`: `vtpm create` sends them
+with :class:`vtpm_core.tpm_client.RawTpm`, everything else (and the tests, as
+the plain version) with :class:`EsapiTpm` over tpm2-pytss; no pytss object
+leaves this module. Transient EK handles are flushed before returning (swtpm
 runs without a resource manager).
 """
 
@@ -21,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vtpm_core.errors import ConfigError, TpmError, VerificationError
 from vtpm_core.issuer import EkCertificateIssuer, EkCertificateRequest
@@ -37,14 +39,17 @@ if TYPE_CHECKING:
 __all__ = [
     "EK_CERT_NV_ATTRIBUTES",
     "EK_CERT_NV_ATTRIBUTES_LOCKED",
+    "CreatedPublic",
+    "EsapiTpm",
+    "ProvisioningTpm",
     "VmIdentityRef",
     "create_ek",
-    "define_certificate_index",
     "ek_template",
     "provision_eks",
     "read_nv",
     "read_nv_attributes",
     "read_tpm_info",
+    "send_create_ek",
     "write_certificate",
 ]
 
@@ -102,14 +107,102 @@ def _tpm(what: str) -> Iterator[None]:
         raise TpmError(f"{what}: {exc}") from None
 
 
-def read_tpm_info(esapi: ESAPI) -> TpmInfo:
-    """TPM_PT_MANUFACTURER, the vendor strings, firmware version and spec level/revision."""
-    from tpm2_pytss.constants import TPM2_CAP
+class CreatedPublic(Protocol):
+    def result(self) -> bytes: ...
 
-    with _tpm("GetCapability(TPM_PROPERTIES)"):
-        # PT_FIXED from TPM_PT_FAMILY_INDICATOR up to TPM_PT_NV_BUFFER_MAX and a little beyond
-        _more, data = esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, _PT_FAMILY_INDICATOR, 0x2D)
-    props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+
+class ProvisioningTpm(Protocol):
+    """The TPM commands provisioning sends; empty platform/endorsement authorization.
+
+    Two implementations: :class:`vtpm_core.tpm_client.RawTpm` (what `vtpm
+    create` uses: marshalled by hand, CreatePrimary answered later) and
+    :class:`EsapiTpm` (tpm2-pytss, the plain version the tests compare it with).
+    """
+
+    def properties(self, first: int, count: int) -> dict[int, int]: ...
+
+    def send_create_primary(self, tpm2b_public: bytes, what: str) -> CreatedPublic: ...
+
+    def nv_define_space(self, nv_index: int, attributes: int, size: int) -> None: ...
+
+    def nv_write(self, nv_index: int, data: bytes, offset: int) -> None: ...
+
+    def nv_write_lock(self, nv_index: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    public: bytes
+
+    def result(self) -> bytes:
+        return self.public
+
+
+class EsapiTpm:
+    """:class:`ProvisioningTpm` through tpm2-pytss's ESAPI (each call answered at once)."""
+
+    def __init__(self, esapi: ESAPI) -> None:
+        self.esapi = esapi
+
+    def properties(self, first: int, count: int) -> dict[int, int]:
+        from tpm2_pytss.constants import TPM2_CAP
+
+        with _tpm(f"GetCapability(TPM_PROPERTIES, 0x{first:x})"):
+            _more, data = self.esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, first, count)
+        return {int(p.property): int(p.value) for p in data.data.tpmProperties}
+
+    def send_create_primary(self, tpm2b_public: bytes, what: str) -> _Done:
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+
+        in_public, _ = TPM2B_PUBLIC.unmarshal(tpm2b_public)
+        with _tpm(what):
+            handle, out_public, _cd, _ch, _ct = self.esapi.create_primary(
+                TPM2B_SENSITIVE_CREATE(), in_public, ESYS_TR.ENDORSEMENT
+            )
+        try:
+            return _Done(bytes(out_public.marshal()))
+        finally:
+            self.esapi.flush_context(handle)
+
+    def nv_define_space(self, nv_index: int, attributes: int, size: int) -> None:
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+        from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+        public = TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=nv_index, nameAlg=TPM2_ALG.SHA256, attributes=attributes, dataSize=size
+            )
+        )
+        with _tpm(f"NV_DefineSpace(0x{nv_index:08x}, {size} bytes)"):
+            handle = self.esapi.nv_define_space(b"", public, ESYS_TR.PLATFORM)
+        self.esapi.tr_close(handle)
+
+    def nv_write(self, nv_index: int, data: bytes, offset: int) -> None:
+        from tpm2_pytss.constants import ESYS_TR
+
+        with _tpm(f"NV_Write(0x{nv_index:08x}, offset {offset})"):
+            handle = self.esapi.tr_from_tpmpublic(nv_index)
+            try:
+                self.esapi.nv_write(handle, data, offset, ESYS_TR.PLATFORM)
+            finally:
+                self.esapi.tr_close(handle)
+
+    def nv_write_lock(self, nv_index: int) -> None:
+        from tpm2_pytss.constants import ESYS_TR
+
+        with _tpm(f"NV_WriteLock(0x{nv_index:08x})"):
+            handle = self.esapi.tr_from_tpmpublic(nv_index)
+            try:
+                self.esapi.nv_write_lock(handle, ESYS_TR.PLATFORM)
+            finally:
+                self.esapi.tr_close(handle)
+
+
+def read_tpm_info(tpm: ProvisioningTpm) -> TpmInfo:
+    """TPM_PT_MANUFACTURER, the vendor strings, firmware version and spec level/revision."""
+    # PT_FIXED from TPM_PT_FAMILY_INDICATOR up to TPM_PT_NV_BUFFER_MAX and a little beyond
+    props = tpm.properties(_PT_FAMILY_INDICATOR, 0x2D)
     missing = [
         f"0x{pt:x}"
         for pt in (_PT_FAMILY_INDICATOR, _PT_MANUFACTURER, _PT_FIRMWARE_VERSION_1)
@@ -130,70 +223,38 @@ def read_tpm_info(esapi: ESAPI) -> TpmInfo:
     )
 
 
-def _nv_buffer_max(esapi: ESAPI) -> int:
-    from tpm2_pytss.constants import TPM2_CAP
-
-    with _tpm("GetCapability(TPM_PT_NV_BUFFER_MAX)"):
-        _more, data = esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, _PT_NV_BUFFER_MAX, 1)
-    for p in data.data.tpmProperties:
-        if int(p.property) == _PT_NV_BUFFER_MAX:
-            return int(p.value)
-    return 512  # smallest value the PC Client profile allows
+def _nv_buffer_max(tpm: ProvisioningTpm) -> int:
+    # the smallest value the PC Client profile allows, if the TPM does not say
+    return tpm.properties(_PT_NV_BUFFER_MAX, 1).get(_PT_NV_BUFFER_MAX, 512)
 
 
-def create_ek(esapi: ESAPI, template: EkTemplate) -> bytes:
-    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template); returns the TPM2B_PUBLIC. Flushed."""
-    from tpm2_pytss.constants import ESYS_TR
-    from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
+def send_create_ek(tpm: ProvisioningTpm, template: EkTemplate) -> CreatedPublic:
+    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template); ``.result()`` is the TPM2B_PUBLIC.
 
-    in_public, _ = TPM2B_PUBLIC.unmarshal(template.public_template())
-    with _tpm(f"CreatePrimary(endorsement, {template.description})"):
-        handle, out_public, _cd, _ch, _ct = esapi.create_primary(
-            TPM2B_SENSITIVE_CREATE(), in_public, ESYS_TR.ENDORSEMENT
-        )
-    try:
-        return bytes(out_public.marshal())
-    finally:
-        esapi.flush_context(handle)
-
-
-def define_certificate_index(esapi: ESAPI, nv_index: int, size: int) -> None:
-    """NV_DefineSpace(TPM_RH_PLATFORM) for an EK certificate of exactly ``size`` bytes."""
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
-    public = TPM2B_NV_PUBLIC(
-        nvPublic=TPMS_NV_PUBLIC(
-            nvIndex=nv_index,
-            nameAlg=TPM2_ALG.SHA256,
-            attributes=EK_CERT_NV_ATTRIBUTES,
-            dataSize=size,
-        )
+    The transient handle is flushed when the result is read.
+    """
+    return tpm.send_create_primary(
+        template.wire_template(), f"CreatePrimary(endorsement, {template.description})"
     )
-    with _tpm(f"NV_DefineSpace(0x{nv_index:08x}, {size} bytes)"):
-        handle = esapi.nv_define_space(b"", public, ESYS_TR.PLATFORM)
-    esapi.tr_close(handle)
 
 
-def write_certificate(esapi: ESAPI, nv_index: int, der: bytes, *, lock: bool = True) -> None:
+def create_ek(tpm: ProvisioningTpm, template: EkTemplate) -> bytes:
+    """TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template); returns the TPM2B_PUBLIC. Flushed."""
+    return send_create_ek(tpm, template).result()
+
+
+def write_certificate(
+    tpm: ProvisioningTpm, nv_index: int, der: bytes, *, lock: bool = True
+) -> None:
     """Define the index, write ``der`` in NV_BUFFER_MAX chunks, NV_WriteLock (platform auth)."""
-    from tpm2_pytss.constants import ESYS_TR
-
     if not der:
         raise ConfigError("empty certificate")
-    define_certificate_index(esapi, nv_index, len(der))
-    chunk = _nv_buffer_max(esapi)
-    with _tpm(f"ESYS_TR_FromTPMPublic(0x{nv_index:08x})"):
-        handle = esapi.tr_from_tpmpublic(nv_index)
-    try:
-        for offset in range(0, len(der), chunk):
-            with _tpm(f"NV_Write(0x{nv_index:08x}, offset {offset})"):
-                esapi.nv_write(handle, der[offset : offset + chunk], offset, ESYS_TR.PLATFORM)
-        if lock:
-            with _tpm(f"NV_WriteLock(0x{nv_index:08x})"):
-                esapi.nv_write_lock(handle, ESYS_TR.PLATFORM)
-    finally:
-        esapi.tr_close(handle)
+    tpm.nv_define_space(nv_index, EK_CERT_NV_ATTRIBUTES, len(der))
+    chunk = _nv_buffer_max(tpm)
+    for offset in range(0, len(der), chunk):
+        tpm.nv_write(nv_index, der[offset : offset + chunk], offset)
+    if lock:
+        tpm.nv_write_lock(nv_index)
 
 
 def read_nv_attributes(esapi: ESAPI, nv_index: int) -> tuple[int, int]:
@@ -212,7 +273,7 @@ def read_nv(esapi: ESAPI, nv_index: int) -> bytes:
     from tpm2_pytss.constants import ESYS_TR
 
     _attrs, size = read_nv_attributes(esapi, nv_index)
-    chunk = _nv_buffer_max(esapi)
+    chunk = _nv_buffer_max(EsapiTpm(esapi))
     out = bytearray()
     with _tpm(f"NV_Read(0x{nv_index:08x})"):
         handle = esapi.tr_from_tpmpublic(nv_index)
@@ -226,12 +287,13 @@ def read_nv(esapi: ESAPI, nv_index: int) -> bytes:
 
 
 def provision_eks(
-    esapi: ESAPI,
+    tpm: ProvisioningTpm,
     *,
     kinds: Sequence[str],
     identity: VmIdentityRef,
     issuer: EkCertificateIssuer | None,
     tpm_info: TpmInfo | None = None,
+    meanwhile: Callable[[], object] = lambda: None,
 ) -> tuple[TpmInfo, tuple[EkRecord, ...]]:
     """Create each EK, have ``issuer`` certify it, write the DER to its NV index and lock it.
 
@@ -241,16 +303,26 @@ def provision_eks(
     have certified the right key), (5) NV define/write/lock.
     With ``issuer=None`` (external CA mode) only (1)-(2) run: the EKs exist,
     their certificate indices stay undefined.
+
+    ``meanwhile`` runs after the first EK's CreatePrimary is sent and before
+    its answer is read: with :class:`vtpm_core.tpm_client.RawTpm` the TPM
+    generates that key (RSA 2048, the first of the default kinds: 20-60 ms
+    in swtpm) while ``vtpm create`` opens the CA there.
     """
-    from cryptography import x509
 
     if len(set(kinds)) != len(kinds):
         raise ConfigError(f"an EK kind is given twice: {', '.join(kinds)}")
     templates = [(kind, ek_template(kind)) for kind in kinds]  # all known, before any TPM work
-    info = tpm_info or read_tpm_info(esapi)
+    info = tpm_info or read_tpm_info(tpm)
+    pending = send_create_ek(tpm, templates[0][1]) if templates else None
+    meanwhile()
+    from cryptography import x509
+
     eks: list[EkRecord] = []
     for kind, template in templates:
-        public = create_ek(esapi, template)
+        if pending is None:
+            pending = send_create_ek(tpm, template)
+        public, pending = pending.result(), None
         if issuer is None:
             eks.append(EkRecord(kind, template.id, template.cert_nv_index, public, None, None))
             continue
@@ -277,7 +349,7 @@ def provision_eks(
             raise VerificationError(
                 "ek.certificate", f"the issuer certified another key than the {kind} EK"
             )
-        write_certificate(esapi, template.cert_nv_index, issued.certificate_der)
+        write_certificate(tpm, template.cert_nv_index, issued.certificate_der)
         eks.append(
             EkRecord(
                 kind,

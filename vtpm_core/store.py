@@ -568,6 +568,7 @@ class VtpmStore:
         vm_id: uuid.UUID | None = None,
         origin: Origin = _CREATED,
         key_provider: str | None = None,
+        prepare: Callable[[], object] = lambda: None,
     ) -> VtpmRecord:
         """A new vTPM: fresh encrypted state, EKs created, certified by ``issuer``, NV locked.
 
@@ -577,28 +578,42 @@ class VtpmStore:
         appears under ``name`` until the vTPM is complete (a per-vTPM KEK made
         for a creation that then died stays in the provider, named by the
         vTPM id, unused).
+
+        While the TPM generates the first EK, ``prepare`` runs (`vtpm create`
+        opens the CA there: :class:`vtpm_core.issuer.DeferredIssuer`) and then
+        the data key is wrapped. In that order, a CA that cannot be opened
+        leaves no KEK in a key provider, and a provider that cannot wrap
+        leaves no certificate issued.
         """
         check_name(name)
         if not ek:
             raise ConfigError("at least one EK kind is needed")
         self._require_free(name)
+        self.providers.config(key_provider or self.providers.default)  # unknown id: before work
         vtpm_id = uuid.UUID(bytes=self._rng(16), version=4)
         vm_id = vm_id or uuid.UUID(bytes=self._rng(16), version=4)
         data_key = self._rng(DATA_KEY_SIZE)
-        key = self.wrap_new(vtpm_id, data_key, key_provider)
+        wrapped: list[KeyRef] = []
+
+        def meanwhile() -> None:
+            prepare()
+            wrapped.append(self.wrap_new(vtpm_id, data_key, key_provider))
+
         with self.staging() as stage:
             state_dir = stage / "state"
             state_dir.mkdir()
-            ctx = KeyContext(name, key.key_id)
+            ctx = KeyContext(name, "(the new data key)")
             log = stage / "provision.log"
-            with provisioning_tpm(state_dir, data_key, ctx, log_file=log) as esapi:
+            with provisioning_tpm(state_dir, data_key, ctx, log_file=log) as tpm:
                 info, eks = provision_eks(
-                    esapi,
+                    tpm,
                     kinds=list(ek),
                     identity=VmIdentityRef(vm_id, name, vtpm_id),
                     issuer=issuer,
+                    meanwhile=meanwhile,
                 )
             log.unlink()
+            (key,) = wrapped
             record = VtpmRecord(
                 name=name,
                 vtpm_id=vtpm_id,

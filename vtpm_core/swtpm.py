@@ -32,6 +32,8 @@ from vtpm_core.errors import TpmError
 if TYPE_CHECKING:
     from tpm2_pytss import ESAPI
 
+    from vtpm_core.tpm_client import RawTpm
+
 __all__ = ["SwtpmEndpoint", "SwtpmProcess", "free_tcp_port_pair", "swtpm_available"]
 
 _START_TIMEOUT_S = 10.0
@@ -217,6 +219,27 @@ class SwtpmProcess:
         esapi = ESAPI(tcti)
         self._esapis.append(esapi)
         return esapi
+
+    def raw_tpm(self) -> RawTpm:
+        """A :class:`vtpm_core.tpm_client.RawTpm` on a new data connection; closed by
+        :meth:`stop` (close it before opening another client: a TCP swtpm serves one
+        connection at a time)."""
+        from vtpm_core.tpm_client import RawTpm
+
+        ep = self.endpoint
+        if ep.transport != "unix":
+            raise TpmError(
+                "RawTpm needs a swtpm on a unix socket (transport='unix'): over TCP this "
+                "swtpm closes the connection after each command"
+            )
+        sock = _connect(ep)
+        sock.settimeout(30.0)  # RSA key generation on a loaded machine
+        self._sockets.append(sock)
+
+        def io_error(exc: OSError) -> Exception:
+            return TpmError(f"swtpm at {ep.socket_path}: {exc}")
+
+        return RawTpm(sock, on_io_error=io_error)
 
     @property
     def tool_env(self) -> dict[str, str]:

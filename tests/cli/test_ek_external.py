@@ -420,12 +420,14 @@ def test_locked_in_nv_but_not_in_record_is_refused(env: Env, store: VtpmStore) -
 
 def test_interrupted_import_unlocked_index_is_rewritten(env: Env, store: VtpmStore) -> None:
     """An index defined and written but not locked (a crash before NV_WriteLock) is redone."""
-    from vtpm_core.provision import write_certificate
+    from vtpm_core.provision import EsapiTpm, write_certificate
 
     req = env.create_external("crash1")
     pem = env.issue_other(req, "rsa2048", env.root / "crash1.pem")
     with store.running("crash1", transport="unix") as tpm:
-        write_certificate(tpm.esapi(), int(RSA_NV, 16), b"\x30\x03\x02\x01\x00", lock=False)
+        write_certificate(
+            EsapiTpm(tpm.esapi()), int(RSA_NV, 16), b"\x30\x03\x02\x01\x00", lock=False
+        )
     r = env.run("ek", "import", "crash1", str(pem), "--chain", str(env.other_ca / "chain.pem"))
     assert r.exit_code == 0, r.output
     out = env.root / "crash1.nv"

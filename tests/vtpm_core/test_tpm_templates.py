@@ -130,6 +130,8 @@ def test_wire_prefix_is_libtss2_mu_marshalling(tid: str) -> None:
         assert unique == t.unique_size.to_bytes(2, "big") + bytes(t.unique_size)
     else:
         assert unique == 2 * (t.unique_size.to_bytes(2, "big") + bytes(t.unique_size))
+    # what `vtpm create` sends, built without tpm2-pytss, is the same TPM2B_PUBLIC
+    assert t.wire_template() == t.public_template()
 
 
 def test_match_needs_the_bytes_and_the_fields() -> None:

@@ -136,6 +136,14 @@ class EkTemplate:
         )
         return len(area).to_bytes(2, "big") + area
 
+    def wire_template(self) -> bytes:
+        """``public_template()``'s bytes from ``wire_prefix`` and the zero unique, without
+        tpm2-pytss: what `vtpm create` sends (importing tpm2-pytss costs that process
+        ~25 ms). tests/vtpm_core/test_tpm_templates.py checks both give the same bytes."""
+        unique = self.unique_size.to_bytes(2, "big") + bytes(self.unique_size)
+        area = self.wire_prefix + (unique if self.key_type == TpmAlg.RSA else unique * 2)
+        return len(area).to_bytes(2, "big") + area
+
     def template_public(self) -> Public:
         """``public_template()`` parsed (unique is the template's zero filling)."""
         return Public.parse_tpm2b(self.public_template())
