@@ -127,10 +127,23 @@ def register(cli: click.Group) -> None:
     @webhooks.command("remove")
     @_common
     @click.argument("subscription_id")
-    def remove(verifier_url: str, token_file: Path | None, subscription_id: str) -> None:
-        """Delete a subscription and its queued deliveries."""
-        _call(verifier_url, token_file, "DELETE", f"/v1/webhooks/{subscription_id}")
-        click.echo(f"removed {subscription_id}")
+    @click.option(
+        "--discard",
+        is_flag=True,
+        help="mark its queued deliveries dead instead of still delivering them",
+    )
+    def remove(
+        verifier_url: str, token_file: Path | None, subscription_id: str, discard: bool
+    ) -> None:
+        """Delete a subscription: no new deliveries; the queued ones still go out (or,
+        with --discard, are marked dead with the reason)."""
+        queued = "discard" if discard else "deliver"
+        path = f"/v1/webhooks/{subscription_id}?queued={queued}"
+        doc = _call(verifier_url, token_file, "DELETE", path)
+        click.echo(
+            f"removed {subscription_id}: {doc['queued']} queued deliveries still go out,"
+            f" {doc['discarded']} discarded (dead)"
+        )
 
     @webhooks.command("deliveries")
     @_common

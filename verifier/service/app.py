@@ -90,13 +90,21 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["vtpm_verifier"] = {"db": db, "services": services, "config": config}
-    if config.retention_days:
+
+    def days(n: int) -> timedelta | None:
+        return timedelta(days=n) if n else None
+
+    if config.retention_days or config.webhook_keep_delivered_days or config.webhook_keep_dead_days:
         policy = RetentionPolicy(
-            keep_results=timedelta(days=config.retention_days),
+            keep_results=days(config.retention_days),
+            keep_delivered=days(config.webhook_keep_delivered_days),
+            keep_dead=days(config.webhook_keep_dead_days),
             batch=config.retention_batch,
             interval_s=float(config.retention_interval_s),
         )
-        app.extensions["vtpm_verifier"]["pruner"] = Pruner(db, policy).start()
+        app.extensions["vtpm_verifier"]["pruner"] = Pruner(
+            db, policy, **({"now": clock} if clock else {})
+        ).start()
     # trusted attesters whose deadline passed become stale (issue 16); every worker
     # runs one, and one transition per attester is recorded (sweeper.py)
     app.extensions["vtpm_verifier"]["sweeper"] = Sweeper(

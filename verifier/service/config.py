@@ -111,6 +111,11 @@ class ServiceConfig:
     webhook_backoff_cap_s: int = 300
     webhook_poll_ms: int = 500
     webhook_jws: bool = True
+    # outbox retention (retention.py): delivered rows are pruned after
+    # webhook_keep_delivered_days, dead letters after webhook_keep_dead_days (at least
+    # as long: an operator must still see them); 0 keeps them for ever
+    webhook_keep_delivered_days: int = 7
+    webhook_keep_dead_days: int = 30
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -183,7 +188,17 @@ def _webhook_settings(raw: dict[str, Any]) -> dict[str, Any]:
     jws = raw.get("webhook_jws", True)
     if not isinstance(jws, bool):
         raise ConfigError(f"{CONFIG_FILE}: webhook_jws must be true or false, got {jws!r}")
+    delivered = _positive_int(raw, "webhook_keep_delivered_days", 7, 0, 36500)
+    dead = _positive_int(raw, "webhook_keep_dead_days", 30, 0, 36500)
+    if dead and (not delivered or dead < delivered):
+        raise ConfigError(
+            f"{CONFIG_FILE}: webhook_keep_dead_days ({dead}) must be at least"
+            f" webhook_keep_delivered_days ({delivered}; 0 keeps for ever): dead letters"
+            " are kept at least as long as delivered rows"
+        )
     return {
+        "webhook_keep_delivered_days": delivered,
+        "webhook_keep_dead_days": dead,
         "webhook_max_attempts": _positive_int(raw, "webhook_max_attempts", 10, 1, 100),
         "webhook_timeout_s": timeout,
         "webhook_lease_s": lease,

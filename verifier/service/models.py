@@ -139,7 +139,12 @@ class AttesterTransition(Base):
     """
 
     __tablename__ = "attester_transitions"
-    __table_args__ = (Index("ix_attester_transitions_attester_id", "attester_id", "id"),)
+    # ids never reused on SQLite either (AUTOINCREMENT, migration 0010): the outbox's
+    # UNIQUE (subscription_id, transition_id) outlives a deleted attester's transitions
+    __table_args__ = (
+        Index("ix_attester_transitions_attester_id", "attester_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
@@ -260,6 +265,9 @@ class WebhookSubscription(Base):
     events: Mapped[list[Any]] = mapped_column(JSON)
     enabled: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # deleted (migration 0010): matches no new transition; its queued deliveries still
+    # go out (or were marked dead); the pruner drops the row once no delivery names it
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class WebhookOutbox(Base):
@@ -272,6 +280,8 @@ class WebhookOutbox(Base):
             "subscription_id", "transition_id", name="uq_webhook_outbox_subscription_transition"
         ),
         Index("ix_webhook_outbox_state_next", "state", "next_attempt_at"),
+        # a delivery id is the receivers' idempotency key: never reused (migration 0010)
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(

@@ -118,6 +118,11 @@ def _webhook_paths() -> dict[str, Any]:
         "schema": {"type": "string", "enum": ["pending", "delivering", "delivered", "dead"]},
     }
     webhook = {"name": "webhook", "in": "query", "schema": {"type": "string"}}
+    queued = {
+        "name": "queued",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["deliver", "discard"], "default": "deliver"},
+    }
     limit = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}
     return {
         "/v1/webhooks": {
@@ -128,7 +133,10 @@ def _webhook_paths() -> dict[str, Any]:
         },
         "/v1/webhooks/{subscription_id}": {
             "delete": _op(
-                "Remove a subscription and its deliveries", ["admin"], params=[sub_id], ok="204"
+                "Delete a subscription: no new deliveries; the queued ones are still"
+                " delivered (queued=deliver) or marked dead (queued=discard)",
+                ["admin"],
+                params=[sub_id, queued],
             )
         },
         "/v1/webhook-deliveries": {

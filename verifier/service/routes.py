@@ -332,8 +332,10 @@ def webhook_blueprint(webhooks: WebhookService, auth: Authenticator) -> Blueprin
     @bp.delete("/v1/webhooks/<subscription_id>")
     def remove_webhook(subscription_id: str) -> Response:
         _principal(auth).require(Role.ADMIN)
-        webhooks.remove(subscription_id)
-        return Response(status=204)
+        queued = request.args.get("queued", "deliver")
+        if queued not in ("deliver", "discard"):
+            raise ParseError("query", "queued", 0, f"{queued[:16]!r}: expected deliver or discard")
+        return _json(webhooks.remove(subscription_id, discard=queued == "discard"))
 
     @bp.get("/v1/webhook-deliveries")
     def deliveries() -> Response:

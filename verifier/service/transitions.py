@@ -3,8 +3,8 @@
 :func:`record` is the one place a transition row is written (evidence in
 :mod:`verifier.service.services`, the deadline sweeper in
 :mod:`verifier.service.sweeper`). In the caller's transaction it inserts the
-transitions and, for each, one ``webhook_outbox`` row per enabled
-subscription whose ``events`` match (a transactional outbox): the state
+transitions and, for each, one ``webhook_outbox`` row per enabled (and not
+deleted) subscription whose ``events`` match (a transactional outbox): the state
 change, its history row and its deliveries commit or roll back together, so
 no transition is ever without its deliveries, and ``UNIQUE (subscription_id,
 transition_id)`` (migration 0008) keeps any from being queued twice.
@@ -36,7 +36,9 @@ _OUTBOX_INSERT = (
     "INSERT INTO webhook_outbox (subscription_id, transition_id, payload, state, attempts,"
     " next_attempt_at, lease_until, last_error, delivered_at) VALUES "
 )
-_SUBSCRIPTIONS = "SELECT id, events FROM webhook_subscriptions WHERE enabled = :true"
+_SUBSCRIPTIONS = (
+    "SELECT id, events FROM webhook_subscriptions WHERE enabled = :true AND deleted_at IS NULL"
+)
 
 
 @dataclass(frozen=True, slots=True)

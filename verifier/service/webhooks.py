@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 
 from verifier.service.db import Database
 from verifier.service.models import (
@@ -257,7 +257,9 @@ class WebhookService:
     def list_all(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
             subs = session.scalars(
-                select(WebhookSubscription).order_by(WebhookSubscription.created_at)
+                select(WebhookSubscription)
+                .where(WebhookSubscription.deleted_at.is_(None))
+                .order_by(WebhookSubscription.created_at)
             ).all()
             counts = dict(
                 session.execute(
@@ -268,17 +270,58 @@ class WebhookService:
             )
             return [{**subscription_view(s), "undelivered": counts.get(s.id, 0)} for s in subs]
 
-    def remove(self, subscription_id: str) -> None:
-        """Delete a subscription and its deliveries (ON DELETE CASCADE, done explicitly
-        too: SQLite enforces it only with foreign keys on)."""
+    def remove(self, subscription_id: str, *, discard: bool = False) -> dict[str, Any]:
+        """Delete a subscription; what it was still owed is not lost silently.
+
+        1. the subscription matches no transition recorded from now on (``deleted_at``:
+           :func:`verifier.service.transitions.record` skips it);
+        2. its queued deliveries (pending, or delivering under a lease) of transitions
+           already recorded are still delivered, retried and dead-lettered as before
+           (``queued``); with ``discard``, or when the subscription was disabled (its
+           deliveries held), they are marked ``dead`` with the reason instead
+           (``discarded``), visible in ``GET /v1/webhook-deliveries?state=dead``
+           until retention prunes them. A send in flight when it is discarded may
+           still arrive (its settle then finds the row dead and leaves it so);
+        3. the row is kept as a tombstone while any delivery names it, so delivery
+           ids and their history stay readable; the retention pruner drops it with
+           its last delivery (:mod:`verifier.service.retention`). None left: dropped now.
+        """
+        now = self.clock()
         with self.db.transaction() as session:
-            sub = session.get(WebhookSubscription, subscription_id)
-            if sub is None:
+            sub = session.get(WebhookSubscription, subscription_id, with_for_update=True)
+            if sub is None or sub.deleted_at is not None:
                 raise NotFoundError(f"webhook {subscription_id!r} does not exist")
-            session.execute(
-                delete(WebhookOutbox).where(WebhookOutbox.subscription_id == subscription_id)
+            mine = WebhookOutbox.subscription_id == subscription_id
+            undelivered = mine & WebhookOutbox.state.in_(("pending", "delivering"))
+            owed = int(
+                session.execute(
+                    select(func.count()).select_from(WebhookOutbox).where(undelivered)
+                ).scalar_one()
             )
-            session.delete(sub)
+            drop = discard or not sub.enabled
+            if drop and owed:
+                why = "subscription deleted" + ("" if sub.enabled else " while disabled")
+                session.execute(
+                    update(WebhookOutbox)
+                    .where(undelivered)
+                    .values(
+                        state="dead",
+                        lease_until=None,
+                        next_attempt_at=now,  # retention counts its age from here
+                        last_error=f"discarded: {why}",
+                    )
+                )
+            left = session.execute(select(WebhookOutbox.id).where(mine).limit(1)).first()
+            if left is None:
+                session.delete(sub)
+            else:
+                sub.deleted_at = now
+        return {
+            "id": subscription_id,
+            "deleted_at": _iso(now),
+            "queued": 0 if drop else owed,
+            "discarded": owed if drop else 0,
+        }
 
     def deliveries(
         self, state: str | None, limit: int, subscription_id: str | None = None
@@ -304,6 +347,12 @@ class WebhookService:
                 raise NotFoundError(f"webhook delivery {delivery_id} does not exist")
             if d.state == "delivering" and d.lease_until is not None and d.lease_until > now:
                 raise StateError(f"webhook delivery {delivery_id} is being delivered right now")
+            sub = session.get(WebhookSubscription, d.subscription_id)
+            if sub is not None and sub.deleted_at is not None:
+                raise StateError(
+                    f"webhook delivery {delivery_id}: its subscription was deleted"
+                    " (subscribe the receiver again to get new transitions)"
+                )
             session.execute(
                 update(WebhookOutbox)
                 .where(WebhookOutbox.id == delivery_id)

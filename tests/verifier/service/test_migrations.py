@@ -1,5 +1,6 @@
-"""Migrations on SQLite and PostgreSQL: the models match the latest revision, and 0005
-gives existing attesters the state of their latest result (issue 16)."""
+"""Migrations on SQLite and PostgreSQL: the models match the latest revision, 0005
+gives existing attesters the state of their latest result, 0010 keeps outbox ids unique
+for good (issue 16)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import column, insert, select, table
+from sqlalchemy import column, delete, insert, select, table
 
 from verifier.service.db import Database, _alembic_config, upgrade
-from verifier.service.models import Attester, AttesterTransition, Base, Result
+from verifier.service.models import (
+    Attester,
+    AttesterTransition,
+    Base,
+    Result,
+    WebhookOutbox,
+    WebhookSubscription,
+)
 
 T0 = datetime(2026, 12, 5, 12, 0, 0, 250000, tzinfo=UTC)
 
@@ -183,3 +191,71 @@ def test_0009_result_ids_pass_2_to_the_31(db: Database) -> None:
         assert s.get_one(Attester, "big").latest_result_id == rid
         ids = s.scalars(select(Result.id).order_by(Result.id)).all()
         assert ids[0] == kept_id and ids[-1] == rid
+
+
+def test_0010_keeps_the_outbox_and_never_reuses_its_ids(db: Database) -> None:
+    """0009 -> 0010 keeps transitions and deliveries with their ids; afterwards deleting
+    the newest rows does not hand their ids out again (SQLite rebuilt with AUTOINCREMENT;
+    PostgreSQL's sequences never did); subscriptions gain ``deleted_at``; and back down."""
+    _to(db, "0009")
+    subs = table(
+        "webhook_subscriptions",
+        *(
+            column(n, WebhookSubscription.__table__.c[n].type)
+            for n in ("id", "url", "secret", "events", "enabled", "created_at")
+        ),
+    )
+    with db.engine.begin() as conn:
+        conn.execute(insert(Attester.__table__).values(_attester("a")))
+        tid = conn.execute(
+            insert(AttesterTransition)
+            .values(attester_id="a", at=T0, from_state="unknown", to_state="trusted", cause={})
+            .returning(AttesterTransition.id)
+        ).scalar_one()
+        conn.execute(
+            insert(subs).values(
+                id="s", url="http://h", secret="x" * 16, events=["*"], enabled=True, created_at=T0
+            )
+        )
+        oid = conn.execute(
+            insert(WebhookOutbox)
+            .values(
+                subscription_id="s",
+                transition_id=tid,
+                payload={},
+                state="delivered",
+                attempts=1,
+                next_attempt_at=T0,
+            )
+            .returning(WebhookOutbox.id)
+        ).scalar_one()
+    _to(db, "head")
+    with db.engine.begin() as conn:
+        assert conn.execute(select(WebhookOutbox.id)).scalars().all() == [oid]
+        assert conn.execute(select(AttesterTransition.id)).scalars().all() == [tid]
+        assert conn.execute(select(WebhookSubscription.deleted_at)).scalars().all() == [None]
+        # the newest rows deleted (a pruned delivery, a deleted attester's history)
+        conn.execute(delete(WebhookOutbox))
+        conn.execute(delete(AttesterTransition))
+        tid2 = conn.execute(
+            insert(AttesterTransition)
+            .values(attester_id="a", at=T0, from_state="unknown", to_state="trusted", cause={})
+            .returning(AttesterTransition.id)
+        ).scalar_one()
+        oid2 = conn.execute(
+            insert(WebhookOutbox)
+            .values(
+                subscription_id="s",
+                transition_id=tid2,
+                payload={},
+                state="pending",
+                attempts=0,
+                next_attempt_at=T0,
+            )
+            .returning(WebhookOutbox.id)
+        ).scalar_one()
+    assert tid2 > tid and oid2 > oid
+    _to(db, "0009", down=True)
+    with db.engine.connect() as conn:
+        assert conn.execute(select(subs.c.id)).scalars().all() == ["s"]
+        assert conn.execute(select(WebhookOutbox.__table__.c.id)).scalars().all() == [oid2]

@@ -1,4 +1,6 @@
-"""Retention: old results and long-expired nonces are deleted in batches; nothing else is."""
+"""Retention: old results, long-expired nonces, settled webhook deliveries (delivered, then
+dead after longer) and emptied subscription tombstones are deleted in batches; nothing
+else is."""
 
 from __future__ import annotations
 
@@ -14,8 +16,15 @@ from sqlalchemy import func, select, text
 from verifier.service.app import create_app
 from verifier.service.config import init_home, load_config
 from verifier.service.db import Database, upgrade
-from verifier.service.models import Attester, Nonce, Result
+from verifier.service.models import (
+    Attester,
+    Nonce,
+    Result,
+    WebhookOutbox,
+    WebhookSubscription,
+)
 from verifier.service.retention import _LOCK_KEY, Pruner, RetentionPolicy, prune
+from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import ConfigError
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -125,6 +134,12 @@ def test_prune_never_deletes_an_attesters_latest_result(db: Database) -> None:
         ({"keep_results": timedelta(0)}, "keep_results"),
         ({"keep_results": timedelta(days=1), "batch": 0}, "batch"),
         ({"keep_results": timedelta(days=1), "keep_nonces": timedelta(seconds=-1)}, "keep_nonces"),
+        ({"keep_results": None, "keep_delivered": timedelta(0)}, "keep_delivered must be"),
+        (
+            {"keep_results": None, "keep_delivered": timedelta(days=7), "keep_dead": timedelta(1)},
+            "keep_dead must be at least keep_delivered",
+        ),
+        ({"keep_results": None, "keep_dead": timedelta(days=7)}, "keep_dead must be at least"),
     ],
 )
 def test_policy_refuses_nonsense(kwargs: dict[str, object], what: str) -> None:
@@ -172,6 +187,8 @@ def test_service_config_reads_retention(tmp_path: Path) -> None:
     init_home(tmp_path / "home")
     cfg_file = tmp_path / "home" / "verifier.yaml"
     raw = yaml.safe_load(cfg_file.read_text())
+    assert (cfg0 := load_config(tmp_path / "home")).webhook_keep_delivered_days == 7
+    assert cfg0.webhook_keep_dead_days == 30  # the defaults: the outbox is bounded
     raw.update(retention_days=14, retention_interval_s=60, retention_batch=500)
     cfg_file.write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "home")
@@ -185,12 +202,111 @@ def test_service_config_reads_retention(tmp_path: Path) -> None:
     pruner.stop()
     assert not pruner.is_alive()
     ext["db"].dispose()
-    raw["retention_days"] = 0
+    raw.update(retention_days=0, webhook_keep_delivered_days=0, webhook_keep_dead_days=0)
     cfg_file.write_text(yaml.safe_dump(raw))
     plain = create_app(load_config(tmp_path / "home"), migrate=True)
     assert "pruner" not in plain.extensions["vtpm_verifier"]
     plain.extensions["vtpm_verifier"]["db"].dispose()
+    for bad, message in [
+        ({"webhook_keep_delivered_days": 7, "webhook_keep_dead_days": 3}, "at least"),
+        ({"webhook_keep_delivered_days": 0, "webhook_keep_dead_days": 3}, "0 keeps for ever"),
+        ({"webhook_keep_delivered_days": -1}, "webhook_keep_delivered_days must be an integer"),
+    ]:
+        cfg_file.write_text(yaml.safe_dump({**raw, **bad}))
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "home")
     raw["retention_days"] = -1
     cfg_file.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="retention_days"):
         load_config(tmp_path / "home")
+
+
+def _seed_outbox(db: Database) -> dict[str, list[int]]:
+    """One subscription's deliveries, ``{kind: [ids]}``, ages counted from NOW."""
+    with db.transaction() as s:
+        s.add(
+            WebhookSubscription(
+                id="sub", url="http://127.0.0.1:9/h", secret="x" * 16, events=["*"],
+                enabled=True, created_at=NOW - timedelta(days=90),
+            )
+        )  # fmt: skip
+    rows: dict[str, list[tuple[str, float]]] = {
+        # state, age in days of next_attempt_at, kind
+        "delivered-old": [("delivered", 3)] * 5,
+        "delivered-new": [("delivered", 0.5)] * 2,
+        "dead-old": [("dead", 40)] * 2,
+        "dead-kept": [("dead", 3)] * 2,  # older than the delivered window: kept
+        "undelivered-old": [("pending", 60), ("delivering", 60)],  # never pruned
+    }
+    ids: dict[str, list[int]] = {}
+    tid = 0
+    with db.transaction() as s:
+        for kind, specs in rows.items():
+            for state, age in specs:
+                tid += 1
+                row = WebhookOutbox(
+                    subscription_id="sub", transition_id=tid, payload={"transition_id": tid},
+                    state=state, attempts=1, next_attempt_at=NOW - timedelta(days=age),
+                    delivered_at=NOW - timedelta(days=age) if state == "delivered" else None,
+                )  # fmt: skip
+                s.add(row)
+                s.flush()
+                ids.setdefault(kind, []).append(row.id)
+    return ids
+
+
+OUTBOX_POLICY = RetentionPolicy(
+    keep_results=None, keep_delivered=timedelta(days=1), keep_dead=timedelta(days=30), batch=2
+)
+
+
+def test_prune_settled_deliveries_delivered_then_dead_after_longer(db: Database) -> None:
+    ids = _seed_outbox(db)
+    counts = prune(db, OUTBOX_POLICY, NOW)
+    assert (counts.deliveries, counts.results, counts.subscriptions) == (5 + 2, 0, 0)
+    assert counts.batches == 3 + 1  # 5 delivered in batches of 2, then 2 dead
+    with db.read() as s:
+        left = set(s.execute(select(WebhookOutbox.id)).scalars())
+    kept = ids["delivered-new"] + ids["dead-kept"] + ids["undelivered-old"]
+    assert left == set(kept)
+    again = prune(db, OUTBOX_POLICY, NOW)
+    assert (again.deliveries, again.batches) == (0, 0)
+    # keeping everything (no windows) deletes nothing, whatever the age
+    forever = RetentionPolicy(keep_results=None)
+    assert prune(db, forever, NOW + timedelta(days=3650)).deliveries == 0
+
+
+def test_pruned_newest_delivery_id_is_not_reused(db: Database) -> None:
+    """A delivery id is a receiver's idempotency key: after the newest rows are pruned,
+    the next delivery still gets a new id (SQLite AUTOINCREMENT, migration 0010)."""
+    ids = _seed_outbox(db)
+    newest = max(i for group in ids.values() for i in group)
+    with db.transaction() as s:  # make the newest row an old delivered one
+        row = s.get_one(WebhookOutbox, newest)
+        row.state, row.next_attempt_at = "delivered", NOW - timedelta(days=5)
+    prune(db, OUTBOX_POLICY, NOW)
+    with db.read() as s:
+        assert s.get(WebhookOutbox, newest) is None
+    _seed(db, attesters=1, minutes=1)
+    with db.raw() as conn, conn.write():
+        [tid] = record(conn, [NewTransition("att-0", "unknown", "trusted", NOW, {}, None)])
+    with db.read() as s:
+        new = s.execute(
+            select(WebhookOutbox.id).where(WebhookOutbox.transition_id == tid)
+        ).scalar_one()
+    assert new > newest
+
+
+def test_prune_drops_a_deleted_subscription_with_its_last_delivery(db: Database) -> None:
+    _seed_outbox(db)
+    with db.transaction() as s:
+        s.get_one(WebhookSubscription, "sub").deleted_at = NOW
+        # its undelivered rows were discarded by the deletion (marked dead)
+        for row in s.scalars(select(WebhookOutbox).where(WebhookOutbox.state != "delivered")).all():
+            row.state = "dead"
+    assert prune(db, OUTBOX_POLICY, NOW).subscriptions == 0  # dead letters still kept
+    counts = prune(db, OUTBOX_POLICY, NOW + timedelta(days=61))
+    assert counts.subscriptions == 1
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(WebhookOutbox)).scalar_one() == 0
+        assert s.get(WebhookSubscription, "sub") is None

@@ -81,8 +81,12 @@ def test_subscriptions_and_deliveries(app: tuple[Flask, str, str]) -> None:
 
     r = _call(c, "POST", f"/v1/webhook-deliveries/{d['id']}/redeliver", admin)
     assert r.status_code == 200 and r.get_json()["state"] == "pending"
-    assert _call(c, "DELETE", f"/v1/webhooks/{sub['id']}", admin).status_code == 204
-    assert _call(c, "GET", "/v1/webhook-deliveries", admin).get_json() == {"deliveries": []}
+    r = _call(c, "DELETE", f"/v1/webhooks/{sub['id']}", admin)
+    assert r.status_code == 200 and (r.get_json()["queued"], r.get_json()["discarded"]) == (1, 0)
+    # what it was owed is still listed (and delivered: test_webhooks_deletion.py)
+    [left] = _call(c, "GET", "/v1/webhook-deliveries", admin).get_json()["deliveries"]
+    assert (left["id"], left["state"]) == (d["id"], "pending")
+    assert _call(c, "GET", "/v1/webhooks", admin).get_json() == {"webhooks": []}
     assert _call(c, "DELETE", f"/v1/webhooks/{sub['id']}", admin).status_code == 404
 
 
@@ -173,8 +177,9 @@ def test_the_cli_drives_the_api(app: tuple[Flask, str, str], tmp_path: Path) -> 
         delivery = r.output.split()[0]
         r = run(cli, ["webhooks", "redeliver", *base, delivery])
         assert r.exit_code == 0 and json.loads(r.output)["state"] == "pending"
-        r = run(cli, ["webhooks", "remove", *base, sub["id"]])
+        r = run(cli, ["webhooks", "remove", *base, sub["id"], "--discard"])
         assert r.exit_code == 0, r.output
+        assert "0 queued deliveries still go out, 1 discarded (dead)" in r.output
         r = run(cli, ["webhooks", "remove", *base, sub["id"]])
         assert r.exit_code == 1 and "404" in r.output and "does not exist" in r.output
         r = run(cli, ["webhooks", "list", "--verifier", url], env={"VTPM_VERIFIER_TOKEN": ""})
