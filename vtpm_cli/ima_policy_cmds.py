@@ -15,15 +15,42 @@ from pathlib import Path
 
 import click
 
+from verifier.ima.entries import ImaEntry
 from verifier.ima.keylime import DEFAULT_ALGORITHMS, load_keylime, to_keylime
-from verifier.ima.learn import Learned, build_policy, learn_from_debs, learn_from_tree
+from verifier.ima.learn import (
+    Learned,
+    build_policy,
+    learn_from_debs,
+    learn_from_entries,
+    learn_from_tree,
+)
+from verifier.ima.limits import DEFAULT_IMA_LIMITS
+from verifier.ima.parse import parse_list
 from verifier.ima.policy import RuntimePolicy, ViolationMode
 from verifier.ima.signature import TrustedKey
-from vtpm_core.errors import ConfigError
+from vtpm_core.errors import ConfigError, ParseError, VerificationError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT = click.Path(dir_okay=False, path_type=Path)
+
+
+def read_list(path: Path) -> tuple[ImaEntry, ...]:
+    """A measurement list file, read up to the parser's size limit (binary or ASCII).
+
+    Errors name the file: ParseError (malformed), VerificationError (a forged entry).
+    """
+    limit = DEFAULT_IMA_LIMITS.max_list_bytes
+    with path.open("rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ParseError("ima_list", "list", limit, f"{path} is larger than the {limit}-byte limit")
+    try:
+        return parse_list(data)
+    except ParseError as exc:
+        raise ParseError(exc.structure, exc.field, exc.offset, f"{exc.message} in {path}") from None
+    except VerificationError as exc:
+        raise VerificationError(exc.check, f"{exc.message} in {path}") from None
 
 
 def ima_group(cli: click.Group) -> click.Group:
@@ -49,6 +76,14 @@ def register(cli: click.Group) -> None:
     ima = ima_group(cli)
 
     @ima.command("learn")
+    @click.option(
+        "--list",
+        "lists",
+        type=_FILE,
+        multiple=True,
+        help="A known-good VM's IMA measurement list (binary or ASCII; e.g. the ima.bin "
+        "of `vtpm vm boot --ima`): allow what it measured.",
+    )
     @click.option(
         "--tree",
         "trees",
@@ -115,6 +150,7 @@ def register(cli: click.Group) -> None:
     @click.option("--modules-by-path", is_flag=True,
                   help="Record kernel modules by path, not by digest on any path.")  # fmt: skip
     def learn(
+        lists: tuple[Path, ...],
         trees: tuple[Path, ...],
         debs: tuple[Path, ...],
         output: Path,
@@ -130,15 +166,22 @@ def register(cli: click.Group) -> None:
     ) -> None:
         """Write a runtime policy allowing the files of known-good sources.
 
-        Give one or more --tree and --deb sources. Every regular file is
-        hashed under its path in the guest; symbolic links are not followed
+        Give one or more --list, --tree and --deb sources. From a list, every
+        measured file, module and buffer is allowed as measured (template
+        hashes checked; boot_aggregate and violations are left out). From a
+        tree or a package, every regular file is hashed under its path in the
+        guest; symbolic links are not followed
         (IMA records the file itself). Kernel modules are allowed by digest
         on any module path unless --modules-by-path.
         """
-        if not (trees or debs):
-            raise ConfigError("give at least one source: --tree DIR or --deb FILE")
+        if not (lists or trees or debs):
+            raise ConfigError("give at least one source: --list FILE, --tree DIR or --deb FILE")
         learned = Learned()
         by_digest = not modules_by_path
+        for listed in lists:
+            # a forged entry (template hash) is a VerificationError: exit 1, nothing written
+            entries = read_list(listed)
+            learn_from_entries(entries, into=learned, modules_by_digest=by_digest)
         for tree in trees:
             learn_from_tree(tree, algo=algo, prefix=prefix, skip_dirs=skip_dirs, into=learned,
                             modules_by_digest=by_digest)  # fmt: skip

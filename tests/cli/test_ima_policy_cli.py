@@ -101,6 +101,43 @@ def test_learn_errors_exit_2(
     assert "Traceback" not in stderr
 
 
+VM_LIST = Path(__file__).resolve().parents[1] / "data" / "ima" / "vtpm-guest" / "ima.bin"
+
+
+def test_learn_from_a_vm_list(tmp_path: Path) -> None:
+    """The list `vtpm vm boot --ima` wrote: every measured file allowed as measured."""
+    from verifier.ima.appraise import appraise_entries
+    from verifier.ima.parse import parse_list
+
+    out = tmp_path / "runtime.json"
+    code, stdout, stderr = _run(
+        "ima", "learn", "--list", str(VM_LIST), "--name", "vm", "-o", str(out)
+    )
+    assert code == 0, stderr
+    assert stdout.splitlines()[0] == (
+        "learned 39 paths, 39 digests, 6 kernel modules; "
+        "left out: 1 boot_aggregate (checked against PCRs 0-9)"
+    )
+    pol = RuntimePolicy.load(out)
+    entries = parse_list(VM_LIST.read_bytes())
+    busybox = next(e for e in entries if e.path == "/bin/busybox")
+    assert pol.digests["/bin/busybox"] == {("sha256", busybox.digest)}
+    # all but boot_aggregate pass (that one is for the quoted PCRs 0-9)
+    failures = appraise_entries(entries, pol).failures
+    assert [f.index for f in failures] == [0]
+
+    forged = bytearray(VM_LIST.read_bytes())
+    forged[-40] ^= 1  # a byte of busybox's file digest: its template hash no longer matches
+    (tmp_path / "forged.bin").write_bytes(bytes(forged))
+    never = tmp_path / "never.json"
+    code, _, stderr = _run("ima", "learn", "--list", str(tmp_path / "forged.bin"), "-o", str(never))
+    assert code == 1 and f"in {tmp_path / 'forged.bin'}" in stderr, stderr
+    (tmp_path / "short.bin").write_bytes(VM_LIST.read_bytes()[:50])
+    code, _, stderr = _run("ima", "learn", "--list", str(tmp_path / "short.bin"), "-o", str(never))
+    assert code == 2 and "truncated" in stderr and "short.bin" in stderr, stderr
+    assert "Traceback" not in stderr and not never.exists()
+
+
 def test_learn_bad_signing_key_names_the_file(tree: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("nope")
