@@ -5,15 +5,17 @@ Problem bodies: ``{"type": "urn:vtpm-trust:problem:<slug>", "title": ...,
 (RFC 9457, sections 3 and 3.1). ``detail`` names what was wrong (the structure,
 field and offset of a parse error; the check of a verification error).
 Unexpected exceptions answer 500 with a fixed text: no internals leak. A lost
-database connection (PostgreSQL restarting, a backend terminated) answers 503
-with ``Retry-After: 1`` and a fixed text: the client may retry; the next request
-reconnects (pool pre-ping, the fast path's reconnect).
+database connection (PostgreSQL restarting, a backend terminated) or a database
+that cannot write for now (SQLite's disk full, its lock held past busy_timeout)
+answers 503 with ``Retry-After: 1`` and a fixed text: the client may retry; the
+next request reconnects (pool pre-ping, the fast path's reconnect).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 from flask import Flask, Response
@@ -102,18 +104,28 @@ _UNAVAILABLE = Problem(
 )
 
 
+# SQLite's retriable primary result codes (https://sqlite.org/rescode.html): the disk
+# is full (SQLITE_FULL, until space is freed: the soak's full file system answered 500
+# on the ORM's writes) or the database stayed locked past busy_timeout (SQLITE_BUSY).
+_SQLITE_RETRIABLE = frozenset({5, 13})
+
+
 def _connection_lost(exc: BaseException) -> bool:
-    """The database could not be reached or dropped the connection (retriable), as
-    opposed to a broken schema or query (a 500). PostgreSQL's OperationalError is
-    the connection class (psycopg: lost, refused, server shutting down); SQLite's
-    also covers "no such table", which is not retriable."""
+    """The database could not be reached, dropped the connection or cannot write for
+    now (retriable), as opposed to a broken schema or query (a 500). PostgreSQL's
+    OperationalError is the connection class (psycopg: lost, refused, server shutting
+    down); SQLite's also covers "no such table", which is not retriable: only its full
+    disk and busy database are."""
     if isinstance(exc, UnavailableError | PoolTimeoutError):
         return True  # a pool checkout that waited pool_timeout: overloaded, retriable
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     orig = getattr(exc, "orig", None)
-    lost = isinstance(exc, OperationalError | InterfaceError)
-    return lost and type(orig).__module__.startswith("psycopg")
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    if isinstance(orig, sqlite3.OperationalError):
+        return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_RETRIABLE
+    return type(orig).__module__.startswith("psycopg")
 
 
 def problem_for(exc: BaseException) -> Problem:

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -213,5 +214,42 @@ def test_migration_0002_refuses_existing_duplicates(tmp_path: Path) -> None:
         with db.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM attesters WHERE id = 'b'")
         upgrade(db.engine)  # and now it goes through
+    finally:
+        db.dispose()
+
+
+def test_full_sqlite_disk_is_503_on_orm_writes_then_recovers(app_home: Path) -> None:
+    """SQLite's "database or disk is full" on an ORM write (here a policy upload) is a
+    retriable 503, not a 500 (found by the soak, issue 18, on a full tmpfs). The disk
+    fills by SQLite's own page cap (``max_page_count``), which answers SQLITE_FULL as a
+    full file system does."""
+    from sqlalchemy import event
+
+    app = create_app(load_config(app_home), migrate=True)
+    db = app.extensions["vtpm_verifier"]["db"]
+    cap = {"pages": 0}
+
+    def _cap(dbapi_conn: Any, _record: Any) -> None:
+        if cap["pages"]:
+            dbapi_conn.execute(f"PRAGMA max_page_count = {cap['pages']}")
+
+    event.listen(db.engine, "connect", _cap)
+    try:
+        with db.engine.connect() as conn:
+            cap["pages"] = int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+        db.engine.dispose()  # every connection from now on has the cap
+        token = (app_home / "admin.token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        body = {"policy": {"version": 1, "name": "big", "kernel_cmdlines": []}}
+        body["policy"]["kernel_cmdlines"] = [{"exact": "x" * 200} for _ in range(400)]
+        r = app.test_client().put("/v1/policies/big", headers=auth, json=body)
+        assert r.status_code == 503, r.get_data(as_text=True)
+        assert r.headers["Retry-After"] == "1"
+        assert r.get_json()["type"] == "urn:vtpm-trust:problem:unavailable"
+        assert "disk" not in r.get_data(as_text=True)
+        cap["pages"] = 0  # space freed
+        db.engine.dispose()
+        r = app.test_client().put("/v1/policies/big", headers=auth, json=body)
+        assert r.status_code == 200, r.get_data(as_text=True)
     finally:
         db.dispose()
