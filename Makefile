@@ -1,5 +1,5 @@
 # The two commands the README starts with. Both install what is missing first.
-.PHONY: demo test setup lint typecheck pytest bench bench-fleet fuzz clean
+.PHONY: demo test setup lint typecheck pytest bench bench-fleet bench-fleet-procs fuzz clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,6 +28,10 @@ bench: setup
 # fleet scale on PostgreSQL (1k, 10k, 100k attesters; a few minutes): docs/operations.md
 bench-fleet: setup
 	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
+
+# 1-3 verifier masters on one PostgreSQL, 1-2 CA masters on one ledger (a few minutes): docs/operations.md
+bench-fleet-procs: setup
+	$(BIN)/python bench/fleet_procs.py $(FLEET_PROCS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

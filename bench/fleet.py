@@ -18,6 +18,9 @@ One run, in a private PostgreSQL database made (and dropped) by the bench:
 Everything shares this 2-core machine (clients, swtpm, gunicorn, PostgreSQL).
 
 Run: .venv/bin/python bench/fleet.py [--sizes 1000,10000,100000] [--seconds 4]
+
+Several verifier processes on one PostgreSQL and CA processes on one ledger:
+bench/fleet_procs.py --processes 1,2,3 --ca-processes 1,2 (make bench-fleet-procs).
 """
 
 from __future__ import annotations

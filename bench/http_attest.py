@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(home: Path, db: str | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    home: Path, db: str | None, workers: int = 2
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -121,7 +124,7 @@ def start_server(home: Path, db: str | None) -> tuple[subprocess.Popen[bytes], s
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",
-        "2",
+        str(workers),
     ]
     if db:
         cmd += ["--db", db]
@@ -191,12 +194,13 @@ class LeanHttp:
         self._conn.close()
 
 
-Job = tuple[str, str, dict[str, Any], str, float, int]
+# (url to attest at, url issuing the pre-quoted nonces, tcti, attester, mode, seconds, prequote)
+Job = tuple[str, str, str, dict[str, Any], str, float, int]
 
 
 def _prepare(job: Job) -> list[bytes]:
     """server-only mode: collect quotes for nonces issued now, to submit later."""
-    url, tcti, st, mode, _seconds, prequote = job
+    _url, url, tcti, st, mode, _seconds, prequote = job
     base = f"/v1/attesters/{st['attester_id']}"
     ready: list[bytes] = []
     if mode != "server-only":
@@ -221,7 +225,7 @@ def _client(job: Job, ready: list[bytes]) -> list[float]:
     older TPM clock than the one before: a "clock-regressed" lineage flag each
     time, and a flag list that grows with every request.)
     """
-    url, tcti, st, mode, seconds, _prequote = job
+    url, _prep_url, tcti, st, mode, seconds, _prequote = job
     ready = ready[::-1]  # pop() from the end: oldest first
     challenges = f"/v1/attesters/{st['attester_id']}/challenges"
     evidence = f"/v1/attesters/{st['attester_id']}/evidence"
@@ -264,12 +268,23 @@ def _proc_main(jobs: list[Job]) -> list[float]:
 
 
 def run_cell(
-    url: str, tpms: list[tuple[str, AttesterState]], clients: int, mode: str, seconds: float
+    url: str | Sequence[str],
+    tpms: list[tuple[str, AttesterState]],
+    clients: int,
+    mode: str,
+    seconds: float,
+    on_go: Callable[[], object] | None = None,
+    on_done: Callable[[], object] | None = None,
 ) -> dict[str, float]:
+    """One timed cell. Several ``url`` (verifier processes on one database): client
+    ``i`` attests at ``url[i % n]`` with nonces pre-issued by ``url[(i + 1) % n]``.
+    ``on_go`` runs when the timed part starts, ``on_done`` when it has ended."""
+    urls = [url] if isinstance(url, str) else list(url)
     prequote = int(seconds * 1000 / max(clients, 1)) + 20 if mode == "server-only" else 0
     jobs = [
         (
-            url,
+            urls[i % len(urls)],
+            urls[(i + 1) % len(urls)],
             tpms[i][0],
             {"attester_id": tpms[i][1].attester_id, "token": tpms[i][1].token},
             mode,
@@ -286,8 +301,12 @@ def run_cell(
         results = [pool.apply_async(_proc_main, (g,)) for g in groups]
         start.wait(timeout=600)  # everyone has pre-quoted: go
         t0 = time.perf_counter()
+        if on_go is not None:
+            on_go()
         lat = [x for r in results for x in r.get(timeout=600)]
         wall = time.perf_counter() - t0
+        if on_done is not None:
+            on_done()
     lat.sort()
     n = len(lat)
     return {
@@ -360,8 +379,8 @@ def main() -> None:
                     POSTGRES, isolation_level="AUTOCOMMIT"
                 )
                 name = f"vtpm_bench_{secrets.token_hex(4)}"
-                with pg_admin.connect() as c:
-                    c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+                with pg_admin.connect() as conn:
+                    conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
                 pg_dbs.append(name)
                 db = POSTGRES.rsplit("/", 1)[0] + "/" + name
             server, url = start_server(home, db)
@@ -418,9 +437,9 @@ def main() -> None:
         for p in procs:
             p.stop()
         if pg_admin is not None:
-            with pg_admin.connect() as c:
+            with pg_admin.connect() as conn:
                 for name in pg_dbs:
-                    c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             pg_admin.dispose()
         shutil.rmtree(root, ignore_errors=True)
 
