@@ -6,6 +6,7 @@ kernel C is contraindicated, and A stops being accepted when the window ends."""
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -168,3 +169,54 @@ def test_bad_input_is_named(labs: dict[str, Lab]) -> None:
         cli, ["policy", "predict", "--valid-until", "2027-01-31T00:00:00Z", "-o", "/dev/null"]
     )
     assert result.exit_code == 2 and "exactly one of --eventlog or --policy" in result.output
+
+
+def _uki(tmp_path: Path, kernel: bytes) -> bytes:
+    """systemd-stub + .linux, made with objcopy (as tests/vm/test_predict_vm.py boots it)."""
+    (tmp_path / "linux").write_bytes(kernel)
+    subprocess.run(
+        [
+            "objcopy", "--add-section", f".linux={tmp_path / 'linux'}",
+            "--change-section-vma", ".linux=0x2000000", str(KERNEL_A), str(tmp_path / "uki.efi"),
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return (tmp_path / "uki.efi").read_bytes()
+
+
+def test_uki_predicts_its_kernel_too(
+    tmp_path: Path, labs: dict[str, Lab], kernels: dict[str, bytes]
+) -> None:
+    # systemd-stub starts .linux with LoadImage: the firmware logs it as a second PCR 4
+    # event (seen on the real VM), so the revision allows that digest too, with no end
+    uki = _uki(tmp_path, kernels["B"])
+    log = EventLog.parse(labs["A"].log)
+    policy, predictions = predict_policy(
+        log.verify(log.replay()), [Artefact("uki", "uki-B.efi", uki)], cmdline=None,
+        valid_until=UNTIL,
+    )  # fmt: skip
+    inner = authenticode_digest(kernels["B"]).hex()
+    assert [str(p).split(" sha256:")[0] for p in predictions][:2] == [
+        "boot application uki-B.efi",
+        "boot application uki-B.efi:.linux",
+    ]
+    assert inner in str(predictions[1])
+    apps = policy.to_dict()["boot_applications"]
+    assert {k: v for k, v in apps[-1].items() if k != "note"} == {
+        "name": "uki-B.efi:.linux",
+        "sha256": inner,
+    }
+    assert "LoadImage" in apps[-1]["note"]
+    # the kernel inside equals the replaced one (a UKI of kernel A): still added, unwindowed
+    same = predict_policy(
+        log.verify(log.replay()), [Artefact("uki", "uki-A.efi", _uki(tmp_path, kernels["A"]))],
+        cmdline=None, valid_until=UNTIL,
+    )[0].to_dict()["boot_applications"]  # fmt: skip
+    a_digest = authenticode_digest(kernels["A"]).hex()
+    assert [a for a in same if a["sha256"] == a_digest] == [same[1], same[-1]]
+    assert "valid_until" in same[1] and "valid_until" not in same[-1]
+    with pytest.raises(ConfigError, match=r"uki-X\.efi: a UKI needs a \.linux section"):
+        predict_policy(
+            log.verify(log.replay()), [Artefact("uki", "uki-X.efi", kernels["C"])],
+            cmdline=None, valid_until=UNTIL,
+        )  # fmt: skip

@@ -131,6 +131,20 @@ def test_checksum_and_certificates_do_not_change_the_digest() -> None:
     assert authenticode_digest(bytes(changed)) != authenticode_digest(bytes(img))
 
 
+def test_section_data_is_the_mapped_section() -> None:
+    # VirtualSize (section header + 8) cuts the raw data or zero-fills it; 0 means raw size
+    img = bytearray(make_pe(sections=(b"kernel" * 100, b"data" * 50)))
+    sect = 0x44 + 20 + 112 + 8 * 16
+    pe = PeImage.parse(bytes(img))
+    assert pe.section_data(pe.sections[0]) == (b"kernel" * 100).ljust(0x400, b"\0")
+    struct.pack_into("<I", img, sect + 8, 600)
+    struct.pack_into("<I", img, sect + 40 + 8, 0x300)
+    pe = PeImage.parse(bytes(img))
+    assert [s.virtual_size for s in pe.sections] == [600, 0x300]
+    assert pe.section_data(pe.sections[0]) == b"kernel" * 100
+    assert pe.section_data(pe.sections[1]) == (b"data" * 50).ljust(0x300, b"\0")
+
+
 def test_sha1_bank() -> None:
     img = make_pe()
     assert len(authenticode_digest(img, "sha1")) == 20

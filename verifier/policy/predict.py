@@ -15,7 +15,9 @@ role (``shim*``, ``grub*``, ``systemd-boot*`` / ``BOOTX64.EFI`` for a loader;
 ``vmlinuz*``, ``linux*``, ``*.efi`` under ``\\EFI\\Linux`` for a kernel or UKI), else
 by position in the chain (shim first, the kernel last, the loader just before it).
 From a policy alone there are no events: the entry is matched by its name the same
-way. Not predicted: PCR 7 authorities (a binary signed by another db certificate).
+way. A UKI adds a second value, its ``.linux`` section's digest: systemd-stub starts
+the kernel with LoadImage and the firmware measures it too (seen on the real VM).
+Not predicted: PCR 7 authorities (a binary signed by another db certificate).
 
 systemd's own predictions (issue 20) are taken as they are shipped:
 
@@ -51,7 +53,7 @@ from verifier.policy.pcrlock import Component, pcr_states
 from verifier.policy.schema import BANK_SIZES, Policy, format_time
 from verifier.policy.uki import DEFAULT_PHASES, Pcr11Value, check_pcrsig, uki_pcr11
 from vtpm_core.authenticode import PeImage, authenticode_digest
-from vtpm_core.errors import ConfigError
+from vtpm_core.errors import ConfigError, ParseError
 
 __all__ = ["ROLES", "Artefact", "Prediction", "predict_policy"]
 
@@ -169,6 +171,8 @@ def predict_policy(
     slots = _slots(base, doc) if needs_slot else []
     for art in artefacts:
         predictions.append(_predict_binary(art, slots, doc, until))
+        if art.role == "uki":
+            predictions.append(_uki_kernel(art, slots, doc))
     new11: list[Pcr11Value] = list(pcr11)
     for art in artefacts:
         if art.role == "uki":
@@ -227,6 +231,40 @@ def _predict_binary(
         f"boot application {art.name} {digest}",
         f"{art.name} ({art.role}, Authenticode)",
         f"{slot.description} (old value valid until {until})",
+    )
+
+
+def _uki_kernel(art: Artefact, slots: list[tuple[str, _Slot]], doc: dict[str, Any]) -> Prediction:
+    """The UKI's ``.linux`` section as a boot application of its own: systemd-stub (252
+    on the real VM, tests/vm/test_predict_vm.py) starts the kernel with LoadImage, so
+    the firmware logs a second PCR 4 event with the section's Authenticode digest (from
+    a VenMedia device path). Added even when an entry already allows that digest with
+    an end: the kernel is part of the update and must outlive the window."""
+    apps: list[dict[str, Any]] = doc["boot_applications"]
+    _, slot = slots[_pick(art.role, [p for p, _ in slots])]
+    banks = [b for b in slot.entry if b not in ("name", "valid_until", "note")]
+    pe = PeImage.parse(art.image)
+    section = next((s for s in pe.sections if s.name == b".linux"), None)
+    if section is None:
+        raise ConfigError(f"{art.name}: a UKI needs a .linux section (found none)")
+    image = pe.section_data(section)
+    name = f"{art.name}:.linux"
+    try:
+        new = {"name": name} | {b: authenticode_digest(image, b).hex() for b in banks}
+    except ParseError as exc:  # nothing the stub could LoadImage: nothing more allowed
+        return Prediction(f"{name} not predicted", name, f"nothing: not a PE image ({exc})")
+    if any("valid_until" not in a and all(a.get(b) == new[b] for b in banks) for a in apps):
+        return Prediction(f"{name} already allowed", name, "nothing")
+    new["note"] = (
+        f"predicted from the .linux section of {art.name}, which systemd-stub loads with"
+        f" LoadImage (a second PCR 4 event); comes with {slot.description}'s replacement"
+    )
+    apps.append(new)
+    digest = ", ".join(f"{b}:{new[b]}" for b in banks)
+    return Prediction(
+        f"boot application {name} {digest}",
+        f"{art.name} (uki .linux section, Authenticode)",
+        f"nothing: a new event after {slot.description}'s",
     )
 
 
