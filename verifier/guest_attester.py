@@ -43,6 +43,7 @@ __all__ = [
     "GuestAttestation",
     "GuestAttestationError",
     "GuestBackend",
+    "GuestImaList",
     "assign_policy",
     "attest_guest",
     "check_loopback_url",
@@ -236,6 +237,65 @@ def guest_enroll(
     return AttesterState(url, attester_id, token)
 
 
+class GuestImaList:
+    """The guest's IMA measurement list as fetched so far, to send the verifier deltas.
+
+    Keeps the bytes read from the guest and where each entry ends, so "the
+    entries from index N" (the challenge's ``ima.next_index``) is a byte
+    offset; each :meth:`delta` first reads only the bytes added since. The
+    entries are parsed here (template hashes checked) only to find their
+    boundaries: the verifier parses and proves them again.
+    """
+
+    def __init__(self, channel: GuestChannel) -> None:
+        self._channel = channel
+        self._data = bytearray()
+        self._ends: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._ends)
+
+    def refresh(self) -> int:
+        """Read the bytes the guest listed since the last call; the entry count."""
+        from verifier.ima.parse import parse_list
+
+        new = _guest("ima", lambda: self._channel.ima_list(len(self._data)))
+        end = len(self._data)
+        for entry in parse_list(new, offset_index=self.count):
+            end += len(entry.to_bytes())
+            self._ends.append(end)
+        self._data += new
+        return self.count
+
+    def delta(self, start_index: int) -> bytes:
+        """The binary entries from ``start_index`` to the end of the list as it is now."""
+        self.refresh()
+        if not 0 <= start_index <= self.count:
+            raise GuestAttestationError(
+                "evidence", 201,
+                f"the verifier asks for IMA entries from {start_index}; "
+                f"the guest's list has {self.count}",
+            )  # fmt: skip
+        offset = self._ends[start_index - 1] if start_index else 0
+        return bytes(self._data[offset:])
+
+
+def _ima_start(hint: Any, quote_message: bytes) -> int:
+    """The entry to send from: the challenge's ``next_index`` when the quote is of the
+    boot that index belongs to (same resetCount and restartCount), else 0 (a new list)."""
+    from vtpm_core.tpm import Attest
+
+    if not isinstance(hint, dict) or not isinstance(hint.get("next_index"), int):
+        raise GuestAttestationError("challenge", 201, "the challenge's ima has no next_index")
+    clock_info = Attest.parse(quote_message).clock_info  # untrusted: it only picks the index
+    same_boot = (hint.get("reset_count"), hint.get("restart_count")) == (
+        clock_info.reset_count,
+        clock_info.restart_count,
+    )
+    return int(hint["next_index"]) if same_boot else 0
+
+
 def guest_attest_once(
     channel: GuestChannel,
     http: requests.Session,
@@ -243,8 +303,14 @@ def guest_attest_once(
     *,
     timings: dict[str, float] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    ima: GuestImaList | None = None,
 ) -> dict[str, Any]:
-    """Steps 3-4 (module docstring): challenge, the guest's quote, evidence; the verdict."""
+    """Steps 3-4 (module docstring): challenge, the guest's quote, evidence; the verdict.
+
+    With ``ima`` and a challenge that asks for it (its policy has a runtime
+    part), the evidence carries the guest's IMA entries from the challenge's
+    ``ima.next_index``, read after the quote (so the list covers it).
+    """
     timings = {} if timings is None else timings
     base = f"{state.verifier}/v1/attesters/{state.attester_id}"
     t = clock()
@@ -266,6 +332,10 @@ def guest_attest_once(
     }
     if quote.eventlog:
         evidence["event_log"] = _b64(quote.eventlog)
+    if ima is not None and "ima" in ch:
+        start = _ima_start(ch["ima"], quote.message)
+        evidence["ima"] = {"start_index": start, "entries": _b64(ima.delta(start))}
+        timings["ima_entries"] = ima.count - start
     result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
     timings["evidence"] = clock() - t
     return result
@@ -279,6 +349,7 @@ def guest_attest_steps(
     state: AttesterState | None = None,
     on_registered: Callable[[AttesterState], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    ima: GuestImaList | None = None,
 ) -> GuestAttestation:
     """:func:`attest_guest` with the details: the attester state to reuse and step timings.
 
@@ -287,6 +358,7 @@ def guest_attest_steps(
     ``admin_token`` is sent with the registration (needed only when the
     verifier must accept an EK without a certificate). ``on_registered`` runs
     after a new activation, before the challenge (e.g. to assign a policy).
+    ``ima`` (one per boot, reused across calls): send the IMA delta the challenge asks for.
     """
     url = check_loopback_url(verifier_url)
     timings: dict[str, float] = {}
@@ -299,7 +371,7 @@ def guest_attest_steps(
             registered = True
             if on_registered is not None:
                 on_registered(state)
-        result = guest_attest_once(channel, http, state, timings=timings, clock=clock)
+        result = guest_attest_once(channel, http, state, timings=timings, clock=clock, ima=ima)
     return GuestAttestation(state, result, registered, timings)
 
 
@@ -319,10 +391,12 @@ class GuestBackend:
         *,
         admin_token: str | None = None,
         on_registered: Callable[[AttesterState], None] | None = None,
+        ima: GuestImaList | None = None,
     ) -> None:
         self._channel = channel
         self._admin_token = admin_token
         self._on_registered = on_registered
+        self._ima = ima
         self.registrations = 0
 
     @contextmanager
@@ -342,7 +416,7 @@ class GuestBackend:
         return state
 
     def attest(self, http: requests.Session, state: AttesterState) -> dict[str, Any]:
-        return guest_attest_once(self._channel, http, state)
+        return guest_attest_once(self._channel, http, state, ima=self._ima)
 
 
 def assign_policy(verifier_url: str, admin_token: str, attester_id: str, policy: str) -> None:

@@ -100,7 +100,7 @@ def _vm_boot(
     if rounds is not None and verifier is None:
         raise ConfigError("--rounds needs --verifier URL")
     echo = (lambda _line: None) if as_json else click.echo
-    attest = _verifier_step(verifier, token_file, policy, rounds, echo)
+    attest = _verifier_step(verifier, token_file, policy, rounds, echo, ima)
     loader_entry(cmdline)  # refuse a bad command line before any download or build
     out_dir = out if out is not None else Path.cwd() / f"vm-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,13 +238,19 @@ def _agent_rounds(
     assign: Callable[[AttesterState], None],
     rounds: int,
     echo: Callable[[str], None],
+    ima: bool = False,
 ) -> Callable[[GuestChannel], _AgentRun]:
     """`--rounds N`: `vtpm agent`'s loop (verifier.agent.Agent) with the guest as its TPM."""
     from verifier.agent import Agent, AgentConfig
-    from verifier.guest_attester import GuestBackend
+    from verifier.guest_attester import GuestBackend, GuestImaList
 
     def run(channel: GuestChannel) -> _AgentRun:
-        backend = GuestBackend(channel, admin_token=token, on_registered=assign)
+        backend = GuestBackend(
+            channel,
+            admin_token=token,
+            on_registered=assign,
+            ima=GuestImaList(channel) if ima else None,
+        )
         agent = Agent(AgentConfig(url=url, tcti="guest", state_file=None), backend=backend)
         done: list[RoundOutcome] = []
 
@@ -287,9 +293,14 @@ def _verifier_step(
     policy: str | None,
     rounds: int | None = None,
     echo: Callable[[str], None] = click.echo,
+    ima: bool = False,
 ) -> Callable[[GuestChannel], GuestAttestation | _AgentRun] | None:
-    """`--verifier`: the guest attests against the running service (checked before booting)."""
+    """`--verifier`: the guest attests against the running service (checked before booting).
+
+    With ``ima`` the evidence carries the guest's IMA entries when the challenge asks
+    for them (the assigned policy has a runtime part)."""
     from verifier.guest_attester import (
+        GuestImaList,
         assign_policy,
         check_loopback_url,
         check_verifier,
@@ -318,10 +329,11 @@ def _verifier_step(
             assign_policy(url, token, state.attester_id, policy)
 
     if rounds is not None:
-        return _agent_rounds(url, token, assign, rounds, echo)
+        return _agent_rounds(url, token, assign, rounds, echo, ima)
 
     def run(channel: GuestChannel) -> GuestAttestation:
-        return guest_attest_steps(channel, url, admin_token=token, on_registered=assign)
+        listed = GuestImaList(channel) if ima else None
+        return guest_attest_steps(channel, url, admin_token=token, on_registered=assign, ima=listed)
 
     return run
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,12 +19,18 @@ from verifier.attester import AttesterState
 from verifier.guest_attester import (
     GuestAttestationError,
     GuestBackend,
+    GuestImaList,
+    _ima_start,
     attest_guest,
     check_loopback_url,
 )
+from verifier.ima.parse import parse_list
 from verifier.service.config import init_home
 from vtpm_core.errors import ConfigError, StateError
+from vtpm_core.tpm import Attest
 from vtpm_core.vm import GuestChannel
+
+VM_DATA = Path(__file__).resolve().parents[1] / "data" / "ima" / "vtpm-guest"
 
 
 def B(data: bytes) -> str:
@@ -161,3 +168,33 @@ def test_agent_round_through_the_guest_verifier_down_is_an_outage(
     finally:
         agent.close()
     assert outcome.fault == "verifier"  # retried with backoff by Agent.run, state kept
+
+
+def test_guest_ima_list_deltas_by_entry_index(guest: tuple[GuestChannel, socket.socket]) -> None:
+    """The relay's IMA cursor over a real VM's list (tests/data/ima/vtpm-guest): the
+    entries from index N are the bytes after entry N-1, and only new bytes are read."""
+    data = (VM_DATA / "ima.bin").read_bytes()
+    entries = parse_list(data)
+    head = b"".join(e.to_bytes() for e in entries[:40])
+    chan, peer = guest
+    listed = GuestImaList(chan)
+    _answer(peer, f"OK IMA {len(head)} {B(head)}")
+    assert listed.delta(0) == head and listed.count == 40
+    _answer(peer, f"OK IMA {len(data)} {B(data[len(head) :])}")  # the guest ran six more
+    assert listed.delta(38) == b"".join(e.to_bytes() for e in entries[38:])
+    assert listed.count == 46
+    sent = peer.recv(4096).decode()
+    assert sent == f"IMA 0 {1 << 20}\nIMA {len(head)} {1 << 20}\n"
+    _answer(peer, f"OK IMA {len(data)} -")
+    with pytest.raises(GuestAttestationError, match="from 47; the guest's list has 46"):
+        listed.delta(47)
+
+    quote = (VM_DATA / "quote.msg").read_bytes()
+    clock = Attest.parse(quote).clock_info
+    same = {"next_index": 46, "reset_count": clock.reset_count}
+    same["restart_count"] = clock.restart_count
+    assert _ima_start(same, quote) == 46
+    assert _ima_start({**same, "reset_count": clock.reset_count - 1}, quote) == 0  # a new boot
+    assert _ima_start({**same, "reset_count": None, "restart_count": None}, quote) == 0
+    with pytest.raises(GuestAttestationError, match="no next_index"):
+        _ima_start({"reset_count": 0}, quote)
