@@ -24,6 +24,9 @@ The document (YAML or JSON; issue 5 "Policies and results")::
     pcrs: {sha256: {"7": <hex> | [<hex>, ...],        # literal values from the quote
                     "11": [{value: <hex>, valid_until: "2027-01-31T00:00:00Z",
                             note: "UKI vmlinuz-a.efi, phase ...:ready"}, <hex>]}}
+    runtime:                         # optional: an IMA runtime policy (issue 14), the
+      version: 1                     #   verifier.ima.policy document embedded as-is
+      digests: {/usr/bin/bash: ["sha256:<hex>"]}
 
 ``valid_until`` and ``note`` (issue 20) may be given on any boot application, command
 line or literal PCR value (a value then is a mapping ``{value, valid_until, note}``).
@@ -34,8 +37,14 @@ zone (a YAML timestamp without one is UTC, as YAML says); a value is accepted wh
 the appraisal time is before it. ``note`` says why the value is there (which
 artefact, which event it replaces); it is part of the policy's id like every key.
 
+``runtime`` (issue 14) combines this boot policy with a runtime policy for the IMA
+measurement list (docs/ima-policy.md): the evidence must then bring the IMA delta and
+its quote must cover PCR 10. It is checked by ``RuntimePolicy.from_dict``; its errors
+are re-pathed under ``policy.runtime``. It does not count as a boot rule: a policy
+still needs at least one of the keys above (the boot part is never left unchecked).
+
 Guarantees after :meth:`Policy.load`: every key known, every type right,
-digests the size of their bank, patterns compile, at least one rule
+digests the size of their bank, patterns compile, at least one boot rule
 (an empty policy would pass anything: refused). A malformed document is a
 ParseError whose field is the path, e.g. ``policy.boot_applications[2].sha256``.
 """
@@ -54,6 +63,7 @@ from typing import Any
 
 import yaml
 
+from verifier.ima.policy import RuntimePolicy, RuntimePolicyParseError
 from vtpm_core.errors import ParseError
 
 __all__ = [
@@ -377,6 +387,16 @@ def _pcr_values(obj: Any, path: str) -> tuple[_PcrValues, _PcrWindows]:
     return MappingProxyType(out), MappingProxyType(windows)
 
 
+def _runtime(obj: Any) -> RuntimePolicy:
+    """The embedded runtime policy; its errors named under ``policy.runtime``."""
+    try:
+        return RuntimePolicy.from_dict(obj)
+    except RuntimePolicyParseError as exc:
+        where = str(exc.field)
+        rest = where[len("runtime_policy") :] if where.startswith("runtime_policy") else ""
+        raise _err(f"policy.runtime{rest}", exc.message) from None
+
+
 _TOP = frozenset(
     {
         "version",
@@ -389,9 +409,10 @@ _TOP = frozenset(
         "dbx",
         "sbat",
         "pcrs",
+        "runtime",
     }
 )
-_RULE_KEYS = _TOP - {"version", "name"}
+_RULE_KEYS = _TOP - {"version", "name", "runtime"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +433,7 @@ class Policy:
     pcr_windows: Mapping[tuple[str, int, bytes], PcrWindow] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    runtime: RuntimePolicy | None = None  # IMA (issue 14); None: no runtime part
     _digest: bytes = field(init=False, repr=False, compare=False)
     _expiries: tuple[datetime, ...] = field(init=False, repr=False, compare=False)
 
@@ -458,6 +480,12 @@ class Policy:
             raise _err("policy.version", f"unsupported version {version} (known: 1)")
         if not _RULE_KEYS & m.keys():
             # an empty all-of would pass any machine: never a silent pass
+            if "runtime" in m:
+                raise _err(
+                    "policy",
+                    "has only a runtime part: give at least one boot rule beside it "
+                    "(e.g. the learned boot policy's pcrs or boot_applications)",
+                )
             raise _err("policy", "has no rules (an empty policy would accept anything)")
         firmware = None
         if "firmware" in m:
@@ -544,6 +572,7 @@ class Policy:
             pcrs=pcrs,
             sbat=sbat,
             pcr_windows=MappingProxyType(dict(windows)),
+            runtime=_runtime(m["runtime"]) if "runtime" in m else None,
         )
 
     # -- serialisation -------------------------------------------------------------------
@@ -593,6 +622,8 @@ class Policy:
                 b: {str(i): [self._pcr_value(b, i, v) for v in vs] for i, vs in p.items()}
                 for b, p in self.pcrs.items()
             }
+        if self.runtime is not None:
+            out["runtime"] = self.runtime.to_dict()
         return out
 
     def _pcr_value(self, bank: str, index: int, value: bytes) -> str | dict[str, str]:

@@ -12,6 +12,9 @@ Evidence steps:
   1-3. ``Appraiser.appraise`` with the activated AK, the challenge nonce, the
        supplied PCR values, the event log and the assigned policy;
   3a.  the verified quote selects exactly what the challenge asked for;
+  4.   a policy with a runtime (IMA) part: the IMA delta, replayed onto the
+       attester's stored state to the quoted PCR 10 and appraised
+       (verifier.service.runtime);
   without a policy: the quote and (if given) the log replay are checked,
   the verdict is at best ``warning``.
 Lineage flags (services.py) are added to the result by the caller and
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -38,12 +41,20 @@ from verifier.ekcert import (
     validate_ek_certificate,
 )
 from verifier.eventlog import EventLog
+from verifier.ima.limits import ImaLimits
 from verifier.policy import Policy
 from verifier.policy.rules import CONFIGURATION, EXECUTABLES
 from verifier.quote import check_ak_attributes, verify_quote
 from verifier.service.config import ServiceConfig
 from verifier.service.messages import EvidenceRequest, RegistrationRequest
-from verifier.service.ports import Appraisal, CheckedRegistration, ClockInfo, CredentialChallenge
+from verifier.service.ports import (
+    Appraisal,
+    CheckedRegistration,
+    ClockInfo,
+    CredentialChallenge,
+    ImaState,
+)
+from verifier.service.runtime import appraise_runtime as runtime_part
 from vtpm_core.errors import ConfigError, ParseError, StateError, VerificationError
 from vtpm_core.tpm import Attest, ObjectAttributes, PcrValues, Public, QuoteInfo, Signature
 
@@ -109,6 +120,10 @@ def policy_pcrs(policy: Policy, banks: tuple[str, ...]) -> dict[str, tuple[int, 
             out.setdefault(bank, set()).add(0)
     for bank, values in (policy.pcrs or {}).items():
         out.setdefault(bank, set()).update(values)
+    if policy.runtime is not None:
+        # PCR 10 binds the IMA list to the TPM; 0-9 check its boot_aggregate entry
+        for bank in banks:
+            out.setdefault(bank, set()).update(range(11))
     return {bank: tuple(sorted(p)) for bank, p in sorted(out.items())}
 
 
@@ -151,7 +166,8 @@ class _Verdict:
 
 
 def _summary(failure: dict[str, Any]) -> dict[str, str]:
-    """A failure for the EAR's ``vtpm.failures``: rule, claim, message, event, expected, actual."""
+    """A failure for the EAR's ``vtpm.failures``: rule, claim, message, event, expected, actual;
+    an IMA entry's also its index, path, template and signature state."""
     out = {"rule": str(failure.get("rule")), "claim": str(failure.get("claim", ""))}
     out["message"] = str(failure.get("message", ""))
     event = _event_text(failure.get("event"))
@@ -160,7 +176,20 @@ def _summary(failure: dict[str, Any]) -> dict[str, str]:
     for key in ("expected", "actual"):
         if failure.get(key) is not None:
             out[key] = str(failure[key])
+    entry = failure.get("entry")
+    if isinstance(entry, dict):
+        for key in ("index", "path", "template", "signature"):
+            if entry.get(key) is not None:
+                out[f"ima_{key}"] = str(entry[key])
     return out
+
+
+def _ima_ignored(appraisal: Appraisal, evidence: EvidenceRequest, why: str) -> Appraisal:
+    """An IMA delta sent where no runtime policy applies: said, not appraised."""
+    if evidence.ima is None:
+        return appraisal
+    note = {"message": f"IMA list not appraised: {why}"}
+    return replace(appraisal, warnings=(*appraisal.warnings, note))
 
 
 class LibraryAppraiser:
@@ -173,12 +202,14 @@ class LibraryAppraiser:
         signer: EarSigner,
         verifier_id: str,
         default_selection: dict[str, tuple[int, ...]] | None = None,
+        ima_limits: ImaLimits | None = None,
     ) -> None:
         self._trust = trust
         self._ek_options = ek_options
         self._signer = signer
         self._verifier_id = verifier_id
         self._default_selection = default_selection or {"sha256": tuple(range(8))}
+        self._ima_limits = ima_limits or ImaLimits(max_list_bytes=16 << 20, max_entries=200_000)
         # parsed AK publics by their wire bytes, parsed policies by their text:
         # immutable values, bounded, per app instance
         self._ak_cache: OrderedDict[bytes, ParsedPublic] = OrderedDict()
@@ -203,7 +234,10 @@ class LibraryAppraiser:
             allow_sha1=config.allow_sha1_chains,
             allow_expired_intermediates=config.allow_expired_intermediates,
         )
-        return cls(trust, options, signer, config.verifier_id, config.default_pcr_selection)
+        limits = ImaLimits(
+            max_list_bytes=config.ima_max_delta_bytes, max_entries=config.ima_max_delta_entries
+        )
+        return cls(trust, options, signer, config.verifier_id, config.default_pcr_selection, limits)
 
     # -- registration ------------------------------------------------------------------
 
@@ -306,6 +340,10 @@ class LibraryAppraiser:
     def policy_id(self, body: str) -> str:
         return self.load_policy(body).id
 
+    def runtime_policy_digest(self, body: str) -> str | None:
+        runtime = self.load_policy(body).runtime
+        return None if runtime is None else runtime.digest.hex()
+
     # -- evidence ----------------------------------------------------------------------
 
     def _ak(self, ak_public: bytes) -> ParsedPublic:
@@ -326,9 +364,12 @@ class LibraryAppraiser:
         selection: dict[str, tuple[int, ...]],
         policy_body: str | None,
         now: datetime | None = None,
+        ima_state: ImaState | None = None,
+        appraise_runtime: bool = False,
     ) -> Appraisal:
         """``now``: the appraisal time (the service's clock) that ``valid_until`` values
-        of the policy are held against; the wall clock when None."""
+        of the policy are held against; the wall clock when None. ``ima_state`` and
+        ``appraise_runtime``: step 4 (the Appraiser protocol in ports.py)."""
         ak = self._ak(ak_public)
         # malformed structures are a 400 before anything is consumed or recorded
         attest = Attest.parse(evidence.quote)
@@ -336,7 +377,8 @@ class LibraryAppraiser:
         log = EventLog.parse(evidence.event_log) if evidence.event_log is not None else None
         pcrs = PcrValues(evidence.pcrs)
         if policy_body is None:
-            return self._without_policy(ak, attest, signature, pcrs, nonce, log, selection)
+            bare = self._without_policy(ak, attest, signature, pcrs, nonce, log, selection)
+            return _ima_ignored(bare, evidence, "no policy assigned")
         policy = self.load_policy(policy_body)
         # the AK's attributes were checked at registration (check_registration)
         result = self._appraiser.appraise(
@@ -347,7 +389,46 @@ class LibraryAppraiser:
             require_ak_attributes=False,
             now=now,
         )
-        return self._from_result(result, attest, selection)
+        appraisal = self._from_result(result, attest, selection)
+        if policy.runtime is None:
+            return _ima_ignored(appraisal, evidence, "the policy has no runtime part")
+        if not appraise_runtime:
+            return replace(
+                appraisal,
+                warnings=(
+                    *appraisal.warnings,
+                    {"message": "runtime (IMA) part not appraised: no IMA list with this evidence"},
+                ),
+                ima={"runtime_policy_id": policy.runtime.id, "appraised": False},
+            )
+        if appraisal.clock is None:  # the quote did not verify: its PCR 10 proves nothing
+            return replace(
+                appraisal,
+                ima={
+                    "runtime_policy_id": policy.runtime.id,
+                    "appraised": False,
+                    "failure": "the quote did not verify",
+                },
+            )
+        # step 4
+        part = runtime_part(
+            policy.runtime, attest, evidence, appraisal.clock, ima_state, self._ima_limits
+        )
+        vector = dict(appraisal.trust_vector)
+        current = vector.get(EXECUTABLES, 0)
+        if part.failures:
+            vector[EXECUTABLES] = max(current, part.executables or Ar4si.CONTRAINDICATED_RUNTIME)
+        elif current == Ar4si.APPROVED_BOOT:
+            vector[EXECUTABLES] = Ar4si.APPROVED_RUNTIME  # boot and what ran since
+        return replace(
+            appraisal,
+            status="contraindicated" if part.failures else appraisal.status,
+            failures=(*appraisal.failures, *part.failures),
+            warnings=(*appraisal.warnings, *part.warnings),
+            trust_vector=vector,
+            ima=part.report,
+            ima_state=part.state,
+        )
 
     @staticmethod
     def _selection_failure(

@@ -29,6 +29,8 @@ from vtpm_core.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE",
+    "DEFAULT_IMA_MAX_DELTA_BYTES",
+    "DEFAULT_IMA_MAX_DELTA_ENTRIES",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_NONCE_LIFETIME_S",
     "ServiceConfig",
@@ -46,6 +48,11 @@ DEFAULT_ACTIVATION_LIFETIME_S = 600
 # per bank and an event log; real firmware logs stay under 64 KiB, large
 # IMA-free logs under 256 KiB. 1 MiB (base64 overhead included) is ample.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# The IMA delta in evidence (issue 14), on top of max_body_bytes on that route only:
+# a binary entry is ~100-300 bytes, so 16 MiB holds a first delta of ~60,000 entries
+# (a booted distribution measures a few thousand); later deltas are tiny.
+DEFAULT_IMA_MAX_DELTA_BYTES = 16 << 20
+DEFAULT_IMA_MAX_DELTA_ENTRIES = 200_000
 _TOKEN_BYTES = 32
 
 
@@ -77,6 +84,10 @@ class ServiceConfig:
     nonce_lifetime_s: int = DEFAULT_NONCE_LIFETIME_S
     activation_lifetime_s: int = DEFAULT_ACTIVATION_LIFETIME_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # limits on one evidence's IMA delta (issue 14): its decoded bytes and entries;
+    # the evidence route accepts max_body_bytes plus the delta's base64 size
+    ima_max_delta_bytes: int = DEFAULT_IMA_MAX_DELTA_BYTES
+    ima_max_delta_entries: int = DEFAULT_IMA_MAX_DELTA_ENTRIES
     # SHA-1 signed chains and expired vendor intermediates are only accepted
     # by explicit policy (issue 5, "EK certificates").
     allow_sha1_chains: bool = False
@@ -118,6 +129,11 @@ class ServiceConfig:
     webhook_keep_dead_days: int = 30
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def evidence_max_body_bytes(self) -> int:
+        """The evidence route's body limit: the usual one plus a full IMA delta in base64."""
+        return self.max_body_bytes + 4 * ((self.ima_max_delta_bytes + 2) // 3)
 
     def with_database(self, url: str | None) -> ServiceConfig:
         """The same configuration with another database URL (``--db``)."""
@@ -256,6 +272,12 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
             raw, "activation_lifetime_s", DEFAULT_ACTIVATION_LIFETIME_S, 1, 86400
         ),
         max_body_bytes=_positive_int(raw, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, 1024, 64 << 20),
+        ima_max_delta_bytes=_positive_int(
+            raw, "ima_max_delta_bytes", DEFAULT_IMA_MAX_DELTA_BYTES, 1024, 512 << 20
+        ),
+        ima_max_delta_entries=_positive_int(
+            raw, "ima_max_delta_entries", DEFAULT_IMA_MAX_DELTA_ENTRIES, 1, 4 << 20
+        ),
         allow_sha1_chains=bool(raw.get("allow_sha1_chains", False)),
         allow_expired_intermediates=bool(raw.get("allow_expired_intermediates", False)),
         default_pcr_selection=selection,

@@ -20,6 +20,7 @@ __all__ = [
     "ActivationRequest",
     "EvidenceRequest",
     "FaultReport",
+    "ImaDelta",
     "PolicyRequest",
     "RegistrationRequest",
     "decode_json",
@@ -176,6 +177,49 @@ def parse_pcrs(value: object, structure: str = "EvidenceRequest") -> dict[str, d
     return out
 
 
+IMA_EXTEND_MODES = ("per-bank", "sha1-padded")
+_MAX_INDEX = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImaDelta:
+    """The ``ima`` field of evidence (issue 14): IMA measurement-list entries from
+    ``start_index`` on, as the kernel lists them (``binary_runtime_measurements``
+    bytes, or the ASCII lines), read after the quote was taken.
+
+    ``extend``: how the kernel extended PCR 10 (``per-bank``: kernels since 5.8;
+    ``sha1-padded``: older ones). Nothing here is trusted: the entries are
+    parsed and replayed onto the verified state by the appraiser.
+    """
+
+    start_index: int
+    entries: bytes
+    extend: str = "per-bank"
+
+    @classmethod
+    def parse(cls, obj: object) -> ImaDelta:
+        s = "EvidenceRequest"
+        if not isinstance(obj, dict):
+            raise ParseError(s, "ima", 0, 'expected {"start_index": N, "entries": "<base64>"}')
+        unknown = sorted(set(obj) - {"start_index", "entries", "extend"})
+        if unknown:
+            raise ParseError(s, f"ima.{unknown[0]}", 0, "unknown field")
+        start = obj.get("start_index")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= _MAX_INDEX:
+            raise ParseError(s, "ima.start_index", 0, "expected an entry index >= 0")
+        entries = obj.get("entries")
+        if not isinstance(entries, str):
+            raise ParseError(s, "ima.entries", 0, "expected the entries as a base64 string")
+        try:
+            raw = base64.b64decode(entries, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ParseError(s, "ima.entries", 0, f"bad base64: {exc}") from None
+        extend = obj.get("extend", "per-bank")
+        if extend not in IMA_EXTEND_MODES:
+            raise ParseError(s, "ima.extend", 0, f"expected one of {', '.join(IMA_EXTEND_MODES)}")
+        return cls(start, raw, str(extend))
+
+
 @dataclass(frozen=True, slots=True)
 class EvidenceRequest:
     """``POST /v1/attesters/{id}/evidence``: the answer to one challenge."""
@@ -186,11 +230,12 @@ class EvidenceRequest:
     pcrs: dict[str, dict[int, bytes]]
     event_log: bytes | None
     ak_public: bytes | None  # optional: lets the verifier name an AK swap
+    ima: ImaDelta | None = None  # the IMA delta (issue 14); None: none sent
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> EvidenceRequest:
         s = "EvidenceRequest"
-        _unknown(obj, s, {"nonce", "quote", "signature", "pcrs", "event_log", "ak_public"})
+        _unknown(obj, s, {"nonce", "quote", "signature", "pcrs", "event_log", "ak_public", "ima"})
         return cls(
             nonce=_req(_b64(obj, s, "nonce")),
             quote=_req(_b64(obj, s, "quote")),
@@ -198,6 +243,7 @@ class EvidenceRequest:
             pcrs=parse_pcrs(obj.get("pcrs")),
             event_log=_b64(obj, s, "event_log", required=False),
             ak_public=_b64(obj, s, "ak_public", required=False),
+            ima=ImaDelta.parse(obj["ima"]) if obj.get("ima") is not None else None,
         )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Attester",
     "AttesterTransition",
     "Base",
+    "ImaStateRow",
     "LatestEvidence",
     "Nonce",
     "Policy",
@@ -227,6 +228,23 @@ class LatestEvidence(Base):
     quote_verified: Mapped[bool] = mapped_column(Boolean)
     pcrs: Mapped[dict[str, Any]] = mapped_column(JSON)
     event_log: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class ImaStateRow(Base):
+    """An attester's incremental IMA state (migration 0011; ports.ImaState): which boot,
+    how many entries verified under which runtime policy, PCR 10 per bank there."""
+
+    __tablename__ = "ima_state"
+
+    attester_id: Mapped[str] = mapped_column(
+        ForeignKey("attesters.id", ondelete="CASCADE"), primary_key=True
+    )
+    reset_count: Mapped[int] = mapped_column(BigInteger)
+    restart_count: Mapped[int] = mapped_column(BigInteger)
+    entry_count: Mapped[int] = mapped_column(BigInteger)
+    policy_digest: Mapped[str] = mapped_column(String(64))
+    progress: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class Policy(Base):

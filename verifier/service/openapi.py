@@ -43,6 +43,46 @@ _PAGE_LIMIT = {
 }
 
 
+# issue 14: the IMA delta in evidence (docs/ima.md, "Attesting with IMA")
+_IMA_DELTA = {
+    "type": "object",
+    "required": ["start_index", "entries"],
+    "description": "The IMA measurement-list entries after the verified ones, needed when "
+    "the policy has a `runtime` part. Read the list after the quote; send from the "
+    "challenge's `ima.next_index` (from 0 when the quote's resetCount/restartCount differ "
+    "from the challenge's `ima`). The entries are replayed onto the stored PCR 10 values "
+    "until they equal the quoted PCR 10 in every quoted bank; entries past that point are "
+    "pending (send them again). Refused: a delta that does not start at the verified "
+    "count (409, nothing recorded), one that does not reach the quoted PCR 10 (a gap, "
+    "reordering or replayed suffix: contraindicated, rule ima.pcr10), a malformed entry "
+    "(400 naming `ima_entry[INDEX]` and the byte offset), a delta over "
+    "`ima_max_delta_bytes`/`ima_max_delta_entries` (400) or the body limit (413). The "
+    "result's `report.ima` says what was proven and `next_index`; every failing entry is "
+    "a failure with rule `ima.entry` naming index, path, template, expected and actual "
+    "digests and signature state (in the EAR's failures too: ima_index, ima_path, "
+    "ima_template, ima_signature).",
+    "properties": {
+        "start_index": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "list index of the first entry sent",
+        },
+        "entries": {
+            **_B64,
+            "description": "binary_runtime_measurements bytes from that "
+            "entry on (or the ASCII lines); may be empty",
+        },
+        "extend": {
+            "type": "string",
+            "enum": ["per-bank", "sha1-padded"],
+            "default": "per-bank",
+            "description": "how the kernel extends PCR 10: per-bank template digests "
+            "(Linux >= 5.8) or the SHA-1 one zero-padded (older kernels)",
+        },
+    },
+}
+
+
 def _after(description: str) -> dict[str, Any]:
     return {
         "name": "after",
@@ -201,6 +241,7 @@ def openapi_spec() -> dict[str, Any]:
             "pcrs": _PCRS,
             "event_log": {**_B64, "description": "TCG PC Client binary event log"},
             "ak_public": {**_B64, "description": "the AK the attester used (optional)"},
+            "ima": _IMA_DELTA,
         },
     }
     policy = {
@@ -254,7 +295,9 @@ def openapi_spec() -> dict[str, Any]:
         },
         "/v1/attesters/{attester_id}/challenges": {
             "post": _op(
-                "A fresh single-use nonce and the PCR selection to quote",
+                "A fresh single-use nonce and the PCR selection to quote; under a policy "
+                "with a runtime part also `ima`: {next_index, reset_count, restart_count}, "
+                "where the attester's IMA delta starts",
                 ["attester", "admin"],
                 params=[_ID],
                 ok="201",

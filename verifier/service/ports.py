@@ -15,7 +15,14 @@ from typing import Any, Protocol
 
 from verifier.service.messages import EvidenceRequest, RegistrationRequest
 
-__all__ = ["Appraisal", "Appraiser", "CheckedRegistration", "ClockInfo", "CredentialChallenge"]
+__all__ = [
+    "Appraisal",
+    "Appraiser",
+    "CheckedRegistration",
+    "ClockInfo",
+    "CredentialChallenge",
+    "ImaState",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,20 @@ class ClockInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ImaState:
+    """An attester's incremental IMA state (issue 14, table ``ima_state``): the boot it
+    belongs to (the quote's resetCount and restartCount), how many entries of that
+    boot's list are verified, the runtime policy they passed under (SHA-256 hex) and
+    ``progress``, the opaque bytes the appraiser extends from (PCR 10 per bank)."""
+
+    reset_count: int
+    restart_count: int
+    entry_count: int
+    policy_digest: str
+    progress: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Appraisal:
     """One appraisal: EAR status, every failing rule, and the verified clock (if any)."""
 
@@ -60,6 +81,10 @@ class Appraisal:
     clock: ClockInfo | None = None
     quote_verified: bool = False
     policy_id: str | None = None  # verifier.policy id: policy:<name>@sha256:<hex>
+    # the runtime (IMA) part (issue 14): the report's ``ima`` section (None: no runtime
+    # policy) and the state to store if this evidence is accepted (None: keep the old)
+    ima: dict[str, Any] | None = None
+    ima_state: ImaState | None = None
 
 
 class Appraiser(Protocol):
@@ -86,6 +111,10 @@ class Appraiser(Protocol):
         """The policy's id (``policy:<name>@sha256:<hex>``, verifier.policy.Policy.id)."""
         ...
 
+    def runtime_policy_digest(self, body: str) -> str | None:
+        """SHA-256 hex of the policy's runtime (IMA) part; None when it has none."""
+        ...
+
     def appraise(
         self,
         *,
@@ -95,9 +124,15 @@ class Appraiser(Protocol):
         selection: dict[str, tuple[int, ...]],
         policy_body: str | None,
         now: datetime | None = None,
+        ima_state: ImaState | None = None,
+        appraise_runtime: bool = False,
     ) -> Appraisal:
         """Verify and appraise; malformed evidence raises ParseError, failed checks are returned.
-        ``now``: the appraisal time the policy's ``valid_until`` values are held against."""
+        ``now``: the appraisal time the policy's ``valid_until`` values are held against.
+        ``appraise_runtime``: appraise the IMA delta from ``ima_state`` (the stored state;
+        None: nothing verified yet); False (re-appraisal): the runtime part is reported
+        as not appraised. A delta that does not start where the state stands raises
+        ConflictError (nothing is recorded)."""
         ...
 
     def sign_result(

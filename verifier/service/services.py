@@ -19,7 +19,11 @@ Evidence (single transaction for every write):
      attester's high-water marks, insert the result, update the attester and
      its state (issue 16: trusted for affirming/warning, failed otherwise; a
      trusted attester's deadline moves to now + cadence x grace), and record a
-     transition when the state changed.
+     transition when the state changed;
+  4. the runtime (IMA) part (issue 14): step 2 extends the attester's IMA state
+     as read in step 1; step 3, under the attester's lock, checks the stored
+     state is still that one (else 409: a concurrent evidence moved it, nothing
+     is recorded) and stores the new state when the delta passed.
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ from verifier.service.models import (
     Assignment,
     Attester,
     AttesterTransition,
+    ImaStateRow,
     LatestEvidence,
     Nonce,
     Policy,
     Result,
 )
-from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration
+from verifier.service.ports import Appraisal, Appraiser, CheckedRegistration, ImaState
 from verifier.service.reappraise import ReappraisalService
 from verifier.service.transitions import NewTransition, record
 from vtpm_core.errors import (
@@ -99,9 +104,11 @@ _TRUSTED_VERDICTS = frozenset({"affirming", "warning"})
 # statements. The attester's token digest comes with the row every hot path
 # reads anyway; no separate token lookup.
 _CHALLENGE_READ = (
-    "SELECT a.activated_at, a.token_sha256, p.name, p.body FROM attesters a"
+    "SELECT a.activated_at, a.token_sha256, p.name, p.body,"
+    " i.reset_count, i.restart_count, i.entry_count, i.policy_digest FROM attesters a"
     " LEFT JOIN assignments s ON s.attester_id = a.id"
     " LEFT JOIN policies p ON p.name = s.policy_name"
+    " LEFT JOIN ima_state i ON i.attester_id = a.id"
     " WHERE a.id = :aid"
 )
 _NONCE_INSERT = (
@@ -112,11 +119,23 @@ _NONCE_INSERT = (
 _NONCE_PURGE = "DELETE FROM nonces WHERE attester_id = :aid AND expires_at < :now"
 _SUBMIT_READ = (
     "SELECT a.activated_at, a.token_sha256, a.ak_public, a.ak_name,"
-    " n.attester_id, n.used, n.expires_at, n.pcr_selection, n.policy_name, p.body, p.sha256"
+    " n.attester_id, n.used, n.expires_at, n.pcr_selection, n.policy_name, p.body, p.sha256,"
+    " i.reset_count, i.restart_count, i.entry_count, i.policy_digest, i.progress"
     " FROM attesters a"
     " LEFT JOIN nonces n ON n.nonce = :n"
     " LEFT JOIN policies p ON p.name = n.policy_name"
+    " LEFT JOIN ima_state i ON i.attester_id = a.id"
     " WHERE a.id = :aid"
+)
+# the IMA state again, under the attester's lock (step 4): still the one appraised from?
+_IMA_READ = "SELECT progress FROM ima_state WHERE attester_id = :aid"
+_IMA_UPSERT = (
+    "INSERT INTO ima_state (attester_id, reset_count, restart_count, entry_count,"
+    " policy_digest, progress, updated_at) VALUES (:aid, :r, :s, :c, :pd, :pg, :now)"
+    " ON CONFLICT (attester_id) DO UPDATE SET reset_count = excluded.reset_count,"
+    " restart_count = excluded.restart_count, entry_count = excluded.entry_count,"
+    " policy_digest = excluded.policy_digest, progress = excluded.progress,"
+    " updated_at = excluded.updated_at"
 )
 # the single-use rule: exactly one transaction can match this row
 _NONCE_CONSUME = (
@@ -404,7 +423,20 @@ class AttesterService:
                 else None
             )
             assignment = session.get(Assignment, attester_id)
-            return attester_view(attester, latest, assignment.policy_name if assignment else None)
+            view = attester_view(attester, latest, assignment.policy_name if assignment else None)
+            ima = session.get(ImaStateRow, attester_id)
+            view["ima"] = (
+                None
+                if ima is None
+                else {
+                    "reset_count": ima.reset_count,
+                    "restart_count": ima.restart_count,
+                    "entry_count": ima.entry_count,
+                    "runtime_policy_sha256": ima.policy_digest,
+                    "updated_at": _iso(ima.updated_at),
+                }
+            )
+            return view
 
     def list_page(self, state: str | None, after: str | None, limit: int) -> dict[str, Any]:
         """One page of attesters in id order, within ``state`` when given, starting after the
@@ -481,6 +513,7 @@ class AttesterService:
                 ActivationChallenge,
                 AttesterTransition,
                 LatestEvidence,
+                ImaStateRow,
             ):
                 session.execute(delete(table).where(table.attester_id == attester_id))
             session.delete(attester)
@@ -525,7 +558,7 @@ class EvidenceService:
                 if token_sha256 is not None:
                     raise TokenMismatchError("the token is not this attester's")
                 raise NotFoundError(f"attester {attester_id!r} is not registered")
-            activated_at, _token, policy_name, policy_body = row
+            activated_at, _token, policy_name, policy_body = row[:4]
             if activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated yet")
             selection = (
@@ -555,12 +588,18 @@ class EvidenceService:
                 except ConstraintError:
                     raise NotFoundError(f"attester {attester_id!r} is not registered") from None
         self.metrics.challenges.inc()
-        return {
+        out: dict[str, Any] = {
             "nonce": _b64(nonce),
             "expires_at": _iso(expires),
             "pcr_selection": pcr_selection,
             "policy": policy_name,
         }
+        runtime = (
+            self.appraiser.runtime_policy_digest(policy_body) if policy_body is not None else None
+        )
+        if runtime is not None:
+            out["ima"] = _ima_hint(runtime, row[4:8])
+        return out
 
     @staticmethod
     def _nonce_problem(conn: RawConnection, attester_id: str, nonce_hex: str) -> Exception:
@@ -591,6 +630,25 @@ class EvidenceService:
             raise self._nonce_problem(conn, attester_id, nonce_hex)
         return row
 
+    @staticmethod
+    def _check_ima_unmoved(
+        conn: RawConnection, attester_id: str, appraised_from: ImaState | None
+    ) -> None:
+        """Step 4: the stored IMA state is still the one step 2 extended (the attester's
+        row is locked: no other evidence can move it until this commits). Two evidences
+        racing from one state: the second is refused here, before it records anything."""
+        row = conn.one(_IMA_READ, {"aid": attester_id})
+        now_stored = None if row is None else bytes(row[0])
+        before = None if appraised_from is None else appraised_from.progress
+        if now_stored is None and before is None:
+            return
+        if now_stored is None or before is None or not hmac.compare_digest(now_stored, before):
+            raise ConflictError(
+                "ima.state: the attester's IMA state moved while this evidence was appraised "
+                "(another evidence was accepted first): ask for a new challenge and send "
+                "the entries from its ima.next_index"
+            )
+
     def submit(
         self, attester_id: str, evidence: EvidenceRequest, *, token_sha256: str | None = None
     ) -> dict[str, Any]:
@@ -608,7 +666,8 @@ class EvidenceService:
                     raise TokenMismatchError("the token is not this attester's")
                 raise NotFoundError(f"attester {attester_id!r} is not registered")
             (activated_at, _token, ak_public, ak_name, nonce_owner, used, expires_at) = row[:7]
-            pcr_selection, policy_name, policy_body, policy_sha = row[7:]
+            pcr_selection, policy_name, policy_body, policy_sha = row[7:11]
+            ima_state = _ima_state(row[11:16])
             if activated_at is None:
                 raise StateError(f"attester {attester_id} is not activated: no evidence accepted")
             if (
@@ -632,6 +691,8 @@ class EvidenceService:
                     selection=selection,
                     policy_body=policy_body,
                     now=now,
+                    ima_state=ima_state,
+                    appraise_runtime=True,
                 )
             new_flags: list[dict[str, Any]] = []
             if evidence.ak_public is not None:
@@ -649,6 +710,8 @@ class EvidenceService:
             # step 3: one transaction for every write
             with conn.write():
                 marks_row = self._consume(conn, attester_id, nonce_hex, now)
+                if appraisal.ima is not None:
+                    self._check_ima_unmoved(conn, attester_id, ima_state)
                 old_flags, old_status, *old_marks, old_state = marks_row
                 lineage_flags, marks = _lineage(
                     (old_marks[0], old_marks[1], old_marks[2]), appraisal, now
@@ -688,6 +751,14 @@ class EvidenceService:
                         "safe": appraisal.clock.safe,
                     },
                 }
+                # step 4: a delta that passed moves the state; lineage flags (a
+                # regressed clock) keep it where it was, like the marks
+                store_ima = appraisal.ima_state is not None and not new_flags
+                if appraisal.ima is not None:
+                    report["ima"] = {**appraisal.ima, "state_stored": store_ima}
+                    if not store_ima and "start_index" in appraisal.ima:
+                        # not moved: the verified list still stands where this delta began
+                        report["ima"]["next_index"] = appraisal.ima["start_index"]
                 ear = self.appraiser.sign_result(
                     appraisal,
                     status=status,
@@ -732,6 +803,21 @@ class EvidenceService:
                     inserted = conn.one(_RESULT_AND_ATTESTER_PG, values)
                     assert inserted is not None
                 result_id = int(inserted[0])
+                if store_ima:
+                    st = appraisal.ima_state
+                    assert st is not None
+                    conn.run(
+                        _IMA_UPSERT,
+                        {
+                            "aid": attester_id,
+                            "r": st.reset_count,
+                            "s": st.restart_count,
+                            "c": st.entry_count,
+                            "pd": st.policy_digest,
+                            "pg": st.progress,
+                            "now": values["now"],
+                        },
+                    )
                 conn.run(
                     _EVIDENCE_UPSERT,
                     {
@@ -801,6 +887,28 @@ class EvidenceService:
         if changed and self.on_transition is not None:
             self.on_transition()
         return {"attester_id": attester_id, "state": "failed", "recorded": changed}
+
+
+def _ima_state(cols: tuple[Any, ...]) -> ImaState | None:
+    """The ``ima_state`` columns of a hot-path read (None: no row)."""
+    reset, restart, count, digest, progress = cols
+    if progress is None:
+        return None
+    return ImaState(int(reset), int(restart), int(count), str(digest), bytes(progress))
+
+
+def _ima_hint(runtime_digest: str, cols: tuple[Any, ...]) -> dict[str, Any]:
+    """What a challenge tells the attester about its IMA list: the entry to send from
+    and the boot that index belongs to. An attester whose quote shows another
+    resetCount/restartCount sends from entry 0 (a new boot); a changed runtime policy
+    re-appraises from entry 0 too."""
+    reset, restart, count, digest = cols
+    same_policy = digest is not None and hmac.compare_digest(str(digest), runtime_digest)
+    return {
+        "next_index": int(count) if count is not None and same_policy else 0,
+        "reset_count": None if reset is None else int(reset),
+        "restart_count": None if restart is None else int(restart),
+    }
 
 
 def _ak_name_of(appraiser: Appraiser, ak_public: bytes) -> str:
