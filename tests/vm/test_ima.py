@@ -6,6 +6,12 @@ PCRs 0-10 (SHA-256) and PCR 10 (SHA-1), fetch the whole
 ``binary_runtime_measurements``; run a copy of busybox with bytes appended
 (a program no policy knows), quote again, fetch only the new bytes.
 
+The same boot also attests through the running verifier (`vtpm verifier
+serve`, the HTTP evidence API with the IMA delta): a policy made of the boot
+files plus a runtime part learned from the list is affirming; after the
+unlisted program the relay sends only the new entries and the verdict is
+contraindicated, naming the copy, as many times as it is asked.
+
 Host-side, with independent checks beside the project's code: tpm2_checkquote
 for the quoted values; the boot_aggregate entry recomputed by hand from the
 quoted PCRs 0-9; the measured digests of busybox and tpm2 equal to the host
@@ -24,11 +30,19 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.vm.conftest import GuestImages, ProvisionedVtpm
+from tests.vm.conftest import (
+    GuestImages,
+    ProvisionedVtpm,
+    VmVerifier,
+    files_policy,
+    upload_and_assign,
+)
+from verifier.guest_attester import GuestImaList, guest_attest_steps
 from verifier.ima.appraise import advance
 from verifier.ima.boot_aggregate import boot_aggregates
 from verifier.ima.entries import ImaEntry
@@ -93,10 +107,15 @@ def _keylime_pcr10(entries: tuple[ImaEntry, ...], bank: str) -> str:
     return str(theirs)
 
 
+def _failures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((result.get("report") or {}).get("failures") or [])
+
+
 def test_ima_list_proven_learned_and_an_unlisted_program_named(
     tmp_path: Path,
     guest_images: GuestImages,
     vm_vtpm: tuple[ProvisionedVtpm, SwtpmProcess],
+    vm_verifier: VmVerifier,
 ) -> None:
     _, tpm = vm_vtpm
     esp = guest_images.esp(cmdline=ima_cmdline())
@@ -109,9 +128,27 @@ def test_ima_list_proven_learned_and_an_unlisted_program_named(
             # after the quote: IMA adds an entry to the list before it extends the PCR,
             # so a list read later covers the quote (and may run ahead of it)
             listed = chan.ima_list(0)
+            # the running verifier: the boot policy made from the files plus a runtime
+            # part learned from this list; the relay sends the entries it asks for
+            doc = yaml.safe_load(
+                files_policy("vm-ima", esp, secure_boot=False, cmdline=ima_cmdline())
+            )
+            learned = build_policy(learn_from_entries(parse_list(listed)), name="vm-ima-rt")
+            doc["runtime"] = learned.to_dict()
+            body = yaml.safe_dump(doc, sort_keys=False)
+            relay = GuestImaList(chan)
+            served_ok = guest_attest_steps(
+                chan, vm_verifier.url, ima=relay,
+                on_registered=lambda st: upload_and_assign(vm_verifier, st.attester_id,
+                                                           "vm-ima", body),
+            )  # fmt: skip
             path, status = chan.exec_copy(UNLISTED)
             second = _quote(chan)
             delta = chan.ima_list(len(listed))
+            served_bad = [
+                guest_attest_steps(chan, vm_verifier.url, state=served_ok.state, ima=relay)
+                for _ in range(2)  # the failing entry is not verified: it is asked for again
+            ]
             with pytest.raises(TpmError, match="past the list"):
                 chan.ima_list(len(listed) + len(delta) + 1)
         artifacts = vm.wait(30)
@@ -196,6 +233,24 @@ def test_ima_list_proven_learned_and_an_unlisted_program_named(
     assert keylime_line_verdicts(lines, copy.deepcopy(doc)) == [True] * (len(entries) - 1) + [
         False
     ] * len(new)
+    # 6. the running verifier (HTTP evidence API with the IMA delta): affirming under the
+    #    learned policy with the whole list, then contraindicated naming the copy, twice
+    ok = served_ok.result
+    assert ok["status"] == "affirming", _failures(ok)
+    ima_ok = ok["report"]["ima"]
+    assert (ima_ok["start_index"], ima_ok["proven"], ima_ok["verified_count"]) == (
+        0, len(entries), len(entries),
+    )  # fmt: skip
+    assert ima_ok["state_stored"] is True
+    for served in served_bad:
+        bad_result = served.result
+        assert bad_result["status"] == "contraindicated", bad_result
+        named = [f for f in _failures(bad_result) if f["rule"] == "ima.entry"]
+        assert [f["entry"]["path"] for f in named] == [path], _failures(bad_result)
+        assert named[0]["actual"] == f"sha256:{copy_digest}"
+        ima_bad = bad_result["report"]["ima"]
+        assert (ima_bad["start_index"], ima_bad["next_index"]) == (len(entries), len(entries))
+        assert ima_bad["state_stored"] is False
     print(
         f"\nIMA boot: ready after {ready_s:.1f} s, list {len(entries)} entries "
         f"({len(listed)} bytes), delta {len(new)} entries ({len(delta)} bytes)"
