@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import socket
@@ -144,19 +145,48 @@ def test_vm_boot_refuses_a_verifier_that_is_down_before_booting(tmp_path: Path) 
     assert not (tmp_path / "run").exists()
 
 
-def test_vm_boot_ima_writes_the_list_the_quote_covers(
+def _runtime_from_initramfs(initrd: Path, work: Path) -> dict[str, object]:
+    """A runtime policy made from the files, no boot: the initramfs unpacked (GNU cpio),
+    then `vtpm ima learn --tree` on it (every regular file under its guest path)."""
+    tree = work / "initrd-tree"
+    tree.mkdir()
+    archive = gzip.decompress(initrd.read_bytes())
+    done = subprocess.run(
+        ["cpio", "-id", "--quiet", "--no-absolute-filenames"],
+        input=archive, cwd=tree, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = work / "runtime.json"
+    learned = CliRunner().invoke(
+        cli, ["ima", "learn", "--tree", str(tree), "--name", "initrd", "-o", str(out)]
+    )
+    assert learned.exit_code == 0, learned.output
+    doc: dict[str, object] = json.loads(out.read_text())
+    return doc
+
+
+def test_vm_boot_ima_through_the_verifier(
     tmp_path: Path, guest_images: GuestImages, vm_verifier: VmVerifier
 ) -> None:
-    """`vtpm vm boot --ima`: ima.bin replays (`vtpm ima replay`) to the PCR 10 values
-    tpm2_checkquote finds in the quote, in both banks; the plain boot is unchanged."""
+    """`vtpm vm boot --ima --verifier --policy`: a policy made from the files (the ESP's
+    Authenticode digests and options, the initramfs' files for the runtime part) is
+    affirming with the guest's whole IMA list; ima.bin replays (`vtpm ima replay`) to
+    the PCR 10 values tpm2_checkquote finds in the local quote, in both banks."""
     prov = provision_vtpm(tmp_path / "vtpm", name="cli-ima", ca_dir=vm_verifier.ca)
     out = tmp_path / "out"
+    esp = guest_images.esp(cmdline=f"{DEFAULT_CMDLINE} vtpm.ima=1")
+    doc = yaml.safe_load(files_policy("vm-cli-ima", esp, secure_boot=False, cmdline=esp.cmdline))
+    doc["runtime"] = _runtime_from_initramfs(guest_images.initramfs.path, tmp_path)
+    upload_policy(vm_verifier, "vm-cli-ima", yaml.safe_dump(doc, sort_keys=False))
+    token = tmp_path / "admin.token"
+    token.write_text(vm_verifier.admin + "\n")
     result = CliRunner().invoke(
         cli,
         [
             "vm", "boot", "cli-ima", "--store", str(prov.store.root), "--out", str(out),
             "--kernel", str(guest_images.kernel.vmlinuz),
             "--initrd", str(guest_images.initramfs.path), "--ima", "--json",
+            "--verifier", vm_verifier.url, "--token-file", str(token), "--policy", "vm-cli-ima",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -164,7 +194,14 @@ def test_vm_boot_ima_writes_the_list_the_quote_covers(
     assert summary["cmdline"] == f"{DEFAULT_CMDLINE} vtpm.ima=1"
     assert summary["pcrs"] == "sha1:10+sha256:0,1,2,3,4,5,6,7,8,9,10"
     assert summary["ima"]["bytes"] == (out / "ima.bin").stat().st_size
-    assert summary["ima"]["entries"] > 10
+    entries = summary["ima"]["entries"]
+    assert entries > 10
+    verdict = json.loads((out / "result.json").read_text())
+    assert verdict["status"] == "affirming", verdict["report"]["failures"]
+    ima = verdict["report"]["ima"]
+    assert (ima["start_index"], ima["verified_count"]) == (0, entries)
+    assert ima["by_digest"] == entries  # boot_aggregate: its digest from the quoted PCRs 0-9
+
     nonce = (out / "nonce.bin").read_bytes()
     check = "tpm2_checkquote -u ak.pub -m quote.msg -s quote.sig -f quote.pcrs -g sha256 -q"
     done = subprocess.run(
