@@ -51,15 +51,24 @@ def register(cli: click.Group) -> None:
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
                   required=True, help="Where to write the policy (YAML).")  # fmt: skip
     @click.option("--name", default=None, help="A name for the policy (part of its id).")
-    def learn(eventlog: Path, output: Path, name: str | None) -> None:
+    @click.option("--runtime", "runtime_file", type=_FILE, default=None,
+                  help="Embed this IMA runtime policy (vtpm ima learn's) as runtime:.")  # fmt: skip
+    def learn(eventlog: Path, output: Path, name: str | None, runtime_file: Path | None) -> None:
         """Write a policy that the known-good boot in EVENTLOG satisfies.
 
         Learns secure boot state, S-CRTM version, PCR 0, every boot
         application digest (PCR 4), the kernel command lines, the db entries
-        and the dbx size, from events whose data matches its digest.
+        and the dbx size, from events whose data matches its digest. With
+        --runtime, the policy also appraises the IMA list (docs/ima.md).
         """
         log = _read_log(eventlog)
         learned = learn_policy(log.verify(log.replay()), name=name)
+        if runtime_file is not None:
+            from verifier.ima.policy import RuntimePolicy
+
+            doc = learned.to_dict()
+            doc["runtime"] = RuntimePolicy.load(runtime_file).to_dict()
+            learned = Policy.from_dict(doc)
         output.write_text(learned.to_yaml())
         click.echo(f"wrote {output} ({learned.id})")
 

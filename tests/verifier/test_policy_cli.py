@@ -32,6 +32,29 @@ def test_learn_then_check(tmp_path: Path) -> None:
     assert code == 0 and out.startswith("affirming")
 
 
+def test_learn_with_a_runtime_part(tmp_path: Path) -> None:
+    """A real VM's boot log and the runtime policy learned from its IMA list, in one policy."""
+    from verifier.ima.policy import RuntimePolicy
+    from verifier.policy import Policy
+
+    vm = Path(__file__).resolve().parents[1] / "data" / "ima" / "vtpm-guest"
+    runtime = tmp_path / "runtime.json"
+    assert _run("ima", "learn", "--list", str(vm / "ima.bin"), "-o", str(runtime))[0] == 0
+    policy = tmp_path / "p.yaml"
+    code, out, err = _run(
+        "policy", "learn", str(vm / "eventlog.bin"), "--runtime", str(runtime), "-o", str(policy)
+    )
+    assert code == 0, err
+    learned = Policy.load(policy)
+    assert learned.runtime == RuntimePolicy.load(runtime)
+    assert learned.boot_applications and f"({learned.id})" in out
+    code, _, err = _run(
+        "policy", "learn", str(vm / "eventlog.bin"), "--runtime", str(vm / "ima.bin"),
+        "-o", str(tmp_path / "never.yaml"),
+    )  # fmt: skip
+    assert code == 2 and "runtime_policy" in err and not (tmp_path / "never.yaml").exists()
+
+
 def test_check_lists_every_failure(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     _run("policy", "learn", str(RHEL8), "-o", str(policy))
