@@ -256,15 +256,15 @@ def _uki_kernel(art: Artefact, slots: list[tuple[str, _Slot]], doc: dict[str, An
     if any("valid_until" not in a and all(a.get(b) == new[b] for b in banks) for a in apps):
         return Prediction(f"{name} already allowed", name, "nothing")
     new["note"] = (
-        f"predicted from the .linux section of {art.name}, which systemd-stub loads with"
-        f" LoadImage (a second PCR 4 event); comes with {slot.description}'s replacement"
+        f"predicted from the .linux section of {art.name}, which replaces {slot.description}:"
+        " systemd-stub starts it with LoadImage (its own PCR 4 event, after the UKI's)"
     )
     apps.append(new)
     digest = ", ".join(f"{b}:{new[b]}" for b in banks)
     return Prediction(
         f"boot application {name} {digest}",
         f"{art.name} (uki .linux section, Authenticode)",
-        f"nothing: a new event after {slot.description}'s",
+        "nothing: its own PCR 4 event, after the UKI's",
     )
 
 
