@@ -32,8 +32,11 @@ same code for both.
 
 The event log is sent on every round: the verifier appraises each evidence on
 its own (the policy's boot-event rules need the log each time), so a
-quote-only round would fail a policy. ``ima_delta`` is the hook for IMA lists
-(runtime-integrity issue): None until the evidence API accepts a list.
+quote-only round would fail a policy. The IMA list (issue 14, ``ima_list``)
+is not: :meth:`Agent.ima_delta` gives only the entries after those the
+verifier has verified (the challenge's ``ima.next_index``), reading the list
+from where the last round's delta began or ended (:class:`ImaListFile`). An
+unreadable list is a fault of kind ``ima_list``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ import requests
 
 from verifier.attester import (
     AttesterState,
+    ImaListError,
+    ImaListFile,
+    ImaSource,
     TpmAttester,
     VerifierError,
     attest_once,
@@ -91,6 +97,7 @@ class AgentConfig:
     attester_id: str | None = None
     event_log: Path | None = None
     vm_id: str | None = None
+    ima_list: Path | None = None  # the IMA list whose deltas go with evidence (None: none)
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     min_delay_s: float = 0.2
@@ -124,7 +131,7 @@ class RoundOutcome:
     state: str | None
     next_s: float
     fault: str | None = None  # "verifier" (retry with backoff), "tpm", "refused"
-    fault_kind: str | None = None  # for a "tpm" fault: "tpm" or "event_log" (the report's)
+    fault_kind: str | None = None  # a "tpm" fault's: "tpm", "event_log" or "ima_list"
     detail: str | None = None
 
     @property
@@ -156,9 +163,10 @@ class AttesterBackend(Protocol):
 
 
 class _TctiSession:
-    def __init__(self, tpm: TpmAttester, event_log: Path | None) -> None:
+    def __init__(self, tpm: TpmAttester, event_log: Path | None, ima: ImaSource | None) -> None:
         self._tpm = tpm
         self._event_log = event_log
+        self._ima = ima
 
     def enroll(
         self, http: requests.Session, verifier: str, *, vm_id: str | None = None
@@ -174,21 +182,23 @@ class _TctiSession:
                 raise EventLogError(
                     f"event log {self._event_log} unreadable: {exc.strerror or exc}"
                 ) from None
-        return attest_once(http, state, self._tpm, log)
+        return attest_once(http, state, self._tpm, log, self._ima)
 
 
 @dataclass(frozen=True, slots=True)
 class TctiBackend:
     """A TPM through a tpm2-tss TCTI, opened afresh each round (a TPM that went away and
-    came back is picked up again), and the firmware event log from a file."""
+    came back is picked up again), the firmware event log from a file, and ``ima``
+    (``Agent.ima_delta``) for the IMA entries the verifier asks for."""
 
     tcti: str
     event_log: Path | None = None
+    ima: ImaSource | None = None
 
     @contextmanager
     def open(self) -> Iterator[AttesterSession]:
         with TpmAttester.open(self.tcti) as tpm:
-            yield _TctiSession(tpm, self.event_log)
+            yield _TctiSession(tpm, self.event_log, self.ima)
 
 
 class Agent:
@@ -203,7 +213,10 @@ class Agent:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.backend: AttesterBackend = backend or TctiBackend(config.tcti, config.event_log)
+        self._ima = ImaListFile(config.ima_list) if config.ima_list is not None else None
+        self.backend: AttesterBackend = backend or TctiBackend(
+            config.tcti, config.event_log, self.ima_delta if self._ima is not None else None
+        )
         self._sleep = sleep
         self._attester: AttesterState | None = None  # registered during this run
         self.backoff = Backoff(
@@ -266,9 +279,11 @@ class Agent:
         LOG.info("reported %s fault to the verifier (state failed)", kind)
         return True
 
-    def ima_delta(self) -> bytes | None:
-        """Hook for the IMA list entries since the last round (not sent yet)."""
-        return None
+    def ima_delta(self, start: int, boot: tuple[int, int]) -> bytes:
+        """The IMA entries from ``start`` on (the verifier's ``next_index``) in the boot
+        ``boot`` (the quote's resetCount, restartCount), read from the offsets of the
+        last round's delta; b"" without an IMA list."""
+        return b"" if self._ima is None else self._ima.delta(start, boot)
 
     def round(self) -> RoundOutcome:
         """One attestation; faults become an outcome, never an exception."""
@@ -285,6 +300,9 @@ class Agent:
         except EventLogError as exc:
             LOG.error("TPM fault, no evidence sent: %s", exc)
             return RoundOutcome(None, None, self._cadence, "tpm", "event_log", str(exc))
+        except ImaListError as exc:
+            LOG.error("IMA list fault, no evidence sent: %s", exc)
+            return RoundOutcome(None, None, self._cadence, "tpm", "ima_list", str(exc))
         except VtpmTrustError as exc:  # TpmError, a malformed challenge
             LOG.error("TPM fault, no evidence sent: %s", exc)
             return RoundOutcome(None, None, self._cadence, "tpm", "tpm", str(exc))

@@ -13,6 +13,7 @@ verifier URL is required; the CA bundle and a pre-issued token are optional
 | ``tpm`` | ``VTPM_AGENT_TPM`` | ``device:/dev/tpmrm0`` |
 | ``state_file`` | ``VTPM_AGENT_STATE`` | ``$STATE_DIRECTORY/attester.json`` |
 | ``event_log`` | ``VTPM_AGENT_EVENTLOG`` | the kernel's, if readable; ``none``: send no log |
+| ``ima_list`` | ``VTPM_AGENT_IMA_LIST`` | the kernel's IMA list, if readable; ``none``: none |
 | ``vm_id``, ``backoff_base_s``, ``backoff_cap_s``, ``tpm_retries`` | | |
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from verifier.agent import AgentConfig
-from verifier.attester import DEFAULT_EVENTLOG
+from verifier.attester import DEFAULT_EVENTLOG, DEFAULT_IMA_LIST
 from vtpm_core.errors import ConfigError
 
 __all__ = ["load_config"]
@@ -38,6 +39,7 @@ _ENV = {
     "tpm": "VTPM_AGENT_TPM",
     "state_file": "VTPM_AGENT_STATE",
     "event_log": "VTPM_AGENT_EVENTLOG",
+    "ima_list": "VTPM_AGENT_IMA_LIST",
 }
 _STR_KEYS = {*_ENV, "vm_id"}
 _FLOAT_KEYS = {"backoff_base_s": (0.01, 3600.0), "backoff_cap_s": (0.01, 86400.0)}
@@ -90,6 +92,10 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> AgentConfig:
         log: Path | None = None if raw["event_log"] == "none" else Path(raw["event_log"])
     else:
         log = DEFAULT_EVENTLOG if os.access(DEFAULT_EVENTLOG, os.R_OK) else None
+    if "ima_list" in raw:
+        ima: Path | None = None if raw["ima_list"] == "none" else Path(raw["ima_list"])
+    else:
+        ima = DEFAULT_IMA_LIST if os.access(DEFAULT_IMA_LIST, os.R_OK) else None
     return AgentConfig(
         url=url,
         tcti=str(raw.get("tpm", "device:/dev/tpmrm0")),
@@ -98,6 +104,7 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> AgentConfig:
         token=raw.get("token"),
         attester_id=raw.get("attester_id"),
         event_log=log,
+        ima_list=ima,
         vm_id=raw.get("vm_id"),
         **numbers,
     )

@@ -6,6 +6,13 @@ TPM2_ActivateCredential (TPM 2.0 Part 3, 12.5); keep the attester id and token
 in a state file; then challenge -> TPM2_Quote over the requested PCRs with the
 nonce -> evidence (quote, signature, PCR values, event log) -> verdict.
 
+IMA (issue 14): with an IMA list (:class:`ImaListFile`, the kernel's
+``binary_runtime_measurements`` by default) and a challenge that asks for it
+(``ima`` in the answer: the policy has a runtime part), the evidence carries
+the entries from the challenge's ``ima.next_index`` on, read after the quote
+so the list covers what was quoted; from entry 0 when the quote is of
+another boot than that index (resetCount/restartCount differ).
+
 Keys: the EK is the TCG default RSA-2048 EK (template L-1, or the template in
 NV if provisioned; EK Credential Profile 2.x, 2.2.1.4), its certificate read
 from NV 0x01C00002. The AK is a *primary* restricted RSA-2048 signing key in
@@ -23,7 +30,8 @@ import base64
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +43,19 @@ from vtpm_core.errors import ConfigError, ParseError, TpmError, VtpmTrustError
 
 __all__ = [
     "DEFAULT_EVENTLOG",
+    "DEFAULT_IMA_LIST",
     "AttesterState",
+    "ImaListError",
+    "ImaListFile",
     "TpmAttester",
     "VerifierError",
     "attest",
+    "ima_start_index",
     "open_tcti",
 ]
 
 DEFAULT_EVENTLOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+DEFAULT_IMA_LIST = Path("/sys/kernel/security/ima/binary_runtime_measurements")
 _EK_CERT_RSA = 0x01C00002
 _BANK_ALGS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
 _TIMEOUT = 30
@@ -55,6 +68,113 @@ class VerifierError(VtpmTrustError):
         self.status = status
         self.detail = detail
         super().__init__(f"verifier answered {status}: {detail}")
+
+
+class ImaListError(TpmError):
+    """The IMA measurement list could not be read (an agent reports kind ``ima_list``)."""
+
+
+_U32 = struct.Struct("<I")
+_TEMPLATE_HASH = 20  # SHA-1 in binary_runtime_measurements (the default file)
+
+
+def _entry_ends(data: bytes, ascii_form: bool) -> Iterator[int]:
+    """The byte offset after each complete entry of a binary list (the header's lengths:
+    u32 pcr, 20-byte template hash, u32 name length, name, then the legacy ``ima``
+    template's digest + u32 length + name, or u32 length + template data) or of an
+    ASCII one (lines). Only the boundaries: the verifier parses and proves the entries.
+    A trailing partial entry is not yielded."""
+    if ascii_form:
+        pos = data.find(b"\n")
+        while pos >= 0:
+            yield pos + 1
+            pos = data.find(b"\n", pos + 1)
+        return
+    pos, size = 0, len(data)
+    while pos + 28 <= size:
+        name_len = _U32.unpack_from(data, pos + 24)[0]
+        p = pos + 28 + name_len
+        if name_len > 255 or p + 4 > size:
+            return
+        if data[pos + 28 : p] == b"ima":
+            p += 20
+            if p + 4 > size:
+                return
+        p += 4 + _U32.unpack_from(data, p)[0]
+        if p > size:
+            return
+        yield p
+        pos = p
+
+
+class ImaListFile:
+    """The kernel's IMA list (or a file holding one, for tests), read from an entry index.
+
+    Remembers, per boot, where the last delta began and ended (entry index and byte
+    offset), so a round reads only the bytes from the nearest of those: neither the
+    list nor its entries are kept. Binary or ASCII, told from the first byte.
+    """
+
+    def __init__(self, path: Path = DEFAULT_IMA_LIST) -> None:
+        self.path = Path(path)
+        self._boot: tuple[int, int] | None = None
+        self._marks: list[tuple[int, int]] = [(0, 0)]
+        self._ascii: bool | None = None
+
+    def delta(self, start: int, boot: tuple[int, int]) -> bytes:
+        """The complete entries from index ``start`` to the end of the list as it is now;
+        ``boot`` (resetCount, restartCount of the quote) forgets the marks of another one."""
+        if boot != self._boot:
+            self._boot, self._marks = boot, [(0, 0)]
+        index, offset = max((m for m in self._marks if m[0] <= start), default=(0, 0))
+        try:
+            with self.path.open("rb") as fh:
+                if self._ascii is None:
+                    first = fh.read(1)
+                    self._ascii = bool(first) and first in b"0123456789 "
+                fh.seek(offset)
+                data = fh.read()
+        except OSError as exc:
+            raise ImaListError(f"IMA list {self.path} unreadable: {exc.strerror or exc}") from None
+        ends = _entry_ends(data, self._ascii)
+        begin = 0
+        for _ in range(start - index):
+            begin = next(ends, -1)
+            if begin < 0:
+                raise ImaListError(
+                    f"the verifier asks for IMA entries from {start}; "
+                    f"{self.path} has fewer in this boot"
+                )
+        count, end = start, begin
+        for end in ends:  # noqa: B007 - the last one is the delta's end
+            count += 1
+        self._marks = [(index, offset), (start, offset + begin), (count, offset + end)]
+        return data[begin:end]
+
+
+def ima_start_index(hint: Any, quote: bytes) -> int:
+    """The entry to send from: the challenge's ``ima.next_index`` when ``quote`` (our own
+    TPMS_ATTEST, only read for its clock) is of the boot that index belongs to, else 0."""
+    from vtpm_core.tpm import Attest
+
+    if not isinstance(hint, dict) or not isinstance(hint.get("next_index"), int):
+        raise VerifierError(201, "the challenge's ima has no next_index")
+    info = Attest.parse(quote).clock_info
+    same = (hint.get("reset_count"), hint.get("restart_count")) == (
+        info.reset_count,
+        info.restart_count,
+    )
+    return int(hint["next_index"]) if same else 0
+
+
+def _quote_boot(quote: bytes) -> tuple[int, int]:
+    from vtpm_core.tpm import Attest
+
+    info = Attest.parse(quote).clock_info
+    return info.reset_count, info.restart_count
+
+
+ImaSource = Callable[[int, tuple[int, int]], bytes]
 
 
 def _b64(data: bytes) -> str:
@@ -307,8 +427,12 @@ def attest_once(
     state: AttesterState,
     tpm: TpmAttester,
     event_log: bytes | None,
+    ima: ImaSource | None = None,
 ) -> dict[str, Any]:
-    """Challenge -> quote -> evidence; returns the verifier's result."""
+    """Challenge -> quote -> evidence; returns the verifier's result.
+
+    ``ima(start, boot)``: the IMA entries from ``start`` (``ImaListFile.delta``),
+    sent when the challenge asks for them."""
     base = f"{state.verifier}/v1/attesters/{state.attester_id}"
     ch = _call(http, "POST", f"{base}/challenges", token=state.token)
     nonce = base64.b64decode(ch["nonce"])
@@ -323,6 +447,9 @@ def attest_once(
     }
     if event_log is not None:
         evidence["event_log"] = _b64(event_log)
+    if ima is not None and "ima" in ch:
+        start = ima_start_index(ch["ima"], q.attest)  # after the quote: the list covers it
+        evidence["ima"] = {"start_index": start, "entries": _b64(ima(start, _quote_boot(q.attest)))}
     return _call(http, "POST", f"{base}/evidence", token=state.token, body=evidence)
 
 
@@ -333,8 +460,10 @@ def attest(
     state_file: Path,
     event_log: bytes | None = None,
     vm_id: str | None = None,
+    ima_list: Path | None = None,
 ) -> dict[str, Any]:
-    """The whole attester flow; the state file is created on first use."""
+    """The whole attester flow; the state file is created on first use. ``ima_list``:
+    the IMA list whose entries after the verified ones go with the evidence."""
     verifier = verifier.rstrip("/")
     state = AttesterState.load(state_file)
     if state is not None and state.verifier != verifier:
@@ -343,5 +472,6 @@ def attest(
         if state is None:
             state = enroll(http, verifier, tpm, vm_id=vm_id)
             state.save(state_file)
-        result = attest_once(http, state, tpm, event_log)
+        ima = ImaListFile(ima_list).delta if ima_list is not None else None
+        result = attest_once(http, state, tpm, event_log, ima)
     return {"attester_id": state.attester_id, **result}

@@ -122,6 +122,12 @@ def register(cli: click.Group) -> None:
         help=f"attester state (id + token), created on first use [default: {_DEFAULT_STATE}]",
     )
     @click.option("--vm-id", help="VM id to register under (if the EK cert carries none)")
+    @click.option(
+        "--ima-list",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="IMA list (binary_runtime_measurements or the ASCII form): its entries after "
+        "the verified ones go with the evidence when the policy has a runtime part",
+    )
     @click.option("--json", "as_json", is_flag=True, help="print the whole result as JSON")
     def attest_cmd(
         verifier_url: str,
@@ -129,6 +135,7 @@ def register(cli: click.Group) -> None:
         eventlog: Path | None,
         token_file: Path | None,
         vm_id: str | None,
+        ima_list: Path | None,
         as_json: bool,
     ) -> None:
         """Register + activate on first use, then challenge, quote, evidence; print the verdict."""
@@ -136,7 +143,9 @@ def register(cli: click.Group) -> None:
 
         log = _event_log(eventlog, tcti, DEFAULT_EVENTLOG)
         state = token_file or _DEFAULT_STATE.expanduser()
-        result = attest(verifier_url, tcti, state_file=state, event_log=log, vm_id=vm_id)
+        result = attest(
+            verifier_url, tcti, state_file=state, event_log=log, vm_id=vm_id, ima_list=ima_list
+        )
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
@@ -146,6 +155,12 @@ def register(cli: click.Group) -> None:
                 click.echo(f"  failed {f.get('rule')}: {f.get('message')}")
             for f in report.get("flags", []):
                 click.echo(f"  flagged {f.get('flag')}: {f.get('detail')}")
+            ima = report.get("ima") or {}
+            if ima.get("appraised"):
+                click.echo(
+                    f"  ima: entries {ima.get('start_index')}..{ima.get('next_index')} verified, "
+                    f"{ima.get('pending', 0)} pending, next from {ima.get('next_index')}"
+                )
         if result.get("status") != "affirming":
             sys.exit(1)
 

@@ -120,14 +120,15 @@ class ActivationRequest:
         return cls(_req(_b64(obj, s, "secret")))
 
 
-FAULT_KINDS = ("tpm", "event_log")
+FAULT_KINDS = ("tpm", "event_log", "ima_list")
 
 
 @dataclass(frozen=True, slots=True)
 class FaultReport:
     """``POST /v1/attesters/{id}/faults`` (issue 16): the agent could not produce evidence.
 
-    ``kind``: ``tpm`` (the TPM failed or is gone) or ``event_log`` (unreadable);
+    ``kind``: ``tpm`` (the TPM failed or is gone), ``event_log`` or ``ima_list``
+    (unreadable);
     ``detail``: the agent's one-line message, at most 500 characters.
     """
 

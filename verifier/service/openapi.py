@@ -323,7 +323,7 @@ def openapi_spec() -> dict[str, Any]:
                     "type": "object",
                     "required": ["kind"],
                     "properties": {
-                        "kind": {"type": "string", "enum": ["tpm", "event_log"]},
+                        "kind": {"type": "string", "enum": ["tpm", "event_log", "ima_list"]},
                         "detail": {"type": "string", "maxLength": 500},
                     },
                 },

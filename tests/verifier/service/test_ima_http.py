@@ -14,6 +14,7 @@ a TPM whose PCRs 0-9 the kernel read before a firmware update).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -392,3 +393,101 @@ def test_bad_runtime_parts_are_refused_at_upload(
     only = {"version": 1, "runtime": {"version": 1, "excludes": ["/tmp/.*"]}}
     r = ima_service.call("PUT", "/v1/policies/bad-ima", ima_service.admin, json={"policy": only})
     assert r.status_code == 400 and "has only a runtime part" in r.json()["detail"], r.text
+
+
+def test_agent_sends_only_new_entries_from_its_list_file(
+    make_attester: AttesterFactory, published: tuple[ImaEntry, ...], tmp_path: Path
+) -> None:
+    """``Agent.ima_delta``: the list as the kernel shows it (a file here), read from where
+    the last delta began or ended, only the entries the verifier has not verified sent."""
+    from verifier.agent import Agent, AgentConfig
+
+    a = make_attester(LEFT_OUT)
+    listing = tmp_path / "binary_runtime_measurements"
+    cfg = AgentConfig(
+        url=a.service.url,
+        tcti=a.tpm.endpoint.tcti,
+        state_file=None,
+        token=a.state.token,
+        attester_id=a.state.attester_id,
+        ima_list=listing,
+    )
+    agent = Agent(cfg, sleep=lambda _s: None)
+
+    def sent() -> tuple[int, int]:
+        """(start_index, entries received) of the latest evidence, as the verifier saw it."""
+        results = a.service.call(
+            "GET", f"/v1/attesters/{a.state.attester_id}/results?limit=1", a.service.reader
+        ).json()["results"]
+        ima = results[0]["report"]["ima"]
+        return ima["start_index"], ima["received"]
+
+    try:
+        for lo, hi in ((0, 12), (12, 20)):
+            _extend(a.tpm, published[lo:hi])
+            listing.write_bytes(_binary(published[:hi]))
+            assert agent.round().status == "affirming"
+            assert sent() == (lo, hi - lo)
+        # /etc/fstab: refused, and sent again (the verifier still stands at 20)
+        _extend(a.tpm, published[20:])
+        listing.write_bytes(_binary(published))
+        for _ in range(2):
+            assert agent.round().status == "contraindicated"
+            assert sent() == (20, 7)
+        # a reboot: resetCount up, PCR 10 and the list start over (the agent with them)
+        a.tpm.stop()
+        a.tpm.start()
+        agent.close()
+        agent = Agent(dataclasses.replace(cfg, tcti=a.tpm.endpoint.tcti), sleep=lambda _s: None)
+        _extend(a.tpm, published[:6])
+        listing.write_bytes(_binary(published[:6]))
+        assert agent.round().status == "affirming"
+        assert sent() == (0, 6)
+        # the list unreadable: a fault of kind ima_list
+        listing.unlink()
+        outcome = agent.round()
+        assert (outcome.fault, outcome.fault_kind) == ("tpm", "ima_list")
+        assert "unreadable" in (outcome.detail or "")
+    finally:
+        agent.close()
+
+
+def test_vtpm_attest_ima_list(
+    ima_service: Service,
+    make_attester: AttesterFactory,
+    published: tuple[ImaEntry, ...],
+    tmp_path: Path,
+) -> None:
+    """``vtpm attest --ima-list FILE`` (here the ASCII form) sends the entries after the
+    verified ones: the whole list first, then only what was added."""
+    import subprocess
+    import sys
+
+    from tests.verifier.service.conftest import REPO
+
+    a = make_attester(None)
+    token_file = tmp_path / "attester.json"
+    a.state.save(token_file)
+    listing = tmp_path / "ascii_runtime_measurements"
+
+    def run() -> dict[str, Any]:
+        args = ["attest", "--verifier", a.service.url, "--tpm", a.tpm.endpoint.tcti]
+        args += ["--token-file", str(token_file), "--ima-list", str(listing), "--json"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "vtpm_cli.main", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    for hi in (9, 20):
+        lo = 0 if hi == 9 else 9
+        _extend(a.tpm, published[lo:hi])
+        listing.write_text("".join(e.to_ascii() + "\n" for e in published[:hi]))
+        result = run()
+        assert result["status"] == "affirming"
+        ima = result["report"]["ima"]
+        assert (ima["start_index"], ima["received"], ima["next_index"]) == (lo, hi - lo, hi)
