@@ -335,7 +335,6 @@ def guest_attest_once(
     if ima is not None and "ima" in ch:
         start = _ima_start(ch["ima"], quote.message)
         evidence["ima"] = {"start_index": start, "entries": _b64(ima.delta(start))}
-        timings["ima_entries"] = ima.count - start
     result = _call(http, "evidence", f"{base}/evidence", token=state.token, body=evidence)
     timings["evidence"] = clock() - t
     return result

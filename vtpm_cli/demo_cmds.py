@@ -345,13 +345,20 @@ def _echo_verdict(url: str, verdict: GuestAttestation) -> None:
     click.echo(f"  {steps}")
     click.echo(f"  verdict: {res.get('status')} (policy {res.get('policy') or 'none'})")
     report = res.get("report") or {}
+    ima = report.get("ima")
+    if isinstance(ima, dict) and ima.get("appraised"):
+        click.echo(
+            f"  IMA: {ima.get('received')} entries sent from entry {ima.get('start_index')}, "
+            f"{ima.get('proven')} proven by PCR 10, {ima.get('verified_count')} verified"
+        )
     for fail in report.get("failures") or ():
         text = f"  FAIL {fail.get('rule')}: "
         event = fail.get("event")
         if isinstance(event, dict):
             text += f"event {event.get('index')} ({event.get('type')}, PCR {event.get('pcr')}): "
         text += str(fail.get("message"))
-        if fail.get("expected") is not None or fail.get("actual") is not None:
+        shown = fail.get("expected") is not None or fail.get("actual") is not None
+        if shown and str(fail.get("actual")) not in str(fail.get("message")):
             text += f" (expected {fail.get('expected')}, got {fail.get('actual')})"
         click.echo(text)
     for warn in report.get("warnings") or ():
