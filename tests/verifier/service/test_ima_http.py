@@ -491,3 +491,23 @@ def test_vtpm_attest_ima_list(
         assert result["status"] == "affirming"
         ima = result["report"]["ima"]
         assert (ima["start_index"], ima["received"], ima["next_index"]) == (lo, hi - lo, hi)
+
+
+def test_a_changed_runtime_policy_appraises_the_list_again(
+    ima_service: Service, make_attester: AttesterFactory, published: tuple[ImaEntry, ...]
+) -> None:
+    """Entries verified under one runtime policy are not taken as verified under another:
+    the challenge asks for the list from entry 0 again."""
+    a = make_attester(None)
+    _extend(a.tpm, published[:10])
+    assert a.round(_binary(published[:10]))["status"] == "affirming"
+    assert a.challenge()["ima"]["next_index"] == 10
+    policy = a.service.call("GET", f"/v1/attesters/{a.state.attester_id}", a.service.admin).json()[
+        "policy"
+    ]
+    doc = yaml.safe_load(_policy_body(published, LEFT_OUT))
+    r = ima_service.call("PUT", f"/v1/policies/{policy}", ima_service.admin, json={"policy": doc})
+    assert r.status_code == 200, r.text
+    assert a.challenge()["ima"]["next_index"] == 0
+    again = a.round(_binary(published[:10]))
+    assert again["status"] == "affirming" and again["report"]["ima"]["start_index"] == 0
