@@ -42,8 +42,13 @@ class EkCa:
 
 @pytest.fixture(scope="session")
 def ek_ca(tmp_path_factory: pytest.TempPathFactory) -> EkCa:
-    d = tmp_path_factory.mktemp("ekca")
-    (d / "ca").mkdir()
+    return make_ek_ca(tmp_path_factory.mktemp("ekca"))
+
+
+def make_ek_ca(d: Path) -> EkCa:
+    """The swtpm_localca configuration under ``d``; its CA is made by the first
+    :func:`provision_tpm`."""
+    (d / "ca").mkdir(parents=True)
     conf = d / "localca.conf"
     conf.write_text(
         f"statedir = {d}/ca\nsigningkey = {d}/ca/signkey.pem\n"
