@@ -11,6 +11,10 @@ whether the body held a traceback, or the connection failure (``refused``,
   send them), as fast as it can. A 503 waits its ``Retry-After``; a refused or
   dropped connection tries again at once. Each accepted
   evidence body is offered to the replay pool.
+- :class:`RegistrarClient`, :class:`ReaderClient`, :class:`PolicyFlipper`: the ORM's
+  paths beside the hot ones: a newcomer registering and activating again and
+  again, a relying party reading, an operator flipping one attester's policy so
+  its state (and history) changes every second.
 - :class:`MalformedClient`: broken JSON, deeply nested JSON, non-UTF-8, bad
   base64, unknown fields, bad PCRs, unknown nonces, an unparseable quote
   against a fresh nonce, missing and wrong tokens.
@@ -49,6 +53,7 @@ __all__ = [
     "GoodClient",
     "MalformedClient",
     "OversizedClient",
+    "PolicyFlipper",
     "ReaderClient",
     "RegistrarClient",
     "ReplayClient",
@@ -386,6 +391,43 @@ class ReaderClient(Client):
                 answer, _ = self.send(
                     http, self.next_verifier(), path, case=case, expect="success",
                     token=self.token, method="GET",
+                )  # fmt: skip
+                if answer.status != 200:
+                    self.backoff(answer)
+                self.sleep(max(0.0, self.interval_s - (time.monotonic() - t0)))
+
+
+class PolicyFlipper(Client):
+    """An operator: assigns one attester a policy it fails, then none, again and again, so
+    its state flips trusted <-> failed, each change one transition in its history (and the
+    assignment itself is an ORM write under the faults)."""
+
+    kind = "good"
+    interval_s = 1.0
+
+    def __init__(
+        self,
+        name: str,
+        urls: list[str],
+        clock: Callable[[], float],
+        admin: str,
+        attester_id: str,
+        policy: str,
+    ) -> None:
+        super().__init__(name, urls, clock)
+        self.admin = admin
+        self.attester_id = attester_id
+        self.policy = policy
+
+    def loop(self) -> None:
+        choices = itertools.cycle([self.policy, None])
+        with requests.Session() as http:
+            while not self.stopped:
+                t0 = time.monotonic()
+                answer, _ = self.send(
+                    http, self.next_verifier(), f"/v1/attesters/{self.attester_id}/policy",
+                    case="assign-policy", expect="success", token=self.admin,
+                    body={"policy": next(choices)}, attester_id=self.attester_id, method="PUT",
                 )  # fmt: skip
                 if answer.status != 200:
                     self.backoff(answer)

@@ -9,7 +9,9 @@ nobody else) and a SQLite file on a size-limited file system.
 PostgreSQL run (``--seconds``): two verifiers (separate gunicorn masters, 2
 workers each, on two 127.0.0.1 ports, one database) and ``--good`` attesters
 (_clients.GoodClient threads, one swtpm each) attesting as fast as they can,
-challenge on one verifier and evidence on the other.
+challenge and evidence each on either verifier; beside them a registrar, a reader
+and an operator who flips the first attester's policy every second (its state
+goes trusted <-> failed, so its history grows under the faults).
 
 1. baseline: the good clients alone (the first tenth of the run, 3 s at least);
 2. bad clients (malformed, oversized, replayed evidence) start and run to the end;
@@ -66,6 +68,7 @@ from tests.soak._clients import (
     GoodClient,
     MalformedClient,
     OversizedClient,
+    PolicyFlipper,
     ReaderClient,
     RegistrarClient,
     ReplayClient,
@@ -84,6 +87,12 @@ START_TIMEOUT_S = 60.0
 PG_DOWN_S = 1.0
 FAULT_KINDS = 3  # kill-worker, restart-verifier, restart-postgres
 TAIL_S = 3.0
+# what the operator assigns and unassigns: a PCR 0 no swtpm has (contraindicated)
+FAILING_POLICY: dict[str, object] = {
+    "version": 1,
+    "name": "soak-strict",
+    "pcrs": {"sha256": {"0": "11" * 32}},
+}
 
 
 @dataclass(frozen=True)
@@ -224,12 +233,11 @@ class Soak:
             self.stack.callback(tpm.stop)
             self.tpms.append(tpm)
 
-    def home(self, name: str) -> tuple[Path, str]:
-        """A verifier home trusting the TPMs' EK CA; and its reader token."""
+    def home(self, name: str) -> tuple[Path, tuple[str, str]]:
+        """A verifier home trusting the TPMs' EK CA; and its admin and reader tokens."""
         assert self.ek is not None
         home = self.work / name
-        _admin, reader = make_home(home, self.ek)
-        return home, reader
+        return home, make_home(home, self.ek)
 
     def enroll_all(self, urls: list[str]) -> list[AttesterState]:
         states = []
@@ -240,10 +248,19 @@ class Soak:
         return states
 
     def clients(
-        self, urls: list[str], states: list[AttesterState], reader: str
+        self, urls: list[str], states: list[AttesterState], tokens: tuple[str, str]
     ) -> tuple[list[Client], list[Client]]:
-        """The good attesters, a registrar and a reader; the bad clients. The last two
-        TPMs are the registrar's and the bad clients' attester."""
+        """The good attesters, a registrar, a reader and an operator flipping the first
+        attester's policy; the bad clients. The last two TPMs are the registrar's and the
+        bad clients' attester."""
+        admin, reader = tokens
+        resp = requests.put(
+            f"{urls[0]}/v1/policies/{FAILING_POLICY['name']}",
+            json={"policy": FAILING_POLICY},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
         pool = ReplayPool()
         attesting = states[:-2]
         good: list[Client] = [
@@ -254,6 +271,10 @@ class Soak:
         good.append(RegistrarClient("registrar", urls, self.clock, tcti, vm_id))
         ids = [s.attester_id for s in attesting]
         good.append(ReaderClient("reader", urls, self.clock, reader, ids))
+        flipper = PolicyFlipper(
+            "operator", urls, self.clock, admin, ids[0], str(FAILING_POLICY["name"])
+        )
+        good.append(flipper)
         bad_state = states[-1]
         bad: list[Client] = [
             MalformedClient("malformed", urls, self.clock, bad_state),
@@ -305,7 +326,7 @@ def _rate(answers: list[Answer], start: float, end: float) -> float:
 
 def postgres_run(soak: Soak, pg: PgCluster) -> Run:
     cfg = soak.config
-    home, reader = soak.home("home-pg")
+    home, tokens = soak.home("home-pg")
     verifiers = [Verifier(i, home, pg.url(), cfg.workers) for i in range(2)]
     for v in verifiers:  # both masters migrate the empty database at once: serialised
         v.launch()
@@ -314,7 +335,7 @@ def postgres_run(soak: Soak, pg: PgCluster) -> Run:
         v.wait_ready()
     urls = [v.url for v in verifiers]
     states = soak.enroll_all(urls)
-    good, bad = soak.clients(urls, states, reader)
+    good, bad = soak.clients(urls, states, tokens)
     phase = max(3.0, cfg.seconds / 10)
     t0 = soak.clock()
     soak.say(f"postgres run: {cfg.good} attesters, 2 verifiers {urls}, {cfg.seconds:.0f} s")
@@ -482,13 +503,13 @@ def fill(path: Path) -> int:
 def sqlite_run(soak: Soak) -> Run:
     cfg = soak.config
     fs = soak.stack.enter_context(small_fs(soak.work / "sqlite-fs", cfg.sqlite_fs_mb))
-    home, reader = soak.home("home-sqlite")
+    home, tokens = soak.home("home-sqlite")
     db_url = f"sqlite:///{fs / 'verifier.db'}"
     verifier = Verifier(0, home, db_url, cfg.workers)
     verifier.start()
     soak.stack.callback(verifier.stop)
     states = soak.enroll_all([verifier.url])
-    good, bad = soak.clients([verifier.url], states, reader)
+    good, bad = soak.clients([verifier.url], states, tokens)
     t0 = soak.clock()
     end = t0 + cfg.sqlite_seconds
     soak.say(f"sqlite run: {cfg.good} attesters, {verifier.url}, {cfg.sqlite_fs_mb} MiB tmpfs")
