@@ -76,7 +76,7 @@ from tests.soak._clients import (
 )
 from tests.verifier.service.conftest import EkCa, make_ek_ca, make_home, provision_tpm
 from verifier.attester import AttesterState, TpmAttester, enroll
-from verifier.service.config import DEFAULT_MAX_BODY_BYTES
+from verifier.service.config import DEFAULT_MAX_BODY_BYTES, load_config
 from vtpm_core._process import stop_child
 from vtpm_core.swtpm import SwtpmProcess
 
@@ -87,6 +87,7 @@ START_TIMEOUT_S = 60.0
 PG_DOWN_S = 1.0
 FAULT_KINDS = 3  # kill-worker, restart-verifier, restart-postgres
 TAIL_S = 3.0
+IMA_MAX_DELTA_BYTES = 64 << 10
 # what the operator assigns and unassigns: a PCR 0 no swtpm has (contraindicated)
 FAILING_POLICY: dict[str, object] = {
     "version": 1,
@@ -221,6 +222,7 @@ class Soak:
         self.stack = contextlib.ExitStack()
         self.ek: EkCa | None = None
         self.tpms: list[SwtpmProcess] = []
+        self.max_evidence_bytes = DEFAULT_MAX_BODY_BYTES
 
     def clock(self) -> float:
         return time.monotonic() - self._t0
@@ -234,10 +236,14 @@ class Soak:
             self.tpms.append(tpm)
 
     def home(self, name: str) -> tuple[Path, tuple[str, str]]:
-        """A verifier home trusting the TPMs' EK CA; and its admin and reader tokens."""
+        """A verifier home trusting the TPMs' EK CA; and its admin and reader tokens.
+        The evidence body limit stays ~1 MiB (the fleet sends no IMA lists): the
+        oversized client's bodies are that limit's size, not the IMA one's 22 MiB."""
         assert self.ek is not None
         home = self.work / name
-        return home, make_home(home, self.ek)
+        tokens = make_home(home, self.ek, ima_max_delta_bytes=IMA_MAX_DELTA_BYTES)
+        self.max_evidence_bytes = load_config(home).evidence_max_body_bytes
+        return home, tokens
 
     def enroll_all(self, urls: list[str]) -> list[AttesterState]:
         states = []
@@ -278,7 +284,7 @@ class Soak:
         bad_state = states[-1]
         bad: list[Client] = [
             MalformedClient("malformed", urls, self.clock, bad_state),
-            OversizedClient("oversized", urls, self.clock, bad_state, DEFAULT_MAX_BODY_BYTES),
+            OversizedClient("oversized", urls, self.clock, bad_state, self.max_evidence_bytes),
             ReplayClient("replayed", urls, self.clock, pool),
         ]
         return good, bad
