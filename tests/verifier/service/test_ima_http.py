@@ -26,7 +26,7 @@ import requests
 import yaml
 
 from tests.verifier.service.conftest import EkCa, Server, Service, make_home, provision_tpm
-from verifier.attester import AttesterState, TpmAttester, enroll
+from verifier.attester import AttesterState, TpmAttester, enroll, ima_start_index
 from verifier.ear import verify_result
 from verifier.ima.entries import ImaEntry
 from verifier.ima.learn import build_policy, learn_from_entries
@@ -112,8 +112,8 @@ class Attester:
     def evidence(
         self, delta: bytes | None, start: int | None = None, ch: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """A quote for a fresh challenge and the delta from ``start`` (the challenge's
-        ``ima.next_index`` when None)."""
+        """A quote for a fresh challenge and the delta from ``start`` (when None: the
+        challenge's ``ima.next_index``, or 0 for a quote of another boot)."""
         ch = ch or self.challenge()
         with TpmAttester.open(self.tpm.endpoint.tcti) as att:
             q = att.quote(base64.b64decode(ch["nonce"]), ch["pcr_selection"])
@@ -124,7 +124,7 @@ class Attester:
             "pcrs": q.pcrs,
         }
         if delta is not None:
-            index = ch["ima"]["next_index"] if start is None else start
+            index = ima_start_index(ch["ima"], q.attest) if start is None else start
             body["ima"] = {"start_index": index, "entries": _b64(delta)}
         return body
 
@@ -311,6 +311,24 @@ def test_reboot_starts_a_new_list(
     stored = a.stored()
     assert stored is not None and stored["entry_count"] == 5
     assert stored["reset_count"] == again["report"]["clock"]["reset_count"]
+    # a TPM Restart (Shutdown(STATE), then Startup(CLEAR)): resetCount stays, restartCount
+    # goes up and the PCRs are reset (TPM 2.0 Part 1, 36.6): a new list as well
+    from tpm2_pytss import TPM2_SU
+
+    with a.tpm.esapi() as esapi:
+        esapi.shutdown(TPM2_SU.STATE)
+    a.tpm.stop()
+    a.tpm.start()
+    _extend(a.tpm, published[:3])
+    r = a.submit(a.evidence(_binary(published[5:]), 5))
+    assert r.status_code == 409 and "stands at entry 0" in r.json()["detail"], r.text
+    restarted = a.round(_binary(published[:3]))  # the quote's restartCount: from 0
+    assert restarted["status"] == "affirming", restarted["report"]["failures"]
+    clock = restarted["report"]["clock"]
+    assert clock["reset_count"] == stored["reset_count"] and clock["restart_count"] == 1
+    assert restarted["report"]["ima"]["new_boot"] is True
+    stored = a.stored()
+    assert stored is not None and (stored["entry_count"], stored["restart_count"]) == (3, 1)
 
 
 def test_racing_evidences_extend_the_state_once(
