@@ -45,7 +45,11 @@ from verifier.ima.limits import ImaLimits
 from verifier.policy import Policy
 from verifier.policy.rules import CONFIGURATION, EXECUTABLES
 from verifier.quote import check_ak_attributes, verify_quote
-from verifier.service.config import ServiceConfig
+from verifier.service.config import (
+    DEFAULT_IMA_MAX_DELTA_BYTES,
+    DEFAULT_IMA_MAX_DELTA_ENTRIES,
+    ServiceConfig,
+)
 from verifier.service.messages import EvidenceRequest, RegistrationRequest
 from verifier.service.ports import (
     Appraisal,
@@ -209,7 +213,9 @@ class LibraryAppraiser:
         self._signer = signer
         self._verifier_id = verifier_id
         self._default_selection = default_selection or {"sha256": tuple(range(8))}
-        self._ima_limits = ima_limits or ImaLimits(max_list_bytes=16 << 20, max_entries=200_000)
+        self._ima_limits = ima_limits or ImaLimits(
+            max_list_bytes=DEFAULT_IMA_MAX_DELTA_BYTES, max_entries=DEFAULT_IMA_MAX_DELTA_ENTRIES
+        )
         # parsed AK publics by their wire bytes, parsed policies by their text:
         # immutable values, bounded, per app instance
         self._ak_cache: OrderedDict[bytes, ParsedPublic] = OrderedDict()

@@ -369,6 +369,10 @@ def test_bad_deltas_are_4xx_naming_the_entry(
     too_many = _binary(published[: DELTA_LIMIT + 1])
     r = a.submit(a.evidence(too_many, 0))
     assert r.status_code == 400 and f"{DELTA_LIMIT}-entry limit" in r.json()["detail"], r.text
+    # a delta past max_body_bytes (1 MiB) still reaches the parser on this route
+    big = binary + b"\x0a\x00\x00\x00" + bytes(3 << 19)
+    r = a.submit(a.evidence(big, 0))
+    assert r.status_code == 400 and "ima_entry[10]" in r.json()["detail"], r.text
     body = a.evidence(binary, 0)
     body["ima"]["start_index"] = -1
     r = a.submit(body)
