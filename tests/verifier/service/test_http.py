@@ -28,6 +28,7 @@ from verifier.attester import AttesterState, TpmAttester, attest_once, enroll
 from verifier.ear import EAR_PROFILE_04, EAR_PROFILE_2023, verify_result
 from verifier.eventlog import EventLog
 from verifier.policy import learn_policy
+from verifier.service.config import load_config
 from vtpm_core.measured_boot import BootDescription, simulate_boot
 from vtpm_core.swtpm import SwtpmProcess
 
@@ -415,11 +416,14 @@ def test_bad_requests(
         ev = make_evidence(service, tpm, state)
         resp = submit(service, state, {**ev, "pcrs": {"sha256": {"0": "00"}}})
     elif case == "oversized":
-        resp = submit(service, state, {"nonce": "A" * (2 << 20)})
+        # the evidence route's limit: max_body_bytes plus room for an IMA delta
+        limit = load_config(service.home).evidence_max_body_bytes
+        resp = submit(service, state, {"nonce": "A" * (limit + 1024)})
     elif case == "oversized-chunked":
-        # no Content-Length: werkzeug stops reading at max_body_bytes without a word;
-        # the first MiB of this body is well-formed JSON, and must not be parsed
-        head = b'{"nonce": "' + b"A" * ((1 << 20) - 13) + b'"}'
+        # no Content-Length: werkzeug stops reading at the limit without a word; the
+        # first `limit` bytes of this body are well-formed JSON, and must not be parsed
+        limit = load_config(service.home).evidence_max_body_bytes
+        head = b'{"nonce": "' + b"A" * (limit - 13) + b'"}'
         chunks = (head[i : i + 65536] for i in range(0, len(head), 65536))
         resp = service.call(
             "POST", f"/v1/attesters/{aid}/evidence", state.token, data=iter([*chunks, b" " * 4096])
