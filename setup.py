@@ -2,7 +2,9 @@
 
 verifier/eventlog/_native.c walks event-log records and replays PCR banks
 (see docs/eventlog.md, "The appraisal path"); it links OpenSSL's libcrypto
-(Debian: libssl-dev) for the hashes.
+(Debian: libssl-dev) for the hashes. verifier/ima/_native.c walks binary IMA
+measurement lists, replays PCR 10 and looks entries up in a runtime policy
+(docs/ima.md, "Performance"); the same libcrypto.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             ["verifier/eventlog/_native.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        Extension(
+            "verifier.ima._native",
+            ["verifier/ima/_native.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ]
 )

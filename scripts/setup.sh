@@ -45,16 +45,17 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/nul
   echo "setup: vtpm-trust needs Python 3.11 ($PY is $("$PY" --version 2>&1))" >&2
   exit 1
 fi
-# venv for the .venv; Python.h for the C part (verifier/eventlog/_native.c)
+# venv for the .venv; Python.h for the C parts (verifier/eventlog/_native.c, verifier/ima/_native.c)
 if ! "$PY" -c 'import venv, ensurepip, os, sysconfig
 assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
   apt-get install -y -qq --no-install-recommends python3-venv python3-dev >/dev/null
 fi
 STAMP=.venv/.installed
-NATIVE=verifier/eventlog/_native.c
 if [ ! -x .venv/bin/python ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] \
-  || [ setup.py -nt "$STAMP" ] || [ "$NATIVE" -nt "$STAMP" ] \
-  || ! ls verifier/eventlog/_native.*.so >/dev/null 2>&1; then
+  || [ setup.py -nt "$STAMP" ] || [ verifier/eventlog/_native.c -nt "$STAMP" ] \
+  || [ verifier/ima/_native.c -nt "$STAMP" ] \
+  || ! ls verifier/eventlog/_native.*.so >/dev/null 2>&1 \
+  || ! ls verifier/ima/_native.*.so >/dev/null 2>&1; then
   echo "setup: creating .venv and installing vtpm-trust[dev]"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip 2>/dev/null

@@ -28,7 +28,7 @@ def _read(path: Path, algo: str | None) -> tuple[ImaEntry, ...]:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise ParseError("ima_list", "list", limit, f"{path} is larger than the {limit}-byte limit")
-    return parse_list(data, template_hash_algo=algo)
+    return tuple(parse_list(data, template_hash_algo=algo))
 
 
 _ALGO = click.option(

@@ -46,7 +46,7 @@ def read_list(path: Path) -> tuple[ImaEntry, ...]:
     if len(data) > limit:
         raise ParseError("ima_list", "list", limit, f"{path} is larger than the {limit}-byte limit")
     try:
-        return parse_list(data)
+        return tuple(parse_list(data))
     except ParseError as exc:
         raise ParseError(exc.structure, exc.field, exc.offset, f"{exc.message} in {path}") from None
     except VerificationError as exc:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -45,6 +47,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from verifier.ima import parse
+from verifier.ima.entries import Extender, ExtendMode
+from verifier.ima.parse import _DNG_PREFIXES, WALKED_TEMPLATES, ImaList
 from verifier.ima.policy import (
     Digest,
     RuntimePolicy,
@@ -214,14 +219,35 @@ def appraise_entries(
     allowed_aggregates = {(canonical_algorithm(a), d) for a, d in boot_aggregates}
     has_keys = bool(policy.signing_keys)
     ignore_all_keyrings = "*" in policy.ignored_keyrings
-    for i, entry in enumerate(entries):
-        checked += 1
-        index = first_index + i
-        failure = _appraise_one(
-            index, entry, policy, allowed_aggregates, has_keys, ignore_all_keyrings, count, warnings
+    if (
+        parse.NATIVE
+        and isinstance(entries, ImaList)
+        and (len(entries) >= FAST_LOOKUP_MIN or policy.digest in _FILE_KEYS)
+    ):
+        # The walked entries whose (digest, path) the policy lists pass by digest:
+        # _appraise_one's decision for them (see _file_keys). Only the others are
+        # made into entries and go through every rule, in list order.
+        eligible = bytes(
+            (2 if t in SIGNED_TEMPLATES and has_keys else 1) if t in FILE_TEMPLATES else 0
+            for t in WALKED_TEMPLATES
         )
+        rest = entries.unmatched(eligible, _file_keys(policy))
+        checked = len(entries)
+        count.by_digest = checked - len(rest)
+        pairs: Iterable[tuple[int, AppraisedEntry]] = ((i, entries[i]) for i in rest)
+    else:
+        pairs = enumerate(entries)
+    for i, entry in pairs:
+        if not isinstance(entries, ImaList):
+            checked += 1
+        failure = _appraise_one(
+            first_index + i, entry, policy, allowed_aggregates, has_keys, ignore_all_keyrings,
+            count, warnings,
+        )  # fmt: skip
         if failure is not None:
             failures.append(failure)
+    if isinstance(entries, ImaList):
+        checked = len(entries)
     return RuntimeAppraisal(
         checked=checked,
         by_digest=count.by_digest,
@@ -337,6 +363,56 @@ def _appraise_one(
     return EntryFailure(
         index, path, template, f"template {template!r} is not appraised", format_digest(digest)
     )
+
+
+# -- the fast lookup for walked binary lists ------------------------------------------
+
+FAST_LOOKUP_MIN = 1000
+"""From this many entries (or once the policy's keys are built) appraise_entries looks
+walked entries up by their bytes; a short delta is cheaper through the rules alone
+than building the keys of a large policy (~1 us a digest)."""
+_FILE_KEYS: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()  # by policy digest
+_FILE_KEYS_MAX = 8
+_FILE_KEYS_LOCK = threading.Lock()
+_U32 = struct.Struct("<I")
+
+
+def _file_keys(policy: RuntimePolicy) -> frozenset[bytes]:
+    """The (d-ng, n-ng) head bytes (u32 length, "<algo>:\\0" digest, u32 length, path NUL:
+    how ima-ng and its kin store them) of every entry that _appraise_one passes by its
+    digest alone: a path of ``policy.digests`` that is not ``boot_aggregate`` and no
+    exclude matches, with each digest listed for it under each d-ng prefix the parser
+    reads as that algorithm. A path that does not survive the parser's UTF-8
+    (surrogateescape) round trip is left out, so a key never matches an entry whose
+    path is another string. Entries not found here go through every rule."""
+    keys = _FILE_KEYS.get(policy.digest)
+    if keys is not None:
+        return keys
+    prefixes: dict[tuple[str, int], list[bytes]] = {}
+    for prefix, known in _DNG_PREFIXES.items():
+        prefixes.setdefault(known, []).append(prefix + b":\0")
+    out = set()
+    pack = _U32.pack
+    excludes = policy.excludes
+    for path, digests in policy.digests.items():
+        if path == BOOT_AGGREGATE or (excludes and excludes.match(path) is not None):
+            continue
+        try:
+            raw = path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            continue
+        if b"\0" in raw or raw.decode("utf-8", "surrogateescape") != path:
+            continue
+        name = pack(len(raw) + 1) + raw + b"\0"
+        for algo, digest in digests:
+            for prefix in prefixes.get((algo, len(digest)), ()):
+                out.add(pack(len(prefix) + len(digest)) + prefix + digest + name)
+    keys = frozenset(out)
+    with _FILE_KEYS_LOCK:
+        _FILE_KEYS[policy.digest] = keys
+        while len(_FILE_KEYS) > _FILE_KEYS_MAX:
+            _FILE_KEYS.popitem(last=False)
+    return keys
 
 
 # -- incremental state -----------------------------------------------------------------
@@ -509,7 +585,17 @@ def advance(
     plan = tuple((b, BANK_SIZES[b], _hasher(b)) for b in banks)
     proven: int | None = 0 if _equal(running, quoted_pcr10) else None
     first, target = banks[0], quoted_pcr10[banks[0]]
-    if proven is None:
+    if proven is None and _walkable(entries, extend_values, banks):
+        assert isinstance(entries, ImaList) and isinstance(extend_values, Extender)
+        taken, walked = entries.extend_pcr10(
+            banks,
+            extend_values.mode is ExtendMode.SHA1_PADDED,
+            [running[b] for b in banks],
+            [quoted_pcr10[b] for b in banks],
+        )
+        running = dict(zip(banks, walked, strict=True))
+        proven = taken
+    elif proven is None:
         for n, entry in enumerate(entries, start=1):
             values = extend_values(entry)
             for bank, size, hasher in plan:
@@ -536,6 +622,22 @@ def advance(
     )
     new_state = ImaProgress(reset_count, base.count + proven, running, policy.digest)
     return ImaStep(appraisal, new_state, proven, len(entries) - proven)
+
+
+_C_BANKS = frozenset({"sha1", "sha256", "sha384", "sha512"})
+
+
+def _walkable(entries: Sequence[AppraisedEntry], extend: ExtendValues, banks: list[str]) -> bool:
+    """Whether the C replay gives what the loop would: a parsed binary list, the standard
+    extender, every bank it computes one OpenSSL has (as hashlib does) and every quoted
+    bank among them (else the loop raises, naming the bank)."""
+    return (
+        parse.NATIVE
+        and isinstance(entries, ImaList)
+        and isinstance(extend, Extender)
+        and set(extend.banks) <= _C_BANKS
+        and set(banks) <= set(extend.banks)
+    )
 
 
 def _equal(running: Mapping[str, bytes], quoted: Mapping[str, bytes]) -> bool:

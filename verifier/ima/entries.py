@@ -15,11 +15,13 @@ nothing about its data: the kernel could not measure the file.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["TEMPLATE_FORMATS", "ImaEntry", "hash_name"]
+__all__ = ["TEMPLATE_FORMATS", "ExtendMode", "Extender", "ImaEntry", "hash_name"]
 
 
 # ima_template.c builtin_templates: name -> field ids ("fmt"). A custom
@@ -128,3 +130,24 @@ def _show_ascii(fid: str, value: bytes) -> str:
     if fid in ("iuid", "igid", "imode"):
         return str(int.from_bytes(value, "little"))
     return value.hex()  # d, sig, buf, modsig, evmsig, xattr lengths/values, unknown
+
+
+class ExtendMode(enum.Enum):
+    """How the kernel extends each PCR 10 bank (see verifier.ima.replay)."""
+
+    PER_BANK = "per-bank"
+    SHA1_PADDED = "sha1-padded"
+
+
+@dataclass(frozen=True, slots=True)
+class Extender:
+    """``entry -> {bank: value}`` (what ``verifier.ima.replay.extend_values`` gives), with
+    the mode and banks it computes, so that ``advance`` can replay a parsed binary list
+    in C (``ImaList.extend_pcr10``) with the same rule."""
+
+    mode: ExtendMode
+    banks: tuple[str, ...]
+    values: Callable[[ImaEntry], Mapping[str, bytes]]
+
+    def __call__(self, entry: ImaEntry) -> Mapping[str, bytes]:
+        return self.values(entry)

@@ -29,8 +29,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from typing import overload
 
+try:
+    from verifier.ima import _native
+except ImportError:  # a tree whose C part is not built yet (scripts/setup.sh builds it)
+    _native = None  # type: ignore[assignment]
 from verifier.ima.entries import TEMPLATE_FORMATS, ImaEntry, hash_name
 from verifier.ima.limits import DEFAULT_IMA_LIMITS, ImaLimits
 from verifier.ima.policy import DIGEST_SIZES, canonical_algorithm
@@ -39,6 +45,8 @@ from vtpm_core.errors import ParseError, VerificationError
 __all__ = [
     "DIGEST_FIELDS",
     "FIELD_IDS",
+    "WALKED_TEMPLATES",
+    "ImaList",
     "parse_ascii",
     "parse_binary",
     "parse_list",
@@ -74,6 +82,33 @@ _DNG_PREFIXES = {
 }
 _DIGEST_TYPES = ("ima", "verity")
 
+# The C walk (verifier/ima/_native.c): the templates whose fields it checks, as
+# (name, one code per field: D d-ng, N n-ng, M d-modsig, U integer, S sig, O opaque),
+# and the d-ng prefixes it knows. Everything else goes to the plain reader.
+_WALK_CODES = {
+    "d-modsig": b"M", "iuid": b"U", "igid": b"U", "imode": b"U", "sig": b"S", "buf": b"O",
+    "modsig": b"O", "evmsig": b"O", "xattrnames": b"O", "xattrlengths": b"O",
+    "xattrvalues": b"O",
+}  # fmt: skip
+_WALK_TABLE = tuple(
+    (name.encode(), b"DN" + b"".join(_WALK_CODES[f] for f in fmt[2:]))
+    for name, fmt in TEMPLATE_FORMATS.items()
+    if fmt[:2] == ("d-ng", "n-ng") and all(f in _WALK_CODES for f in fmt[2:])
+)
+WALKED_TEMPLATES = tuple(name.decode() for name, _ in _WALK_TABLE)
+"""The templates the C walk reads, in the order of :meth:`ImaList.unmatched`'s ``eligible``."""
+_WALK_PREFIXES = tuple((prefix, size) for prefix, (_, size) in _DNG_PREFIXES.items())
+_WALK_HASHES = frozenset({"sha1", "sha256", "sha384", "sha512"})
+NATIVE = _native is not None  # without it: the plain reader and loops, same results, slower
+WALK = NATIVE  # tests switch the walk off to compare with the plain reader alone
+SPAN_WORDS = 6  # _native.c SPAN_WORDS
+INFO_VIOLATION = 0x100
+INFO_SIDE = 0x400
+_SPAN = struct.Struct(f"<{SPAN_WORDS}I")
+_SPAN_BYTES = _SPAN.size
+_INFO_COMPLEX = 0xFF  # template id of an entry the plain reader made
+_HSIZE = ALGO_SIZES
+
 
 def _where(index: int) -> str:
     return f"ima_entry[{index}]"
@@ -98,7 +133,7 @@ def parse_list(
     offset_index: int = 0,
     limits: ImaLimits = DEFAULT_IMA_LIMITS,
     template_hash_algo: str | None = None,
-) -> tuple[ImaEntry, ...]:
+) -> Sequence[ImaEntry]:
     """Parse a whole list or a delta of one, binary or ASCII (told apart by the first byte).
 
     ``offset_index`` is the list index of the first entry in ``data`` (an
@@ -137,35 +172,84 @@ def parse_binary(
     offset_index: int = 0,
     limits: ImaLimits = DEFAULT_IMA_LIMITS,
     template_hash_algo: str = "sha1",
-) -> tuple[ImaEntry, ...]:
-    """The binary form (see the module docstring); same guarantees as :func:`parse_list`."""
+) -> ImaList:
+    """The binary form (see the module docstring); same guarantees as :func:`parse_list`.
+
+    The entries the C walk accepts (``_native.walk_entries``: the templates in
+    :data:`WALKED_TEMPLATES` with SHA-family template hashes) stay bytes in the
+    returned :class:`ImaList`; every other entry, and every entry the walk stops
+    at, is read by :func:`_read_entry`, the plain reader, which names what is
+    wrong (entry index, field, byte offset) or returns the entry.
+    """
     algo = canonical_algorithm(template_hash_algo)
     hsize = ALGO_SIZES.get(algo)
     if hsize is None:
         raise ParseError("ima_list", "template_hash", 0, f"unknown algorithm {algo!r}")
-    hasher = template_hash_algorithm(algo)
-    zero = bytes(hsize)
-    unpack = _U32.unpack_from
-    out: list[ImaEntry] = []
+    reader = _Reader(algo, hsize, limits)
+    walk = WALK and algo in _WALK_HASHES and len(data) <= 0xFFFFFFFF
+    chunks: list[bytes] = []
+    side: list[bytes] = []
+    side_len = 0
+    extra: dict[int, ImaEntry] = {}
     pos = 0
+    count = 0
     end = len(data)
-    head = 8 + hsize
-    names: dict[bytes, str] = {}  # each distinct template name is checked once
     while pos < end:
-        index = offset_index + len(out)
+        if walk:
+            stop, spans = _native.walk_entries(
+                data, pos, count, limits.max_entries, hsize, algo, limits.max_template_data,
+                _WALK_TABLE, _WALK_PREFIXES,
+            )  # fmt: skip
+            if spans:
+                chunks.append(spans)
+                count += len(spans) // _SPAN_BYTES
+            pos = stop
+            if pos >= end:
+                break
+        entry, pos = reader.read(data, pos, offset_index + count, count)
+        extra[count] = entry
+        td = entry.template_data
+        info = _INFO_COMPLEX | INFO_SIDE | (INFO_VIOLATION if entry.is_violation else 0)
+        chunks.append(_SPAN.pack(entry.offset, side_len, len(td), 0, entry.pcr, info))
+        side.append(td)
+        side_len += len(td)
+        count += 1
+    return ImaList(data, b"".join(side), b"".join(chunks), extra, offset_index, algo, reader)
+
+
+class _Reader:
+    """The plain reader of one binary entry (the reference the C walk is tested against)."""
+
+    __slots__ = ("algo", "hasher", "head", "hsize", "limits", "names", "zero")
+
+    def __init__(self, algo: str, hsize: int, limits: ImaLimits) -> None:
+        self.algo = algo
+        self.hsize = hsize
+        self.head = 8 + hsize
+        self.zero = bytes(hsize)
+        self.hasher = template_hash_algorithm(algo)
+        self.limits = limits
+        self.names: dict[bytes, str] = {}  # each distinct template name is checked once
+
+    def read(self, data: bytes, pos: int, index: int, count: int) -> tuple[ImaEntry, int]:
+        """The entry at ``pos`` (the ``count``-th of the input) and where the next begins."""
+        limits = self.limits
+        unpack = _U32.unpack_from
+        hsize = self.hsize
+        end = len(data)
         start = pos
-        if len(out) >= limits.max_entries:
+        if count >= limits.max_entries:
             raise ParseError(
                 _where(index), "entry", pos, f"more than the {limits.max_entries}-entry limit"
             )
-        if pos + head > end:
-            raise _truncated(index, "header", pos, head, end - pos)
+        if pos + self.head > end:
+            raise _truncated(index, "header", pos, self.head, end - pos)
         (pcr,) = unpack(data, pos)
         th = data[pos + 4 : pos + 4 + hsize]
         (name_len,) = unpack(data, pos + 4 + hsize)
         if pcr >= MAX_PCRS:
             raise ParseError(_where(index), "pcr", pos, f"PCR {pcr} (a TPM has {MAX_PCRS})")
-        pos += head
+        pos += self.head
         if not 0 < name_len <= MAX_TEMPLATE_NAME:
             raise ParseError(
                 _where(index), "template_name_len", pos - 4,
@@ -174,6 +258,7 @@ def parse_binary(
         if pos + name_len > end:
             raise _truncated(index, "template_name", pos, name_len, end - pos)
         raw_name = data[pos : pos + name_len]
+        names = self.names
         name = names.get(raw_name) or names.setdefault(
             raw_name, _template_name(raw_name, index, pos)
         )
@@ -212,11 +297,122 @@ def parse_binary(
             data_at = pos
             fields = _split_fields(template_data, name, index, pos)
             pos += dlen
-        out.append(
-            _entry(index, start, pcr, th, algo, name, template_data, fields, data_at,
-                   th == zero, hasher)
+        entry = _entry(index, start, pcr, th, self.algo, name, template_data, fields, data_at,
+                       th == self.zero, self.hasher)  # fmt: skip
+        return entry, pos
+
+
+class ImaList(Sequence[ImaEntry]):
+    """The entries of a binary list, checked, most of them kept as bytes.
+
+    What :func:`parse_binary` returns: a sequence of :class:`ImaEntry` with
+    the guarantees of :func:`parse_list` (every entry well formed, its
+    template hash checked). An entry the C walk accepted is made when it is
+    read, by the plain reader (so it is exactly what that reader gives);
+    ``advance`` and ``appraise_entries`` read the bytes directly
+    (:meth:`extend_pcr10`, :meth:`unmatched`) and make only the entries that
+    need the full rules. Slicing gives an ImaList over the same bytes.
+    """
+
+    __slots__ = ("_algo", "_data", "_extra", "_first", "_hi", "_lo", "_reader", "_side", "_spans")
+
+    def __init__(
+        self,
+        data: bytes,
+        side: bytes,
+        spans: bytes,
+        extra: dict[int, ImaEntry],
+        first: int,
+        algo: str,
+        reader: _Reader,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> None:
+        self._data = data
+        self._side = side
+        self._spans = spans
+        self._extra = extra  # by position in the input: the entries the plain reader made
+        self._first = first  # the list index of position 0
+        self._algo = algo
+        self._reader = reader
+        self._lo = lo
+        self._hi = len(spans) // _SPAN_BYTES if hi is None else hi
+
+    @property
+    def template_hash_algo(self) -> str:
+        return self._algo
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    @overload
+    def __getitem__(self, i: int) -> ImaEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> ImaList: ...
+    def __getitem__(self, i: int | slice) -> ImaEntry | ImaList:
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("an ImaList slice has step 1")
+            return ImaList(
+                self._data, self._side, self._spans, self._extra, self._first, self._algo,
+                self._reader, self._lo + lo, self._lo + max(lo, hi),
+            )  # fmt: skip
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("ImaList index out of range")
+        at = self._lo + i
+        entry = self._extra.get(at)
+        if entry is None:
+            offset = _SPAN.unpack_from(self._spans, at * _SPAN_BYTES)[0]
+            entry, _ = self._reader.read(self._data, offset, self._first + at, 0)
+        return entry
+
+    def __iter__(self) -> Iterator[ImaEntry]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ImaList | tuple):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<ImaList of {len(self)} entries from index {self._first + self._lo}>"
+
+    def extend_pcr10(
+        self,
+        banks: Sequence[str],
+        padded: bool,
+        start: Sequence[bytes],
+        targets: Sequence[bytes],
+    ) -> tuple[int | None, tuple[bytes, ...]]:
+        """Extend ``start`` (PCR 10 per bank) entry by entry, the kernel's way (per-bank
+        template digests, or the SHA-1 one zero-padded), until every bank equals
+        ``targets``: (how many entries that took, or None; the values there or at the end).
+        Banks are hashlib names of the SHA family."""
+        reuse = tuple(self._algo == ("sha1" if padded else b) for b in banks)
+        proven, values = _native.extend_entries(
+            self._data, self._side, self._spans, self._lo, self._hi, _HSIZE[self._algo],
+            padded, tuple(banks), reuse, tuple(start), tuple(targets),
         )  # fmt: skip
-    return tuple(out)
+        return (None if proven < 0 else proven), values
+
+    def unmatched(self, eligible: bytes, keys: AbstractSet[bytes]) -> list[int]:
+        """Positions (in this slice) of the entries the policy's fast lookup does not pass:
+        not PCR 10, a violation, read by the plain reader, a template whose byte in
+        ``eligible`` (by :data:`WALKED_TEMPLATES` position) is 0, or 2 with a signature,
+        or a (d-ng, n-ng) head whose bytes are not in ``keys``."""
+        if not isinstance(keys, set | frozenset):
+            raise TypeError("keys must be a set or frozenset of bytes")
+        out = _native.unmatched_entries(
+            self._data, self._spans, self._lo, self._hi, 10, eligible, keys
+        )
+        return [i - self._lo for i in out]
 
 
 def parse_ascii(

@@ -16,22 +16,16 @@ quoted PCR 10 (``verifier.ima.appraise.advance`` does that step by step).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from verifier.ima.appraise import BANK_SIZES
-from verifier.ima.entries import ImaEntry, hash_name
+from verifier.ima.entries import Extender, ExtendMode, ImaEntry, hash_name
 from vtpm_core.errors import VerificationError
 
-__all__ = ["BANK_SIZES", "ExtendMode", "extend_value", "extend_values", "replay"]
-
-
-class ExtendMode(enum.Enum):
-    PER_BANK = "per-bank"
-    SHA1_PADDED = "sha1-padded"
+__all__ = ["BANK_SIZES", "ExtendMode", "Extender", "extend_value", "extend_values", "replay"]
 
 
 def _size(bank: str) -> int:
@@ -57,7 +51,7 @@ def extend_value(entry: ImaEntry, bank: str, mode: ExtendMode = ExtendMode.PER_B
 
 def extend_values(
     mode: ExtendMode = ExtendMode.PER_BANK, banks: Iterable[str] = tuple(BANK_SIZES)
-) -> Callable[[ImaEntry], Mapping[str, bytes]]:
+) -> Extender:
     """``entry -> {bank: value}`` for ``verifier.ima.appraise.advance``."""
     chosen = tuple(banks)
     if mode is ExtendMode.PER_BANK:
@@ -75,8 +69,8 @@ def extend_values(
                 data = entry.template_data
                 return {b: make(data).digest() for b, make in makers}
 
-            return per_bank
-    return lambda entry: {b: extend_value(entry, b, mode) for b in chosen}
+            return Extender(mode, chosen, per_bank)
+    return Extender(mode, chosen, lambda entry: {b: extend_value(entry, b, mode) for b in chosen})
 
 
 def _constructor(bank: str) -> Callable[[bytes], Any]:
