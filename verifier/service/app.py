@@ -129,7 +129,9 @@ def create_app(
     app.register_blueprint(policy_blueprint(services, auth))
     app.register_blueprint(webhook_blueprint(webhooks, auth))
     app.register_blueprint(ops_blueprint(services, openapi_spec(), webhooks.metrics_text))
-    app.register_blueprint(console_blueprint(services, auth, config.admin_token_sha256))
+    app.register_blueprint(
+        console_blueprint(services, auth, config.admin_token_sha256, config.ca_console_url)
+    )
 
     @app.before_request
     def _start_timer() -> None:

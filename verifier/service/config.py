@@ -127,6 +127,9 @@ class ServiceConfig:
     # as long: an operator must still see them); 0 keeps them for ever
     webhook_keep_delivered_days: int = 7
     webhook_keep_dead_days: int = 30
+    # the CA's console (ca/console, another service), linked from this console's pages
+    # when set: an http(s) URL of its /ca-console prefix, e.g. https://ca.example/ca-console
+    ca_console_url: str | None = None
     # Bodies of the raw config (for `vtpm verifier token`): not used at run time.
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -225,6 +228,26 @@ def _webhook_settings(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _console_url(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            f"{CONFIG_FILE}: {key} must be an http(s) URL without query or fragment, got {value!r}"
+        )
+    return str(value).rstrip("/")
+
+
 def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
     if raw.get("schema") != SCHEMA_VERSION:
         raise ConfigError(
@@ -289,6 +312,7 @@ def _build(home: Path, raw: dict[str, Any]) -> ServiceConfig:
         sweep_interval_s=_positive_int(raw, "sweep_interval_s", 5, 1, 3600),
         sweep_batch=_positive_int(raw, "sweep_batch", 500, 1, 100000),
         **_webhook_settings(raw),
+        ca_console_url=_console_url(raw, "ca_console_url"),
         raw=dict(raw),
     )
 

@@ -1,8 +1,9 @@
 """Console sessions: a reader/admin token exchanged for a signed, HttpOnly cookie.
 
-The cookie holds the role and a CSRF token, signed with a key derived from the
-admin token's digest (the same in every gunicorn worker, changed with the
-admin token); it expires after ``MAX_AGE_S``.
+The cookie holds the role and a CSRF token, signed with a key derived from a secret
+the console's service names (the verifier: its admin token's digest; the CA: its
+session key file and its token digests), the same in every gunicorn worker; it
+expires after ``MAX_AGE_S``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-__all__ = ["COOKIE", "MAX_AGE_S", "ConsoleSession", "SessionSigner"]
+__all__ = ["MAX_AGE_S", "ROLES", "ConsoleSession", "SessionSigner"]
 
-COOKIE = "vtpm_console"
 MAX_AGE_S = 8 * 3600
+ROLES = ("admin", "reader")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +31,10 @@ class ConsoleSession:
 
 
 class SessionSigner:
-    def __init__(self, admin_token_sha256: str) -> None:
-        key = hmac.new(
-            bytes.fromhex(admin_token_sha256), b"vtpm-console-session", hashlib.sha256
-        ).digest()
+    """Signs and reads session cookies; ``secret`` changes end every session."""
+
+    def __init__(self, secret: bytes, context: bytes = b"vtpm-console-session") -> None:
+        key = hmac.new(secret, context, hashlib.sha256).digest()
         self._s = URLSafeTimedSerializer(key, salt="console")
 
     def issue(self, role: str) -> tuple[str, ConsoleSession]:
@@ -47,7 +48,7 @@ class SessionSigner:
             data = self._s.loads(cookie, max_age=MAX_AGE_S)
         except BadSignature:
             return None
-        if not isinstance(data, dict) or data.get("r") not in ("admin", "reader"):
+        if not isinstance(data, dict) or data.get("r") not in ROLES:
             return None
         csrf = data.get("c")
         return ConsoleSession(str(data["r"]), csrf) if isinstance(csrf, str) else None
