@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 __all__ = ["ROLES", "CaHome", "OpenedCa", "Token"]
 
 CONFIG = "ca.yaml"
-ROLES = ("provisioner", "admin")
+# provisioner: issues (and reads what it issued); admin: also revokes; reader: the
+# console only (ca.console), no API route
+ROLES = ("provisioner", "admin", "reader")
 DEFAULT_SUBJECT = "CN=vtpm-trust EK CA,O=vtpm-trust"
 
 

@@ -7,6 +7,7 @@ Routes (stable; see docs/ca.md):
 - ``POST /v1/ek-certificates/<serial>/revoke`` (admin): ``{"reason": ...}``
 - ``GET  /v1/ca/chain``: the CA chain (PEM); ``GET /v1/crl``: the CRL (DER)
 - ``POST /v1/ocsp`` and ``GET /v1/ocsp/<base64>``: RFC 6960 (appendix A.1)
+- ``/ca-console/``: the console (ca.console; reader or admin), pages and their JSON
 
 Bearer tokens (RFC 6750) come from the CA config, stored as SHA-256. No token:
 unknown token: 401 with ``WWW-Authenticate``; a token without the role: 403. Errors become an
@@ -46,7 +47,14 @@ from vtpm_core.errors import (
     VtpmTrustError,
 )
 
-__all__ = ["CaServerConfig", "create_app", "make_blueprint", "parse_issue_request", "serve"]
+__all__ = [
+    "CaServerConfig",
+    "create_app",
+    "make_blueprint",
+    "parse_issue_request",
+    "require_role",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -210,23 +218,29 @@ def _serial(text: str) -> int:
     return value
 
 
+def require_role(ca: OpenedCa, roles: tuple[str, ...]) -> str:
+    """The role of this request's bearer token, one of ``roles``: else 401 (no token,
+    unknown token) or 403 (a token of another role)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _UnauthenticatedError("a bearer token is required")
+    try:
+        role = ca.role_of(token.strip())
+    except PermissionDeniedError:
+        raise _UnauthenticatedError("unknown bearer token") from None
+    if role not in roles:
+        raise PermissionDeniedError(f"role {role!r} may not do this")
+    return role
+
+
 def make_blueprint(ca: OpenedCa) -> Blueprint:
     """The API over one opened CA. Views decode, call one service, encode."""
     bp = Blueprint("ca", __name__)
 
     def require(*roles: str) -> Callable[[], None]:
         def check() -> None:
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise _UnauthenticatedError("a bearer token is required")
-            try:
-                role = ca.role_of(token.strip())
-            except PermissionDeniedError:
-                raise _UnauthenticatedError("unknown bearer token") from None
-            if role not in roles:
-                raise PermissionDeniedError(f"role {role!r} may not do this")
-            g.role = role
+            g.role = require_role(ca, roles)
 
         return check
 
@@ -371,6 +385,9 @@ def create_app(config: CaServerConfig | None = None, *, ca: OpenedCa | None = No
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["vtpm_ca"] = ca
     app.register_blueprint(make_blueprint(ca))
+    from ca.console import ca_console_blueprint
+
+    app.register_blueprint(ca_console_blueprint(ca))
     app.register_error_handler(Exception, _problem)
     return app
 

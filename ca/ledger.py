@@ -33,7 +33,7 @@ from vtpm_core.errors import (
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-__all__ = ["CertRecord", "Ledger"]
+__all__ = ["CERT_SORTS", "CERT_STATUSES", "SEARCH_FIELDS", "CertQuery", "CertRecord", "Ledger"]
 
 # RFC 5280 section 5.3.1 CRLReason names (ours: lower-case with hyphens)
 REASONS = (
@@ -66,6 +66,68 @@ class CertRecord:
     revocation_reason: str | None
     tbs_der: bytes
     certificate_der: bytes | None
+
+
+CERT_STATUSES = ("pending", "issued", "revoked")
+# what a search matches, as a prefix: the VM id (the certificate's, or a clone's bound to
+# its EK), the serial (hex), the EK's TPM Name (hex), the VM name; "any" is all four
+SEARCH_FIELDS = ("any", "vm_id", "serial", "ek_name", "vm_name")
+# sort name -> column; each has an index ending in the serial (see _INDEXES)
+CERT_SORTS = ("created", "revoked")
+_MAX_CLONE_MATCHES = 1000
+
+# The console's searches and pages (ca/console), each an index range read: name suffix,
+# table suffix, columns, PostgreSQL varchar_pattern_ops (a LIKE 'prefix%' whatever the
+# database's collation). Created with the tables, and added to a ledger made before them
+# (CREATE INDEX IF NOT EXISTS at open: `vtpm ca serve` opens once before forking workers).
+_INDEXES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
+    ("certs_created", "certificates", ("created_at", "serial"), False),
+    ("certs_status_created", "certificates", ("status", "created_at", "serial"), False),
+    ("certs_status_revoked", "certificates", ("status", "revoked_at", "serial"), False),
+    ("certs_serial_prefix", "certificates", ("serial",), True),
+    ("certs_vm_id", "certificates", ("vm_id",), True),
+    ("certs_ek_name", "certificates", ("ek_name",), True),
+    ("certs_vm_name", "certificates", ("vm_name",), True),
+    ("bindings_vm_id", "bindings", ("vm_id",), True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CertQuery:
+    """A checked search of the ledger: prefix text and the field it matches, a status
+    filter, the sort (``revoked`` only with ``status="revoked"``) and direction, a page."""
+
+    q: str = ""
+    field: str = "any"
+    status: str = ""
+    sort: str = "created"
+    descending: bool = True
+    page: int = 1
+    size: int = 50
+
+    def __post_init__(self) -> None:
+        if self.field not in SEARCH_FIELDS:
+            raise ConfigError(f"search field {self.field!r}: one of {', '.join(SEARCH_FIELDS)}")
+        if self.status not in ("", *CERT_STATUSES):
+            raise ConfigError(f"status {self.status!r}: one of {', '.join(CERT_STATUSES)}")
+        if self.sort not in CERT_SORTS:
+            raise ConfigError(f"sort {self.sort!r}: one of {', '.join(CERT_SORTS)}")
+        if self.sort == "revoked" and self.status != "revoked":
+            raise ConfigError("sort=revoked needs status=revoked")
+        if self.page < 1 or self.size < 1:
+            raise ConfigError(f"page {self.page} of size {self.size}: both from 1")
+
+
+def _like(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def normal_serial(text: str) -> str:
+    """A serial as the ledger writes it: lower-case hex, no ``0x``, colons or leading
+    zeros (``openssl x509 -serial`` prints ``serial=0A1B...``; ``-text`` prints colons)."""
+    value = text.strip().lower().replace(":", "")
+    value = value.removeprefix("serial=").removeprefix("0x")
+    return value.lstrip("0") or ("0" if value else "")
 
 
 _INSERT_COLUMNS = (
@@ -129,6 +191,13 @@ class _Core:
             sa.Column("clone_of", sa.String(36)),
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         )
+        for name, table, columns, pattern in _INDEXES:
+            t = self.certs if table == "certificates" else self.bindings
+            sa.Index(
+                f"ix_{prefix}{name}",
+                *(t.c[c] for c in columns),
+                postgresql_ops=dict.fromkeys(columns, "varchar_pattern_ops") if pattern else {},
+            )
         self.by_ek = sa.select(self.certs).where(self.certs.c.ek_public_sha256 == sa.bindparam("h"))
         self.by_serial = sa.select(self.certs).where(self.certs.c.serial == sa.bindparam("s"))
         self.insert = self.certs.insert()
@@ -211,15 +280,28 @@ class Ledger:
         return self._core.engine
 
     def create_schema(self) -> None:
+        """The tables and their indexes, those missing (a ledger older than an index
+        gets it here)."""
         if self._core_built is None and self._fastpath is not None and self._fastpath.sqlite:
-            # both tables there (every open but the first): no SQLAlchemy needed
+            # tables and indexes there (every open but the first): no SQLAlchemy needed
+            names = [self._certs_name, self._bindings_name]
+            names += [f"ix_{self._prefix}{index[0]}" for index in _INDEXES]
+            params = {f"n{i}": n for i, n in enumerate(names)}
             present = self._fastpath.connection().one(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (:c, :b)",
-                {"c": self._certs_name, "b": self._bindings_name},
+                "SELECT count(*) FROM sqlite_master WHERE type IN ('table', 'index') "  # noqa: S608
+                f"AND name IN ({', '.join(':' + k for k in params)})",
+                params,
             )
-            if present == (2,):
+            if present == (len(names),):
                 return
-        self._core.meta.create_all(self._core.engine)
+        import sqlalchemy as sa
+
+        core = self._core
+        core.meta.create_all(core.engine)
+        with core.engine.begin() as conn:
+            for table in (core.certs, core.bindings):
+                for index in table.indexes:
+                    conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
     def drop_schema(self) -> None:
         self._core.meta.drop_all(self._core.engine)
@@ -307,6 +389,126 @@ class Ledger:
             bound = {r.vm_id: r.kind for r in conn.execute(query).all()}
         bound[record.vm_id] = "original"
         return bound
+
+    # -- the console's searches (ca/console) -----------------------------------
+
+    def status_counts(self) -> dict[str, int]:
+        """Certificates per status (every status named), from the (status, ...) index."""
+        import sqlalchemy as sa
+
+        certs = self._core.certs
+        counts = dict.fromkeys(CERT_STATUSES, 0)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(certs.c.status, sa.func.count()).group_by(certs.c.status))
+            for status, n in rows:
+                counts[str(status)] = int(n)
+        return counts
+
+    def search_where(self, query: CertQuery, conn: sa.Connection) -> list[Any]:
+        """The conditions of a search (clones' serials are read from ``conn`` first)."""
+        import sqlalchemy as sa
+
+        certs, bindings = self._core.certs, self._core.bindings
+        where: list[Any] = []
+        if query.q:
+            text = query.q
+            match: list[Any] = []
+            if query.field in ("any", "vm_id"):
+                like = _like(text.lower())
+                match.append(certs.c.vm_id.like(like, escape="\\"))
+                # clones by copy: their serials first (an index read), so the search stays
+                # an OR of index scans (a subquery in the OR would scan the table)
+                clones = conn.execute(
+                    sa.select(bindings.c.serial)
+                    .where(bindings.c.vm_id.like(like, escape="\\"))
+                    .limit(_MAX_CLONE_MATCHES + 1)
+                ).scalars()
+                serials = sorted(set(clones))
+                if len(serials) > _MAX_CLONE_MATCHES:
+                    raise ConfigError(
+                        f"VM id prefix {text!r} matches over {_MAX_CLONE_MATCHES} clones: "
+                        "give more of the VM id"
+                    )
+                if serials:
+                    match.append(certs.c.serial.in_(serials))
+            if query.field in ("any", "serial") and normal_serial(text):
+                match.append(certs.c.serial.like(_like(normal_serial(text)), escape="\\"))
+            if query.field in ("any", "ek_name"):
+                match.append(certs.c.ek_name.like(_like(text.lower()), escape="\\"))
+            if query.field in ("any", "vm_name"):
+                match.append(certs.c.vm_name.like(_like(text), escape="\\"))
+            where.append(sa.or_(*match) if match else sa.false())
+        if query.status:
+            where.append(certs.c.status == query.status)
+        return where
+
+    def page_select(self, query: CertQuery, where: list[Any]) -> sa.Select[Any]:
+        """One page's statement (bench/ca_console.py explains it): a deferred join, the
+        page's serials read from the sort's index (skipping OFFSET entries), then only
+        those rows read, without the certificate and TBS bytes."""
+        import sqlalchemy as sa
+
+        certs = self._core.certs
+        col = certs.c.created_at if query.sort == "created" else certs.c.revoked_at
+        if query.sort == "revoked":  # the (status, revoked_at, serial) index
+            order: tuple[Any, ...] = (certs.c.status, col, certs.c.serial)
+        elif query.status:  # (status, created_at, serial)
+            order = (certs.c.status, col, certs.c.serial)
+        else:  # (created_at, serial)
+            order = (col, certs.c.serial)
+        ordered = tuple(c.desc() if query.descending else c.asc() for c in order)
+        page = (
+            sa.select(certs.c.serial)
+            .where(*where)
+            .order_by(*ordered)
+            .limit(query.size)
+            .offset((query.page - 1) * query.size)
+            .subquery("page")
+        )
+        columns = [c for c in certs.c if c.name not in ("tbs_der", "certificate_der")]
+        return sa.select(*columns).join(page, page.c.serial == certs.c.serial).order_by(*ordered)
+
+    def search(
+        self, query: CertQuery, counts: dict[str, int] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of matching certificates (ledger columns, no DER) and how many match.
+
+        ``counts`` (from :meth:`status_counts`) saves the count query when no text is
+        searched: the total is then the counts' sum, or the filtered status's count."""
+        import sqlalchemy as sa
+
+        with self.engine.connect() as conn:
+            where = self.search_where(query, conn)
+            rows = [dict(r._mapping) for r in conn.execute(self.page_select(query, where))]
+            if query.q or counts is None:
+                count = sa.select(sa.func.count()).select_from(self._core.certs).where(*where)
+                total = int(conn.execute(count).scalar_one())
+            else:
+                total = counts[query.status] if query.status else sum(counts.values())
+        for row in rows:
+            for key in ("not_before", "not_after", "revoked_at", "created_at"):
+                row[key] = _utc(row[key])
+        return rows, total
+
+    def revocation_summary(self) -> dict[str, Any]:
+        """Revoked certificates per reason and the latest revocation time (the CRL's
+        content without building it)."""
+        import sqlalchemy as sa
+
+        certs = self._core.certs
+        revoked = certs.c.status == "revoked"
+        with self.engine.connect() as conn:
+            reasons = {
+                str(reason): int(n)
+                for reason, n in conn.execute(
+                    sa.select(certs.c.revocation_reason, sa.func.count())
+                    .where(revoked)
+                    .group_by(certs.c.revocation_reason)
+                )
+            }
+            latest = conn.execute(sa.select(sa.func.max(certs.c.revoked_at)).where(revoked))
+            last = _utc(latest.scalar_one())
+        return {"reasons": reasons, "latest": last}
 
     # -- writes --------------------------------------------------------------
 

@@ -402,7 +402,7 @@ def register(cli: click.Group) -> None:
     @ca_group.command("add-token")
     @_home
     @click.option("--name", required=True)
-    @click.option("--role", required=True, type=click.Choice(["provisioner", "admin"]))
+    @click.option("--role", required=True, type=click.Choice(["provisioner", "admin", "reader"]))
     def add_token(home: Path, name: str, role: str) -> None:
         """Create an API bearer token (printed once; only its SHA-256 is stored)."""
         from ca.home import CaHome

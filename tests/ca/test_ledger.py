@@ -3,6 +3,7 @@ several threads (each its own connection) race for the same EK; revocation is co
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
@@ -15,8 +16,9 @@ import sqlalchemy as sa
 from ca.ek import CertifiableEk
 from ca.home import CaHome, OpenedCa
 from ca.issuance import IssueRequest
+from ca.ledger import CertQuery, CertRecord, Ledger
 from tests.ca.conftest import PASSPHRASE
-from vtpm_core.errors import ConflictError, NotFoundError
+from vtpm_core.errors import ConfigError, ConflictError, NotFoundError
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -177,3 +179,92 @@ def test_sqlite_checkpoints_off_the_request_thread(
         assert sorted(r.serial for r in reopened.ledger.all_records()) == sorted(serials)
     finally:
         reopened.close()
+
+
+def _seed(ledger: Ledger, count: int) -> list[CertRecord]:
+    """``count`` issued rows through the ledger's own write path, one second apart."""
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    records = []
+    for i in range(count):
+        record = CertRecord(
+            serial=0x8000 + i * 7919, ek_name=f"000b{i:060x}", ek_public_sha256=f"{i:064x}",
+            ek_template="L-2", key_type="ecc-nist-p256", vm_id=str(uuid.UUID(int=i + 1)),
+            vm_name=f"host-{i:03}", vtpm_instance_id="", not_before=start,
+            not_after=start + dt.timedelta(days=365), status="pending", revoked_at=None,
+            revocation_reason=None, tbs_der=b"\x30\x00", certificate_der=None,
+        )  # fmt: skip
+        assert ledger.reserve(record, start + dt.timedelta(seconds=i))
+        assert ledger.complete(record.serial, b"\x30\x00")
+        records.append(record)
+    return records
+
+
+def test_search_pages_follow_the_index_order(ledger_ca: OpenedCa) -> None:
+    ledger = ledger_ca.ledger
+    records = _seed(ledger, 60)
+    when = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    revoked = [records[i] for i in (3, 17, 40, 41, 59)]
+    for n, record in enumerate(revoked):  # revoked in this order, a minute apart
+        ledger.revoke(record.serial, "superseded", when + dt.timedelta(minutes=n))
+    counts = ledger.status_counts()
+    assert counts == {"pending": 0, "issued": 55, "revoked": 5}
+    seen: list[str] = []
+    for page in (1, 2, 3):
+        rows, total = ledger.search(CertQuery(page=page, size=25), counts)
+        assert total == 60
+        seen += [r["serial"] for r in rows]
+    assert seen == [f"{r.serial:x}" for r in reversed(records)]  # newest first, each once
+    rows, total = ledger.search(CertQuery(descending=False, size=25))
+    assert total == 60 and [r["serial"] for r in rows] == [f"{r.serial:x}" for r in records[:25]]
+    rows, total = ledger.search(CertQuery(status="revoked", sort="revoked"), counts)
+    assert total == 5 and [r["serial"] for r in rows] == [f"{r.serial:x}" for r in revoked[::-1]]
+    assert rows[0]["revoked_at"] == when + dt.timedelta(minutes=4)
+    rows, total = ledger.search(CertQuery(status="issued", page=3, size=25), counts)
+    assert total == 55 and len(rows) == 5
+    rows, total = ledger.search(CertQuery(q="host-04", field="vm_name"))
+    assert total == 10 and {r["vm_name"] for r in rows} == {f"host-04{i}" for i in range(10)}
+    rows, total = ledger.search(CertQuery(q="host-04", status="revoked"))
+    assert [r["serial"] for r in rows] == [f"{records[i].serial:x}" for i in (41, 40)]
+    assert "tbs_der" not in rows[0] and "certificate_der" not in rows[0]
+    with pytest.raises(ConfigError, match="sort=revoked needs status=revoked"):
+        CertQuery(sort="revoked")
+    summary = ledger.revocation_summary()
+    assert summary == {"reasons": {"superseded": 5}, "latest": when + dt.timedelta(minutes=4)}
+
+
+def test_a_clone_by_copy_is_found_by_its_vm_id(ledger_ca: OpenedCa) -> None:
+    (record,) = _seed(ledger_ca.ledger, 1)
+    clone = str(uuid.uuid4())
+    ledger_ca.ledger.bind_clone(
+        ledger_ca.ledger.get(record.serial), clone, record.vm_id, dt.datetime.now(dt.UTC)
+    )
+    for field in ("vm_id", "any"):
+        rows, total = ledger_ca.ledger.search(CertQuery(q=clone[:13], field=field))
+        assert total == 1 and rows[0]["vm_id"] == record.vm_id, field
+
+
+def test_an_older_ledger_gets_the_console_indexes(ledger_ca: OpenedCa) -> None:
+    """A ledger made before the console's indexes gets them when next opened."""
+    ledger = ledger_ca.ledger
+    prefix = ledger._prefix
+
+    def indexes() -> set[str]:
+        inspector = sa.inspect(ledger.engine)
+        names = set()
+        for table in (f"{prefix}certificates", f"{prefix}bindings"):
+            names |= {str(i["name"]) for i in inspector.get_indexes(table)}
+        return {n for n in names if n.startswith(f"ix_{prefix}")}
+
+    made = indexes()
+    assert f"ix_{prefix}certs_status_revoked" in made and len(made) == 8
+    with ledger.engine.begin() as conn:
+        for name in made:
+            conn.exec_driver_sql(f"DROP INDEX {name}")
+    assert indexes() == set()
+    again = Ledger(ledger.url, prefix=prefix)
+    try:
+        again.create_schema()
+        assert indexes() == made
+        again.create_schema()  # and once they are there, nothing to do
+    finally:
+        again.close()
