@@ -453,9 +453,10 @@ def test_running_vtpm_is_refused(env: Env, store: VtpmStore) -> None:
 
 
 def _free_port() -> int:
-    from tests.verifier.service.conftest import free_port
+    """A port P with P+1 free too: swtpm serves TPM commands on P and control on P+1."""
+    from vtpm_core.swtpm import free_tcp_port_pair
 
-    return free_port()
+    return free_tcp_port_pair()
 
 
 @settings(max_examples=200, deadline=None)
