@@ -91,11 +91,39 @@ def _extension(ext: x509.Extension[x509.ExtensionType]) -> dict[str, Any]:
         name = "subjectAltName"
     elif isinstance(value, x509.UnrecognizedExtension):
         shown = value.value.hex()
-        name = ext.oid.dotted_string
+        name = _UNNAMED.get(ext.oid.dotted_string, ext.oid.dotted_string)
     else:
-        shown = str(value)
+        shown = _value(value)
         name = ext.oid._name
     return {"oid": ext.oid.dotted_string, "name": name, "critical": ext.critical, "value": shown}
+
+
+# extensions cryptography does not decode; TCG EK Credential Profile 2.0 section 3.2.8
+_UNNAMED = {"2.5.29.9": "subjectDirectoryAttributes (tpmSpecification)"}
+_KEY_PURPOSES = {"2.23.133.8.1": "tcg-kp-EKCertificate"}
+_KEY_USAGES = (
+    "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+    "key_agreement", "key_cert_sign", "crl_sign",
+)  # fmt: skip
+
+
+def _value(value: x509.ExtensionType) -> str:
+    """An extension's value as an operator reads it (cryptography's repr otherwise)."""
+    if isinstance(value, x509.BasicConstraints):
+        return f"CA: {'yes' if value.ca else 'no'}" + (
+            f", path length {value.path_length}" if value.path_length is not None else ""
+        )
+    if isinstance(value, x509.KeyUsage):
+        return ", ".join(u for u in _KEY_USAGES if getattr(value, u))
+    if isinstance(value, x509.AuthorityKeyIdentifier):
+        return value.key_identifier.hex() if value.key_identifier else str(value)
+    if isinstance(value, x509.SubjectKeyIdentifier):
+        return value.digest.hex()
+    if isinstance(value, x509.ExtendedKeyUsage):
+        return ", ".join(
+            _KEY_PURPOSES.get(o.dotted_string, o._name) + f" ({o.dotted_string})" for o in value
+        )
+    return str(value)
 
 
 def _key(cert: x509.Certificate) -> str:
