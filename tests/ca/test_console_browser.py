@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
@@ -27,6 +29,9 @@ from ca.issuer import LocalCaIssuer
 from tests._server import free_port, serving
 from tests.ca.conftest import PASSPHRASE
 from tests.verifier.console._browser import save_page, start_chromium
+from tests.verifier.service.conftest import Server
+from verifier.attester import TpmAttester, enroll
+from verifier.service.config import CONFIG_FILE, init_home
 from vtpm_core.record import VtpmRecord
 from vtpm_core.store import VtpmStore
 
@@ -42,6 +47,9 @@ class World:
     vm: VtpmRecord
     hostile_serial: str
     revoked_serial: str
+    verifier_url: str
+    verifier_admin: str
+    attester_id: str
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,24 @@ def world(tmp_path_factory: pytest.TempPathFactory, tpm_keys: dict[str, bytes]) 
             timeout=30,
         )
         assert r.status_code == 200, r.text
-        yield World(url, reader, vm, hostile, f"{ecc:x}")
+        # a verifier trusting this CA, linking its console, with the vTPM enrolled
+        vhome = root / "verifier"
+        vadmin = init_home(vhome, verifier_id="ca-console-browser")
+        shutil.copyfile(home.path / "ca.pem", vhome / "roots" / "our-ca.pem")
+        raw = yaml.safe_load((vhome / CONFIG_FILE).read_text())
+        raw["ca_console_url"] = f"{url}/ca-console"
+        (vhome / CONFIG_FILE).write_text(yaml.safe_dump(raw))
+        server = Server(vhome, None).start()
+        try:
+            with (
+                store.running("web-01") as tpm,
+                requests.Session() as http,
+                TpmAttester.open(tpm.endpoint.tcti) as att,
+            ):
+                attester = enroll(http, server.url, att).attester_id
+            yield World(url, reader, vm, hostile, f"{ecc:x}", server.url, vadmin, attester)
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +189,37 @@ def test_operator_finds_a_vms_certificate_and_the_revocation(
     browser.get(f"{base}/certificates/{world.hostile_serial}")
     assert browser.find_element(By.ID, "vm-name").text == HOSTILE
     assert browser.execute_script("return document.querySelectorAll('script').length") == 0
+
+
+def test_from_the_verifier_console_to_the_vms_certificate(
+    browser: webdriver.Chrome, world: World
+) -> None:
+    """The verifier console's attester page links its VM's certificates in the CA console;
+    the CA's login brings the operator back to them."""
+    browser.delete_all_cookies()
+    browser.get(f"{world.verifier_url}/console/login")
+    browser.find_element(By.ID, "token").send_keys(world.verifier_admin)
+    browser.find_element(By.ID, "login").click()
+    _arrive(browser, f"{world.verifier_url}/console/")
+    browser.find_element(By.CSS_SELECTOR, "a.attester").click()
+    _arrive(browser, f"{world.verifier_url}/console/attesters/{world.attester_id}")
+    vm_id = str(world.vm.vm_id)
+    assert browser.find_element(By.ID, "nav-ca").get_attribute("href") == (
+        f"{world.url}/ca-console/"
+    )
+    browser.find_element(By.ID, "ca-link").click()
+    WebDriverWait(browser, 10).until(lambda d: d.current_url.startswith(f"{world.url}/"))
+    assert browser.current_url.startswith(f"{world.url}/ca-console/login?next=")
+    browser.find_element(By.ID, "token").send_keys(world.reader)
+    browser.find_element(By.ID, "login").click()
+    WebDriverWait(browser, 10).until(lambda d: "/login" not in d.current_url)
+    _arrive(browser, browser.current_url)
+    assert browser.current_url == f"{world.url}/ca-console/?field=vm_id&q={vm_id}"
+    rows = browser.find_elements(By.CSS_SELECTOR, "#certificates tbody tr")
+    assert len(rows) == 2 and all(vm_id in r.text for r in rows)
+    (rsa,) = [r for r in rows if "rsa-2048" in r.text]
+    rsa.find_element(By.CSS_SELECTOR, "a.serial").click()
+    WebDriverWait(browser, 10).until(lambda d: "/certificates/" in d.current_url)
+    _arrive(browser, browser.current_url)
+    assert browser.find_element(By.ID, "vm-id").text == vm_id
+    assert browser.find_element(By.ID, "public-key").text == "RSA 2048"
